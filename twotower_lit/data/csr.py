@@ -1,0 +1,45 @@
+"""Compressed per-user item lists (CSR) and vectorised range helpers (numpy only)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + l) for every (s, l), vectorised."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    offsets = np.repeat(starts - (ends - lengths), lengths)
+    return np.arange(total, dtype=np.int64) + offsets
+
+
+@dataclass
+class Csr:
+    """Per-user item lists: items of user u are ``indices[indptr[u]:indptr[u + 1]]``."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+
+    @classmethod
+    def from_pairs(cls, users: np.ndarray, items: np.ndarray, num_users: int) -> "Csr":
+        order = np.lexsort((items, users))
+        counts = np.bincount(users, minlength=num_users)
+        indptr = np.zeros(num_users + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return cls(indptr, items[order].astype(np.int64))
+
+    def keys(self, num_items: int) -> np.ndarray:
+        """Sorted ``user * num_items + item`` of every pair (for membership tests)."""
+        users = np.repeat(np.arange(len(self.indptr) - 1, dtype=np.int64), np.diff(self.indptr))
+        return np.sort(users * num_items + self.indices)
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.indptr)
+
+    def items_of(self, users: np.ndarray) -> np.ndarray:
+        """Concatenated item lists of `users`, in order."""
+        starts = self.indptr[users]
+        return self.indices[concat_ranges(starts, self.indptr[users + 1] - starts)]

@@ -1,0 +1,231 @@
+"""Per-rank streaming of prepared rating shards into `Batch`es.
+
+Row assignment (the policy every rank and worker follows, a pure function of the shard sizes,
+world size, seed and epoch, so no coordination is needed):
+
+1. The split's shards are put in a seeded order that changes every epoch and viewed as one
+   sequence of ``N`` rows.
+2. Each of the ``world`` ranks takes a contiguous range of ``ceil(N / world)`` rows; the last
+   range wraps around to the start, so up to ``world - 1`` rows are read twice in an epoch and
+   none is skipped. Every rank therefore has the same number of rows and, with the same batch
+   size and worker count, exactly the same number of batches (DMP's collectives need that).
+3. Within a rank, loader worker ``w`` of ``W`` takes the ``w``-th contiguous sub-range.
+4. Rows pass through an in-memory shuffle buffer; every batch is full except each worker's last.
+
+A rank reads only the shards its range touches (at most ``ceil(N / world / shard_rows) + 1``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from twotower_lit.data.batches import Batch, KJTBuilder
+
+Segment = Tuple[int, int, int, bool]  # (shard index, first row, end row, is a wrap-around re-read)
+
+
+def epoch_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_shards)
+
+
+def assign_rows(shard_rows: Sequence[int], world: int, rank: int, workers: int, worker: int,
+                seed: int, epoch: int, shuffle: bool = True) -> List[Segment]:
+    """The (shard, start, end) segments that `rank`/`worker` reads this epoch (see module doc)."""
+    order = epoch_order(len(shard_rows), seed, epoch) if shuffle else np.arange(len(shard_rows))
+    sizes = np.asarray(shard_rows, dtype=np.int64)[order]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    total = int(starts[-1])
+    if total == 0:
+        return []
+    per_rank = math.ceil(total / world)
+    lo = rank * per_rank
+    # worker sub-range of the rank's range
+    base, extra = divmod(per_rank, workers)
+    w_lo = lo + worker * base + min(worker, extra)
+    w_hi = w_lo + base + (1 if worker < extra else 0)
+    if total < world:
+        raise ValueError(f"{total} rows cannot be spread over {world} ranks; use fewer processes")
+    pieces = []
+    if w_lo < total:
+        pieces.append((w_lo, min(w_hi, total), False))
+    if w_hi > total:  # the wrap-around of the last rank
+        pieces.append((max(w_lo, total) - total, w_hi - total, True))
+    segments: List[Segment] = []
+    for a, b, wrapped in pieces:
+        k = int(np.searchsorted(starts, a, side="right") - 1)
+        while a < b:
+            take = min(b, int(starts[k + 1]))
+            segments.append((int(order[k]), a - int(starts[k]), take - int(starts[k]), wrapped))
+            a = take
+            k += 1
+    return segments
+
+
+def rows_per_worker(total_rows: int, world: int, workers: int) -> List[int]:
+    per_rank = math.ceil(total_rows / world) if total_rows else 0
+    base, extra = divmod(per_rank, workers)
+    return [base + (1 if w < extra else 0) for w in range(workers)]
+
+
+def num_batches(total_rows: int, world: int, workers: int, batch_size: int) -> int:
+    """Batches each rank yields per epoch (identical on every rank)."""
+    return sum(math.ceil(r / batch_size) for r in rows_per_worker(total_rows, world, workers))
+
+
+class NegativeSampler:
+    """Draws items a user has not rated in training, uniformly or by training popularity."""
+
+    def __init__(self, seen_keys: np.ndarray, num_items: int, mode: str = "uniform",
+                 item_counts: Optional[np.ndarray] = None) -> None:
+        self.seen_keys = seen_keys  # sorted user * num_items + item of every training pair
+        self.num_items = num_items
+        if mode == "popularity":
+            p = np.asarray(item_counts, dtype=np.float64).copy()
+            p[0] = 0.0  # never the out-of-vocabulary row
+            self.cdf = np.cumsum(p / p.sum())
+        elif mode == "uniform":
+            self.cdf = None
+        else:
+            raise ValueError(f"negative_sampling must be 'uniform' or 'popularity', got {mode!r}")
+
+    def _draw(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        if self.cdf is None:
+            return rng.integers(1, self.num_items, size=n)
+        return np.minimum(np.searchsorted(self.cdf, rng.random(n), side="right"), self.num_items - 1)
+
+    def sample(self, users: np.ndarray, per_row: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+        """`per_row` unrated items for every user in `users`: returns (users repeated, items)."""
+        u = np.repeat(users.astype(np.int64), per_row)
+        items = self._draw(len(u), rng)
+        todo = np.arange(len(u))
+        for _ in range(100):  # rejection sampling; collisions fall geometrically
+            keys = u[todo] * self.num_items + items[todo]
+            pos = np.searchsorted(self.seen_keys, keys)
+            hit = (pos < len(self.seen_keys)) & (self.seen_keys[np.minimum(pos, len(self.seen_keys) - 1)] == keys)
+            todo = todo[hit]
+            if len(todo) == 0:
+                break
+            items[todo] = self._draw(len(todo), rng)
+        return u, items
+
+
+@dataclass
+class ShardSource:
+    """Where a split's shards are: paths (local or s3://) and row counts from the manifest."""
+
+    paths: List[str]
+    rows: List[int]
+
+    @property
+    def total_rows(self) -> int:
+        return int(sum(self.rows))
+
+
+def read_columns(path: str, columns: Sequence[str]) -> pa.Table:
+    """Read a Parquet file from a local path or an s3:// URI."""
+    if "://" in path:
+        from pyarrow import fs
+
+        filesystem, inner = fs.FileSystem.from_uri(path)
+        return pq.read_table(inner, columns=list(columns), filesystem=filesystem)
+    return pq.read_table(path, columns=list(columns))
+
+
+class RatingsShardReader(IterableDataset):
+    """Streams this rank's (and this worker's) rows of one split as `Batch`es."""
+
+    columns = ("user", "item", "label")
+
+    def __init__(self, source: ShardSource, builder: KJTBuilder, batch_size: int, world: int = 1, rank: int = 0,
+                 seed: int = 0, shuffle: bool = True, buffer_rows: int = 1 << 18, negatives: int = 0,
+                 sampler: Optional[NegativeSampler] = None) -> None:
+        if negatives and sampler is None:
+            raise ValueError("negatives > 0 needs a NegativeSampler")
+        self.source = source
+        self.builder = builder
+        self.batch_size = batch_size
+        self.world = world
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.buffer_rows = max(buffer_rows, batch_size)
+        self.negatives = negatives
+        self.sampler = sampler
+        self.epoch = 0
+        self.workers = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return num_batches(self.source.total_rows, self.world, self.workers, self.batch_size)
+
+    def _segments(self, worker: int) -> List[Segment]:
+        return assign_rows(self.source.rows, self.world, self.rank, self.workers, worker, self.seed,
+                           self.epoch, self.shuffle)
+
+    def _chunks(self, segments: List[Segment]) -> Iterator[List[np.ndarray]]:
+        for shard, lo, hi, wrapped in segments:
+            table = read_columns(self.source.paths[shard], self.columns).slice(lo, hi - lo)
+            yield [table.column("user").to_numpy().astype(np.int64),
+                   table.column("item").to_numpy().astype(np.int64),
+                   table.column("label").to_numpy().astype(np.float32),
+                   np.full(hi - lo, not wrapped)]
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        buf = [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, bool)]
+        for chunk in self._chunks(self._segments(worker)):
+            buf = [np.concatenate([b, c]) for b, c in zip(buf, chunk)]
+            if len(buf[0]) < self.buffer_rows:
+                continue
+            if self.shuffle:
+                perm = rng.permutation(len(buf[0]))
+                buf = [b[perm] for b in buf]
+            # emit the first half's full batches; the rest stays to mix with what comes next
+            n_out = (len(buf[0]) // 2) // self.batch_size * self.batch_size
+            for lo in range(0, n_out, self.batch_size):
+                yield self._batch(*(b[lo:lo + self.batch_size] for b in buf), rng=rng)
+            buf = [b[n_out:] for b in buf]
+        if self.shuffle and len(buf[0]):
+            perm = rng.permutation(len(buf[0]))
+            buf = [b[perm] for b in buf]
+        for lo in range(0, len(buf[0]), self.batch_size):
+            yield self._batch(*(b[lo:lo + self.batch_size] for b in buf), rng=rng)
+
+    def _batch(self, users: np.ndarray, items: np.ndarray, labels: np.ndarray, first_read: np.ndarray,
+               rng: np.random.Generator) -> Batch:
+        """`rated` marks the rows metrics count: rated rows read for the first time this epoch
+        (not wrap-around re-reads, not sampled negatives); the loss uses every row."""
+        if not self.negatives:
+            return self.builder.batch(users, items, labels, first_read)
+        nu, ni = self.sampler.sample(users, self.negatives, rng)
+        rated = np.zeros(len(users) + len(nu), dtype=bool)
+        rated[: len(users)] = first_read
+        return self.builder.batch(np.concatenate([users, nu]), np.concatenate([items, ni]),
+                                  np.concatenate([labels, np.zeros(len(nu), np.float32)]), rated)
+
+
+class EpochAwareDataLoader(DataLoader):
+    """A DataLoader that tells its dataset the epoch (from `epoch_fn`) each time it is iterated.
+
+    Lightning only calls `set_epoch` on samplers, and an IterableDataset has none.
+    """
+
+    def __init__(self, dataset: RatingsShardReader, epoch_fn: Callable[[], int], **kwargs) -> None:
+        dataset.workers = max(1, kwargs.get("num_workers", 0))
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._epoch_fn = epoch_fn
+
+    def __iter__(self):
+        self.dataset.set_epoch(self._epoch_fn())
+        return super().__iter__()

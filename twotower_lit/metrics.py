@@ -1,0 +1,130 @@
+"""Retrieval metrics by full ranking, and the popularity baseline's scores.
+
+Shared by training (validation/test), the `evaluate` entrypoint (exported model) and the
+baselines, so every number in `metrics.json` is computed by the same code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from twotower_lit.data.csr import Csr
+
+
+@dataclass
+class RetrievalTotals:
+    """Sums over users (so ranks can add theirs up before dividing)."""
+
+    recall: float = 0.0
+    ndcg: float = 0.0
+    users: int = 0
+
+    def __add__(self, other: "RetrievalTotals") -> "RetrievalTotals":
+        return RetrievalTotals(self.recall + other.recall, self.ndcg + other.ndcg, self.users + other.users)
+
+    def as_dict(self, k: int) -> Dict[str, float]:
+        n = max(self.users, 1)
+        return {f"recall@{k}": self.recall / n, f"ndcg@{k}": self.ndcg / n, "ranked_users": float(self.users)}
+
+
+def rank_users(user_vectors: torch.Tensor, users: np.ndarray, item_vectors: torch.Tensor, seen: Csr,
+               positives: Csr, k: int, chunk: int = 1024) -> RetrievalTotals:
+    """Recall@k and NDCG@k for `users` by ranking every real item they did not see in training.
+
+    `item_vectors` has one row per item index (row 0, the out-of-vocabulary item, is never
+    ranked); score = dot product. Users without a held-out positive are not counted.
+    """
+    totals = RetrievalTotals()
+    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
+    item_t = item_vectors.t()
+    for lo in range(0, len(users), chunk):
+        u = users[lo:lo + chunk]
+        n_pos = positives.lengths()[u]
+        keep = n_pos > 0
+        if not keep.any():
+            continue
+        u, n_pos = u[keep], n_pos[keep]
+        scores = (user_vectors[lo:lo + chunk][torch.from_numpy(keep)] @ item_t).double()
+        scores[:, 0] = -math.inf
+        rows = torch.from_numpy(np.repeat(np.arange(len(u)), seen.lengths()[u]))
+        cols = torch.from_numpy(seen.items_of(u))
+        scores[rows, cols] = -math.inf
+        top = torch.topk(scores, k=min(k, scores.shape[1]), dim=1).indices
+        hit = torch.zeros_like(scores, dtype=torch.bool)
+        prow = torch.from_numpy(np.repeat(np.arange(len(u)), n_pos))
+        hit[prow, torch.from_numpy(positives.items_of(u))] = True
+        top_hit = torch.gather(hit, 1, top).double()
+        n_pos_t = torch.from_numpy(n_pos).double()
+        totals.recall += float((top_hit.sum(1) / n_pos_t).sum())
+        dcg = (top_hit * discounts[: top.shape[1]]).sum(1)
+        ideal = torch.cumsum(discounts, 0)[(torch.clamp(n_pos_t, max=top.shape[1]) - 1).long()]
+        totals.ndcg += float((dcg / ideal).sum())
+        totals.users += len(u)
+    return totals
+
+
+def binary_metrics(probs: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
+    """AUC, log-loss and accuracy of probabilities (torchmetrics, the same as during training)."""
+    from torchmetrics.functional.classification import binary_accuracy, binary_auroc
+
+    p = torch.as_tensor(probs, dtype=torch.float64)
+    y = torch.as_tensor(labels).long()
+    eps = 1e-7
+    pc = p.clamp(eps, 1 - eps)
+    logloss = float(-(y * pc.log() + (1 - y) * (1 - pc).log()).mean())
+    return {"auc": float(binary_auroc(p, y)), "logloss": logloss, "accuracy": float(binary_accuracy(p, y))}
+
+
+class PopularityBaseline:
+    """Scores items by training positives; probabilities from a 1-d logistic fit on log-counts."""
+
+    def __init__(self, train_items: np.ndarray, train_labels: np.ndarray, num_items: int) -> None:
+        self.counts = np.bincount(train_items, weights=train_labels, minlength=num_items).astype(np.float64)
+        x = np.log1p(self.counts[train_items])
+        self.a, self.b = _logistic_fit(x, train_labels.astype(np.float64))
+
+    def probability(self, items: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-(self.a * np.log1p(self.counts[items]) + self.b)))
+
+    def item_vectors(self) -> torch.Tensor:
+        return torch.from_numpy(self.counts).float().unsqueeze(1)
+
+    def evaluate(self, users: np.ndarray, items: np.ndarray, labels: np.ndarray, seen: Csr, positives: Csr,
+                 k: int) -> Dict[str, float]:
+        out = binary_metrics(self.probability(items), labels)
+        rank_u = np.unique(users)
+        totals = rank_users(torch.ones(len(rank_u), 1), rank_u, self.item_vectors(), seen, positives, k)
+        out.update(totals.as_dict(k))
+        return out
+
+
+def _logistic_fit(x: np.ndarray, y: np.ndarray, iters: int = 25) -> tuple:
+    """Newton's method for p = sigmoid(a x + b) (two parameters, so no library is needed)."""
+    a = b = 0.0
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(a * x + b)))
+        w = p * (1 - p) + 1e-12
+        g = np.array([np.dot(x, p - y), np.sum(p - y)])
+        h = np.array([[np.dot(w * x, x), np.dot(w, x)], [np.dot(w, x), np.sum(w)]])
+        step = np.linalg.solve(h + 1e-9 * np.eye(2), g)
+        a, b = a - step[0], b - step[1]
+        if np.abs(step).max() < 1e-10:
+            break
+    return a, b
+
+
+def positives_csr(users: np.ndarray, items: np.ndarray, labels: np.ndarray, num_users: int) -> Csr:
+    pos = labels > 0.5
+    return Csr.from_pairs(users[pos], items[pos], num_users)
+
+
+def merge_metrics(*parts: Optional[Dict[str, float]]) -> Dict[str, float]:
+    out: Dict[str, float] = {}
+    for p in parts:
+        if p:
+            out.update(p)
+    return out

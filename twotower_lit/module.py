@@ -1,0 +1,130 @@
+"""The LightningModule: what is trained (model, loss, optimizers, metrics), not how it is distributed."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from twotower_lit.config import ModelConfig, OptimConfig
+from twotower_lit.data.batches import Batch
+from twotower_lit.model import FeatureSpec, TwoTower, logits
+
+EMBEDDING_OPTIMIZERS = {
+    "rowwise_adagrad": (RowWiseAdagrad, {}),
+    "adam": (torch.optim.Adam, {}),
+    "sgd": (torch.optim.SGD, {}),
+}
+DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    """Multiplier of the base learning rate at a step (warm-up, then constant/cosine/linear decay)."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return 1.0 - progress
+        raise ValueError(f"unknown lr_schedule {schedule!r}")
+
+    return factor
+
+
+def _binary_metrics() -> torchmetrics.MetricCollection:
+    return torchmetrics.MetricCollection({
+        "auc": torchmetrics.classification.BinaryAUROC(),
+        "accuracy": torchmetrics.classification.BinaryAccuracy(),
+        "logloss": torchmetrics.MeanMetric(),
+    })
+
+
+class TwoTowerModule(L.LightningModule):
+    """Two-tower model trained with BCE on dot-product logits.
+
+    Metrics on validation/test: AUC, log-loss and accuracy over rated rows (torchmetrics syncs
+    them across ranks); retrieval metrics come from `twotower_lit.evaluation.RetrievalEvaluation`.
+    """
+
+    def __init__(self, features: Sequence[FeatureSpec], model_cfg: ModelConfig, optim_cfg: OptimConfig,
+                 total_steps: int = 0) -> None:
+        super().__init__()
+        self.features = list(features)
+        self.model_cfg = model_cfg
+        self.optim_cfg = optim_cfg
+        self.total_steps = total_steps
+        # tables on meta: the strategy's DMP materialises only the shards this rank owns
+        self.model = TwoTower(features, model_cfg.embedding_dim, model_cfg.user_layers, model_cfg.item_layers,
+                              device=torch.device("meta"))
+        cls, extra = EMBEDDING_OPTIMIZERS[optim_cfg.embedding_optimizer]
+        apply_optimizer_in_backward(cls, self.model.ebc.parameters(), {"lr": optim_cfg.embedding_lr, **extra})
+        self.val_metrics = _binary_metrics()
+        self.test_metrics = _binary_metrics()
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        user, item = self.model(batch.features)
+        return logits(user, item)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = F.binary_cross_entropy_with_logits(self(batch), batch.labels)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=False)
+        return loss
+
+    def _eval_step(self, batch: Batch, metrics: torchmetrics.MetricCollection) -> None:
+        z = self(batch)
+        keep = batch.rated
+        z, y = z[keep], batch.labels[keep]
+        probs = torch.sigmoid(z)
+        metrics["auc"].update(probs, y.long())
+        metrics["accuracy"].update(probs, y.long())
+        if len(y):
+            metrics["logloss"].update(F.binary_cross_entropy_with_logits(z, y, reduction="none"))
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
+
+    def _log_metrics(self, stage: str, metrics: torchmetrics.MetricCollection) -> None:
+        values = metrics.compute()  # synchronised across ranks by torchmetrics
+        self.log_dict({f"{stage}_{k}": v for k, v in values.items()}, prog_bar=stage == "val", sync_dist=False)
+        metrics.reset()
+
+    @torch.no_grad()
+    def tower_vectors_from_features(self, features):
+        """(user vectors, item vectors) of a feature batch (retrieval evaluation)."""
+        return self.model(features)
+
+    def configure_optimizers(self) -> Dict[str, Any]:
+        cfg = self.optim_cfg
+        dense_cls = DENSE_OPTIMIZERS[cfg.dense_optimizer]
+        dense_params = dict(in_backward_optimizer_filter(self.model.named_parameters()))
+        dense = KeyedOptimizerWrapper(
+            dense_params, lambda params: dense_cls(params, lr=cfg.dense_lr, weight_decay=cfg.weight_decay))
+        parts: List = [("dense", dense)]
+        fused = getattr(self.model, "fused_optimizer", None)  # the embedding optimizer run in backward
+        if fused is not None:
+            parts.insert(0, ("embedding", fused))
+        optimizer = CombinedOptimizer(parts)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, self.total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,242 @@
+"""A Lightning strategy that shards a LightningModule's ``model`` with TorchRec's DistributedModelParallel.
+
+All TorchRec distribution knowledge lives here; the LightningModule only builds its model (with the
+embedding tables on the ``meta`` device) and never learns whether it is sharded.
+
+What the hooks do (Lightning 2.6 + TorchRec 1.6-1.9):
+* ``setup``: plan the sharding with TorchRec's planner, wrap ``lightning_module.model`` in DMP
+  (which allocates only the local shards and data-parallelises the dense towers itself), then
+  build the optimizers, which must see the wrapped parameters.
+* ``configure_ddp``: no outer DDP; ``model_to_device``: never ``.to()`` meta parameters.
+* checkpoints: every rank holds different shards, so every rank writes with
+  ``torch.distributed.checkpoint`` (DCP). DCP also reshards on load (saved by 2 ranks, loaded
+  by 1, or with another plan). Non-tensor trainer state goes to one small file from rank 0.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
+
+log = logging.getLogger(__name__)
+
+TRAINER_STATE_FILE = "trainer_state.pt"
+
+SHARDING_TYPES = {
+    "table_wise": ShardingType.TABLE_WISE.value,
+    "row_wise": ShardingType.ROW_WISE.value,
+    "column_wise": ShardingType.COLUMN_WISE.value,
+    "table_row_wise": ShardingType.TABLE_ROW_WISE.value,
+}
+
+
+class EmbeddingBagCollectionShardingOffer(EmbeddingBagCollectionSharder):
+    """The stock sharder offers row-wise sharding only on CUDA; its CPU kernel handles it too."""
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        types = [t for t in super().sharding_types(compute_device_type) if t != ShardingType.DATA_PARALLEL.value]
+        for extra in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value):
+            if extra not in types:
+                types.append(extra)
+        return types
+
+
+def parse_table_sharding(spec: Optional[str]) -> Dict[str, str]:
+    """'user:row_wise,item:table_wise' -> {'user': 'row_wise', 'item': 'table_wise'}."""
+    out: Dict[str, str] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        name, _, kind = part.partition(":")
+        if kind.strip() not in SHARDING_TYPES:
+            raise ValueError(f"--table-sharding: {part!r} must be FEATURE:KIND with KIND one of "
+                             f"{', '.join(SHARDING_TYPES)}")
+        out[name.strip()] = kind.strip()
+    return out
+
+
+def build_sharding_plan(module: torch.nn.Module, pg: dist.ProcessGroup, device_type: str, sharding: str,
+                        table_sharding: Optional[Mapping[str, str]] = None,
+                        local_world_size: Optional[int] = None) -> ShardingPlan:
+    """TorchRec planner's plan for `module` (every rank must call this: it is collective).
+
+    `sharding` is 'auto' (the planner picks per table) or one kind for every table;
+    `table_sharding` maps feature names (tables are ``t_<feature>``) to a kind for that table.
+    All tables use the fused kernel, so the embedding optimizer runs inside the backward pass.
+    """
+    if sharding != "auto" and sharding not in SHARDING_TYPES:
+        raise ValueError(f"unknown sharding {sharding!r}; choose auto or one of {', '.join(SHARDING_TYPES)}")
+    sharder = EmbeddingBagCollectionShardingOffer()
+    tables = [cfg.name for cfg in _ebc(module).embedding_bag_configs()]
+    overrides = {f"t_{k}": v for k, v in (table_sharding or {}).items()}
+    unknown = sorted(set(overrides) - set(tables))
+    if unknown:
+        raise ValueError(f"--table-sharding names unknown feature(s) {unknown}; tables: {tables}")
+    offered = sharder.sharding_types(device_type)
+    constraints = {}
+    for table in tables:
+        kind = overrides.get(table, sharding)
+        types = offered if kind == "auto" else [SHARDING_TYPES[kind]]
+        constraints[table] = ParameterConstraints(sharding_types=types,
+                                                  compute_kernels=[EmbeddingComputeKernel.FUSED.value])
+    world = pg.size()
+    topology = Topology(world_size=world, local_world_size=local_world_size or world, compute_device=device_type)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    return planner.collective_plan(module, [sharder], pg)
+
+
+def describe_plan(plan: ShardingPlan) -> Dict[str, Dict[str, Any]]:
+    """{table: {sharding_type, compute_kernel, ranks}} of a plan (printed and logged to MLflow)."""
+    out = {}
+    for _, module_plan in plan.plan.items():
+        for table, ps in module_plan.items():
+            out[table] = {"sharding_type": ps.sharding_type, "compute_kernel": ps.compute_kernel,
+                          "ranks": list(ps.ranks or [])}
+    return out
+
+
+def _ebc(module: torch.nn.Module):
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    for sub in module.modules():
+        if isinstance(sub, EmbeddingBagCollection):
+            return sub
+    raise ValueError("the model has no EmbeddingBagCollection to shard")
+
+
+class TorchRecStrategy(DDPStrategy):
+    """DDPStrategy whose `setup` applies TorchRec DistributedModelParallel to `lightning_module.model`."""
+
+    strategy_name = "torchrec"
+
+    def __init__(self, sharding: str = "auto", table_sharding: Optional[Mapping[str, str]] = None,
+                 module_attr: str = "model", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sharding = sharding
+        self.table_sharding = dict(table_sharding or {})
+        self.module_attr = module_attr
+        self.plan_description: Dict[str, Dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ setup
+    def setup_distributed(self) -> None:
+        if self._process_group_backend is None:
+            self._process_group_backend = "nccl" if self.root_device.type == "cuda" else "gloo"
+        super().setup_distributed()
+
+    def setup(self, trainer) -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        lm = self.lightning_module
+        inner = getattr(lm, self.module_attr)
+        if not isinstance(inner, DistributedModelParallel):
+            pg = dist.GroupMember.WORLD
+            device_type = self.root_device.type
+            plan = build_sharding_plan(inner, pg, device_type, self.sharding, self.table_sharding,
+                                       local_world_size=self.num_processes)
+            self.plan_description = describe_plan(plan)
+            if self.is_global_zero:
+                for table, d in self.plan_description.items():
+                    print(f"sharding plan: {table}: {d['sharding_type']} ({d['compute_kernel']}) on ranks {d['ranks']}",
+                          flush=True)
+            dmp = DistributedModelParallel(module=inner, device=self.root_device, plan=plan,
+                                           sharders=[EmbeddingBagCollectionShardingOffer()],
+                                           env=ShardingEnv.from_process_group(pg))
+            setattr(lm, self.module_attr, dmp)
+        self.model_to_device()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)  # after the wrap: optimizers must see the sharded parameters
+        self.setup_precision_plugin()
+
+    def model_to_device(self) -> None:
+        lm = self.lightning_module
+        if any(p.is_meta for p in lm.parameters()):
+            return  # not wrapped yet; DMP places every parameter itself
+        lm.to(self.root_device)
+
+    def configure_ddp(self) -> None:
+        """DMP already wraps the dense part in DDP; an outer DDP would double-synchronise."""
+
+    @property
+    def sharded_model(self) -> DistributedModelParallel:
+        return getattr(self.lightning_module, self.module_attr)
+
+    # ------------------------------------------------------------------ checkpoints (DCP on every rank)
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # the shards must exist before a checkpoint can be loaded into them
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # load_checkpoint restores the optimizer state with DCP
+
+    def lightning_module_state_dict(self) -> Dict[str, Any]:
+        return self.lightning_module.state_dict()
+
+    def optimizer_state(self, optimizer) -> Dict[str, Any]:
+        return getattr(optimizer, "_optimizer", optimizer).state_dict()
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
+        path = Path(self.broadcast(str(filepath)))
+        if self.is_global_zero:
+            if path.is_file():
+                path.unlink()
+            path.mkdir(parents=True, exist_ok=True)
+        self.barrier("torchrec_checkpoint_mkdir")
+        sharded = {"state_dict": checkpoint.pop("state_dict")}
+        for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
+            sharded[f"optimizer_{i}"] = state
+        dcp.save(sharded, checkpoint_id=str(path))  # collective: each rank writes its own shards
+        if self.is_global_zero:
+            torch.save(checkpoint, path / TRAINER_STATE_FILE)
+        self.barrier("torchrec_checkpoint_saved")
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> Dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not (path / TRAINER_STATE_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint written by TorchRecStrategy "
+                                    f"(no {TRAINER_STATE_FILE}); pass a directory under the checkpoint dir")
+        lm = self.lightning_module
+        target: Dict[str, Any] = {"state_dict": lm.state_dict()}
+        optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
+        for i, opt in enumerate(optimizers):
+            if hasattr(opt, "init_state"):
+                # optimizer state is created lazily; without it the load target has no slots and DCP
+                # silently skips the saved Adam moments (the resumed run would diverge)
+                opt.init_state()
+            target[f"optimizer_{i}"] = opt.state_dict()
+        dcp.load(target, checkpoint_id=str(path))
+        # LightningModule.load_state_dict would bypass DMP's key rewriting: give the DMP its sub-dict
+        prefix = self.module_attr + "."
+        state = target["state_dict"]
+        self.sharded_model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        rest = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        if rest:
+            lm.load_state_dict(rest, strict=False)
+        for i, opt in enumerate(optimizers):
+            opt.load_state_dict(target[f"optimizer_{i}"])
+        checkpoint = torch.load(path / TRAINER_STATE_FILE, weights_only=False)  # our own file, not user input
+        checkpoint["state_dict"] = {}
+        return checkpoint
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        """Done in `load_checkpoint`."""
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Done in `load_checkpoint`."""
+
+    def remove_checkpoint(self, filepath) -> None:
+        if self.is_global_zero and os.path.isdir(filepath):
+            shutil.rmtree(filepath)
