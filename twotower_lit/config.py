@@ -95,7 +95,8 @@ class TrainConfig:
     num_nodes: int = _opt(1, "nodes")
     num_workers: int = _opt(0, "data-loader worker processes per rank")
     sharding: str = _opt("auto", "embedding sharding", ("auto", "table_wise", "row_wise", "column_wise",
-                                                         "table_row_wise", "data_parallel"))
+                                                         "table_row_wise"))
+    table_sharding: Optional[str] = _opt(None, "per-table overrides of --sharding, e.g. 'user:row_wise,genres:table_wise'")
     eval_k: int = _opt(10, "cut-off of Recall@k / NDCG@k")
     mlflow_uri: Optional[str] = _opt(None, "MLflow tracking URI (default: sqlite database in the output dir)")
     experiment_name: str = _opt("twotower-movielens", "MLflow experiment")
@@ -108,6 +109,76 @@ class TrainConfig:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class ServeConfig:
+    """The inference server (`python -m entrypoints.serve`, the container's `serve`) and the handler
+    functions; in a SageMaker container every field can also come from ``TWOTOWER_<FIELD>``."""
+
+    model_dir: Optional[str] = _opt(None, "exported model directory (default: $SM_MODEL_DIR or /opt/ml/model)")
+    host: str = _opt("0.0.0.0", "interface to listen on")
+    port: int = _opt(8080, "port to listen on (SageMaker's container contract: 8080)")
+    uds: Optional[str] = _opt(None, "listen on this Unix socket instead of host:port")
+    workers: int = _opt(1, "server processes, each with its own copy of the model")
+    num_threads: int = _opt(1, "torch compute threads per worker (more threads on few cores raise tail latency)")
+    max_concurrency: int = _opt(64, "invocations in flight per worker; beyond it, 503 at once")
+    request_timeout: float = _opt(60.0, "seconds an invocation may take before a 504 (SageMaker allows 60)")
+    max_body_bytes: int = _opt(6 * 1024 * 1024, "largest request body; larger ones get 413 (SageMaker: 6 MB)")
+    max_batch: int = _opt(1000, "most users in one request")
+    max_k: int = _opt(100, "largest k a request may ask for")
+    default_k: int = _opt(10, "k when a request gives none")
+    search: str = _opt("exact", "top-k search: exact (torch.topk) or faiss (approximate inner-product HNSW index)",
+                       ("exact", "faiss"))
+    endpoint_name: str = _opt("local-endpoint", "endpoint name in data-capture paths")
+    variant_name: str = _opt("production", "this variant's name in data capture")
+    shadow_model_dir: Optional[str] = _opt(None, "serve this model as a shadow variant (its own process)")
+    shadow_url: Optional[str] = _opt(None, "mirror to an already running shadow server (http://host:port)")
+    shadow_variant_name: str = _opt("shadow", "the shadow variant's name in data capture")
+    shadow_sampling_percent: float = _opt(100.0, "share of requests mirrored to the shadow variant (0-100)")
+    shadow_timeout: float = _opt(2.0, "seconds a shadow call may take before it counts as failed")
+    shadow_max_in_flight: int = _opt(32, "shadow calls in flight; beyond it a request is not mirrored")
+    capture_dir: Optional[str] = _opt(None, "write SageMaker-format data capture (JSON lines) under this folder")
+    capture_sampling_percent: float = _opt(100.0, "share of requests captured (0-100)")
+    graceful_timeout: float = _opt(30.0, "seconds to finish in-flight requests after SIGTERM")
+    keep_alive: int = _opt(75, "idle keep-alive seconds (above the 60 s of SageMaker's front end)")
+    log_level: str = _opt("info", "log level", ("critical", "error", "warning", "info", "debug"))
+
+
+@dataclass
+class LoadConfig:
+    """The traffic generator (`python -m entrypoints.load`)."""
+
+    url: str = _opt("http://127.0.0.1:8080/invocations", "where requests go")
+    data_dir: Optional[str] = _opt(None, "prepared data directory whose split's users are replayed")
+    split: str = _opt("test", "split whose users are replayed", ("train", "val", "test"))
+    user_ids: Optional[str] = _opt(None, "raw user ids instead of --data-dir: '1,2,3' or @file (one per line)")
+    rate: float = _opt(50.0, "requests per second, Poisson arrivals (0: as fast as --concurrency allows)")
+    concurrency: int = _opt(8, "requests in flight at most")
+    requests: int = _opt(1000, "stop after this many requests")
+    duration: float = _opt(60.0, "stop after this many seconds")
+    batch: int = _opt(1, "users per request")
+    k: int = _opt(10, "k of every request")
+    timeout: float = _opt(10.0, "client timeout per request (seconds)")
+    seed: int = _opt(0, "seed of the user order and arrival times")
+    output: Optional[str] = _opt(None, "also write the summary as JSON here")
+
+
+@dataclass
+class ShadowReportConfig:
+    """The shadow-test report (`python -m entrypoints.shadow_report`) and its verdict thresholds."""
+
+    capture_dir: Optional[str] = _opt(None, "data-capture folder written by the server (required)")
+    data_dir: Optional[str] = _opt(None, "prepared data directory: its test positives give Recall@k / NDCG@k")
+    output_dir: Optional[str] = _opt(None, "where report.json, report.md and the plots go (default CAPTURE/report)")
+    endpoint_name: Optional[str] = _opt(None, "endpoint to report on (default: the only one captured)")
+    min_requests: int = _opt(200, "fewer joined production/shadow requests than this: inconclusive")
+    min_labelled_users: int = _opt(100, "fewer users with held-out positives than this: inconclusive")
+    max_error_rate_increase: float = _opt(0.005, "shadow 5xx/timeout rate may exceed production's by at most this")
+    max_latency_ratio: float = _opt(1.25, "shadow p99 latency may be at most this times production's")
+    equivalence_margin: float = _opt(0.005, "NDCG@k differences whose 95% interval lies within +-this: keep")
+    bootstrap: int = _opt(1000, "bootstrap resamples for the NDCG@k difference's interval")
+    seed: int = _opt(0, "bootstrap seed")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,11 @@ from twotower_lit.data.csr import Csr
 from twotower_lit.metrics import RetrievalTotals, rank_users
 
 
+def metric_key(name: str) -> str:
+    """MLflow metric names cannot hold '@': recall@10 is logged as recall_at_10."""
+    return name.replace("@", "_at_")
+
+
 def _world() -> tuple:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
@@ -78,7 +83,7 @@ def evaluate_retrieval(module, builder: KJTBuilder, num_items: int, users: np.nd
 
 
 class RetrievalEvaluation(L.Callback):
-    """Logs ``{stage}_recall@k`` and ``{stage}_ndcg@k`` after each validation and at test."""
+    """Logs ``{stage}_recall_at_k`` and ``{stage}_ndcg_at_k`` after each validation and at test."""
 
     def __init__(self, k: int = 10, batch_size: int = 8192) -> None:
         self.k = k
@@ -95,7 +100,7 @@ class RetrievalEvaluation(L.Callback):
         values = totals.as_dict(self.k)
         self.last[split] = values
         stage = "test" if split == "test" else "val"
-        module.log_dict({f"{stage}_{name}": v for name, v in values.items() if name != "ranked_users"},
+        module.log_dict({metric_key(f"{stage}_{name}"): v for name, v in values.items() if name != "ranked_users"},
                         prog_bar=False, sync_dist=False)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module) -> None:

@@ -240,3 +240,27 @@ class TorchRecStrategy(DDPStrategy):
     def remove_checkpoint(self, filepath) -> None:
         if self.is_global_zero and os.path.isdir(filepath):
             shutil.rmtree(filepath)
+
+    # ------------------------------------------------------------------ export
+    def full_model_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The unsharded state dict of the inner model on rank 0 (None on other ranks).
+
+        Collective: every rank must call it. Sharded tables are gathered with
+        `ShardedTensor.gather` (DTensors with `full_tensor`); dense tensors are replicated already.
+        """
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+        from torch.distributed.tensor import DTensor
+
+        full: Dict[str, torch.Tensor] = {}
+        for key, value in self.sharded_model.state_dict().items():
+            if isinstance(value, ShardedTensor):
+                out = torch.empty(value.size(), dtype=value.dtype, device=self.root_device) \
+                    if self.is_global_zero else None
+                value.gather(dst=0, out=out)
+                if out is not None:
+                    full[key] = out.cpu()
+            elif isinstance(value, DTensor):
+                full[key] = value.full_tensor().cpu()
+            else:
+                full[key] = value.detach().cpu()
+        return full if self.is_global_zero else None

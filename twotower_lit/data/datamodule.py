@@ -1,0 +1,141 @@
+"""LightningDataModule over a prepared dataset: per-rank shard streaming plus the evaluation data."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional
+
+import lightning as L
+import numpy as np
+import pyarrow as pa
+import torch
+
+from twotower_lit.data.batches import FeatureTables, KJTBuilder
+from twotower_lit.data.csr import Csr
+from twotower_lit.data.loader import (EpochAwareDataLoader, NegativeSampler, RatingsShardReader, ShardSource,
+                                      num_batches, read_columns)
+from twotower_lit.data.schema import ITEMS_FILE, MANIFEST, SCHEMA_VERSION, SPLITS, USERS_FILE
+from twotower_lit.metrics import positives_csr
+
+
+def join(base: str, *parts: str) -> str:
+    if "://" in base:
+        return "/".join([base.rstrip("/"), *parts])
+    return os.path.join(base, *parts)
+
+
+def load_manifest(data_dir: str) -> Dict:
+    """The prepared dataset's manifest (local or s3://), with a clear error if it is not one."""
+    path = join(data_dir, MANIFEST)
+    try:
+        if "://" in path:
+            from pyarrow import fs
+
+            filesystem, inner = fs.FileSystem.from_uri(path)
+            with filesystem.open_input_stream(inner) as f:
+                manifest = json.loads(f.read().decode())
+        else:
+            with open(path) as f:
+                manifest = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: {data_dir} is not a prepared dataset; run "
+                                f"`python -m entrypoints.prepare --data-dir RAW --output-dir {data_dir}`") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {manifest.get('schema_version')!r}, this code reads "
+                         f"{SCHEMA_VERSION}; prepare the data again")
+    return manifest
+
+
+class MovieLensDataModule(L.LightningDataModule):
+    """Streams a prepared MovieLens dataset; each rank reads only its own rows of every split.
+
+    Besides the loaders it holds what evaluation needs on every rank: the training items of each
+    user (`seen`, also used to draw negatives) and the held-out positives per split.
+    """
+
+    def __init__(self, data_dir: str, batch_size: int = 1024, eval_batch_size: int = 8192, negatives: int = 0,
+                 negative_sampling: str = "uniform", seed: int = 0, num_workers: int = 0,
+                 side_features: bool = True, buffer_rows: int = 1 << 18) -> None:
+        super().__init__()
+        self.data_dir = data_dir
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.negatives = negatives
+        self.negative_sampling = negative_sampling
+        self.seed = seed
+        self.num_workers = num_workers
+        self.buffer_rows = buffer_rows
+        self.manifest = load_manifest(data_dir)
+        sizes = self.manifest["vocab_sizes"]
+        self.num_users, self.num_items = int(sizes["user"]), int(sizes["item"])
+        self.user_features = [f for f in self.manifest["user_features"] if side_features or f == "user"]
+        self.item_features = [f for f in self.manifest["item_features"] if side_features or f == "item"]
+        self._loaded = False
+
+    # ------------------------------------------------------------------ data
+    def source(self, split: str) -> ShardSource:
+        files = sorted((name, meta) for name, meta in self.manifest["files"].items()
+                       if name.startswith(f"{split}/") and name.endswith(".parquet"))
+        return ShardSource([join(self.data_dir, name) for name, _ in files], [int(m["rows"]) for _, m in files])
+
+    def read_split(self, split: str) -> Dict[str, np.ndarray]:
+        """All rows of a split (user, item, label) in shard order."""
+        tables = [read_columns(p, ("user", "item", "label")) for p in self.source(split).paths]
+        table = pa.concat_tables(tables) if tables else None
+        return {c: table.column(c).to_numpy() for c in ("user", "item", "label")}
+
+    def load(self) -> None:
+        """Feature tables, training pairs and held-out positives (idempotent)."""
+        if self._loaded:
+            return
+        users = read_columns(join(self.data_dir, USERS_FILE), self.user_features)
+        items = read_columns(join(self.data_dir, ITEMS_FILE), self.item_features)
+        self.tables = FeatureTables.from_frames(users, items, self.num_users, self.num_items,
+                                                self.user_features, self.item_features)
+        self.builder = KJTBuilder(self.tables, self.user_features, self.item_features)
+        self.splits = {s: self.read_split(s) for s in SPLITS}
+        train = self.splits["train"]
+        self.seen = Csr.from_pairs(train["user"].astype(np.int64), train["item"].astype(np.int64), self.num_users)
+        self.positives = {s: positives_csr(self.splits[s]["user"].astype(np.int64),
+                                           self.splits[s]["item"].astype(np.int64), self.splits[s]["label"],
+                                           self.num_users) for s in ("val", "test")}
+        self.item_counts = np.bincount(train["item"], minlength=self.num_items)
+        self._loaded = True
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.load()
+
+    # ------------------------------------------------------------------ loaders
+    def _world(self):
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def _loader(self, split: str, train: bool) -> EpochAwareDataLoader:
+        world, rank = self._world()
+        sampler = None
+        if train and self.negatives:
+            sampler = NegativeSampler(self.seen.keys(self.num_items), self.num_items, self.negative_sampling,
+                                      self.item_counts)
+        reader = RatingsShardReader(self.source(split), self.builder,
+                                    self.batch_size if train else self.eval_batch_size, world=world, rank=rank,
+                                    seed=self.seed, shuffle=train, buffer_rows=self.buffer_rows,
+                                    negatives=self.negatives if train else 0, sampler=sampler)
+        pin = bool(self.trainer is not None and self.trainer.strategy.root_device.type == "cuda")
+        return EpochAwareDataLoader(
+            reader, epoch_fn=lambda: self.trainer.current_epoch if self.trainer is not None else 0,
+            num_workers=self.num_workers, pin_memory=pin,
+            prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
+
+    def train_dataloader(self):
+        return self._loader("train", train=True)
+
+    def val_dataloader(self):
+        return self._loader("val", train=False)
+
+    def test_dataloader(self):
+        return self._loader("test", train=False)
+
+    def steps_per_epoch(self, world: int) -> int:
+        return num_batches(self.source("train").total_rows, world, max(1, self.num_workers), self.batch_size)

@@ -1,0 +1,44 @@
+"""SageMaker's model.tar.gz: model files at the top, `code/` with the inference module, the
+torch-only part of the library it imports, and its requirements."""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from typing import Iterable
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the library modules the inference handler needs (torch, numpy and safetensors only)
+SERVING_MODULES = ("twotower_lit/__init__.py", "twotower_lit/layers.py", "twotower_lit/export/__init__.py",
+                   "twotower_lit/export/format.py", "twotower_lit/data/__init__.py",
+                   "twotower_lit/data/features.py", "twotower_lit/serving")
+SERVING_REQUIREMENTS = "safetensors==0.8.0\nnumpy\n"
+
+
+def _add_tree(tar: tarfile.TarFile, path: str, arcname: str) -> None:
+    def clean(info: tarfile.TarInfo):
+        if "__pycache__" in info.name or info.name.endswith(".pyc"):
+            return None
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info
+
+    tar.add(path, arcname=arcname, filter=clean)
+
+
+def package_model(model_dir: str, out_path: str, extra_modules: Iterable[str] = ()) -> str:
+    """Write `out_path` (model.tar.gz) from an exported model directory."""
+    with tarfile.open(out_path, "w:gz") as tar:
+        for name in sorted(os.listdir(model_dir)):
+            _add_tree(tar, os.path.join(model_dir, name), name)
+        _add_tree(tar, os.path.join(PACKAGE_ROOT, "entrypoints", "inference.py"), "code/inference.py")
+        for module in (*SERVING_MODULES, *extra_modules):
+            src = os.path.join(PACKAGE_ROOT, module)
+            if not os.path.exists(src):
+                raise FileNotFoundError(f"{src} is missing: the serving code cannot be packaged without it")
+            _add_tree(tar, src, "code/" + module)
+        info = tarfile.TarInfo("code/requirements.txt")
+        data = SERVING_REQUIREMENTS.encode()
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return out_path

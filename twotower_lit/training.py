@@ -1,0 +1,176 @@
+"""The training job: data -> DataModule -> LightningModule + TorchRec strategy -> metrics -> export.
+
+`run(cfg)` is what `python -m entrypoints.train` (locally, under torchrun, or in a SageMaker
+training job) executes on every rank; rank 0 alone writes metrics, MLflow records and the export.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from dataclasses import replace
+from typing import Dict, Optional
+
+import lightning as L
+import numpy as np
+import torch
+
+from twotower_lit.config import TrainConfig, to_flat_dict
+from twotower_lit.data.datamodule import MovieLensDataModule, load_manifest
+from twotower_lit.evaluation import RetrievalEvaluation
+from twotower_lit.metrics import PopularityBaseline
+from twotower_lit.model import feature_specs
+from twotower_lit.module import TwoTowerModule
+from twotower_lit.strategy import TRAINER_STATE_FILE, TorchRecStrategy, parse_table_sharding
+from twotower_lit import tracking
+
+DEFAULT_SYNTHETIC_RATINGS = 200_000
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    return cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def resolve_data(cfg: TrainConfig, output_dir: str) -> str:
+    """A prepared dataset directory for `cfg.data_dir`: used as is when it is prepared already,
+    otherwise prepared (raw MovieLens, a download, or synthetic data) into OUTPUT/data.
+
+    Under several processes all ranks call this; a file lock lets one prepare while the others
+    wait, and preparing is a no-op when the output is already there with the same options.
+    """
+    from filelock import FileLock
+
+    from twotower_lit.data.prepare import is_prepared, prepare_dataset
+
+    if cfg.data_dir and is_prepared(cfg.data_dir):
+        return cfg.data_dir
+    target = os.path.join(output_dir, "data")
+    prep = replace(cfg.prepare, data_dir=cfg.data_dir, output_dir=target, seed=cfg.seed)
+    if not cfg.data_dir and not prep.download and not prep.synthetic:
+        prep = replace(prep, synthetic=DEFAULT_SYNTHETIC_RATINGS)
+        print(f"no --data-dir given: training on a synthetic ml-1m-shaped set of {prep.synthetic:,} ratings "
+              f"(pass --data-dir DIR or --download ml-1m for real MovieLens)", flush=True)
+    os.makedirs(output_dir, exist_ok=True)
+    with FileLock(os.path.join(output_dir, ".prepare.lock")):
+        prepare_dataset(prep, target)
+    return target
+
+
+def latest_checkpoint(checkpoint_dir: str) -> Optional[str]:
+    """The newest complete checkpoint under `checkpoint_dir` (by global step), or None."""
+    found = []
+    for state in glob.glob(os.path.join(checkpoint_dir, "*", TRAINER_STATE_FILE)):
+        meta = torch.load(state, map_location="cpu", weights_only=False)
+        found.append((meta.get("global_step", 0), os.path.getmtime(state), os.path.dirname(state)))
+    return max(found)[2] if found else None
+
+
+def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger) -> L.Trainer:
+    strategy = TorchRecStrategy(sharding=cfg.sharding, table_sharding=parse_table_sharding(cfg.table_sharding))
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=checkpoint_dir, filename="epoch{epoch}-step{step}", auto_insert_metric_name=False,
+        every_n_train_steps=cfg.checkpoint_every_n_steps or None, save_on_train_epoch_end=True,
+        save_top_k=-1, save_last=False)
+    return L.Trainer(
+        accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
+        max_epochs=cfg.max_epochs, logger=logger, callbacks=[checkpoints, RetrievalEvaluation(cfg.eval_k)],
+        enable_progress_bar=cfg.progress, enable_model_summary=False, log_every_n_steps=10,
+        num_sanity_val_steps=1, deterministic=False, default_root_dir=output_dir, use_distributed_sampler=False)
+
+
+def run(cfg: TrainConfig) -> Optional[Dict]:
+    """Train, test, export. Returns metrics on rank 0, None on other ranks."""
+    run_name = default_run_name(cfg)
+    output_dir = os.path.abspath(cfg.output_dir or os.path.join("outputs", run_name))
+    os.environ.setdefault("TWOTOWER_RUN_DIR", output_dir)
+    data_dir = resolve_data(cfg, output_dir)
+    manifest = load_manifest(data_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    dm = MovieLensDataModule(data_dir, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+                             negatives=cfg.negatives, negative_sampling=cfg.negative_sampling, seed=cfg.seed,
+                             num_workers=cfg.num_workers, side_features=cfg.model.side_features)
+    features = feature_specs(manifest, cfg.model.side_features)
+    world = cfg.devices * cfg.num_nodes
+    total_steps = dm.steps_per_epoch(world) * cfg.max_epochs
+    module = TwoTowerModule(features, cfg.model, cfg.optim, total_steps=total_steps)
+
+    uri = tracking.tracking_uri(cfg.mlflow_uri, output_dir)
+    logger = L.pytorch.loggers.MLFlowLogger(
+        experiment_name=cfg.experiment_name, run_name=run_name, tracking_uri=uri,
+        artifact_location=tracking.artifact_location(uri, output_dir), log_model=False)
+    checkpoint_dir = cfg.checkpoint_dir or os.path.join(output_dir, "checkpoints")
+    trainer = build_trainer(cfg, output_dir, checkpoint_dir, logger)
+    ckpt_path = None
+    if cfg.resume:
+        ckpt_path = latest_checkpoint(checkpoint_dir) if cfg.resume == "auto" else cfg.resume
+        if ckpt_path is None:
+            print(f"--resume auto: no checkpoint in {checkpoint_dir}; starting from scratch", flush=True)
+    if trainer.is_global_zero:
+        logger.log_hyperparams({k: str(v) for k, v in to_flat_dict(cfg).items()})
+
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    train_seconds = time.perf_counter() - t0
+    test = trainer.test(module, datamodule=dm, verbose=False)[0]
+    retrieval = _callback(trainer).last.get("test", {})
+    state = trainer.strategy.full_model_state_dict()  # collective: gathers the shards to rank 0
+    if not trainer.is_global_zero:
+        return None
+
+    k = cfg.eval_k
+    metrics: Dict = {
+        "test": {"auc": test["test_auc"], "logloss": test["test_logloss"], "accuracy": test["test_accuracy"],
+                 f"recall@{k}": retrieval[f"recall@{k}"], f"ndcg@{k}": retrieval[f"ndcg@{k}"]},
+        "baselines": {"popularity": popularity_metrics(dm, "test", k)},
+        "train": {"epochs": trainer.current_epoch, "steps": trainer.global_step, "seconds": round(train_seconds, 2),
+                  "world_size": trainer.world_size},
+        "sharding_plan": trainer.strategy.plan_description,
+        "data": {"dir": data_dir, "dataset": manifest.get("dataset"), "counts": manifest.get("counts")},
+    }
+    model_dir = os.path.join(output_dir, "model")
+    from twotower_lit.export.writer import export_model
+
+    export = export_model(model_dir, state, features, cfg.model, dm, metrics,
+                          extra_config={"run_name": run_name})
+    metrics["model_version"] = export["model_version"]
+    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1, sort_keys=True)
+    if cfg.package:
+        from twotower_lit.export.package import package_model
+
+        package_model(model_dir, os.path.join(output_dir, "model.tar.gz"))
+    client = logger.experiment
+    tracking.log_run_outputs(client, logger.run_id, output_dir, model_dir, manifest,
+                             trainer.strategy.plan_description, metrics)
+    if cfg.registered_model_name:
+        metrics["registered_version"] = tracking.register_model(uri, logger.run_id, model_dir,
+                                                                cfg.registered_model_name)
+    logger.finalize("success")
+    metrics["mlflow"] = {"tracking_uri": uri, "run_id": logger.run_id}
+    _print_summary(metrics, output_dir, k)
+    return metrics
+
+
+def _callback(trainer: L.Trainer) -> RetrievalEvaluation:
+    return next(c for c in trainer.callbacks if isinstance(c, RetrievalEvaluation))
+
+
+def popularity_metrics(dm: MovieLensDataModule, split: str, k: int) -> Dict[str, float]:
+    dm.load()
+    train, rows = dm.splits["train"], dm.splits[split]
+    baseline = PopularityBaseline(train["item"].astype(np.int64), train["label"], dm.num_items)
+    out = baseline.evaluate(rows["user"].astype(np.int64), rows["item"].astype(np.int64), rows["label"],
+                            dm.seen, dm.positives[split], k)
+    out.pop("ranked_users", None)
+    return out
+
+
+def _print_summary(metrics: Dict, output_dir: str, k: int) -> None:
+    names = ("auc", "logloss", "accuracy", f"recall@{k}", f"ndcg@{k}")
+    print("\n" + "metric".ljust(12) + "two-tower".rjust(12) + "popularity".rjust(12))
+    for n in names:
+        print(n.ljust(12) + f"{metrics['test'][n]:12.4f}" + f"{metrics['baselines']['popularity'][n]:12.4f}")
+    print(f"\nexported model: {os.path.join(output_dir, 'model')}\nmetrics: {os.path.join(output_dir, 'metrics.json')}",
+          flush=True)
