@@ -1,0 +1,74 @@
+"""SageMaker inference handler: ``model_fn``, ``input_fn``, ``predict_fn``, ``output_fn``.
+
+Works in three places:
+* in the repository, as ``entrypoints/inference.py`` (``import entrypoints.inference``);
+* in a SageMaker ``model.tar.gz`` as ``code/inference.py`` next to a vendored ``code/twotower_lit/``
+  (the inference toolkit puts ``code/`` on ``sys.path``);
+* loaded by path from anywhere else: the repository root is then added to ``sys.path``.
+
+Settings come from ``TWOTOWER_<FIELD>`` environment variables of `ServeConfig` (e.g.
+``TWOTOWER_NUM_THREADS``, default 1 compute thread per worker; ``TWOTOWER_MAX_K``).
+Client errors become 4xx: under the inference toolkit they are raised as its
+``BaseInferenceToolkitError`` (anything else would be answered with 500).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+if importlib.util.find_spec("twotower_lit") is None:  # loaded by path from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from twotower_lit.serving import handler  # noqa: E402
+from twotower_lit.serving.errors import RequestError  # noqa: E402
+
+try:
+    from sagemaker_inference.errors import BaseInferenceToolkitError
+except ImportError:  # our own server, or a container without the toolkit
+    BaseInferenceToolkitError = None
+
+if BaseInferenceToolkitError is not None:
+    class ToolkitRequestError(RequestError, BaseInferenceToolkitError):
+        """A RequestError the toolkit answers with its own status (and our JSON as the message)."""
+
+        def __init__(self, err: RequestError) -> None:
+            RequestError.__init__(self, err.status, err.field, err.message)
+            self.status_code, self.phrase = err.status, f"{err.field}: {err.message}"
+            self.message = err.body().decode("utf-8")
+
+_CONFIG = None
+
+
+def _config():
+    global _CONFIG
+    if _CONFIG is None:
+        _CONFIG = handler.config_from_env()
+    return _CONFIG
+
+
+def _client_error(err: RequestError) -> Exception:
+    return err if BaseInferenceToolkitError is None else ToolkitRequestError(err)
+
+
+def model_fn(model_dir):
+    """Verify checksums and load the exported model in ``model_dir`` (no pickle, no torchrec)."""
+    return handler.load_model(model_dir, _config())
+
+
+def input_fn(input_data, content_type):
+    try:
+        return handler.decode(input_data, content_type, _config())
+    except RequestError as e:
+        raise _client_error(e) from None
+
+
+def predict_fn(data, model):
+    return handler.predict(data, model)
+
+
+def output_fn(prediction, accept):
+    try:
+        return handler.encode(prediction, accept)
+    except RequestError as e:
+        raise _client_error(e) from None

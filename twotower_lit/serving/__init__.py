@@ -1,0 +1,11 @@
+"""Serving: SageMaker handler functions, the HTTP endpoint, shadow mirroring, data capture, the
+load generator and the shadow-test report.
+
+Modules and what they import (the inference handler needs only the torch-only ones):
+    errors, request, recommender, handler, faults   torch, numpy, safetensors (via export.format)
+    synthetic                                       + numpy (random exports for tests/benchmarks)
+    capture                                         standard library only
+    app, shadow, server                             + starlette, uvicorn, httpx
+    load                                            + httpx (pyarrow only to read a prepared split)
+    report                                          + numpy, matplotlib (pyarrow for held-out labels)
+"""
