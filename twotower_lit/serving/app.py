@@ -1,0 +1,207 @@
+"""The ASGI app with SageMaker's container contract: ``GET /ping``, ``POST /invocations``.
+
+An invocation reads the body (at most ``max_body_bytes``), then runs the handler functions
+(`twotower_lit.serving.handler`) in a worker thread, one request at a time per process (the
+model computes with ``num_threads`` torch threads; more processes = ``workers``), within
+``request_timeout``. Client errors are 4xx with a JSON body naming the field; only a failure of
+the server itself is a 5xx. After the response is ready, the request is mirrored to the shadow
+variant (if any) in the background, and both variants' records go to data capture (if enabled).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+from typing import Optional, Tuple
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from twotower_lit.config import ServeConfig
+from twotower_lit.serving import handler
+from twotower_lit.serving.capture import CaptureWriter, capture_record, new_event_id, utc_now
+from twotower_lit.serving.errors import RequestError
+from twotower_lit.serving.request import JSON, negotiate
+from twotower_lit.serving.shadow import INFERENCE_ID_HEADER, MODEL_LATENCY_HEADER, ShadowMirror, ShadowResult
+
+log = logging.getLogger(__name__)
+
+# One model computation at a time per process: torch's intra-op threads (num_threads) are the
+# parallelism inside a request; more concurrent requests would only oversubscribe the cores.
+COMPUTE_SLOTS = 1
+
+
+def _error(status: int, field: str, message: str) -> Tuple[int, bytes, str]:
+    return status, RequestError(status, field, message).body(), JSON
+
+
+class InferenceService:
+    """State of one server process: the model, the shadow mirror, the capture writer."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.model: Optional[handler.ServingModel] = None
+        self.mirror: Optional[ShadowMirror] = None
+        self.capture: Optional[CaptureWriter] = None
+        self.limiter = anyio.CapacityLimiter(COMPUTE_SLOTS)
+        self.in_flight = 0
+
+    # lifecycle -----------------------------------------------------------------------------
+    async def startup(self) -> None:
+        self.model = await anyio.to_thread.run_sync(handler.load_model, self.cfg.model_dir, self.cfg)
+        if self.cfg.capture_dir:
+            self.capture = CaptureWriter(self.cfg.capture_dir, self.cfg.endpoint_name)
+        if self.cfg.shadow_url:
+            self.mirror = ShadowMirror(self.cfg.shadow_url, self.cfg)
+
+    async def shutdown(self) -> None:
+        if self.mirror is not None:
+            await self.mirror.close(timeout=self.cfg.shadow_timeout + 1.0)
+        if self.capture is not None:
+            await anyio.to_thread.run_sync(self.capture.close)
+            log.info("data capture: %d records written under %s", self.capture.written, self.cfg.capture_dir)
+
+    # endpoints -----------------------------------------------------------------------------
+    async def ping(self, request: Request) -> Response:
+        if self.model is None:
+            return Response(b'{"status":"loading"}', 503, media_type=JSON)
+        body = json.dumps({"status": "healthy", "model_version": self.model.model_version})
+        return Response(body, 200, media_type=JSON)
+
+    async def invocations(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        when = utc_now()
+        event_id = new_event_id()
+        inference_id = request.headers.get(INFERENCE_ID_HEADER) or event_id
+        content_type = request.headers.get("content-type")
+        accept = request.headers.get("accept")
+        body: Optional[bytes] = None
+        model_ms: Optional[float] = None
+        if self.in_flight >= self.cfg.max_concurrency:
+            status, out, out_type = _error(503, "server", f"over {self.cfg.max_concurrency} requests in flight; retry")
+        else:
+            self.in_flight += 1
+            try:
+                body = await self._read_body(request)
+                status, out, out_type, model_ms = await self._run(body, content_type, accept)
+            except RequestError as e:
+                status, out, out_type = e.status, e.body(), JSON
+            except ClientDisconnect:
+                status, out, out_type = _error(400, "body", "the client disconnected while sending the body")
+            finally:
+                self.in_flight -= 1
+        latency_ms = (time.perf_counter() - t0) * 1000
+        capture = self.capture is not None and random.random() * 100.0 < self.cfg.capture_sampling_percent
+        if capture:
+            self._capture(self.cfg.variant_name, "production", event_id, inference_id, when, body or b"",
+                          content_type, out, out_type, status, latency_ms, model_ms,
+                          self.model.model_version if self.model else None, None)
+        if self.mirror is not None and body is not None and self.mirror.sampled():
+            self.mirror.submit(body, content_type, accept, inference_id,
+                               lambda r: capture and self._capture_shadow(r, event_id, inference_id, when, body,
+                                                                         content_type))
+        headers = {INFERENCE_ID_HEADER: inference_id}
+        if model_ms is not None:
+            headers[MODEL_LATENCY_HEADER] = f"{model_ms:.3f}"
+        if self.model is not None:
+            headers["X-Model-Version"] = self.model.model_version
+        return Response(out, status, headers=headers, media_type=out_type)
+
+    # internals -----------------------------------------------------------------------------
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, "body", f"Content-Length {declared} is over the limit of {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, "body", f"over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _run(self, body: bytes, content_type: Optional[str], accept: Optional[str]):
+        if self.model is None:
+            return (*_error(503, "server", "the model is still loading"), None)
+        negotiate(accept)  # 406 before any work
+        model = self.model
+
+        def pipeline() -> Tuple[bytes, str, float]:
+            t = time.perf_counter()
+            data = handler.decode(body, content_type, model.config)
+            payload = handler.predict(data, model)
+            out, out_type = handler.encode(payload, accept)
+            return out, out_type, (time.perf_counter() - t) * 1000
+
+        try:
+            with anyio.fail_after(self.cfg.request_timeout):
+                out, out_type, model_ms = await anyio.to_thread.run_sync(pipeline, limiter=self.limiter,
+                                                                         abandon_on_cancel=True)
+            return 200, out, out_type, model_ms
+        except RequestError:
+            raise
+        except TimeoutError:
+            return (*_error(504, "server", f"no answer within {self.cfg.request_timeout} s"), None)
+        except Exception:
+            log.exception("invocation failed")
+            return (*_error(500, "server", "internal error while serving the request; see the server log"), None)
+
+    def _capture(self, variant: str, role: str, event_id: str, inference_id: str, when, body: bytes,
+                 content_type: Optional[str], out: bytes, out_type: Optional[str], status: int, latency_ms: float,
+                 model_ms: Optional[float], model_version: Optional[str], error: Optional[str]) -> None:
+        attributes = {"variant": variant, "role": role, "statusCode": status, "latencyMs": round(latency_ms, 3),
+                      "modelLatencyMs": None if model_ms is None else round(model_ms, 3),
+                      "modelVersion": model_version}
+        if error:
+            attributes["error"] = error
+        record = capture_record(event_id, inference_id, when, body, content_type, out, out_type, attributes)
+        self.capture.write(variant, when, record)
+
+    def _capture_shadow(self, r: ShadowResult, event_id: str, inference_id: str, when, body: bytes,
+                        content_type: Optional[str]) -> None:
+        self._capture(self.cfg.shadow_variant_name, "shadow", event_id, inference_id, when, body, content_type,
+                      r.body, r.content_type, r.status, r.latency_ms, r.model_latency_ms, r.model_version, r.error)
+
+
+def create_app(cfg: ServeConfig) -> Starlette:
+    service = InferenceService(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await service.startup()
+        try:
+            yield
+        finally:
+            await service.shutdown()
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        field = "method" if exc.status_code == 405 else "path"
+        status, body, media = _error(exc.status_code, field, f"{request.method} {request.url.path}: {exc.detail}")
+        return Response(body, status, headers=exc.headers, media_type=media)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        status, body, media = _error(500, "server", "internal error; see the server log")
+        return Response(body, status, media_type=media)
+
+    app = Starlette(routes=[Route("/ping", service.ping, methods=["GET"]),
+                            Route("/invocations", service.invocations, methods=["POST"])],
+                    exception_handlers={HTTPException: http_error, Exception: server_error},
+                    lifespan=lifespan)
+    app.state.service = service
+    return app
+
+
+CONFIG_ENV = "TWOTOWER_SERVE_CONFIG_JSON"
+
+
+def app_from_env() -> Starlette:
+    """App factory for multi-process serving: the parent passes its config in the environment."""
+    return create_app(ServeConfig(**json.loads(os.environ[CONFIG_ENV])))

@@ -1,0 +1,74 @@
+"""The inference server: ``serve`` in the container, ``python -m entrypoints.serve`` locally.
+
+uvicorn runs `twotower_lit.serving.app` on port 8080 (or a Unix socket). With
+``--shadow-model-dir`` the shadow model runs in a supervised child process and production
+mirrors requests to it; ``--shadow-url`` mirrors to a shadow server that runs elsewhere.
+SIGTERM (or SIGINT) stops accepting connections, lets in-flight requests and shadow calls finish
+(``--graceful-timeout``, ``--shadow-timeout``), flushes data capture, then stops the shadow child.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from typing import List, Optional
+
+import uvicorn
+
+from twotower_lit.config import ServeConfig, add_arguments, from_namespace
+from twotower_lit.serving.app import CONFIG_ENV, create_app
+from twotower_lit.serving.handler import DEFAULT_MODEL_DIR, config_from_env
+from twotower_lit.serving.shadow import ShadowProcess
+
+log = logging.getLogger("twotower_lit.serving")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> ServeConfig:
+    parser = argparse.ArgumentParser(prog="serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", nargs="?", choices=["serve"],
+                        help="ignored: SageMaker starts the container as `<image> serve`")
+    add_arguments(parser, ServeConfig)
+    ns = parser.parse_args(argv)
+    del ns.command
+    # defaults < TWOTOWER_* environment (how SageMaker model settings arrive) < command line
+    base = config_from_env()
+    return from_namespace(ServeConfig, argparse.Namespace(**{**dataclasses.asdict(base), **vars(ns)}))
+
+
+def serve(cfg: ServeConfig) -> None:
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    cfg = dataclasses.replace(cfg, model_dir=cfg.model_dir or DEFAULT_MODEL_DIR)
+    if not os.path.isdir(cfg.model_dir):
+        raise SystemExit(f"serve: model directory {cfg.model_dir} does not exist (--model-dir or SM_MODEL_DIR)")
+    if cfg.shadow_model_dir and cfg.shadow_url:
+        raise SystemExit("serve: give --shadow-model-dir or --shadow-url, not both")
+    shadow = ShadowProcess(cfg).start() if cfg.shadow_model_dir else None
+    if shadow is not None:
+        cfg = dataclasses.replace(cfg, shadow_url=shadow.target)
+    where = {"uds": cfg.uds} if cfg.uds else {"host": cfg.host, "port": cfg.port}
+    common = dict(**where, timeout_keep_alive=cfg.keep_alive, timeout_graceful_shutdown=int(cfg.graceful_timeout),
+                  log_level=cfg.log_level, access_log=cfg.log_level == "debug", lifespan="on")
+    try:
+        if cfg.workers > 1:
+            os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg))
+            uvicorn.run("twotower_lit.serving.app:app_from_env", factory=True, workers=cfg.workers, **common)
+        else:
+            server = uvicorn.Server(uvicorn.Config(create_app(cfg), **common))
+            server.run()
+            if not server.started:
+                raise SystemExit(1)
+    finally:
+        if shadow is not None:
+            shadow.stop()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console entry point (``serve = twotower_lit.serving.server:main``)."""
+    serve(parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""The shadow variant: its own process, fed copies of production requests, never answering callers.
+
+`ShadowProcess` runs the shadow model as a second server on a Unix socket (as SageMaker runs a
+shadow variant on its own instances), so a shadow that crashes, hangs or burns CPU threads cannot
+take the production process with it; it is restarted with back-off when it dies.
+`ShadowMirror` lives in the production process: after production has answered, it sends a copy of
+the request to the shadow asynchronously, bounded in time (`shadow_timeout`) and in number
+(`shadow_max_in_flight`; beyond that a request is not mirrored), and writes the shadow's response,
+or its failure, to data capture under the production request's event id.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import httpx
+
+from twotower_lit.config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_LATENCY_HEADER = "X-Model-Latency-Ms"
+INFERENCE_ID_HEADER = "X-Amzn-SageMaker-Inference-Id"
+
+
+@dataclass
+class ShadowResult:
+    """A mirrored call's outcome: status 0 means no HTTP answer (see `error`)."""
+
+    status: int
+    body: bytes
+    content_type: str
+    latency_ms: float
+    model_latency_ms: Optional[float]
+    model_version: Optional[str]
+    error: Optional[str]
+
+
+OnResult = Callable[[ShadowResult], None]
+
+
+class ShadowMirror:
+    """Mirrors requests to a shadow server (``unix:/path.sock`` or ``http://host:port``)."""
+
+    def __init__(self, target: str, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        if target.startswith("unix:"):
+            transport = httpx.AsyncHTTPTransport(uds=target[len("unix:"):])
+            self.url = "http://shadow/invocations"
+        else:
+            transport = httpx.AsyncHTTPTransport()
+            self.url = target.rstrip("/") + "/invocations"
+        limits = httpx.Limits(max_connections=cfg.shadow_max_in_flight, max_keepalive_connections=cfg.shadow_max_in_flight)
+        self.client = httpx.AsyncClient(transport=transport, limits=limits, timeout=cfg.shadow_timeout)
+        self.tasks: set = set()
+        self.sent = self.skipped = self.failed = 0
+
+    def sampled(self) -> bool:
+        return random.random() * 100.0 < self.cfg.shadow_sampling_percent
+
+    def submit(self, body: bytes, content_type: Optional[str], accept: Optional[str], inference_id: str,
+               on_result: OnResult) -> bool:
+        """Start a mirrored call in the background; False when over the in-flight bound."""
+        if len(self.tasks) >= self.cfg.shadow_max_in_flight:
+            self.skipped += 1
+            return False
+        self.sent += 1
+        task = asyncio.get_running_loop().create_task(self._call(body, content_type, accept, inference_id, on_result))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return True
+
+    async def _call(self, body: bytes, content_type: Optional[str], accept: Optional[str], inference_id: str,
+                    on_result: OnResult) -> None:
+        headers = {INFERENCE_ID_HEADER: inference_id}
+        if content_type:
+            headers["Content-Type"] = content_type
+        if accept:
+            headers["Accept"] = accept
+        t0 = time.perf_counter()
+        try:
+            r = await asyncio.wait_for(self.client.post(self.url, content=body, headers=headers), self.cfg.shadow_timeout)
+            model_ms = r.headers.get(MODEL_LATENCY_HEADER)
+            result = ShadowResult(r.status_code, r.content, r.headers.get("content-type", ""),
+                                  (time.perf_counter() - t0) * 1000, float(model_ms) if model_ms else None,
+                                  r.headers.get("X-Model-Version"), None if r.status_code < 500 else "server error")
+        except (asyncio.TimeoutError, httpx.TimeoutException):
+            result = self._failure(t0, f"timeout after {self.cfg.shadow_timeout} s")
+        except httpx.HTTPError as e:
+            result = self._failure(t0, f"{type(e).__name__}: {e}"[:300])
+        except asyncio.CancelledError:
+            result = self._failure(t0, "cancelled at shutdown")
+            on_result(result)
+            raise
+        if result.status == 0 or result.status >= 500:
+            self.failed += 1
+        try:
+            on_result(result)
+        except Exception:
+            log.exception("shadow result handler failed")
+
+    def _failure(self, t0: float, error: str) -> ShadowResult:
+        return ShadowResult(0, b"", "", (time.perf_counter() - t0) * 1000, None, None, error)
+
+    async def close(self, timeout: float) -> None:
+        """Let in-flight calls finish (at most `timeout` s; the rest are cancelled and recorded)."""
+        if self.tasks:
+            done, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        await self.client.aclose()
+        log.info("shadow mirror: %d sent, %d failed, %d not mirrored (over the in-flight bound)",
+                 self.sent, self.failed, self.skipped)
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's stop() still ends the child
+        pass
+
+
+class ShadowProcess:
+    """The shadow model's server as a supervised child process on a Unix socket."""
+
+    def __init__(self, cfg: ServeConfig, startup_timeout: float = 120.0) -> None:
+        self.cfg = cfg
+        self.startup_timeout = startup_timeout
+        self.socket = os.path.join(tempfile.mkdtemp(prefix="twotower-shadow-"), "shadow.sock")
+        self.proc: Optional[subprocess.Popen] = None
+        self._stopping = threading.Event()
+        self._watcher: Optional[threading.Thread] = None
+        self.restarts = 0
+
+    @property
+    def target(self) -> str:
+        return "unix:" + self.socket
+
+    def command(self) -> list:
+        c = self.cfg
+        args = {"model-dir": c.shadow_model_dir, "uds": self.socket, "variant-name": c.shadow_variant_name,
+                "endpoint-name": c.endpoint_name, "num-threads": c.num_threads, "search": c.search,
+                "max-concurrency": c.max_concurrency, "request-timeout": c.request_timeout,
+                "max-body-bytes": c.max_body_bytes, "max-batch": c.max_batch, "max-k": c.max_k,
+                "default-k": c.default_k, "graceful-timeout": min(c.graceful_timeout, 5.0), "log-level": c.log_level}
+        cmd = [sys.executable, "-m", "twotower_lit.serving.server"]
+        for key, value in args.items():
+            cmd += [f"--{key}", str(value)]
+        return cmd
+
+    def _spawn(self) -> None:
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+        # its own session: a Ctrl+C or a group-wide SIGTERM reaches production only, which drains
+        # its shadow calls before it stops the child; the child dies with its parent all the same
+        self.proc = subprocess.Popen(self.command(), start_new_session=True, preexec_fn=_die_with_parent)
+
+    def start(self) -> "ShadowProcess":
+        self._spawn()
+        deadline = time.monotonic() + self.startup_timeout
+        with httpx.Client(transport=httpx.HTTPTransport(uds=self.socket), timeout=2.0) as client:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"the shadow server ({self.cfg.shadow_model_dir}) exited with "
+                                       f"code {self.proc.returncode} while starting; see its log above")
+                try:
+                    if client.get("http://shadow/ping").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the shadow server did not answer /ping within {self.startup_timeout} s")
+                time.sleep(0.1)
+        self._watcher = threading.Thread(target=self._watch, name="shadow-watch", daemon=True)
+        self._watcher.start()
+        log.info("shadow variant %r (%s) ready on %s", self.cfg.shadow_variant_name, self.cfg.shadow_model_dir,
+                 self.socket)
+        return self
+
+    def _watch(self) -> None:
+        backoff = 1.0
+        while not self._stopping.wait(0.5):
+            if self.proc is None or self.proc.poll() is None:
+                continue
+            log.error("the shadow server exited with code %s; restarting in %.0f s (production is not affected)",
+                      self.proc.returncode, backoff)
+            if self._stopping.wait(backoff):
+                return
+            started = time.monotonic()
+            self._spawn()
+            self.restarts += 1
+            while not self._stopping.wait(0.5) and self.proc.poll() is None and time.monotonic() - started < 60:
+                pass
+            backoff = 1.0 if self.proc.poll() is None else min(backoff * 2, 60.0)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for path in (self.socket, os.path.dirname(self.socket)):
+            try:
+                os.unlink(path) if path == self.socket else os.rmdir(path)
+            except OSError:
+                pass
