@@ -1,4 +1,4 @@
-"""The GroupLens file layouts, and detecting which one a directory holds.
+r"""The GroupLens file layouts, and detecting which one a directory holds.
 
 | set(s)                                   | ratings              | users       | movies                  |
 |------------------------------------------|----------------------|-------------|-------------------------|
