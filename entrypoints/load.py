@@ -1,0 +1,22 @@
+"""Traffic generator: replay a prepared split's users (or given user ids) against an endpoint.
+
+    python -m entrypoints.load --url http://127.0.0.1:8080/invocations --data-dir PREPARED --rate 50
+"""
+import argparse
+import json
+
+from twotower_lit.config import LoadConfig, add_arguments, from_namespace
+from twotower_lit.serving.load import format_summary, run
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser, LoadConfig)
+    cfg = from_namespace(LoadConfig, parser.parse_args(argv))
+    summary = run(cfg)
+    print(format_summary(summary))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
