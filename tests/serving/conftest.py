@@ -1,0 +1,126 @@
+"""Serving fixtures: small random exported models and the real server as a subprocess.
+
+Fault injection for shadow tests goes through ``TWOTOWER_FAULT_INJECTION`` (see
+`twotower_lit.serving.faults`), set only in the environment of the server processes started here.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from twotower_lit.serving.synthetic import random_export  # noqa: E402
+
+NUM_USERS, NUM_ITEMS = 50, 200
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str:
+    """Production model: 50 users (raw ids 1..50), 200 items (raw ids 1, 11, 21, ...)."""
+    path = str(tmp_path_factory.mktemp("models") / "production")
+    random_export(path, NUM_USERS, NUM_ITEMS, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shadow_model_dir(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("models") / "shadow")
+    random_export(path, NUM_USERS, NUM_ITEMS, seed=1)
+    return path
+
+
+class ServerProcess:
+    """`python -m entrypoints.serve` on 127.0.0.1 and a free port; stop() sends SIGTERM."""
+
+    def __init__(self, args: List[str], log_path: Path, env: Optional[Dict[str, str]] = None) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "entrypoints.serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--log-level", "warning", *args]
+        full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 90
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if httpx.get(self.url + "/ping", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server did not answer /ping in 90 s:\n{self.log()[-4000:]}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, wait for a graceful exit; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"server did not stop within {timeout} s of SIGTERM:\n{self.log()[-4000:]}")
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """``start(args, env=None) -> ServerProcess``; every server still running is stopped at teardown."""
+    started: List[ServerProcess] = []
+
+    def start(args: List[str], env: Optional[Dict[str, str]] = None) -> ServerProcess:
+        server = ServerProcess(args, tmp_path / f"server-{len(started)}.log", env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    """One production-only server shared by a test module."""
+    s = ServerProcess(["--model-dir", model_dir, "--max-body-bytes", "65536"],
+                      tmp_path_factory.mktemp("server") / "server.log")
+    yield s
+    s.stop()
+
+
+def capture_files(capture_dir: Path, variant: str) -> List[Path]:
+    return sorted(capture_dir.glob(f"*/{variant}/*/*/*/*/*.jsonl"))
+
+
+def capture_lines(capture_dir: Path, variant: str) -> List[str]:
+    return [line for f in capture_files(capture_dir, variant) for line in f.read_text().splitlines() if line.strip()]

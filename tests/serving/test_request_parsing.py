@@ -1,0 +1,108 @@
+"""Request validation: every accepted shape, and every class of bad input -> status + field."""
+import json
+
+import pytest
+
+from twotower_lit.config import ServeConfig
+from twotower_lit.serving.errors import RequestError
+from twotower_lit.serving.request import UserQuery, negotiate, parse_request
+
+CFG = ServeConfig(max_body_bytes=4096, max_batch=5, max_k=100, default_k=10)
+JSON = "application/json"
+
+
+def parse(doc, content_type=JSON):
+    body = doc if isinstance(doc, (bytes, str)) else json.dumps(doc).encode()
+    return parse_request(body, content_type, CFG)
+
+
+def test_single_user_defaults():
+    req = parse({"user_id": 42})
+    assert req.users == (UserQuery(user_id=42),)
+    assert (req.k, req.exclude_seen) == (10, True)
+
+
+def test_batch_with_mixed_entries_and_options():
+    req = parse({"inputs": [42, {"user_id": 7}, {"user_features": {"gender": "F", "age": 25, "zip": "55455"}}],
+                 "k": 3, "exclude_seen": False})
+    assert [u.user_id for u in req.users] == [42, 7, None]
+    assert req.users[2].features == {"gender": "F", "age": 25, "zip": "55455"}
+    assert (req.k, req.exclude_seen) == (3, False)
+
+
+def test_cold_start_single_form_and_str_body():
+    req = parse_request('{"user_features": {"occupation": 3, "zip": null}}', "application/json; charset=utf-8", CFG)
+    assert req.users == (UserQuery(features={"occupation": 3, "zip": None}),)
+
+
+def test_csv_one_id_per_line():
+    req = parse(b"42\n\n 7 \r\n-3\n", "text/csv")
+    assert [u.user_id for u in req.users] == [42, 7, -3]
+    assert req.k == CFG.default_k
+
+
+@pytest.mark.parametrize("body,content_type,status,field", [
+    (b"{", JSON, 400, "body"),
+    (b"", JSON, 400, "body"),
+    (b"   ", JSON, 400, "body"),
+    (b"\xff\xfe", JSON, 400, "body"),
+    (b"[1, 2]", JSON, 400, "body"),
+    (b"null", JSON, 400, "body"),
+    (b'{"user_id": NaN}', JSON, 400, "body"),
+    (b'{"user_id": ' + b"[" * 1500 + b"]" * 1500 + b"}", JSON, 400, "body"),
+    (b'{"user_id": "42"}', JSON, 400, "user_id"),
+    (b'{"user_id": 4.2}', JSON, 400, "user_id"),
+    (b'{"user_id": true}', JSON, 400, "user_id"),
+    (b'{"user_id": 99999999999999999999}', JSON, 400, "user_id"),
+    (b'{"k": 5}', JSON, 400, "user_id"),
+    (b'{"user_id": 1, "k": 0}', JSON, 400, "k"),
+    (b'{"user_id": 1, "k": 101}', JSON, 400, "k"),
+    (b'{"user_id": 1, "k": "10"}', JSON, 400, "k"),
+    (b'{"user_id": 1, "k": 10.0}', JSON, 400, "k"),
+    (b'{"user_id": 1, "exclude_seen": "yes"}', JSON, 400, "exclude_seen"),
+    (b'{"user_id": 1, "kk": 5}', JSON, 400, "kk"),
+    (b'{"inputs": 5}', JSON, 400, "inputs"),
+    (b'{"inputs": []}', JSON, 400, "inputs"),
+    (b'{"inputs": [1, 2, 3, 4, 5, 6]}', JSON, 400, "inputs"),
+    (b'{"inputs": [1, "x"]}', JSON, 400, "inputs[1]"),
+    (b'{"inputs": [1, {"uid": 3}]}', JSON, 400, "inputs[1].uid"),
+    (b'{"inputs": [1, {}]}', JSON, 400, "inputs[1].user_id"),
+    (b'{"inputs": [1], "user_id": 3}', JSON, 400, "inputs"),
+    (b'{"user_features": [1]}', JSON, 400, "user_features"),
+    (b'{"user_features": {"height": 180}}', JSON, 400, "user_features.height"),
+    (b'{"user_features": {"age": [25]}}', JSON, 400, "user_features.age"),
+    (b'{"user_features": {"age": true}}', JSON, 400, "user_features.age"),
+    (b'{"inputs": [{"user_features": {"zip": "' + b"1" * 200 + b'"}}]}', JSON, 400, "inputs[0].user_features.zip"),
+    (b"42\nabc\n", "text/csv", 400, "line 2"),
+    (b"1,2\n", "text/csv", 400, "line 1"),
+    (b"\n\n", "text/csv", 400, "body"),
+    (b"1\n2\n3\n4\n5\n6\n", "text/csv", 400, "body"),
+    (b'{"user_id": 1}', "text/plain", 415, "Content-Type"),
+    (b'{"user_id": 1}', None, 415, "Content-Type"),
+    (b"x" * 5000, JSON, 413, "body"),
+])
+def test_bad_input_names_the_field(body, content_type, status, field):
+    with pytest.raises(RequestError) as err:
+        parse_request(body, content_type, CFG)
+    assert (err.value.status, err.value.field) == (status, field), err.value.message
+    payload = err.value.payload()["error"]
+    assert payload["field"] == field and payload["message"]
+
+
+@pytest.mark.parametrize("accept,ok", [(None, True), ("", True), ("*/*", True), ("application/json", True),
+                                       ("text/html, application/*;q=0.8", True), ("text/csv", False),
+                                       ("application/json;q=0", False), ("image/png", False)])
+def test_accept_negotiation(accept, ok):
+    if ok:
+        assert negotiate(accept) == "application/json"
+    else:
+        with pytest.raises(RequestError) as err:
+            negotiate(accept)
+        assert (err.value.status, err.value.field) == (406, "Accept")
+
+
+def test_integer_beyond_pythons_digit_limit_is_a_client_error():
+    body = b'{"user_id": ' + b"9" * 5000 + b"}"
+    with pytest.raises(RequestError) as err:
+        parse_request(body, JSON, ServeConfig())
+    assert (err.value.status, err.value.field) == (400, "body")
