@@ -33,9 +33,9 @@ if BaseInferenceToolkitError is not None:
         """A RequestError the toolkit answers with its own status (and our JSON as the message)."""
 
         def __init__(self, err: RequestError) -> None:
-            RequestError.__init__(self, err.status, err.field, err.message)
-            self.status_code, self.phrase = err.status, f"{err.field}: {err.message}"
-            self.message = err.body().decode("utf-8")
+            RequestError.__init__(self, err.status, err.field, err.detail)
+            # what the toolkit answers with: this status, our JSON error as the body
+            self.status_code, self.message, self.phrase = err.status, err.body().decode("utf-8"), str(err)
 
 _CONFIG = None
 

@@ -84,7 +84,7 @@ def test_csv_one_id_per_line():
 def test_bad_input_names_the_field(body, content_type, status, field):
     with pytest.raises(RequestError) as err:
         parse_request(body, content_type, CFG)
-    assert (err.value.status, err.value.field) == (status, field), err.value.message
+    assert (err.value.status, err.value.field) == (status, field), err.value.detail
     payload = err.value.payload()["error"]
     assert payload["field"] == field and payload["message"]
 

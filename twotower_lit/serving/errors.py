@@ -12,14 +12,14 @@ class RequestError(Exception):
     ``body``, ``Content-Type``, ``Accept``.
     """
 
-    def __init__(self, status: int, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+    def __init__(self, status: int, field: str, detail: str) -> None:
+        Exception.__init__(self, f"{field}: {detail}")
         self.status = status
         self.field = field
-        self.message = message
+        self.detail = detail
 
     def payload(self) -> Dict:
-        return {"error": {"status": self.status, "field": self.field, "message": self.message}}
+        return {"error": {"status": self.status, "field": self.field, "message": self.detail}}
 
     def body(self) -> bytes:
         return json.dumps(self.payload(), ensure_ascii=False).encode("utf-8")

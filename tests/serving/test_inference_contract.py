@@ -1,0 +1,115 @@
+"""inference.py driven exactly as SageMaker's inference toolkit drives it, from a model.tar.gz-like
+layout: model files at the top, code/inference.py next to the vendored library files
+(`HANDLER_MODULES`), in a fresh interpreter that cannot see the repository."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from twotower_lit.serving import HANDLER_MODULES
+
+REPO = Path(__file__).resolve().parents[2]
+
+DRIVER = r'''
+import json, sys
+from sagemaker_inference.transformer import Transformer
+
+class RequestProcessor:
+    def __init__(self, headers):
+        self.headers = headers
+    def get_request_properties(self):
+        return self.headers
+
+class Context:
+    """What the model server hands the toolkit: system properties, request headers, response setters."""
+    def __init__(self, model_dir, headers):
+        self.system_properties = {"model_dir": model_dir, "gpu_id": None}
+        self.request_processor = [RequestProcessor(headers)]
+        self.status, self.phrase, self.content_type = 200, None, None
+    def set_response_status(self, code, phrase):
+        self.status, self.phrase = code, phrase
+    def set_response_content_type(self, idx, content_type):
+        self.content_type = content_type
+
+model_dir = sys.argv[1]
+transformer = Transformer()
+results = []
+for body, headers in json.loads(sys.stdin.read()):
+    ctx = Context(model_dir, headers)
+    out = transformer.transform([{"body": body.encode()}], ctx)[0]
+    out = out.decode() if isinstance(out, bytes) else out
+    results.append({"status": ctx.status, "content_type": ctx.content_type, "body": out, "phrase": ctx.phrase})
+import twotower_lit
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torchrec", "pyarrow", "lightning", "pandas", "fbgemm_gpu"))
+print(json.dumps({"results": results, "heavy": heavy, "library": list(twotower_lit.__path__), "threads": __import__("torch").get_num_threads()}))
+'''
+
+
+def test_toolkit_transformer_serves_the_packaged_handler(model_dir, tmp_path):
+    root = tmp_path / "model"
+    shutil.copytree(model_dir, root)
+    (root / "code").mkdir()
+    shutil.copy(REPO / "entrypoints" / "inference.py", root / "code" / "inference.py")
+    for module in HANDLER_MODULES:
+        (root / "code" / module).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / module, root / "code" / module)
+    requests = [
+        ('{"user_id": 3, "k": 4}', {"Content-Type": "application/json", "Accept": "application/json"}),
+        ('{"inputs": [1, 2, 12345]}', {"content-type": "application/json"}),
+        ("5\n6\n", {"Content-Type": "text/csv", "Accept": "*/*"}),
+        ('{"user_features": {"gender": "M", "age": 25}, "k": 2}', {"Content-Type": "application/json"}),
+        ('{"user_id": 3, "k": 1000}', {"Content-Type": "application/json"}),
+        ('{"user_id": ', {"Content-Type": "application/json"}),
+        ('{"user_id": 3}', {"Content-Type": "application/json", "Accept": "text/csv"}),
+        ('{"user_id": 3}', {"Content-Type": "application/x-npy"}),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # the toolkit imports SAGEMAKER_PROGRAM's module from code/, which the model server puts on the path
+    env.update(PYTHONPATH=str(root / "code"), SAGEMAKER_PROGRAM="inference.py")
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(root)], input=json.dumps(requests), env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["library"] == [str(root / "code" / "twotower_lit")], "the vendored copy must be the one imported"
+    assert out["heavy"] == [], f"the handler imported {out['heavy']}"
+    assert out["threads"] == 1
+    r = out["results"]
+    single = json.loads(r[0]["body"])
+    assert r[0]["status"] == 200 and r[0]["content_type"] == "application/json"
+    assert len(single["predictions"]) == 1 and len(single["predictions"][0]["items"]) == 4
+    assert [p["source"] for p in json.loads(r[1]["body"])["predictions"]] == ["model", "model", "popularity"]
+    assert [p["user_id"] for p in json.loads(r[2]["body"])["predictions"]] == [5, 6]
+    assert json.loads(r[3]["body"])["predictions"][0]["source"] == "cold_start"
+    for res, status, field in ((r[4], 400, "k"), (r[5], 400, "body"), (r[6], 406, "Accept"), (r[7], 415, "Content-Type")):
+        assert res["status"] == status, res
+        error = json.loads(res["body"].split("\n", 1)[0])["error"]  # the toolkit appends a traceback
+        assert error["field"] == field
+
+
+def test_inference_module_loads_from_the_repository_by_path(model_dir, tmp_path):
+    """Imported by file path from another directory, it finds the library next to it."""
+    code = ("import importlib.util, sys, json\n"
+            f"spec = importlib.util.spec_from_file_location('inference', {str(REPO / 'entrypoints' / 'inference.py')!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            f"model = m.model_fn({model_dir!r})\n"
+            "body, ct = m.output_fn(m.predict_fn(m.input_fn('{\"user_id\": 2, \"k\": 3}', 'application/json'), model), None)\n"
+            "print(json.dumps({'ct': ct, 'n': len(json.loads(body)['predictions'][0]['items'])}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"ct": "application/json", "n": 3}
+
+
+def test_model_fn_rejects_a_corrupted_artifact(model_dir, tmp_path):
+    import pytest
+    from twotower_lit.export.format import ArtifactError
+    from twotower_lit.serving import handler
+
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    with open(bad / "items.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(ArtifactError, match="items.json"):
+        handler.load_model(str(bad))
