@@ -72,7 +72,7 @@ def binary_metrics(probs: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
     from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 
     p = torch.as_tensor(probs, dtype=torch.float64)
-    y = torch.as_tensor(labels).long()
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     eps = 1e-7
     pc = p.clamp(eps, 1 - eps)
     logloss = float(-(y * pc.log() + (1 - y) * (1 - pc).log()).mean())
@@ -80,15 +80,22 @@ def binary_metrics(probs: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
 
 
 class PopularityBaseline:
-    """Scores items by training positives; probabilities from a 1-d logistic fit on log-counts."""
+    """The no-personalisation reference model.
 
-    def __init__(self, train_items: np.ndarray, train_labels: np.ndarray, num_items: int) -> None:
-        self.counts = np.bincount(train_items, weights=train_labels, minlength=num_items).astype(np.float64)
-        x = np.log1p(self.counts[train_items])
-        self.a, self.b = _logistic_fit(x, train_labels.astype(np.float64))
+    Retrieval ranks items by how often they were rated in training (popularity); the probability
+    that a rated pair is liked is the item's training positive rate, shrunk towards the global
+    rate with the weight of `prior_strength` ratings (so rarely rated items are not 0 or 1).
+    """
+
+    def __init__(self, train_items: np.ndarray, train_labels: np.ndarray, num_items: int,
+                 prior_strength: float = 10.0) -> None:
+        self.counts = np.bincount(train_items, minlength=num_items).astype(np.float64)
+        positives = np.bincount(train_items, weights=train_labels, minlength=num_items)
+        prior = float(np.mean(train_labels)) if len(train_labels) else 0.5
+        self.rate = (positives + prior_strength * prior) / (self.counts + prior_strength)
 
     def probability(self, items: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-(self.a * np.log1p(self.counts[items]) + self.b)))
+        return self.rate[items]
 
     def item_vectors(self) -> torch.Tensor:
         return torch.from_numpy(self.counts).float().unsqueeze(1)
@@ -102,29 +109,6 @@ class PopularityBaseline:
         return out
 
 
-def _logistic_fit(x: np.ndarray, y: np.ndarray, iters: int = 25) -> tuple:
-    """Newton's method for p = sigmoid(a x + b) (two parameters, so no library is needed)."""
-    a = b = 0.0
-    for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(a * x + b)))
-        w = p * (1 - p) + 1e-12
-        g = np.array([np.dot(x, p - y), np.sum(p - y)])
-        h = np.array([[np.dot(w * x, x), np.dot(w, x)], [np.dot(w, x), np.sum(w)]])
-        step = np.linalg.solve(h + 1e-9 * np.eye(2), g)
-        a, b = a - step[0], b - step[1]
-        if np.abs(step).max() < 1e-10:
-            break
-    return a, b
-
-
 def positives_csr(users: np.ndarray, items: np.ndarray, labels: np.ndarray, num_users: int) -> Csr:
     pos = labels > 0.5
     return Csr.from_pairs(users[pos], items[pos], num_users)
-
-
-def merge_metrics(*parts: Optional[Dict[str, float]]) -> Dict[str, float]:
-    out: Dict[str, float] = {}
-    for p in parts:
-        if p:
-            out.update(p)
-    return out

@@ -6,7 +6,7 @@ shards its `EmbeddingBagCollection` (``ebc``) and data-parallelises the towers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -84,8 +84,3 @@ class TwoTower(nn.Module):
 
 def logits(user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
     return (user * item).sum(dim=1)
-
-
-def tower_state(model: nn.Module, tower: str) -> Dict[str, torch.Tensor]:
-    """State dict of one tower's MLP (for export)."""
-    return {k: v.detach().cpu() for k, v in getattr(model, f"{tower}_tower").state_dict().items()}

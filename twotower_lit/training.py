@@ -28,6 +28,22 @@ from twotower_lit import tracking
 DEFAULT_SYNTHETIC_RATINGS = 200_000
 
 
+def quiet_known_warnings() -> None:
+    """Silence warnings that are understood and harmless here, so real ones stay visible."""
+    import logging
+    import warnings
+
+    # epoch metrics are synchronised by torchmetrics / all-reduced by the retrieval callback
+    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
+    # the reader's __len__ is exact per worker (see twotower_lit.data.loader)
+    warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"fbgemm_gpu.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*litlogger.*")
+    for name in ("torchrec.distributed.planner", "torchrec.distributed.comm", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def default_run_name(cfg: TrainConfig) -> str:
     return cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S")
 
@@ -81,6 +97,7 @@ def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger
 
 def run(cfg: TrainConfig) -> Optional[Dict]:
     """Train, test, export. Returns metrics on rank 0, None on other ranks."""
+    quiet_known_warnings()
     run_name = default_run_name(cfg)
     output_dir = os.path.abspath(cfg.output_dir or os.path.join("outputs", run_name))
     os.environ.setdefault("TWOTOWER_RUN_DIR", output_dir)

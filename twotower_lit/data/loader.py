@@ -104,7 +104,7 @@ class NegativeSampler:
         """`per_row` unrated items for every user in `users`: returns (users repeated, items)."""
         u = np.repeat(users.astype(np.int64), per_row)
         items = self._draw(len(u), rng)
-        todo = np.arange(len(u))
+        todo = np.arange(len(u)) if len(self.seen_keys) else np.zeros(0, dtype=np.int64)
         for _ in range(100):  # rejection sampling; collisions fall geometrically
             keys = u[todo] * self.num_items + items[todo]
             pos = np.searchsorted(self.seen_keys, keys)

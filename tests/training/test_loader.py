@@ -1,0 +1,123 @@
+"""Row assignment, batch counts, shuffling and negative sampling of the per-rank shard reader."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from twotower_lit.data.batches import FeatureTables, KJTBuilder
+from twotower_lit.data.csr import Csr
+from twotower_lit.data.loader import (NegativeSampler, RatingsShardReader, ShardSource, assign_rows, num_batches)
+
+
+@pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (2, 2), (3, 2), (4, 3)])
+def test_every_row_is_read_and_ranks_get_equal_rows(world, workers):
+    shard_rows = [10, 7, 0, 5, 13]
+    total = sum(shard_rows)
+    counts = np.zeros(total, dtype=int)
+    offsets = np.concatenate([[0], np.cumsum(shard_rows)])
+    per_rank = []
+    for rank in range(world):
+        n = 0
+        for w in range(workers):
+            for shard, lo, hi, _ in assign_rows(shard_rows, world, rank, workers, w, seed=3, epoch=1):
+                counts[offsets[shard] + lo:offsets[shard] + hi] += 1
+                n += hi - lo
+        per_rank.append(n)
+    assert len(set(per_rank)) == 1, per_rank  # equal rows -> equal batches on every rank
+    assert counts.min() == 1  # no rating is skipped
+    assert counts.sum() - total == per_rank[0] * world - total < world  # re-reads only to even out ranks
+
+
+def test_shard_order_depends_on_seed_and_epoch_only():
+    rows = [5] * 8
+    a = assign_rows(rows, 2, 0, 1, 0, seed=0, epoch=0)
+    assert a == assign_rows(rows, 2, 0, 1, 0, seed=0, epoch=0)
+    assert a != assign_rows(rows, 2, 0, 1, 0, seed=0, epoch=1)
+    assert a != assign_rows(rows, 2, 0, 1, 0, seed=1, epoch=0)
+
+
+def _write_split(tmp_path, n_rows, n_shards, n_users=30, n_items=40, seed=0):
+    rng = np.random.default_rng(seed)
+    users = rng.integers(1, n_users, n_rows).astype(np.int32)
+    items = rng.integers(1, n_items, n_rows).astype(np.int32)
+    labels = (rng.random(n_rows) < 0.5).astype(np.float32)
+    paths, rows = [], []
+    for k, idx in enumerate(np.array_split(np.arange(n_rows), n_shards)):
+        p = tmp_path / f"part-{k}.parquet"
+        pq.write_table(pa.table({"user": users[idx], "item": items[idx], "label": labels[idx]}), p)
+        paths.append(str(p))
+        rows.append(len(idx))
+    genres = pa.array([[1, 2], [], [3]] * (n_items // 3 + 1), type=pa.list_(pa.int32()))[: n_items - 1]
+    items_t = pa.table({"item": pa.array(np.arange(1, n_items, dtype=np.int32)), "genres": genres})
+    users_t = pa.table({"user": pa.array(np.arange(1, n_users, dtype=np.int32))})
+    tables = FeatureTables.from_frames(users_t, items_t, n_users, n_items, ["user"], ["item", "genres"])
+    builder = KJTBuilder(tables, ["user"], ["item", "genres"])
+    return ShardSource(paths, rows), builder, (users, items, labels)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_reader_yields_announced_batches_and_all_rows(tmp_path, world):
+    source, builder, (users, items, _) = _write_split(tmp_path, 1003, 5)
+    seen = []
+    lengths = []
+    for rank in range(world):
+        reader = RatingsShardReader(source, builder, batch_size=64, world=world, rank=rank, seed=1,
+                                    buffer_rows=128)
+        batches = list(reader)
+        assert len(batches) == len(reader) == num_batches(1003, world, 1, 64)
+        lengths.append(len(batches))
+        for b in batches:
+            kjt = b.features.to_dict()
+            seen.append(np.stack([kjt["user"].values().numpy(), kjt["item"].values().numpy()], 1))
+    assert len(set(lengths)) == 1
+    got = np.concatenate(seen)
+    expected = np.stack([users, items], 1)
+    # every input pair is read (order and re-reads aside)
+    exp_keys = np.unique(expected[:, 0].astype(np.int64) * 1000 + expected[:, 1])
+    got_keys = np.unique(got[:, 0].astype(np.int64) * 1000 + got[:, 1])
+    assert np.array_equal(exp_keys, got_keys)
+
+
+def test_reader_is_deterministic_and_reshuffles_per_epoch(tmp_path):
+    source, builder, _ = _write_split(tmp_path, 500, 4)
+
+    def first_users(epoch):
+        r = RatingsShardReader(source, builder, batch_size=50, seed=7, buffer_rows=100)
+        r.set_epoch(epoch)
+        return next(iter(r)).features.to_dict()["user"].values().tolist()
+
+    assert first_users(0) == first_users(0)
+    assert first_users(0) != first_users(1)
+
+
+def test_genres_are_jagged_per_item(tmp_path):
+    source, builder, _ = _write_split(tmp_path, 10, 1)
+    kjt = builder.build(np.array([1, 2, 3]), np.array([1, 2, 3]))
+    genres = kjt.to_dict()["genres"]
+    assert genres.lengths().tolist() == [2, 0, 1]
+    assert genres.values().tolist() == [1, 2, 3]
+
+
+def test_negative_sampler_never_returns_a_rated_item():
+    rng = np.random.default_rng(0)
+    n_users, n_items = 50, 30
+    users = rng.integers(1, n_users, 800)
+    items = rng.integers(1, n_items, 800)
+    seen = Csr.from_pairs(users, items, n_users)
+    keys = set((users * n_items + items).tolist())
+    counts = np.bincount(items, minlength=n_items)
+    for mode in ("uniform", "popularity"):
+        sampler = NegativeSampler(seen.keys(n_items), n_items, mode, counts)
+        u, neg = sampler.sample(np.arange(1, n_users), 4, rng)
+        assert len(neg) == 4 * (n_users - 1)
+        assert (neg >= 1).all() and (neg < n_items).all()
+        assert not any((uu * n_items + ii) in keys for uu, ii in zip(u.tolist(), neg.tolist()))
+
+
+def test_popularity_sampling_follows_counts():
+    n_items = 6
+    counts = np.array([0, 1, 1, 1, 1, 96])
+    sampler = NegativeSampler(np.zeros(0, dtype=np.int64), n_items, "popularity", counts)
+    _, neg = sampler.sample(np.ones(1000, dtype=np.int64), 2, np.random.default_rng(0))
+    share = (neg == 5).mean()
+    assert 0.9 < share < 1.0
