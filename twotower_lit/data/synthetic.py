@@ -9,6 +9,7 @@ popularity baseline (training tests rely on that). Seeded and vectorised: 32M ro
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import csv
 import io
 import json
@@ -22,7 +23,7 @@ import pyarrow.csv as pcsv
 from twotower_lit.data.features import AGE_GROUPS, MOVIELENS_GENRES
 from twotower_lit.data.layouts import CSV_HEADER, layout_for
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 MARKER = ".synthetic.json"
 RATING_SHARES = (0.056, 0.108, 0.261, 0.349, 0.226)  # ml-1m, stars 1..5
 AGE_SHARES = (0.037, 0.183, 0.347, 0.198, 0.091, 0.082, 0.063)  # ml-1m users per AGE_GROUPS entry
@@ -73,8 +74,8 @@ def generate_movielens(out_dir: str, n_ratings: int, layout: str = "ml-1m", seed
 
     n_users, n_items, per_user = _shape(n_ratings, rng)
     item_ids = np.sort(rng.choice(int(n_items * 1.2) + 1, n_items, replace=False)).astype(np.int64) + 1
-    popularity = _zipf_popularity(n_items, rng)
-    user, item = _sample_pairs(per_user, popularity, rng)
+    rank_to_item, popularity = _zipf_popularity(n_items, rng)
+    user, item = _sample_pairs(per_user, rank_to_item, rng)
 
     genders = np.where(rng.random(n_users) < 0.72, 1, 0)  # 1 = M
     age_codes = rng.choice(len(AGE_GROUPS), n_users, p=np.asarray(AGE_SHARES) / sum(AGE_SHARES))
@@ -114,21 +115,37 @@ def _shape(n: int, rng: np.random.Generator) -> Tuple[int, int, np.ndarray]:
     return n_users, n_items, counts
 
 
-def _zipf_popularity(n_items: int, rng: np.random.Generator) -> np.ndarray:
-    """Item sampling probabilities ~ 1 / (rank + 10)^0.9, ranks shuffled over item indices."""
-    rank = rng.permutation(n_items)
-    p = 1.0 / (rank + 10.0) ** 0.9
-    return p / p.sum()
+_ZIPF_S, _ZIPF_OFFSET = 0.9, 10.0  # P(rank r) ~ 1 / (r + 10)^0.9
 
 
-def _sample_pairs(per_user: np.ndarray, popularity: np.ndarray, rng: np.random.Generator):
+def _zipf_cdf(x, n_items: int):
+    lo, hi = _ZIPF_OFFSET ** (1 - _ZIPF_S), (n_items + _ZIPF_OFFSET) ** (1 - _ZIPF_S)
+    return ((np.asarray(x, float) + _ZIPF_OFFSET) ** (1 - _ZIPF_S) - lo) / (hi - lo)
+
+
+def _zipf_popularity(n_items: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """(item index of each popularity rank, sampling probability of each item index)."""
+    rank_to_item = rng.permutation(n_items)
+    edges = _zipf_cdf(np.arange(n_items + 1), n_items)
+    popularity = np.empty(n_items)
+    popularity[rank_to_item] = np.diff(edges)
+    return rank_to_item, popularity
+
+
+def _draw_items(total: int, rank_to_item: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Item indices by popularity, by inverting the Zipf CDF in closed form (no 32M searchsorted)."""
+    n_items = len(rank_to_item)
+    lo, hi = _ZIPF_OFFSET ** (1 - _ZIPF_S), (n_items + _ZIPF_OFFSET) ** (1 - _ZIPF_S)
+    x = (lo + rng.random(total) * (hi - lo)) ** (1 / (1 - _ZIPF_S)) - _ZIPF_OFFSET
+    return rank_to_item[np.minimum(x.astype(np.int64), n_items - 1)]
+
+
+def _sample_pairs(per_user: np.ndarray, rank_to_item: np.ndarray, rng: np.random.Generator):
     """Distinct (user, item) pairs, ``per_user[u]`` for user u, items drawn by popularity.
 
     Draw with replacement, drop repeats, redraw the shortfall; after a few rounds the shortfall
     is drawn uniformly so heavy users always finish."""
-    n_items = len(popularity)
-    cdf = np.cumsum(popularity)
-    cdf[-1] = 1.0
+    n_items = len(rank_to_item)
     accepted = np.zeros(0, np.int64)   # sorted keys user * n_items + item
     extra = np.zeros(0, np.int64)      # later rounds, small: kept apart so no 32M re-sort per round
     deficit = per_user.astype(np.int64)
@@ -137,11 +154,9 @@ def _sample_pairs(per_user: np.ndarray, popularity: np.ndarray, rng: np.random.G
         if total == 0:
             break
         users = np.repeat(np.arange(len(per_user), dtype=np.int64), deficit)
-        if round_ < 6:
-            items = np.searchsorted(cdf, rng.random(total), side="right")
-        else:
-            items = rng.integers(0, n_items, total)
+        items = _draw_items(total, rank_to_item, rng) if round_ < 6 else rng.integers(0, n_items, total)
         keys = np.sort(users * n_items + items)
+        del users, items
         keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
         for seen in (accepted, extra):
             if seen.size:
@@ -149,9 +164,11 @@ def _sample_pairs(per_user: np.ndarray, popularity: np.ndarray, rng: np.random.G
                 keys = keys[seen[pos] != keys]
         if round_ == 0:
             accepted = keys
+            have = np.bincount(accepted // n_items, minlength=len(per_user))
         else:
             extra = np.sort(np.concatenate([extra, keys]))
-        deficit = per_user - np.bincount(np.concatenate([accepted, extra]) // n_items, minlength=len(per_user))
+            have = have + np.bincount(keys // n_items, minlength=len(per_user))
+        deficit = per_user - have
     keys = np.sort(np.concatenate([accepted, extra])) if extra.size else accepted
     return keys // n_items, keys % n_items
 
@@ -163,16 +180,28 @@ def _ratings(user, item, genders, age_codes, genre_hot, popularity, rng) -> np.n
     q = rng.normal(0, 1, (n_items, _FACTORS)).astype(np.float32)
     # Genre taste = personal + gender + age-group effects: side features carry signal too.
     taste = (0.6 * rng.normal(0, 1, (n_users, n_genres)) + 0.5 * rng.normal(0, 1, (2, n_genres))[genders]
-             + 0.5 * rng.normal(0, 1, (len(AGE_GROUPS), n_genres))[age_codes]).astype(np.float32)
-    genre_mix = (genre_hot / np.maximum(genre_hot.sum(1, keepdims=True), 1)).astype(np.float32)
+             + 0.5 * rng.normal(0, 1, (len(AGE_GROUPS), n_genres))[age_codes]).astype(np.float32).ravel()
+    # An item's genres as a padded (items, k) table: the taste term is k scalar gathers per row,
+    # not an 18-wide dot product (3x faster at 32M rows).
+    item_of, genre_of = np.nonzero(genre_hot)
+    per_item = genre_hot.sum(1)
+    slot = np.arange(len(item_of)) - np.repeat(np.cumsum(per_item) - per_item, per_item)
+    genres = np.zeros((n_items, per_item.max()), np.int64)
+    weight = np.zeros((n_items, per_item.max()), np.float32)
+    genres[item_of, slot] = genre_of
+    weight[item_of, slot] = 1.0 / per_item[item_of]
     log_pop = np.log(popularity)
     quality = (0.4 * (log_pop - log_pop.mean()) / log_pop.std() + 0.4 * rng.normal(0, 1, n_items)).astype(np.float32)
     user_bias = rng.normal(0, 0.3, n_users).astype(np.float32)
     score = np.empty(len(user), np.float32)
     for s in range(0, len(user), _CHUNK):
         u, i = user[s:s + _CHUNK], item[s:s + _CHUNK]
-        score[s:s + _CHUNK] = (np.einsum("ij,ij->i", p[u], q[i]) + np.einsum("ij,ij->i", taste[u], genre_mix[i])
-                               + quality[i] + user_bias[u] + rng.normal(0, 0.6, len(u)).astype(np.float32))
+        chunk = np.einsum("ij,ij->i", p[u], q[i]) + quality[i] + user_bias[u]
+        chunk += rng.normal(0, 0.6, len(u)).astype(np.float32)
+        base = u * n_genres
+        for k in range(genres.shape[1]):
+            chunk += taste[base + genres[i, k]] * weight[i, k]
+        score[s:s + _CHUNK] = chunk
     sample = score if len(score) <= 2_000_000 else score[rng.integers(0, len(score), 2_000_000)]
     cuts = np.quantile(sample, np.cumsum(RATING_SHARES)[:-1])
     return (np.searchsorted(cuts, score) + 1).astype(np.int8)
@@ -192,8 +221,10 @@ def _timestamps(user, n_users: int, dataset: str, rng) -> np.ndarray:
 
 def _write_ratings(out_dir, lay, user_id, item_id, stars, timestamp, rng) -> None:
     n = len(user_id)
-    text = pa.array([f"{s}.0" if lay.header else str(s) for s in range(6)])
-    rating = text.take(pa.array(stars.astype(np.int64)))
+    if lay.header:  # CSV sets write "4.0"
+        rating = pa.array([f"{s}.0" for s in range(6)]).take(pa.array(stars.astype(np.int64)))
+    else:
+        rating = pa.array(stars)
     if lay.name == "ml-100k":  # u.data is in random order
         order = rng.permutation(n)
         user_id, item_id, rating, timestamp = user_id[order], item_id[order], rating.take(pa.array(order)), timestamp[order]
@@ -204,11 +235,22 @@ def _write_ratings(out_dir, lay, user_id, item_id, stars, timestamp, rng) -> Non
     else:
         table = pa.table({"u": user_id, "i": item_id, "r": rating, "t": timestamp})
         delimiter = lay.delimiter
-    path = os.path.join(out_dir, lay.ratings_file)
-    with open(path, "wb") as f:
+    options = pcsv.WriteOptions(include_header=False, delimiter=delimiter, quoting_style="none")
+
+    def render(start: int) -> pa.Buffer:
+        sink = pa.BufferOutputStream()
+        pcsv.write_csv(table.slice(start, _CHUNK), sink, options)
+        return sink.getvalue()
+
+    workers = max(1, min(4, os.cpu_count() or 1))
+    starts = list(range(0, n, _CHUNK))
+    with open(os.path.join(out_dir, lay.ratings_file), "wb") as f, cf.ThreadPoolExecutor(workers) as pool:
         if lay.header:
             f.write((",".join(CSV_HEADER) + "\n").encode())
-        pcsv.write_csv(table, f, pcsv.WriteOptions(include_header=False, delimiter=delimiter, quoting_style="none"))
+        # Arrow formats slices in parallel (it releases the GIL); one wave at a time bounds memory.
+        for wave in range(0, len(starts), workers):
+            for buf in pool.map(render, starts[wave:wave + workers]):
+                f.write(buf)
 
 
 def _title(k: int, year: int) -> str:
