@@ -83,13 +83,11 @@ def prepare_dataset(cfg: PrepareConfig, output_dir: Optional[str] = None, log: L
     # The old manifest goes first: a crash from here on leaves no manifest claiming completeness.
     store.delete(schema.MANIFEST)
     for split in schema.SPLITS:
-        if store.is_local:
-            store.delete_dir(split)  # old shards of another shard count must not linger
+        store.delete_dir(split)  # old shards of another shard count must not linger
 
     manifest = _build(cfg, data_dir, layout, source, options, store, log)
-    manifest["seconds"] = round(time.time() - started, 2)
     store.write_bytes(schema.MANIFEST, (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode())
-    for line in summary_lines(manifest, store.uri):
+    for line in summary_lines(manifest, store.uri, time.time() - started):
         log(line)
     return manifest
 
@@ -119,12 +117,12 @@ def resolve_source(cfg: PrepareConfig, output_dir: str, log: Log = print) -> Tup
     return data_dir, dataset, {"kind": "directory", "data_dir": data_dir}
 
 
-def summary_lines(manifest: dict, where: str = "") -> List[str]:
+def summary_lines(manifest: dict, where: str = "", seconds: Optional[float] = None) -> List[str]:
     """Human summary of a manifest: rows per split, what was skipped or merged and why, time."""
     c = manifest["counts"]
     out = [f"prepared {manifest['dataset']} -> {where}: train {c['train']:,} / val {c['val']:,} / "
-           f"test {c['test']:,} rows; {c['users']:,} users, {c['items']:,} items "
-           f"({manifest.get('seconds', 0):.1f} s)"]
+           f"test {c['test']:,} rows; {c['users']:,} users, {c['items']:,} items"
+           + (f" in {seconds:.1f} s" if seconds is not None else "")]
     out.append(f"  raw lines {c['raw_rows']:,}; duplicates merged {c['duplicates']:,}; "
                f"neutral dropped {c['neutral_dropped']:,}; positive rate " +
                " / ".join(f"{s} {manifest['positive_rate'][s]:.3f}" for s in schema.SPLITS))

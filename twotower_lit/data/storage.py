@@ -77,9 +77,13 @@ class Storage:
         if self.is_local:
             self.fs.create_dir(parent, recursive=True)
             tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            os.replace(tmp, target)
+            try:
+                with self.fs.open_output_stream(tmp) as f:
+                    f.write(data)
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
         else:
             with self.fs.open_output_stream(target) as f:
                 f.write(data)
