@@ -76,6 +76,8 @@ def register_model(uri: str, run_id: str, model_dir: str, name: str) -> Optional
     """Log the exported model as an MLflow pyfunc (TorchRec models cannot use mlflow.pytorch's
     default format) and register it under `name`; returns the registered version."""
     import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
 
     from twotower_lit.export.pyfunc import ExportedModelPyfunc
 
@@ -85,5 +87,6 @@ def register_model(uri: str, run_id: str, model_dir: str, name: str) -> Optional
         info = mlflow.pyfunc.log_model(
             name="model", python_model=ExportedModelPyfunc(), artifacts={"model_dir": model_dir},
             code_paths=[os.path.join(lib, "twotower_lit")],
-            pip_requirements=["torch", "numpy", "safetensors"], registered_model_name=name or None)
+            pip_requirements=["torch", "numpy", "safetensors"], registered_model_name=name or None,
+            signature=infer_signature(pd.DataFrame({"user_id": [1]}), params={"k": 10}))
     return None if not name else str(info.registered_model_version)
