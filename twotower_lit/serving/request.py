@@ -104,7 +104,7 @@ def _parse_json(text: str, cfg: ServeConfig) -> RecommendRequest:
         raise bad_request("body", f"expected a JSON object, got {_kind(doc)}")
     unknown = [key for key in doc if key not in _TOP_LEVEL]
     if unknown:
-        raise bad_request(str(unknown[0])[:100], f"unknown field; allowed: {', '.join(_TOP_LEVEL)}")
+        raise bad_request(_name(unknown[0]), f"unknown field; allowed: {', '.join(_TOP_LEVEL)}")
     k = _int_in(doc.get("k", cfg.default_k), "k", 1, cfg.max_k)
     exclude_seen = doc.get("exclude_seen", True)
     if not isinstance(exclude_seen, bool):
@@ -151,7 +151,7 @@ def _user(item: Any, where: str) -> UserQuery:
     prefix = f"{where}." if where else ""
     for key in item:
         if key not in _INPUT_KEYS:
-            raise bad_request(f"{prefix}{str(key)[:100]}", f"unknown field; allowed: {', '.join(_INPUT_KEYS)}")
+            raise bad_request(prefix + _name(key), f"unknown field; allowed: {', '.join(_INPUT_KEYS)}")
     if "user_id" not in item and "user_features" not in item:
         raise bad_request(f"{prefix}user_id", "missing: give 'user_id', 'user_features' or both")
     user_id = None
@@ -171,7 +171,7 @@ def _features(raw: Any, where: str) -> Dict[str, Union[str, int, None]]:
     out: Dict[str, Union[str, int, None]] = {}
     for key, value in raw.items():
         if key not in USER_FEATURE_NAMES:
-            raise bad_request(f"{where}.{str(key)[:100]}", f"unknown feature; allowed: {', '.join(USER_FEATURE_NAMES)}")
+            raise bad_request(f"{where}.{_name(key)}", f"unknown feature; allowed: {', '.join(USER_FEATURE_NAMES)}")
         if value is not None and not _is_int(value) and not isinstance(value, str):
             raise bad_request(f"{where}.{key}", f"expected a string or an integer, got {_kind(value)}")
         if isinstance(value, str) and len(value) > _MAX_FEATURE_CHARS:
@@ -180,6 +180,11 @@ def _features(raw: Any, where: str) -> Dict[str, Union[str, int, None]]:
             value = _int64(value, f"{where}.{key}")
         out[key] = value
     return out
+
+
+def _name(key: str) -> str:
+    """A field name as it can be shown: quoted when empty or not a plain name."""
+    return key[:100] if key.isidentifier() else json.dumps(key[:100])
 
 
 def _is_int(value: Any) -> bool:

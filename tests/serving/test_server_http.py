@@ -1,0 +1,174 @@
+"""The real server (a subprocess on 127.0.0.1): valid requests, every class of bad input, and a
+concurrent fuzz run of malformed requests that must end with no 5xx and a live server."""
+import asyncio
+import json
+import random
+
+import httpx
+import pytest
+
+from twotower_lit.export.format import load_export
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def exported(model_dir):
+    return load_export(model_dir)
+
+
+def post(server, body, headers=JSON):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server.url + "/invocations", content=data, headers=headers, timeout=30)
+
+
+def test_ping(server, exported):
+    r = httpx.get(server.url + "/ping")
+    assert r.status_code == 200 and r.json() == {"status": "healthy", "model_version": exported.model_version}
+
+
+def test_single_user(server, exported):
+    r = post(server, {"user_id": 5, "k": 7}, {**JSON, "X-Amzn-SageMaker-Inference-Id": "abc-1"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert r.headers["x-amzn-sagemaker-inference-id"] == "abc-1"
+    body = r.json()
+    assert body["model_version"] == exported.model_version
+    (pred,) = body["predictions"]
+    assert pred["user_id"] == 5 and pred["source"] == "model" and len(pred["items"]) == 7
+    scores = [it["score"] for it in pred["items"]]
+    assert scores == sorted(scores, reverse=True)
+    by_id = {it["id"]: it for it in exported.items}
+    for it in pred["items"]:
+        assert by_id[it["id"]]["title"] == it["title"] and by_id[it["id"]]["genres"] == it["genres"]
+
+
+def test_batch_default_k_and_unknown_user(server):
+    r = post(server, {"inputs": [1, 2, 3, 424242]})
+    assert r.status_code == 200
+    preds = r.json()["predictions"]
+    assert [p["user_id"] for p in preds] == [1, 2, 3, 424242]
+    assert [p["source"] for p in preds] == ["model"] * 3 + ["popularity"]
+    assert all(len(p["items"]) == 10 for p in preds)
+    assert preds[3]["fallback_reason"]
+
+
+def test_cold_start(server, exported):
+    zip_code = exported.vocab["zip"][0] + "12"
+    r = post(server, {"user_features": {"gender": "F", "age": 25, "occupation": 4, "zip": zip_code}, "k": 5})
+    (pred,) = r.json()["predictions"]
+    assert r.status_code == 200 and pred["source"] == "cold_start" and pred["user_id"] is None
+    assert len(pred["items"]) == 5
+
+
+def test_seen_items_are_excluded(server, exported):
+    index = exported.user_index()[9]
+    seen_ids = {exported.items[j - 1]["id"] for j in exported.seen(index).tolist()}
+    k = exported.num_items
+    got = {it["id"] for it in post(server, {"user_id": 9, "k": 100}).json()["predictions"][0]["items"]}
+    assert len(got) == 100 and not got & seen_ids
+    everything = post(server, {"user_id": 9, "k": 100, "exclude_seen": False}).json()["predictions"][0]["items"]
+    assert k > 100 and len(everything) == 100
+    assert {it["id"] for it in everything} & seen_ids, "without exclusion, top-100 of 200 includes seen items"
+
+
+def test_csv(server):
+    r = post(server, "4\n8\n", {"Content-Type": "text/csv"})
+    assert r.status_code == 200 and [p["user_id"] for p in r.json()["predictions"]] == [4, 8]
+
+
+@pytest.mark.parametrize("method,path,body,headers,status,field", [
+    ("POST", "/invocations", b"{not json", JSON, 400, "body"),
+    ("POST", "/invocations", b'{"user_id": "5"}', JSON, 400, "user_id"),
+    ("POST", "/invocations", b'{"inputs": [1, [2]]}', JSON, 400, "inputs[1]"),
+    ("POST", "/invocations", b'{"user_id": 5, "k": 0}', JSON, 400, "k"),
+    ("POST", "/invocations", b'{"user_id": 5, "k": 101}', JSON, 400, "k"),
+    ("POST", "/invocations", b'{"user_id": 5, "exclude_seen": 1}', JSON, 400, "exclude_seen"),
+    ("POST", "/invocations", b'{"user_id": 5, "user_features": {"shoe": 4}}', JSON, 400, "user_features.shoe"),
+    ("POST", "/invocations", b'{"user_id": 5}', {"Content-Type": "application/xml"}, 415, "Content-Type"),
+    ("POST", "/invocations", b'{"user_id": 5}', {}, 415, "Content-Type"),
+    ("POST", "/invocations", b'{"user_id": 5}', {**JSON, "Accept": "text/html"}, 406, "Accept"),
+    ("POST", "/invocations", b"x" * 70000, JSON, 413, "body"),
+    ("GET", "/invocations", None, {}, 405, "method"),
+    ("POST", "/ping", b"", {}, 405, "method"),
+    ("GET", "/nowhere", None, {}, 404, "path"),
+])
+def test_client_errors_are_4xx_json_naming_the_field(server, method, path, body, headers, status, field):
+    r = httpx.request(method, server.url + path, content=body, headers=headers, timeout=30)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["field"] == field
+
+
+def test_oversized_chunked_body_is_413(server):
+    def chunks():
+        for _ in range(20):
+            yield b"[" * 8192
+
+    r = httpx.post(server.url + "/invocations", content=chunks(), headers=JSON, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["field"] == "body"
+
+
+def _malformed(rng: random.Random, n: int):
+    """Malformed or hostile requests of many kinds (body, content type, accept)."""
+    valid = [b'{"user_id": 3}', b'{"inputs": [1, 2], "k": 5}', b'{"user_features": {"age": 25}}']
+    types = ["application/json", "text/csv", "application/json; charset=latin-1", "text/plain", "", "*/*",
+             "application/x-npy", "multipart/form-data; boundary=x"]
+    accepts = [None, "*/*", "application/json", "text/csv", "image/*", ";;;", "application/json;q=0"]
+    values = [None, True, -1, 0, 2 ** 63, -(2 ** 63) - 1, 1e308, "1", [], {}, [[[]]], "\u0000", "x" * 300, 101]
+    fields = ["user_id", "inputs", "k", "exclude_seen", "user_features", "", "\u00e9", "__proto__"]
+    for _ in range(n):
+        kind = rng.randrange(8)
+        if kind == 0:  # random bytes
+            body = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+        elif kind == 1:  # a valid body cut or mutated
+            b = bytearray(rng.choice(valid))
+            for _ in range(rng.randrange(1, 4)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            body = bytes(b[: rng.randrange(1, len(b) + 1)])
+        elif kind == 2:  # wrong types in the right fields
+            body = json.dumps({rng.choice(fields): rng.choice(values), "user_id": rng.choice(values)}).encode()
+        elif kind == 3:  # batches with bad members
+            body = json.dumps({"inputs": [rng.choice(values + [1, 2]) for _ in range(rng.randrange(0, 8))],
+                               "k": rng.choice(values + [5])}).encode()
+        elif kind == 4:  # deep nesting
+            d = rng.randrange(500, 3000)
+            body = b'{"inputs": ' + b"[" * d + b"]" * d + b"}"
+        elif kind == 5:  # features of the wrong shape
+            body = json.dumps({"user_features": {rng.choice(["age", "zip", "x"]): rng.choice(values)}}).encode()
+        elif kind == 6:  # csv garbage
+            body = "\n".join(rng.choice(["1", "x", "1,2", "", "99999999999999999999", "-", "\u00e9"])
+                             for _ in range(rng.randrange(1, 10))).encode()
+        else:  # JSON that is not an object
+            body = rng.choice([b"[]", b"42", b'"s"', b"null", b"true", b"NaN", b"{}", b'{"user_id": 1e400}'])
+        headers = {"Content-Type": rng.choice(types)} if rng.random() < 0.95 else {}
+        accept = rng.choice(accepts)
+        if accept is not None:
+            headers["Accept"] = accept
+        yield body, headers
+
+
+def test_fuzz_5000_malformed_requests_no_5xx_and_server_alive(server):
+    requests = list(_malformed(random.Random(0), 5000))
+
+    async def fire():
+        statuses = []
+        pending = iter(requests)
+
+        async def worker():  # one client per connection: a shared httpx pool is the bottleneck otherwise
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                for body, headers in pending:
+                    r = await client.post("/invocations", content=body, headers=headers)
+                    statuses.append(r.status_code)
+                    if r.status_code >= 400:
+                        assert r.json()["error"]["field"], r.text
+
+        await asyncio.gather(*(worker() for _ in range(8)))
+        return statuses
+
+    statuses = asyncio.run(fire())
+    assert len(statuses) == 5000
+    server_errors = [s for s in statuses if s >= 500]
+    assert server_errors == [], f"{len(server_errors)} 5xx; log:\n{server.log()[-3000:]}"
+    assert sum(400 <= s < 500 for s in statuses) > 4000  # they really were malformed
+    assert server.alive() and httpx.get(server.url + "/ping").status_code == 200
+    assert post(server, {"user_id": 1}).status_code == 200
