@@ -247,3 +247,28 @@ def test_duplicate_movie_ids_keep_the_later_line(movielens_copy):
     movies = read_movies(str(path), layout_for("ml-10m"), "skip", report)
     assert movies[mid]["title"] == "Second Title (2001)"
     assert report.as_dict() == {"movies.duplicate_id": 1}
+
+
+def test_small_blocks_keep_line_numbers_and_values(movielens_copy, monkeypatch):
+    """The robust parser works block by block (32 MiB in production); tiny blocks put bad lines
+    in different blocks and cut blocks at every kind of place."""
+    from twotower_lit.data import readers
+
+    path = movielens_copy("ml-25m")
+    lay = layout_for("ml-25m")
+    clean = read_ratings(str(path), lay, "error", BadLineReport())
+    file = path / "ratings.csv"
+    edits = {900: b"1,2,3", 50: b"1,2,11,978300760", 2500: b"1,2,3,x"}  # value error first, then structural
+    for line, content in edits.items():
+        replace_line(file, line, content)
+    monkeypatch.setattr(readers, "_BLOCK_BYTES", 997)
+    with pytest.raises(DataValidationError) as info:
+        read_ratings(str(path), lay, "error", BadLineReport())
+    assert (info.value.line, info.value.reason) == (50, "bad_rating")
+    report = BadLineReport()
+    got = read_ratings(str(path), lay, "skip", report)
+    assert report.as_dict() == {"ratings.bad_rating": 1, "ratings.bad_timestamp": 1, "ratings.wrong_field_count": 1}
+    keep = np.setdiff1d(np.arange(3000), np.array(list(edits)) - 2)  # data row r is on line r + 2
+    np.testing.assert_array_equal(got.user_id, clean.user_id[keep])
+    np.testing.assert_array_equal(got.timestamp, clean.timestamp[keep])
+    np.testing.assert_array_equal(got.rating, clean.rating[keep])
