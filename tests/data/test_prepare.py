@@ -310,3 +310,16 @@ def test_s3_output_against_moto_server(moto_server, synthetic_movielens, monkeyp
     logs = []
     prepare_dataset(PrepareConfig(data_dir=str(raw), min_shards=2), uri, log=logs.append)
     assert any("skipped" in line for line in logs)
+
+
+def test_a_failing_rerun_keeps_the_previous_output(movielens_copy, tmp_path):
+    raw = movielens_copy("ml-1m")
+    out = tmp_path / "out"
+    first = run(raw, out)
+    with open(raw / "ratings.dat", "a") as f:
+        f.write("1::2::3\n")
+    with pytest.raises(DataValidationError):
+        run(raw, out)  # input changed and is now invalid: nothing is replaced
+    assert read_manifest(str(out)) == first
+    assert all(hashlib.sha256((out / rel).read_bytes()).hexdigest() == meta["sha256"]
+               for rel, meta in first["files"].items())

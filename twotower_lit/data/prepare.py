@@ -80,11 +80,6 @@ def prepare_dataset(cfg: PrepareConfig, output_dir: Optional[str] = None, log: L
         log(f"prepare: {store.url(schema.MANIFEST)} already holds this dataset with these options "
             "(same input checksums); skipped")
         return previous
-    # The old manifest goes first: a crash from here on leaves no manifest claiming completeness.
-    store.delete(schema.MANIFEST)
-    for split in schema.SPLITS:
-        store.delete_dir(split)  # old shards of another shard count must not linger
-
     manifest = _build(cfg, data_dir, layout, source, options, store, log)
     store.write_bytes(schema.MANIFEST, (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode())
     for line in summary_lines(manifest, store.uri, time.time() - started):
@@ -194,6 +189,11 @@ def _build(cfg: PrepareConfig, data_dir: str, layout: Layout, source: dict, opti
 
     vocab, users_table, items_table = build_side_tables(user_ids, item_ids, users_raw, movies_raw, cfg.zip_prefix)
 
+    # Everything is read and validated: only now is the old output replaced. The old manifest
+    # goes first, so a crash from here on leaves no manifest claiming completeness.
+    store.delete(schema.MANIFEST)
+    for name in schema.SPLITS:
+        store.delete_dir(name)  # old shards of another shard count must not linger
     columns = {"user": user.astype(np.int32), "item": item.astype(np.int32), "rating": rating.astype(np.float32),
                "label": label, "timestamp": timestamp.astype(np.int64)}
     files: Dict[str, dict] = {}
@@ -215,6 +215,8 @@ def _build(cfg: PrepareConfig, data_dir: str, layout: Layout, source: dict, opti
         jobs.append((schema.ITEMS_FILE, pool.submit(store.write_parquet, schema.ITEMS_FILE, items_table)))
         for rel, job in jobs:
             files[rel] = job.result()
+    log(f"prepare: wrote {len(files)} Parquet files ({sum(f['bytes'] for f in files.values()) / 1e6:,.1f} MB) "
+        f"to {store.uri}")
 
     user_features = ["user"] + [n for n in schema.USER_SIDE_FEATURES if n in vocab]
     item_features = ["item"] + [n for n in schema.ITEM_SIDE_FEATURES if n in vocab]
