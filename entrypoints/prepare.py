@@ -22,10 +22,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from twotower_lit.data.download import DownloadError
     from twotower_lit.data.prepare import prepare_dataset
-    from twotower_lit.data.validation import DataValidationError
     try:
         prepare_dataset(cfg, cfg.output_dir)
-    except (DataValidationError, DownloadError, FileNotFoundError) as e:
+    except (ValueError, DownloadError, OSError) as e:  # DataValidationError is a ValueError
+        # Input problems get one actionable line, not a traceback.
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     return 0
