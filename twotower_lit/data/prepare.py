@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import math
 import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -25,7 +24,7 @@ from twotower_lit.config import PrepareConfig
 from twotower_lit.data import features as F
 from twotower_lit.data import schema
 from twotower_lit.data.layouts import Layout, detect_layout, layout_for
-from twotower_lit.data.readers import Ratings, read_movies, read_ratings, read_users
+from twotower_lit.data.readers import read_movies, read_ratings, read_users
 from twotower_lit.data.splits import TEST, TRAIN, VAL, random_split, shard_count, shard_rows_order, temporal_split
 from twotower_lit.data.storage import Storage, sha256_file
 from twotower_lit.data.validation import BadLineReport

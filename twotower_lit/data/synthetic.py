@@ -14,7 +14,7 @@ import csv
 import io
 import json
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
