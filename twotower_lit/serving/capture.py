@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 EVENT_VERSION = "0"
 _CSV_TYPES = ("text/csv",)
 _FLUSH_SECONDS = 0.2
+_CLOSE = object()  # queued by close(): write what came before, then stop
 
 
 def encode_data(data: bytes, content_type: Optional[str]) -> Tuple[str, str]:
@@ -99,7 +100,7 @@ class CaptureWriter:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
+        self._queue.put(_CLOSE)
         self._thread.join()
 
     def _file(self, variant: str, when: dt.datetime):
@@ -116,8 +117,8 @@ class CaptureWriter:
         self._files[variant] = (hour, f)
         return f
 
-    def _drain(self, first=None) -> list:
-        items = [] if first is None else [first]
+    def _drain(self, *first) -> list:
+        items = list(first)
         while True:
             try:
                 items.append(self._queue.get_nowait())
@@ -131,10 +132,10 @@ class CaptureWriter:
                 items = self._drain(self._queue.get(timeout=_FLUSH_SECONDS))
             except queue.Empty:
                 continue
-            done = any(item is None for item in items)
+            done = any(item is _CLOSE for item in items)
             if done:  # a record queued while close() was running still gets written
                 items += self._drain()
-            self._write([item for item in items if item is not None])
+            self._write([item for item in items if item is not _CLOSE])
         for _, f in self._files.values():
             f.close()
         self._files.clear()

@@ -13,7 +13,9 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import List, Optional
 
 import uvicorn
@@ -51,6 +53,11 @@ def serve(cfg: ServeConfig) -> None:
     where = {"uds": cfg.uds} if cfg.uds else {"host": cfg.host, "port": cfg.port}
     common = dict(**where, timeout_keep_alive=cfg.keep_alive, timeout_graceful_shutdown=int(cfg.graceful_timeout),
                   log_level=cfg.log_level, access_log=cfg.log_level == "debug", lifespan="on")
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to whatever handler
+    # was installed before it; with these, that ends in the `finally` below (shadow child stopped)
+    # and a clean exit, rather than a kill by the default handler.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: log.info("signal %s: shut down", signum))
     try:
         if cfg.workers > 1:
             os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg))
@@ -63,6 +70,11 @@ def serve(cfg: ServeConfig) -> None:
     finally:
         if shadow is not None:
             shadow.stop()
+    stuck = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if stuck:  # a hung model call the request timeout abandoned: do not wait for it at exit
+        log.warning("exiting with %d worker thread(s) still busy: %s", len(stuck), ", ".join(stuck[:5]))
+        logging.shutdown()
+        os._exit(0)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -71,7 +71,10 @@ class ShadowMirror:
                on_result: OnResult) -> bool:
         """Start a mirrored call in the background; False when over the in-flight bound."""
         if len(self.tasks) >= self.cfg.shadow_max_in_flight:
+            # recorded as a failure: a shadow too slow to keep up with the traffic is a finding
             self.skipped += 1
+            on_result(ShadowResult(0, b"", "", 0.0, None, None,
+                                   f"not mirrored: {len(self.tasks)} shadow calls in flight (shadow_max_in_flight)"))
             return False
         self.sent += 1
         task = asyncio.get_running_loop().create_task(self._call(body, content_type, accept, inference_id, on_result))
@@ -156,7 +159,7 @@ class ShadowProcess:
                 "endpoint-name": c.endpoint_name, "num-threads": c.num_threads, "search": c.search,
                 "max-concurrency": c.max_concurrency, "request-timeout": c.request_timeout,
                 "max-body-bytes": c.max_body_bytes, "max-batch": c.max_batch, "max-k": c.max_k,
-                "default-k": c.default_k, "graceful-timeout": min(c.graceful_timeout, 5.0), "log-level": c.log_level}
+                "default-k": c.default_k, "graceful-timeout": min(c.graceful_timeout, 1.0), "log-level": c.log_level}
         cmd = [sys.executable, "-m", "twotower_lit.serving.server"]
         for key, value in args.items():
             cmd += [f"--{key}", str(value)]

@@ -1,0 +1,60 @@
+"""A hanging or crashing shadow variant never delays or breaks production, and every request and
+every shadow outcome is in data capture after SIGTERM."""
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from conftest import capture_lines
+
+N_REQUESTS = 40
+SHADOW_TIMEOUT = 2.0
+
+
+async def _send_all(url: str, n: int, concurrency: int = 4):
+    results = []
+    pending = iter(range(n))
+
+    async def worker():
+        async with httpx.AsyncClient(timeout=30) as client:
+            for i in pending:
+                t0 = time.perf_counter()
+                r = await client.post(url + "/invocations", json={"user_id": 1 + i % 50, "k": 5})
+                results.append((r.status_code, time.perf_counter() - t0, r.json()))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
+
+
+@pytest.mark.parametrize("fault", ["hang", "crash"])
+def test_faulty_shadow_causes_no_production_errors(fault, model_dir, shadow_model_dir, start_server, tmp_path):
+    capture = tmp_path / "capture"
+    server = start_server(["--model-dir", model_dir, "--shadow-model-dir", shadow_model_dir,
+                           "--shadow-timeout", str(SHADOW_TIMEOUT), "--shadow-max-in-flight", "64", "--capture-dir", str(capture)],
+                          env={"TWOTOWER_FAULT_INJECTION": f"shadow={fault}"})
+    results = asyncio.run(_send_all(server.url, N_REQUESTS))
+    statuses = [s for s, _, _ in results]
+    latencies = sorted(t for _, t, _ in results)
+    assert statuses == [200] * N_REQUESTS, server.log()[-3000:]
+    # production never waits for the shadow: a hung shadow call takes SHADOW_TIMEOUT
+    assert latencies[-1] < SHADOW_TIMEOUT / 2, latencies
+    assert {body["predictions"][0]["source"] for _, _, body in results} == {"model"}
+    assert server.alive() and httpx.get(server.url + "/ping").status_code == 200
+
+    t0 = time.perf_counter()
+    assert server.stop() == 0
+    assert time.perf_counter() - t0 < SHADOW_TIMEOUT + 15, "shutdown waits for shadow calls at most their timeout"
+    production = [json.loads(line) for line in capture_lines(capture, "production")]
+    shadow = [json.loads(line) for line in capture_lines(capture, "shadow")]
+    assert len(production) == N_REQUESTS and len(shadow) == N_REQUESTS
+    assert {r["eventMetadata"]["eventId"] for r in production} == {r["eventMetadata"]["eventId"] for r in shadow}
+    assert all(r["eventMetadata"]["customAttributes"]["statusCode"] == 200 for r in production)
+    shadow_status = [r["eventMetadata"]["customAttributes"]["statusCode"] for r in shadow]
+    assert all(s == 0 or s >= 500 for s in shadow_status), shadow_status
+    errors = [r["eventMetadata"]["customAttributes"].get("error", "") for r in shadow]
+    if fault == "hang":
+        assert all(e.startswith("timeout") for e in errors), errors
+    else:
+        assert "exited" in server.log(), "the supervisor noticed the crash"
