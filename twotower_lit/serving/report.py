@@ -9,10 +9,10 @@ and NDCG@k against the test split's positives (label 1), and the paired NDCG@k d
 bootstrap 95% interval.
 
 Verdict, in this order:
-  inconclusive  fewer than ``min_requests`` joined requests (or, with labels, fewer than
-                ``min_labelled_users`` labelled users)
+  inconclusive  fewer than ``min_requests`` joined requests
   keep          shadow error rate > production's + ``max_error_rate_increase``, or shadow p99
                 model latency > ``max_latency_ratio`` x production's
+  inconclusive  fewer than ``min_labelled_users`` users with held-out positives answered by both
   promote       NDCG@k difference (shadow - production) interval entirely above 0
   keep          interval entirely below 0, or inside +-``equivalence_margin`` (no gain worth a change)
   inconclusive  otherwise (more traffic needed); also when there are no labels to judge quality by
@@ -199,8 +199,6 @@ def verdict(cfg: ShadowReportConfig, joined: int, prod: Dict, shad: Dict, qualit
     why: List[str] = []
     if joined < cfg.min_requests:
         return "inconclusive", [f"{joined} joined requests < min_requests {cfg.min_requests}"]
-    if quality is not None and quality["labelled_users"] < cfg.min_labelled_users:
-        return "inconclusive", [f"{quality['labelled_users']} labelled users < min_labelled_users {cfg.min_labelled_users}"]
     if shad["error_rate"] > prod["error_rate"] + cfg.max_error_rate_increase:
         why.append(f"shadow error rate {shad['error_rate']:.4f} > production {prod['error_rate']:.4f} "
                    f"+ {cfg.max_error_rate_increase}")
@@ -209,6 +207,8 @@ def verdict(cfg: ShadowReportConfig, joined: int, prod: Dict, shad: Dict, qualit
         why.append(f"shadow p99 model latency {p99s} ms > {cfg.max_latency_ratio} x production {p99p:.3f} ms")
     if why:
         return "keep", why
+    if quality is not None and quality["labelled_users"] < cfg.min_labelled_users:
+        return "inconclusive", [f"{quality['labelled_users']} labelled users < min_labelled_users {cfg.min_labelled_users}"]
     if quality is None:
         return "inconclusive", ["no held-out labels (--data-dir) to judge quality by; guards passed"]
     lo, hi = quality["ndcg_diff_ci95"]

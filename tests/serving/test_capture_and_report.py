@@ -1,0 +1,161 @@
+"""Load generator -> real server with a shadow variant and data capture -> SIGTERM -> every record
+on disk in SageMaker's layout -> shadow report with held-out labels."""
+import json
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import NUM_ITEMS, NUM_USERS, capture_files, capture_lines
+from twotower_lit.config import LoadConfig, ShadowReportConfig
+from twotower_lit.serving import capture as cap
+from twotower_lit.serving.load import parse_user_ids, run, split_user_ids
+from twotower_lit.serving.report import build_report, rbo, recall_ndcg, write_report
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(tmp_path_factory):
+    """A prepared-data directory matching the random exports: users 1..50 (raw ids 1..50), items
+    1..200 (raw ids 1, 11, ...); the test split has positives for users 1..40 only."""
+    root = tmp_path_factory.mktemp("prepared")
+    pq.write_table(pa.table({"user": pa.array(range(1, NUM_USERS + 1), pa.int32()),
+                             "user_id": pa.array(range(1, NUM_USERS + 1), pa.int64())}), root / "users.parquet")
+    pq.write_table(pa.table({"item": pa.array(range(1, NUM_ITEMS + 1), pa.int32()),
+                             "item_id": pa.array([1 + 10 * j for j in range(NUM_ITEMS)], pa.int64())}),
+                   root / "items.parquet")
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(1, 41), 6)
+    items = rng.integers(1, NUM_ITEMS + 1, size=len(users))
+    labels = (rng.random(len(users)) < 0.7).astype(np.float32)
+    files = {}
+    (root / "test").mkdir()
+    for n, sl in enumerate((slice(0, 120), slice(120, None))):
+        name = f"test/part-{n:05d}.parquet"
+        pq.write_table(pa.table({"user": pa.array(users[sl], pa.int32()), "item": pa.array(items[sl], pa.int32()),
+                                 "label": pa.array(labels[sl])}), root / name)
+        files[name] = {"rows": int(len(users[sl]))}
+    (root / "manifest.json").write_text(json.dumps({"schema_version": 1, "files": files}))
+    return root
+
+
+def test_replay_users_come_from_the_test_split(prepared_dir, tmp_path):
+    assert split_user_ids(str(prepared_dir), "test").tolist() == list(range(1, 41))
+    (tmp_path / "ids.txt").write_text("3\n5,7 9\n")
+    assert parse_user_ids("@" + str(tmp_path / "ids.txt")).tolist() == [3, 5, 7, 9]
+    assert parse_user_ids("1,2").tolist() == [1, 2]
+
+
+def test_capture_counts_match_requests_and_report(model_dir, shadow_model_dir, prepared_dir, start_server, tmp_path):
+    capture = tmp_path / "capture"
+    server = start_server(["--model-dir", model_dir, "--shadow-model-dir", shadow_model_dir,
+                           "--capture-dir", str(capture), "--endpoint-name", "movies", "--shadow-max-in-flight", "64"])
+    summary = run(LoadConfig(url=server.url + "/invocations", data_dir=str(prepared_dir), rate=0, concurrency=4,
+                             requests=240, duration=60, k=10))
+    assert summary["requests"] == 240 and summary["ok"] == 240, summary
+    assert summary["achieved_rps"] > 0 and summary["latency_ms"]["p99"] >= summary["latency_ms"]["p50"] > 0
+    import httpx
+    bad = httpx.post(server.url + "/invocations", content=b"\xff", headers={"Content-Type": "application/json"})
+    assert bad.status_code == 400
+    n = 241
+    assert server.stop() == 0
+
+    production = [json.loads(line) for line in capture_lines(capture, "production")]
+    shadow = [json.loads(line) for line in capture_lines(capture, "shadow")]
+    assert len(production) == n and len(shadow) == n
+    files = capture_files(capture, "production") + capture_files(capture, "shadow")
+    layout = re.compile(r"movies/(production|shadow)/\d{4}/\d{2}/\d{2}/\d{2}/\d{2}-\d{2}-\d{3}-[0-9a-f-]{36}\.jsonl$")
+    assert files and all(layout.search(f.as_posix()) for f in files), files
+    ids = {r["eventMetadata"]["eventId"]: r["eventMetadata"]["inferenceId"] for r in production}
+    assert ids == {r["eventMetadata"]["eventId"]: r["eventMetadata"]["inferenceId"] for r in shadow}
+    for rec in production + shadow:
+        data = rec["captureData"]
+        assert rec["eventVersion"] == "0"
+        assert data["endpointInput"]["mode"] == "INPUT" and data["endpointOutput"]["mode"] == "OUTPUT"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", rec["eventMetadata"]["inferenceTime"])
+        attrs = rec["eventMetadata"]["customAttributes"]
+        assert attrs["latencyMs"] >= 0 and attrs["statusCode"] in (200, 400)
+    binary = [r for r in production if r["captureData"]["endpointInput"]["encoding"] == "BASE64"]
+    assert len(binary) == 1 and cap.decode_data(binary[0]["captureData"]["endpointInput"]) == b"\xff"
+    assert all(r["captureData"]["endpointInput"]["encoding"] == "JSON" for r in production if r not in binary)
+
+    cfg = ShadowReportConfig(capture_dir=str(capture), data_dir=str(prepared_dir), min_requests=200,
+                             min_labelled_users=10, bootstrap=200)
+    report = write_report(cfg)
+    assert report["joined_requests"] == n
+    prod, shad = report["variants"]["production"], report["variants"]["shadow"]
+    assert prod["requests"] == shad["requests"] == n and prod["client_errors"] == shad["client_errors"] == 1
+    assert prod["server_errors"] == shad["server_errors"] == 0
+    assert 0 < prod["model_latency_ms"]["p50"] <= prod["model_latency_ms"]["p99"]
+    assert report["agreement"]["pairs"] == 240 and report["agreement"]["k"] == 10
+    assert 0 <= report["agreement"]["mean_rbo"] < 1, "two different random models disagree"
+    q = report["quality"]
+    assert q["labelled_users"] == 240 and 0 <= q["production"]["recall@k"] <= 1
+    assert report["verdict"] in ("promote", "keep", "inconclusive") and report["reasons"]
+    for path in report["files"]:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        assert head == b"\x89PNG\r\n\x1a\n" if path.endswith(".png") else len(head) > 0
+    assert "Verdict" in open(report["files"][1]).read()
+
+
+def _event(capture_dir, variant, role, event_id, user, items, status=200, latency=1.0):
+    when = cap.utc_now()
+    body = json.dumps({"predictions": [{"user_id": user, "source": "model",
+                                        "items": [{"id": i, "title": "", "genres": [], "score": 1.0 - r / 100}
+                                                  for r, i in enumerate(items)]}]}).encode()
+    rec = cap.capture_record(event_id, event_id, when, json.dumps({"user_id": user}).encode(), "application/json",
+                             body if status == 200 else b"", "application/json",
+                             {"variant": variant, "role": role, "statusCode": status, "latencyMs": latency,
+                              "modelLatencyMs": latency})
+    folder = capture_dir / "ep" / variant / when.strftime("%Y/%m/%d/%H")
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "x.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _positives_dir(tmp_path, users, positive_items):
+    root = tmp_path / "prep"
+    (root / "test").mkdir(parents=True)
+    ids = sorted(set(positive_items) | {999})
+    pq.write_table(pa.table({"user": pa.array(users, pa.int32()), "user_id": pa.array(users, pa.int64())}),
+                   root / "users.parquet")
+    pq.write_table(pa.table({"item": pa.array(ids, pa.int32()), "item_id": pa.array(ids, pa.int64())}),
+                   root / "items.parquet")
+    rows_u = [u for u in users for _ in positive_items]
+    rows_i = [i for _ in users for i in positive_items]
+    pq.write_table(pa.table({"user": pa.array(rows_u, pa.int32()), "item": pa.array(rows_i, pa.int32()),
+                             "label": pa.array([1.0] * len(rows_u), pa.float32())}), root / "test" / "part-0.parquet")
+    (root / "manifest.json").write_text(json.dumps({"files": {"test/part-0.parquet": {}}}))
+    return str(root)
+
+
+@pytest.mark.parametrize("case,expected", [("identical", "keep"), ("better", "promote"), ("worse", "keep"),
+                                           ("shadow_errors", "keep"), ("slow", "keep"), ("few", "inconclusive")])
+def test_verdicts(case, expected, tmp_path):
+    capture = tmp_path / "capture"
+    users = list(range(1, 61))
+    positives = [1, 2, 3]
+    n = 10 if case == "few" else 60
+    for u in users[:n]:
+        prod_items = [1, 50, 51, 52, 53] if u % 2 else [50, 51, 52, 53, 54]
+        shadow_items = {"better": [1, 2, 3, 50, 51], "worse": [60, 61, 62, 63, 64]}.get(case, prod_items)
+        _event(capture, "A", "production", f"e{u}", u, prod_items)
+        status = 500 if case == "shadow_errors" and u % 3 == 0 else 200
+        _event(capture, "B", "shadow", f"e{u}", u, shadow_items, status=status, latency=5.0 if case == "slow" else 1.0)
+    cfg = ShadowReportConfig(capture_dir=str(capture), data_dir=_positives_dir(tmp_path, users, positives),
+                             min_requests=50, min_labelled_users=50, bootstrap=300)
+    report = build_report(cfg)
+    assert report["verdict"] == expected, report["reasons"]
+    if case == "identical":
+        assert report["agreement"]["mean_rbo"] == pytest.approx(1.0) and report["agreement"]["mean_overlap"] == 1.0
+
+
+def test_agreement_and_quality_formulas():
+    assert rbo([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
+    assert rbo([1, 2, 3], [4, 5, 6]) == 0.0
+    assert 0 < rbo([1, 2, 3], [3, 2, 1]) < 1
+    assert rbo([1, 2, 3, 4], [1, 2, 4, 3]) > rbo([1, 2, 3, 4], [2, 1, 3, 4])  # top ranks weigh more
+    recall, ndcg = recall_ndcg([5, 1, 7], {1, 9}, 3)
+    assert recall == 0.5 and ndcg == pytest.approx((1 / np.log2(3)) / (1 + 1 / np.log2(3)))
