@@ -308,10 +308,12 @@ def build_side_tables(user_ids: np.ndarray, item_ids: np.ndarray, users_raw: Opt
                                      key=_sort_key)
         vocab["zip"] = F.build_vocab(F.zip_prefix(r["zip"], zip_chars) for r in rows)
         encode = F.UserFeatureEncoder(vocab, zip_chars)
-        empty = {name: 0 for name in encode.features}
-        encoded = [encode(users_raw[int(u)]) if int(u) in users_raw else empty for u in user_ids]
+        raw_rows = [users_raw.get(int(u), {}) for u in user_ids]
         for name in encode.features:
-            users_cols[name] = pa.array(np.fromiter((e[name] for e in encoded), np.int32, len(encoded)))
+            # the serving encoder, called once per distinct raw value rather than once per user
+            values = [r.get(name) for r in raw_rows]
+            index = {v: encode({name: v})[name] for v in set(values)}
+            users_cols[name] = pa.array(np.fromiter((index[v] for v in values), np.int32, len(values)))
 
     vocab["genres"] = F.build_vocab(g for m in movies_raw.values() for g in m["genres"])
     vocab["year"] = F.build_vocab((m["year"] for m in movies_raw.values()), empty=0)
