@@ -95,11 +95,12 @@ def test_inference_module_loads_from_the_repository_by_path(model_dir, tmp_path)
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
             f"model = m.model_fn({model_dir!r})\n"
             "body, ct = m.output_fn(m.predict_fn(m.input_fn('{\"user_id\": 2, \"k\": 3}', 'application/json'), model), None)\n"
-            "print(json.dumps({'ct': ct, 'n': len(json.loads(body)['predictions'][0]['items'])}))\n")
+            "heavy = sorted(k for k in sys.modules if k.split('.')[0] in ('torchrec', 'pyarrow', 'lightning'))\n"
+            "print(json.dumps({'ct': ct, 'n': len(json.loads(body)['predictions'][0]['items']), 'heavy': heavy}))\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"ct": "application/json", "n": 3}
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"ct": "application/json", "n": 3, "heavy": []}
 
 
 def test_model_fn_rejects_a_corrupted_artifact(model_dir, tmp_path):
@@ -113,3 +114,13 @@ def test_model_fn_rejects_a_corrupted_artifact(model_dir, tmp_path):
         f.write(" ")
     with pytest.raises(ArtifactError, match="items.json"):
         handler.load_model(str(bad))
+
+
+def test_settings_come_from_twotower_environment_variables():
+    import pytest
+    from twotower_lit.serving.handler import config_from_env
+
+    cfg = config_from_env({"TWOTOWER_NUM_THREADS": "2", "TWOTOWER_MAX_K": "50", "SM_MODEL_DIR": "/opt/x"})
+    assert (cfg.num_threads, cfg.max_k, cfg.model_dir, cfg.default_k) == (2, 50, "/opt/x", 10)
+    with pytest.raises(ValueError, match="TWOTOWER_"):
+        config_from_env({"TWOTOWER_NUM_THREADS": "two"})

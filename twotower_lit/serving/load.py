@@ -20,6 +20,7 @@ from typing import Awaitable, Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from twotower_lit.config import LoadConfig
+from twotower_lit.serving.shadow import MODEL_LATENCY_HEADER
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Outcome:
     status: int
     latency_s: float
     error: Optional[str] = None
+    server_ms: Optional[float] = None  # the endpoint's own compute time, when it reports one
 
 
 Sender = Callable[[bytes, str], Awaitable[Outcome]]
@@ -53,7 +55,8 @@ def http_sender(url: str, timeout: float = 10.0, max_connections: int = 64) -> T
         t0 = time.perf_counter()
         try:
             r = await client.post(url, content=body, headers={"Content-Type": content_type})
-            return Outcome(r.status_code, time.perf_counter() - t0)
+            server_ms = r.headers.get(MODEL_LATENCY_HEADER)
+            return Outcome(r.status_code, time.perf_counter() - t0, None, float(server_ms) if server_ms else None)
         except httpx.HTTPError as e:
             return Outcome(0, time.perf_counter() - t0, f"{type(e).__name__}: {e}"[:200])
         finally:
@@ -137,7 +140,10 @@ class LoadResult:
             statuses[str(o.status)] = statuses.get(str(o.status), 0) + 1
         ok = sum(1 for o in self.outcomes if 200 <= o.status < 300)
         pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
-        return {"requests": len(self.outcomes), "ok": ok, "errors": len(self.outcomes) - ok, "statuses": statuses,
+        server = np.asarray([o.server_ms for o in self.outcomes if o.server_ms is not None])
+        return {"server_ms": {"p50": float(np.percentile(server, 50)), "p99": float(np.percentile(server, 99))}
+                if len(server) else None,
+                "requests": len(self.outcomes), "ok": ok, "errors": len(self.outcomes) - ok, "statuses": statuses,
                 "wall_s": round(self.wall_s, 3), "achieved_rps": round(len(self.outcomes) / self.wall_s, 2) if self.wall_s else 0.0,
                 "latency_ms": {"mean": float(lat.mean()) if len(lat) else float("nan"), "p50": pct(50), "p90": pct(90),
                                "p99": pct(99), "max": float(lat.max()) if len(lat) else float("nan")}}

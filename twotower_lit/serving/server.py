@@ -72,7 +72,8 @@ def serve(cfg: ServeConfig) -> None:
             shadow.stop()
     stuck = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
     if stuck:  # a hung model call the request timeout abandoned: do not wait for it at exit
-        log.warning("exiting with %d worker thread(s) still busy: %s", len(stuck), ", ".join(stuck[:5]))
+        log.warning("not waiting for %d worker thread(s) at exit (idle pool threads, or a hung call): %s",
+                    len(stuck), ", ".join(stuck[:5]))
         logging.shutdown()
         os._exit(0)
 
