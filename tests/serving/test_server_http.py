@@ -187,3 +187,16 @@ def test_fuzz_5000_malformed_requests_no_5xx_and_server_alive(server):
     assert sum(400 <= s < 500 for s in statuses) > 4000  # they really were malformed
     assert server.alive() and httpx.get(server.url + "/ping").status_code == 200
     assert post(server, {"user_id": 1}).status_code == 200
+
+
+def test_sync_sender_drives_the_load_loop(server):
+    """The pluggable sender: a blocking call (as boto3's invoke_endpoint would be) in the load loop."""
+    from twotower_lit.serving.load import payloads, run_load, sync_sender
+
+    def invoke(body, content_type):
+        return httpx.post(server.url + "/invocations", content=body, headers={"Content-Type": content_type}).status_code
+
+    result = asyncio.run(run_load(sync_sender(invoke), payloads([1, 2, 3, 999], 2, 5, 0), rate=200, concurrency=2,
+                                  max_requests=20, duration=30))
+    summary = result.summary()
+    assert summary["requests"] == 20 and summary["ok"] == 20 and summary["statuses"] == {"200": 20}

@@ -58,3 +58,14 @@ def test_faulty_shadow_causes_no_production_errors(fault, model_dir, shadow_mode
         assert all(e.startswith("timeout") for e in errors), errors
     else:
         assert "exited" in server.log(), "the supervisor noticed the crash"
+
+
+def test_shadow_sampling_percent():
+    from twotower_lit.config import ServeConfig
+    from twotower_lit.serving.shadow import ShadowMirror
+
+    def share(percent):
+        mirror = ShadowMirror("http://127.0.0.1:9", ServeConfig(shadow_sampling_percent=percent))
+        return sum(mirror.sampled() for _ in range(4000)) / 4000
+
+    assert share(0) == 0 and share(100) == 1 and 0.2 < share(25) < 0.3
