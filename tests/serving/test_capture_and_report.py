@@ -88,6 +88,7 @@ def test_capture_counts_match_requests_and_report(model_dir, shadow_model_dir, p
     assert prod["requests"] == shad["requests"] == n and prod["client_errors"] == shad["client_errors"] == 1
     assert prod["server_errors"] == shad["server_errors"] == 0
     assert 0 < prod["model_latency_ms"]["p50"] <= prod["model_latency_ms"]["p99"]
+    assert sum(prod["model_latency_histogram"]["counts"]) == sum(shad["model_latency_histogram"]["counts"]) == 240
     assert report["agreement"]["pairs"] == 240 and report["agreement"]["k"] == 10
     assert 0 <= report["agreement"]["mean_rbo"] < 1, "two different random models disagree"
     q = report["quality"]

@@ -69,3 +69,37 @@ def test_shadow_sampling_percent():
         return sum(mirror.sampled() for _ in range(4000)) / 4000
 
     assert share(0) == 0 and share(100) == 1 and 0.2 < share(25) < 0.3
+
+
+def test_timeouts_overload_and_graceful_shutdown(model_dir, start_server, tmp_path):
+    """A slow model (1 s per call, one call at a time): within max_concurrency and request_timeout
+    a request is served, past the timeout it gets 504, past max_concurrency 503; a request in
+    flight at SIGTERM is still answered and captured."""
+    capture = tmp_path / "capture"
+    server = start_server(["--model-dir", model_dir, "--request-timeout", "1.5", "--max-concurrency", "4",
+                           "--capture-dir", str(capture)], env={"TWOTOWER_FAULT_INJECTION": "production=sleep:1"})
+
+    async def burst(n):
+        async with httpx.AsyncClient(timeout=30) as client:
+            rs = await asyncio.gather(*(client.post(server.url + "/invocations", json={"user_id": 1}) for _ in range(n)))
+        return rs
+
+    responses = asyncio.run(burst(5))
+    assert sorted(r.status_code for r in responses) == [200, 503, 504, 504, 504], [r.text for r in responses]
+    assert {r.json()["error"]["field"] for r in responses if r.status_code != 200} == {"server"}
+    assert httpx.get(server.url + "/ping").status_code == 200
+    time.sleep(2.0)  # let the abandoned 1 s call finish
+
+    async def in_flight_at_sigterm():
+        async with httpx.AsyncClient(timeout=30) as client:
+            pending = asyncio.ensure_future(client.post(server.url + "/invocations", json={"user_id": 2}))
+            await asyncio.sleep(0.3)
+            server.proc.send_signal(15)
+            return await pending
+
+    r = asyncio.run(in_flight_at_sigterm())
+    assert r.status_code == 200 and r.json()["predictions"][0]["user_id"] == 2
+    assert server.stop() == 0
+    statuses = sorted(json.loads(line)["eventMetadata"]["customAttributes"]["statusCode"]
+                      for line in capture_lines(capture, "production"))
+    assert statuses == [200, 200, 503, 504, 504, 504]

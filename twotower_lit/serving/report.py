@@ -142,6 +142,15 @@ def _percentiles(values: Sequence[float]) -> Dict:
             "p90": float(np.percentile(v, 90)), "p99": float(np.percentile(v, 99)), "max": float(v.max())}
 
 
+# fixed log-spaced latency bins (0.1 ms .. 100 s), the same for every variant and report
+LATENCY_EDGES_MS = [round(float(x), 4) for x in np.logspace(-1, 5, 31)]
+
+
+def _histogram(values: Sequence[float]) -> Dict:
+    counts, _ = np.histogram(np.clip(values, LATENCY_EDGES_MS[0], LATENCY_EDGES_MS[-1]), bins=LATENCY_EDGES_MS)
+    return {"edges_ms": LATENCY_EDGES_MS, "counts": counts.tolist()}
+
+
 def variant_stats(records: Dict[str, Dict]) -> Dict:
     statuses = Counter(int(_attrs(r).get("statusCode") or 0) for r in records.values())
     n = len(records)
@@ -153,6 +162,7 @@ def variant_stats(records: Dict[str, Dict]) -> Dict:
             "server_errors": server_errors, "client_errors": sum(c for s, c in statuses.items() if 400 <= s < 500),
             "error_rate": server_errors / n if n else 0.0,
             "model_latency_ms": _percentiles([x for x in ok_model if x is not None]),
+            "model_latency_histogram": _histogram([x for x in ok_model if x is not None]),
             "latency_ms": _percentiles(total), "model_versions": dict(versions)}
 
 
