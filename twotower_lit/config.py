@@ -90,6 +90,11 @@ class TrainConfig:
     seed: int = _opt(0, "global seed (data order, negatives, initialisation)")
     negatives: int = _opt(4, "per rated row, this many unrated items labelled 0, drawn afresh each epoch")
     negative_sampling: str = _opt("uniform", "how negatives are drawn", ("uniform", "popularity"))
+    loss: str = _opt("bce", "bce: BCE on rated rows and negatives; softmax: in-batch sampled softmax with log-Q "
+                            "correction (negatives join as extra candidates); both: BCE on rated rows + "
+                            "softmax_weight x softmax (see twotower_lit.losses)", ("bce", "softmax", "both"))
+    softmax_weight: float = _opt(1.0, "--loss both: weight of the softmax term")
+    softmax_temperature: float = _opt(1.0, "softmax logits are dot products divided by this")
     accelerator: str = _opt("auto", "cpu, gpu or auto")
     devices: int = _opt(1, "processes (CPU) or GPUs per node")
     num_nodes: int = _opt(1, "nodes")
@@ -97,6 +102,7 @@ class TrainConfig:
     sharding: str = _opt("auto", "embedding sharding", ("auto", "table_wise", "row_wise", "column_wise",
                                                          "table_row_wise"))
     table_sharding: Optional[str] = _opt(None, "per-table overrides of --sharding, e.g. 'user:row_wise,genres:table_wise'")
+    collective_timeout_s: int = _opt(600, "seconds a rank waits in a collective before failing (a lost peer)")
     eval_k: int = _opt(10, "cut-off of Recall@k / NDCG@k")
     mlflow_uri: Optional[str] = _opt(None, "MLflow tracking URI (default: sqlite database in the output dir)")
     experiment_name: str = _opt("twotower-movielens", "MLflow experiment")

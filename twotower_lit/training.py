@@ -5,6 +5,8 @@ training job) executes on every rank; rank 0 alone writes metrics, MLflow record
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import glob
 import json
 import os
@@ -19,6 +21,7 @@ import torch
 from twotower_lit.config import TrainConfig, to_flat_dict
 from twotower_lit.data.datamodule import MovieLensDataModule, load_manifest
 from twotower_lit.evaluation import RetrievalEvaluation
+from twotower_lit.losses import TwoTowerLoss
 from twotower_lit.metrics import PopularityBaseline
 from twotower_lit.model import feature_specs
 from twotower_lit.module import TwoTowerModule
@@ -82,15 +85,28 @@ def latest_checkpoint(checkpoint_dir: str) -> Optional[str]:
     return max(found)[2] if found else None
 
 
+def launch_rank(cfg: TrainConfig) -> int:
+    """This process's global rank as the launcher announced it (torchrun/SageMaker set RANK; Lightning's
+    own launcher sets NODE_RANK and LOCAL_RANK), known before any process group exists."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int(os.environ.get("NODE_RANK", 0)) * cfg.devices + int(os.environ.get("LOCAL_RANK", 0))
+
+
 def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger) -> L.Trainer:
-    strategy = TorchRecStrategy(sharding=cfg.sharding, table_sharding=parse_table_sharding(cfg.table_sharding))
-    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=checkpoint_dir, filename="epoch{epoch}-step{step}", auto_insert_metric_name=False,
-        every_n_train_steps=cfg.checkpoint_every_n_steps or None, save_on_train_epoch_end=True,
-        save_top_k=-1, save_last=False)
+    strategy = TorchRecStrategy(sharding=cfg.sharding, table_sharding=parse_table_sharding(cfg.table_sharding),
+                                timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
+    # one callback per trigger: Lightning's ModelCheckpoint takes either a step or an epoch interval
+    checkpoints = [L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=checkpoint_dir, filename="epoch{epoch}-end-step{step}", auto_insert_metric_name=False,
+        save_on_train_epoch_end=True, save_top_k=-1, every_n_epochs=1)]
+    if cfg.checkpoint_every_n_steps:
+        checkpoints.append(L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=checkpoint_dir, filename="epoch{epoch}-step{step}", auto_insert_metric_name=False,
+            every_n_train_steps=cfg.checkpoint_every_n_steps, save_top_k=-1))
     return L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
-        max_epochs=cfg.max_epochs, logger=logger, callbacks=[checkpoints, RetrievalEvaluation(cfg.eval_k)],
+        max_epochs=cfg.max_epochs, logger=logger, callbacks=[*checkpoints, RetrievalEvaluation(cfg.eval_k)],
         enable_progress_bar=cfg.progress, enable_model_summary=False, log_every_n_steps=10,
         num_sanity_val_steps=1, deterministic=False, default_root_dir=output_dir, use_distributed_sampler=False)
 
@@ -111,12 +127,18 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
     features = feature_specs(manifest, cfg.model.side_features)
     world = cfg.devices * cfg.num_nodes
     total_steps = dm.steps_per_epoch(world) * cfg.max_epochs
-    module = TwoTowerModule(features, cfg.model, cfg.optim, total_steps=total_steps)
+    dm.load()  # training-row counts per item: the softmax's log-Q correction
+    loss = TwoTowerLoss(cfg.loss, num_items=dm.num_items, negatives=cfg.negatives,
+                        softmax_weight=cfg.softmax_weight, temperature=cfg.softmax_temperature)
+    loss.set_item_counts(dm.item_counts)
+    module = TwoTowerModule(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss)
 
     uri = tracking.tracking_uri(cfg.mlflow_uri, output_dir)
+    # only global rank 0 talks to MLflow (other ranks opening the SQLite store would race on its schema)
     logger = L.pytorch.loggers.MLFlowLogger(
         experiment_name=cfg.experiment_name, run_name=run_name, tracking_uri=uri,
-        artifact_location=tracking.artifact_location(uri, output_dir), log_model=False)
+        artifact_location=tracking.artifact_location(uri, output_dir), log_model=False) \
+        if launch_rank(cfg) == 0 else False
     checkpoint_dir = cfg.checkpoint_dir or os.path.join(output_dir, "checkpoints")
     trainer = build_trainer(cfg, output_dir, checkpoint_dir, logger)
     ckpt_path = None
@@ -128,11 +150,12 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
         logger.log_hyperparams({k: str(v) for k, v in to_flat_dict(cfg).items()})
 
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    train_seconds = time.perf_counter() - t0
-    test = trainer.test(module, datamodule=dm, verbose=False)[0]
-    retrieval = _callback(trainer).last.get("test", {})
-    state = trainer.strategy.full_model_state_dict()  # collective: gathers the shards to rank 0
+    with _peer_failures_explained(trainer, checkpoint_dir):
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        train_seconds = time.perf_counter() - t0
+        test = trainer.test(module, datamodule=dm, verbose=False)[0]
+        retrieval = _callback(trainer).last.get("test", {})
+        state = trainer.strategy.full_model_state_dict()  # collective: gathers the shards to rank 0
     if not trainer.is_global_zero:
         return None
 
@@ -168,6 +191,29 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
     metrics["mlflow"] = {"tracking_uri": uri, "run_id": logger.run_id}
     _print_summary(metrics, output_dir, k)
     return metrics
+
+
+class PeerLostError(RuntimeError):
+    """Another rank of the job died (crash, OOM kill, lost node) while this one was waiting on it."""
+
+
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+              "Timed out", "timed out", "DistNetworkError", "failed to recv", "Socket Timeout")
+
+
+@contextlib.contextmanager
+def _peer_failures_explained(trainer: L.Trainer, checkpoint_dir: str):
+    """Turn a collective's low-level failure into an error that says what happened and what to do."""
+    try:
+        yield
+    except (RuntimeError, torch.distributed.DistError) as e:
+        text = f"{type(e).__name__}: {e}"
+        if trainer.world_size > 1 and any(p in text for p in _PEER_LOST):
+            raise PeerLostError(
+                f"rank {trainer.global_rank} of {trainer.world_size} lost contact with another rank (it crashed, was "
+                f"killed, or its node went away). Checkpoints are in {checkpoint_dir}: rerun the same command with "
+                f"`--resume auto` to continue from the last complete one. Underlying error: {text[:500]}") from e
+        raise
 
 
 def _callback(trainer: L.Trainer) -> RetrievalEvaluation:

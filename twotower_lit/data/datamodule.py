@@ -125,6 +125,7 @@ class MovieLensDataModule(L.LightningDataModule):
         pin = bool(self.trainer is not None and self.trainer.strategy.root_device.type == "cuda")
         return EpochAwareDataLoader(
             reader, epoch_fn=lambda: self.trainer.current_epoch if self.trainer is not None else 0,
+            skip_fn=self._take_resume_skip if train else None,
             num_workers=self.num_workers, pin_memory=pin,
             prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
 
@@ -136,6 +137,26 @@ class MovieLensDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return self._loader("test", train=False)
+
+    # ------------------------------------------------------------------ mid-epoch resume
+    def state_dict(self) -> Dict:
+        """Saved in every checkpoint: how far into the epoch training got."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        # `ready` counts batches handed to training_step so far this epoch; checkpoints are written
+        # after the step (on_train_batch_end) or at the epoch end
+        return {"epoch": trainer.current_epoch,
+                "train_batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.ready}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self._resume_state = dict(state)
+
+    def _take_resume_skip(self, epoch: int) -> int:
+        state, self._resume_state = getattr(self, "_resume_state", None), None
+        if state and state.get("epoch") == epoch:
+            return int(state.get("train_batches_done", 0))
+        return 0
 
     def steps_per_epoch(self, world: int) -> int:
         return num_batches(self.source("train").total_rows, world, max(1, self.num_workers), self.batch_size)

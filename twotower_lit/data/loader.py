@@ -17,6 +17,8 @@ A rank reads only the shards its range touches (at most ``ceil(N / world / shard
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -145,7 +147,7 @@ class RatingsShardReader(IterableDataset):
 
     def __init__(self, source: ShardSource, builder: KJTBuilder, batch_size: int, world: int = 1, rank: int = 0,
                  seed: int = 0, shuffle: bool = True, buffer_rows: int = 1 << 18, negatives: int = 0,
-                 sampler: Optional[NegativeSampler] = None) -> None:
+                 sampler: Optional[NegativeSampler] = None, prefetch_batches: int = 4) -> None:
         if negatives and sampler is None:
             raise ValueError("negatives > 0 needs a NegativeSampler")
         self.source = source
@@ -160,6 +162,8 @@ class RatingsShardReader(IterableDataset):
         self.sampler = sampler
         self.epoch = 0
         self.workers = 1
+        self.skip = 0  # batches of this epoch already trained on (resuming mid-epoch)
+        self.prefetch = prefetch_batches
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -179,9 +183,8 @@ class RatingsShardReader(IterableDataset):
                    table.column("label").to_numpy().astype(np.float32),
                    np.full(hi - lo, not wrapped)]
 
-    def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
+    def _row_batches(self, worker: int) -> Iterator[List[np.ndarray]]:
+        """(users, items, labels, first_read) of each batch of this worker, in order."""
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         buf = [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, bool)]
         for chunk in self._chunks(self._segments(worker)):
@@ -194,20 +197,46 @@ class RatingsShardReader(IterableDataset):
             # emit the first half's full batches; the rest stays to mix with what comes next
             n_out = (len(buf[0]) // 2) // self.batch_size * self.batch_size
             for lo in range(0, n_out, self.batch_size):
-                yield self._batch(*(b[lo:lo + self.batch_size] for b in buf), rng=rng)
+                yield [b[lo:lo + self.batch_size] for b in buf]
             buf = [b[n_out:] for b in buf]
         if self.shuffle and len(buf[0]):
             perm = rng.permutation(len(buf[0]))
             buf = [b[perm] for b in buf]
         for lo in range(0, len(buf[0]), self.batch_size):
-            yield self._batch(*(b[lo:lo + self.batch_size] for b in buf), rng=rng)
+            yield [b[lo:lo + self.batch_size] for b in buf]
+
+    def worker_skip(self, worker: int) -> int:
+        """How many of `worker`'s batches fall within the first `self.skip` batches of the rank
+        (a DataLoader takes batches from its workers in turn, passing over finished ones)."""
+        per_worker = [math.ceil(r / self.batch_size)
+                      for r in rows_per_worker(self.source.total_rows, self.world, self.workers)]
+        taken = [0] * self.workers
+        remaining = self.skip
+        while remaining > 0 and any(t < n for t, n in zip(taken, per_worker)):
+            for w in range(self.workers):
+                if remaining and taken[w] < per_worker[w]:
+                    taken[w] += 1
+                    remaining -= 1
+        return taken[worker]
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        skip = self.worker_skip(worker)
+        batches = (self._batch(*rows, index=i) for i, rows in enumerate(self._row_batches(worker)) if i >= skip)
+        # without loader worker processes, assemble the next batches in a thread meanwhile
+        return batches if info is not None or not self.prefetch else prefetch(batches, self.prefetch)
 
     def _batch(self, users: np.ndarray, items: np.ndarray, labels: np.ndarray, first_read: np.ndarray,
-               rng: np.random.Generator) -> Batch:
+               index: int) -> Batch:
         """`rated` marks the rows metrics count: rated rows read for the first time this epoch
-        (not wrap-around re-reads, not sampled negatives); the loss uses every row."""
+        (not wrap-around re-reads, not sampled negatives); the loss uses every row.
+        Negatives come from a generator of their own per batch, so resuming mid-epoch (skipping
+        batches) draws exactly the negatives an uninterrupted run would."""
         if not self.negatives:
             return self.builder.batch(users, items, labels, first_read)
+        info = get_worker_info()
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, info.id if info else 0, index, 1])
         nu, ni = self.sampler.sample(users, self.negatives, rng)
         rated = np.zeros(len(users) + len(nu), dtype=bool)
         rated[: len(users)] = first_read
@@ -215,17 +244,57 @@ class RatingsShardReader(IterableDataset):
                                   np.concatenate([labels, np.zeros(len(nu), np.float32)]), rated)
 
 
+def prefetch(items: Iterator, depth: int) -> Iterator:
+    """Run `items` in a background thread, `depth` ahead (numpy and Arrow release the GIL)."""
+    q: "queue.Queue" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 (re-raised in the consumer)
+            q.put(e)
+
+    thread = threading.Thread(target=produce, name="shard-reader-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 class EpochAwareDataLoader(DataLoader):
-    """A DataLoader that tells its dataset the epoch (from `epoch_fn`) each time it is iterated.
+    """A DataLoader that tells its dataset the epoch (`epoch_fn`) and, when resuming mid-epoch, how
+    many batches to pass over (`skip_fn(epoch)`), each time it is iterated.
 
     Lightning only calls `set_epoch` on samplers, and an IterableDataset has none.
     """
 
-    def __init__(self, dataset: RatingsShardReader, epoch_fn: Callable[[], int], **kwargs) -> None:
+    def __init__(self, dataset: RatingsShardReader, epoch_fn: Callable[[], int],
+                 skip_fn: Optional[Callable[[int], int]] = None, **kwargs) -> None:
         dataset.workers = max(1, kwargs.get("num_workers", 0))
         super().__init__(dataset, batch_size=None, **kwargs)
         self._epoch_fn = epoch_fn
+        self._skip_fn = skip_fn
 
     def __iter__(self):
-        self.dataset.set_epoch(self._epoch_fn())
+        epoch = self._epoch_fn()
+        self.dataset.set_epoch(epoch)
+        self.dataset.skip = self._skip_fn(epoch) if self._skip_fn else 0
         return super().__iter__()

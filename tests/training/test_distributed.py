@@ -1,0 +1,165 @@
+"""Two gloo processes on CPU: launch modes, distributed evaluation, export gathering,
+mid-epoch resume after a killed rank, and checkpoint resharding (2 -> 1 and 1 -> 2 ranks)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import free_port
+from tests.training.conftest import REPO, read_json, run_cli
+
+KEYS = ("auc", "logloss", "accuracy", "recall@10", "ndcg@10")
+ARGS = ["--batch-size", "256", "--progress", "false", "--negatives", "2", "--registered-model-name", "",
+        "--collective-timeout-s", "60"]
+
+
+@pytest.fixture(scope="module")
+def small_prepared(synthetic_movielens, tmp_path_factory) -> Path:
+    from twotower_lit.config import PrepareConfig
+    from twotower_lit.data.prepare import prepare_dataset
+
+    raw = synthetic_movielens("ml-1m", 12_000, seed=2)
+    out = tmp_path_factory.mktemp("prepared") / "ml-1m-12k"
+    prepare_dataset(PrepareConfig(data_dir=str(raw), min_shards=4), str(out), log=lambda *a, **k: None)
+    return out
+
+
+def train(data, out, *extra, devices=2):
+    return run_cli("entrypoints.train", ["--data-dir", str(data), "--output-dir", str(out), "--accelerator", "cpu",
+                                         "--devices", str(devices), *ARGS, *extra])
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(small_prepared, tmp_path_factory):
+    """The uninterrupted reference: 2 ranks, row-wise tables, 2 epochs, checkpoints every 7 steps."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    train(small_prepared, out, "--max-epochs", "2", "--sharding", "row_wise", "--checkpoint-every-n-steps", "7")
+    return out
+
+
+def test_two_ranks_metrics_equal_single_process_evaluation_of_the_export(two_rank_run, small_prepared):
+    """Distributed evaluation (data spread over ranks) and the gathered export agree with a
+    single-process evaluation of the exported artifact."""
+    metrics = read_json(two_rank_run / "metrics.json")
+    assert metrics["train"]["world_size"] == 2
+    assert {d["sharding_type"] for d in metrics["sharding_plan"].values()} == {"row_wise"}
+    assert all(len(d["ranks"]) == 2 for d in metrics["sharding_plan"].values())
+    proc = run_cli("entrypoints.evaluate", ["--model-dir", str(two_rank_run / "model"), "--data-dir",
+                                            str(small_prepared)])
+    single = json.loads(proc.stdout)["test"]
+    for key in KEYS:
+        assert single[key] == pytest.approx(metrics["test"][key], abs=2e-4), key
+
+
+def _step(checkpoint: Path) -> int:
+    return int(re.search(r"step(\d+)", checkpoint.name).group(1))
+
+
+def _latest_step_checkpoint(ckpt_dir: Path, min_step: int):
+    for path in sorted(ckpt_dir.glob("*/trainer_state.pt")):
+        if _step(path.parent) >= min_step:
+            return path.parent
+    return None
+
+
+def test_sigkill_of_one_rank_fails_fast_and_resume_reproduces_the_run(two_rank_run, small_prepared, tmp_path):
+    reference = read_json(two_rank_run / "metrics.json")
+    steps_per_epoch = reference["train"]["steps"] // 2
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "entrypoints.train", "--data-dir", str(small_prepared), "--output-dir", str(out),
+           "--accelerator", "cpu", "--devices", "2", *ARGS, "--max-epochs", "2", "--sharding", "row_wise",
+           "--checkpoint-every-n-steps", "7"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    # wait for a mid-epoch checkpoint in the second epoch, then kill rank 1
+    while _latest_step_checkpoint(out / "checkpoints", steps_per_epoch + 1) is None:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    rank1 = [c for c in children if c.environ().get("LOCAL_RANK") == "1"]
+    assert rank1, "rank 1 not found"
+    killed_at = time.time()
+    rank1[0].send_signal(signal.SIGKILL)
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the job hung after one rank was killed")
+    exit_seconds = time.time() - killed_at
+    assert proc.returncode != 0
+    # rank 0 names the failure and the way out (Lightning's launcher may also report the dead child)
+    assert "lost contact with another rank" in output and "--resume auto" in output, output[-3000:]
+    assert exit_seconds < 90
+    assert not (out / "metrics.json").exists()
+
+    train(small_prepared, out, "--max-epochs", "2", "--sharding", "row_wise", "--checkpoint-every-n-steps", "7",
+          "--resume", "auto")
+    resumed = read_json(out / "metrics.json")
+    assert resumed["train"]["steps"] == reference["train"]["steps"]
+    for key in KEYS:
+        assert resumed["test"][key] == pytest.approx(reference["test"][key], abs=1e-6), key
+
+
+def test_checkpoint_of_two_ranks_loads_on_one_rank_with_another_plan(two_rank_run, small_prepared, tmp_path):
+    final = next((two_rank_run / "checkpoints").glob("epoch1-end-*/trainer_state.pt")).parent
+    out = tmp_path / "one"
+    train(small_prepared, out, "--max-epochs", "2", "--sharding", "table_wise", "--resume", str(final), devices=1)
+    reference, got = read_json(two_rank_run / "metrics.json"), read_json(out / "metrics.json")
+    assert {d["sharding_type"] for d in got["sharding_plan"].values()} == {"table_wise"}
+    for key in KEYS:
+        assert got["test"][key] == pytest.approx(reference["test"][key], abs=2e-4), key
+
+
+def test_checkpoint_of_one_rank_loads_on_two_ranks(small_prepared, tmp_path):
+    one = tmp_path / "one"
+    train(small_prepared, one, "--max-epochs", "1", "--sharding", "table_wise", devices=1)
+    final = next((one / "checkpoints").glob("epoch0-end-*/trainer_state.pt")).parent
+    two = tmp_path / "two"
+    train(small_prepared, two, "--max-epochs", "1", "--sharding", "column_wise", "--resume", str(final))
+    a, b = read_json(one / "metrics.json"), read_json(two / "metrics.json")
+    assert {d["sharding_type"] for d in b["sharding_plan"].values()} == {"column_wise"}
+    assert b["train"]["world_size"] == 2
+    for key in KEYS:
+        assert b["test"][key] == pytest.approx(a["test"][key], abs=2e-4), key
+
+
+def test_torchrun_two_processes(small_prepared, tmp_path):
+    out = tmp_path / "out"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "entrypoints.train",
+                           "--data-dir", str(small_prepared), "--output-dir", str(out), "--accelerator", "cpu",
+                           "--devices", "2", "--max-epochs", "1", *ARGS], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = read_json(out / "metrics.json")
+    assert metrics["train"]["world_size"] == 2 and metrics["test"]["auc"] > 0.5
+
+
+def test_two_nodes_with_rendezvous_variables(small_prepared, tmp_path):
+    """Two 'nodes' on this machine, each a torchrun agent with one process, joined through the
+    standard rendezvous settings (master address/port, node rank)."""
+    out = tmp_path / "out"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    port = free_port()
+    procs = []
+    for node_rank in (0, 1):
+        cmd = [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node_rank),
+               "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "entrypoints.train",
+               "--data-dir", str(small_prepared), "--output-dir", str(out), "--accelerator", "cpu",
+               "--devices", "1", "--num-nodes", "2", "--max-epochs", "1", *ARGS]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert read_json(out / "metrics.json")["train"]["world_size"] == 2
