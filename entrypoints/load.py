@@ -13,9 +13,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser, LoadConfig)
     cfg = from_namespace(LoadConfig, parser.parse_args(argv))
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except (OSError, ValueError) as e:
+        parser.exit(2, f"load: {e}\n")
     print(format_summary(summary))
     print(json.dumps(summary))
+    if summary["requests"] and not summary["ok"]:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ def main(argv=None) -> None:
     cfg = from_namespace(ShadowReportConfig, parser.parse_args(argv))
     if not cfg.capture_dir:
         parser.error("--capture-dir is required")
-    report = write_report(cfg)
+    try:
+        report = write_report(cfg)
+    except (OSError, ValueError) as e:
+        parser.exit(2, f"shadow_report: {e}\n")
     print(f"verdict: {report['verdict']} ({'; '.join(report['reasons'])})")
     for path in report["files"]:
         print(path)

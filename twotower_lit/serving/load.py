@@ -141,8 +141,9 @@ class LoadResult:
         ok = sum(1 for o in self.outcomes if 200 <= o.status < 300)
         pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
         server = np.asarray([o.server_ms for o in self.outcomes if o.server_ms is not None])
+        samples = sorted({o.error for o in self.outcomes if o.error})[:3]
         return {"server_ms": {"p50": float(np.percentile(server, 50)), "p99": float(np.percentile(server, 99))}
-                if len(server) else None,
+                if len(server) else None, "error_samples": samples,
                 "requests": len(self.outcomes), "ok": ok, "errors": len(self.outcomes) - ok, "statuses": statuses,
                 "wall_s": round(self.wall_s, 3), "achieved_rps": round(len(self.outcomes) / self.wall_s, 2) if self.wall_s else 0.0,
                 "latency_ms": {"mean": float(lat.mean()) if len(lat) else float("nan"), "p50": pct(50), "p90": pct(90),
@@ -186,9 +187,12 @@ async def run_load(send: Sender, bodies: Iterator[bytes], rate: float, concurren
 
 def format_summary(s: Dict) -> str:
     lat = s["latency_ms"]
-    return (f"{s['requests']} requests in {s['wall_s']:.1f} s = {s['achieved_rps']:.1f} req/s; "
+    text = (f"{s['requests']} requests in {s['wall_s']:.1f} s = {s['achieved_rps']:.1f} req/s; "
             f"{s['errors']} errors {s['statuses']}\n"
             f"latency ms: p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  max {lat['max']:.2f}")
+    if s.get("error_samples"):
+        text += "\nerrors like: " + " | ".join(s["error_samples"])
+    return text
 
 
 def run(cfg: LoadConfig, send: Optional[Sender] = None) -> Dict:
