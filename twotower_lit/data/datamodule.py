@@ -14,6 +14,7 @@ from twotower_lit.data.batches import FeatureTables, KJTBuilder
 from twotower_lit.data.csr import Csr
 from twotower_lit.data.loader import (EpochAwareDataLoader, NegativeSampler, RatingsShardReader, ShardSource,
                                       num_batches, read_columns)
+from twotower_lit.data.storage import Storage
 from twotower_lit.data.schema import ITEMS_FILE, MANIFEST, SCHEMA_VERSION, SPLITS, USERS_FILE
 from twotower_lit.metrics import positives_csr
 
@@ -28,15 +29,7 @@ def load_manifest(data_dir: str) -> Dict:
     """The prepared dataset's manifest (local or s3://), with a clear error if it is not one."""
     path = join(data_dir, MANIFEST)
     try:
-        if "://" in path:
-            from pyarrow import fs
-
-            filesystem, inner = fs.FileSystem.from_uri(path)
-            with filesystem.open_input_stream(inner) as f:
-                manifest = json.loads(f.read().decode())
-        else:
-            with open(path) as f:
-                manifest = json.load(f)
+        manifest = json.loads(Storage(data_dir).read_bytes(MANIFEST).decode())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: {data_dir} is not a prepared dataset; run "
                                 f"`python -m entrypoints.prepare --data-dir RAW --output-dir {data_dir}`") from None
@@ -159,4 +152,4 @@ class MovieLensDataModule(L.LightningDataModule):
         return 0
 
     def steps_per_epoch(self, world: int) -> int:
-        return num_batches(self.source("train").total_rows, world, max(1, self.num_workers), self.batch_size)
+        return num_batches(self.source("train").total_rows, world, self.batch_size)

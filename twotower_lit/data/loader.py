@@ -9,8 +9,11 @@ world size, seed and epoch, so no coordination is needed):
    range wraps around to the start, so up to ``world - 1`` rows are read twice in an epoch and
    none is skipped. Every rank therefore has the same number of rows and, with the same batch
    size and worker count, exactly the same number of batches (DMP's collectives need that).
-3. Within a rank, loader worker ``w`` of ``W`` takes the ``w``-th contiguous sub-range.
-4. Rows pass through an in-memory shuffle buffer; every batch is full except each worker's last.
+3. Rows pass through an in-memory shuffle buffer and are cut into batches; every batch is full
+   except the rank's last one.
+4. With ``W`` loader workers, every worker reads the rank's rows but assembles (features,
+   negatives) only every ``W``-th batch, so the batch sequence, and the training result, do not
+   depend on the number of workers, and resuming mid-epoch continues exactly where it stopped.
 
 A rank reads only the shards its range touches (at most ``ceil(N / world / shard_rows) + 1``).
 """
@@ -29,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from twotower_lit.data.batches import Batch, KJTBuilder
+from twotower_lit.data.storage import resolve
 
 Segment = Tuple[int, int, int, bool]  # (shard index, first row, end row, is a wrap-around re-read)
 
@@ -37,9 +41,9 @@ def epoch_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_shards)
 
 
-def assign_rows(shard_rows: Sequence[int], world: int, rank: int, workers: int, worker: int,
-                seed: int, epoch: int, shuffle: bool = True) -> List[Segment]:
-    """The (shard, start, end) segments that `rank`/`worker` reads this epoch (see module doc)."""
+def assign_rows(shard_rows: Sequence[int], world: int, rank: int, seed: int, epoch: int,
+                shuffle: bool = True) -> List[Segment]:
+    """The (shard, start, end, wrapped) segments that `rank` reads this epoch (see module doc)."""
     order = epoch_order(len(shard_rows), seed, epoch) if shuffle else np.arange(len(shard_rows))
     sizes = np.asarray(shard_rows, dtype=np.int64)[order]
     starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -47,11 +51,7 @@ def assign_rows(shard_rows: Sequence[int], world: int, rank: int, workers: int, 
     if total == 0:
         return []
     per_rank = math.ceil(total / world)
-    lo = rank * per_rank
-    # worker sub-range of the rank's range
-    base, extra = divmod(per_rank, workers)
-    w_lo = lo + worker * base + min(worker, extra)
-    w_hi = w_lo + base + (1 if worker < extra else 0)
+    w_lo, w_hi = rank * per_rank, (rank + 1) * per_rank
     if total < world:
         raise ValueError(f"{total} rows cannot be spread over {world} ranks; use fewer processes")
     pieces = []
@@ -70,15 +70,9 @@ def assign_rows(shard_rows: Sequence[int], world: int, rank: int, workers: int, 
     return segments
 
 
-def rows_per_worker(total_rows: int, world: int, workers: int) -> List[int]:
-    per_rank = math.ceil(total_rows / world) if total_rows else 0
-    base, extra = divmod(per_rank, workers)
-    return [base + (1 if w < extra else 0) for w in range(workers)]
-
-
-def num_batches(total_rows: int, world: int, workers: int, batch_size: int) -> int:
+def num_batches(total_rows: int, world: int, batch_size: int) -> int:
     """Batches each rank yields per epoch (identical on every rank)."""
-    return sum(math.ceil(r / batch_size) for r in rows_per_worker(total_rows, world, workers))
+    return math.ceil(math.ceil(total_rows / world) / batch_size) if total_rows else 0
 
 
 class NegativeSampler:
@@ -131,13 +125,9 @@ class ShardSource:
 
 
 def read_columns(path: str, columns: Sequence[str]) -> pa.Table:
-    """Read a Parquet file from a local path or an s3:// URI."""
-    if "://" in path:
-        from pyarrow import fs
-
-        filesystem, inner = fs.FileSystem.from_uri(path)
-        return pq.read_table(inner, columns=list(columns), filesystem=filesystem)
-    return pq.read_table(path, columns=list(columns))
+    """Read columns of a Parquet file from a local path or an s3:// URI."""
+    filesystem, inner = resolve(path)
+    return pq.read_table(inner, columns=list(columns), filesystem=filesystem)
 
 
 class RatingsShardReader(IterableDataset):
@@ -161,7 +151,6 @@ class RatingsShardReader(IterableDataset):
         self.negatives = negatives
         self.sampler = sampler
         self.epoch = 0
-        self.workers = 1
         self.skip = 0  # batches of this epoch already trained on (resuming mid-epoch)
         self.prefetch = prefetch_batches
 
@@ -169,11 +158,8 @@ class RatingsShardReader(IterableDataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return num_batches(self.source.total_rows, self.world, self.workers, self.batch_size)
-
-    def _segments(self, worker: int) -> List[Segment]:
-        return assign_rows(self.source.rows, self.world, self.rank, self.workers, worker, self.seed,
-                           self.epoch, self.shuffle)
+        """Batches in a whole epoch (Lightning counts a resumed epoch's batches from where it stopped)."""
+        return num_batches(self.source.total_rows, self.world, self.batch_size)
 
     def _chunks(self, segments: List[Segment]) -> Iterator[List[np.ndarray]]:
         for shard, lo, hi, wrapped in segments:
@@ -183,11 +169,12 @@ class RatingsShardReader(IterableDataset):
                    table.column("label").to_numpy().astype(np.float32),
                    np.full(hi - lo, not wrapped)]
 
-    def _row_batches(self, worker: int) -> Iterator[List[np.ndarray]]:
-        """(users, items, labels, first_read) of each batch of this worker, in order."""
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+    def _row_batches(self) -> Iterator[List[np.ndarray]]:
+        """(users, items, labels, first_read) of each batch of this rank, in order."""
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         buf = [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, bool)]
-        for chunk in self._chunks(self._segments(worker)):
+        segments = assign_rows(self.source.rows, self.world, self.rank, self.seed, self.epoch, self.shuffle)
+        for chunk in self._chunks(segments):
             buf = [np.concatenate([b, c]) for b, c in zip(buf, chunk)]
             if len(buf[0]) < self.buffer_rows:
                 continue
@@ -205,25 +192,13 @@ class RatingsShardReader(IterableDataset):
         for lo in range(0, len(buf[0]), self.batch_size):
             yield [b[lo:lo + self.batch_size] for b in buf]
 
-    def worker_skip(self, worker: int) -> int:
-        """How many of `worker`'s batches fall within the first `self.skip` batches of the rank
-        (a DataLoader takes batches from its workers in turn, passing over finished ones)."""
-        per_worker = [math.ceil(r / self.batch_size)
-                      for r in rows_per_worker(self.source.total_rows, self.world, self.workers)]
-        taken = [0] * self.workers
-        remaining = self.skip
-        while remaining > 0 and any(t < n for t, n in zip(taken, per_worker)):
-            for w in range(self.workers):
-                if remaining and taken[w] < per_worker[w]:
-                    taken[w] += 1
-                    remaining -= 1
-        return taken[worker]
-
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        skip = self.worker_skip(worker)
-        batches = (self._batch(*rows, index=i) for i, rows in enumerate(self._row_batches(worker)) if i >= skip)
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # batch i goes to worker (i - skip) % workers: a DataLoader takes one batch from each worker
+        # in turn, starting with worker 0, so the batches arrive in their original order
+        batches = (self._batch(*rows, index=i) for i, rows in enumerate(self._row_batches())
+                   if i >= self.skip and (i - self.skip) % workers == worker)
         # without loader worker processes, assemble the next batches in a thread meanwhile
         return batches if info is not None or not self.prefetch else prefetch(batches, self.prefetch)
 
@@ -235,8 +210,7 @@ class RatingsShardReader(IterableDataset):
         batches) draws exactly the negatives an uninterrupted run would."""
         if not self.negatives:
             return self.builder.batch(users, items, labels, first_read)
-        info = get_worker_info()
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, info.id if info else 0, index, 1])
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, index, 1])
         nu, ni = self.sampler.sample(users, self.negatives, rng)
         rated = np.zeros(len(users) + len(nu), dtype=bool)
         rated[: len(users)] = first_read
@@ -288,7 +262,6 @@ class EpochAwareDataLoader(DataLoader):
 
     def __init__(self, dataset: RatingsShardReader, epoch_fn: Callable[[], int],
                  skip_fn: Optional[Callable[[int], int]] = None, **kwargs) -> None:
-        dataset.workers = max(1, kwargs.get("num_workers", 0))
         super().__init__(dataset, batch_size=None, **kwargs)
         self._epoch_fn = epoch_fn
         self._skip_fn = skip_fn
