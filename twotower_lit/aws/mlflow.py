@@ -1,0 +1,78 @@
+"""MLflow on AWS: which kind of tracking URI a config holds, and SageMaker's managed tracking server.
+
+`TrainConfig.mlflow_uri` may be empty (embedded SQLite in the run directory, see
+`twotower_lit.tracking`), an MLflow server URL, or the ARN of a SageMaker managed MLflow tracking
+server. MLflow understands the ARN through the ``sagemaker-mlflow`` plugin (an optional extra,
+``requirements/aws.txt``; the training job installs it when its URI is an ARN). The launcher
+passes the ARN to the job as the ``mlflow_uri`` hyperparameter, like any other option.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+import time
+from typing import Optional
+
+from twotower_lit.aws.session import AwsContext
+
+log = logging.getLogger(__name__)
+
+_ARN = re.compile(r"^arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:\d{12}:(mlflow-tracking-server|mlflow-app)/[\w-]+$")
+_READY = ("Created", "Started", "Updated", "MaintenanceComplete")
+_FAILED = ("CreateFailed", "UpdateFailed", "StartFailed", "DeleteFailed", "StopFailed", "MaintenanceFailed")
+
+
+def is_managed_mlflow_arn(uri: Optional[str]) -> bool:
+    return bool(uri) and bool(_ARN.match(uri))
+
+
+def tracking_uri_kind(uri: Optional[str]) -> str:
+    """'sqlite' (embedded, the default), 'sagemaker' (managed server ARN), 'server' (http[s]://)
+    or 'other' (anything else MLflow accepts, e.g. databricks)."""
+    if not uri or uri.startswith("sqlite:"):
+        return "sqlite"
+    if is_managed_mlflow_arn(uri):
+        return "sagemaker"
+    if uri.startswith(("http://", "https://")):
+        return "server"
+    if uri.startswith("arn:"):
+        raise ValueError(f"{uri}: an ARN, but not a SageMaker MLflow tracking server's "
+                         "(arn:aws:sagemaker:<region>:<account>:mlflow-tracking-server/<name>)")
+    return "other"
+
+
+def require_plugin(uri: Optional[str]) -> None:
+    """Fail early, saying what to install, when `uri` is an ARN and the plugin is missing."""
+    if tracking_uri_kind(uri) == "sagemaker" and importlib.util.find_spec("sagemaker_mlflow") is None:
+        raise RuntimeError(f"MLflow tracking URI {uri} is a SageMaker tracking server: pip install "
+                           "sagemaker-mlflow (requirements/aws.txt) so MLflow can reach it")
+
+
+def find_or_create_tracking_server(ctx: AwsContext, name: str, artifact_store_uri: Optional[str] = None,
+                                   size: str = "Small", wait: bool = True, timeout: float = 3600.0,
+                                   poll: float = 30.0) -> str:
+    """The ARN of the managed MLflow tracking server `name`: started if stopped, created (with the
+    project tag, artifacts under s3://BUCKET/PREFIX/mlflow) if missing; waits until it is ready."""
+    sm = ctx.sagemaker
+    try:
+        desc = sm.describe_mlflow_tracking_server(TrackingServerName=name)
+    except sm.exceptions.ResourceNotFound:
+        log.info("creating SageMaker MLflow tracking server %s (takes ~20 min)", name)
+        sm.create_mlflow_tracking_server(
+            TrackingServerName=name, ArtifactStoreUri=artifact_store_uri or ctx.s3_uri("mlflow"),
+            TrackingServerSize=size, RoleArn=ctx.role, AutomaticModelRegistration=False, Tags=ctx.tags())
+        desc = sm.describe_mlflow_tracking_server(TrackingServerName=name)
+    if desc["TrackingServerStatus"] in ("Stopped", "Stopping"):
+        if desc["TrackingServerStatus"] == "Stopped":
+            sm.start_mlflow_tracking_server(TrackingServerName=name)
+        desc = sm.describe_mlflow_tracking_server(TrackingServerName=name)
+    deadline = time.monotonic() + timeout
+    while wait and desc["TrackingServerStatus"] not in _READY:
+        if desc["TrackingServerStatus"] in _FAILED:
+            raise RuntimeError(f"MLflow tracking server {name} is {desc['TrackingServerStatus']}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"MLflow tracking server {name} still {desc['TrackingServerStatus']} after {timeout:.0f} s")
+        time.sleep(poll)
+        desc = sm.describe_mlflow_tracking_server(TrackingServerName=name)
+    return desc["TrackingServerArn"]

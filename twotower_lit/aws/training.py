@@ -1,0 +1,240 @@
+"""The SageMaker training job: `entrypoints/train.py` under torchrun on N instances.
+
+`plan_training_job` turns a `TrainConfig` (the same one the local CLI builds) and a
+`SageMakerTrainConfig` into a `TrainingJobPlan`: data uploaded and its channel, the staged source
+dir with its requirements.txt, the image, the hyperparameters (`hyperparameters.to_hyperparameters`,
+the only mapping), checkpoints, spot, tags. `start_training_job` hands the plan to whichever
+SageMaker Python SDK is installed:
+
+* v2 (2.257.x): ``sagemaker.pytorch.PyTorch(..., distribution={"torch_distributed": ...})``,
+  as the workshop does. The default where it is installed.
+* v3 (3.x): ``sagemaker.train.ModelTrainer(..., distributed=Torchrun())``.
+
+The two SDKs cannot share one environment; both are imported only here, inside the function that
+uses them, so the rest of the project never needs either.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from typing import Dict, Iterator, List, Optional
+
+from twotower_lit.aws import container
+from twotower_lit.aws.config import SageMakerTrainConfig
+from twotower_lit.aws.environment import CHECKPOINT_LOCAL_PATH, DATA_CHANNEL
+from twotower_lit.aws.hyperparameters import CONTAINER_FIELDS, metric_definitions, to_hyperparameters
+from twotower_lit.aws.mlflow import is_managed_mlflow_arn
+from twotower_lit.aws.s3 import upload_directory
+from twotower_lit.aws.session import AwsContext, resource_name
+from twotower_lit.config import TrainConfig, to_flat_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingJobPlan:
+    """One training job, decided once and launched by either SDK."""
+
+    job_name: str  # SDK v2 uses it as is
+    base_job_name: str  # SDK v3 appends a timestamp to it
+    image_uri: str
+    role: str
+    instance_type: str
+    instance_count: int
+    processes_per_host: Optional[int]
+    source_dir: str
+    entry_point: str
+    hyperparameters: Dict[str, str]
+    channels: Dict[str, str]
+    environment: Dict[str, str]
+    output_path: str
+    code_location: str
+    checkpoint_s3_uri: Optional[str]
+    spot: bool
+    max_run: int
+    max_wait: Optional[int]
+    volume_size: int
+    tags: List[Dict[str, str]]
+    metric_definitions: List[Dict[str, str]]
+    not_sent: Dict[str, object] = field(default_factory=dict)
+
+    def summary(self) -> Dict:
+        """What the job will be (for printing before it starts)."""
+        out = asdict(self)
+        out["source_files"] = len(container.source_files(self.source_dir))
+        return out
+
+
+def installed_sdk() -> Optional[str]:
+    """'v2' or 'v3' for the SageMaker Python SDK in this environment, or None."""
+    if importlib.util.find_spec("sagemaker") is None:
+        return None
+    if importlib.util.find_spec("sagemaker.pytorch") is not None:
+        return "v2"
+    if importlib.util.find_spec("sagemaker.train") is not None:
+        return "v3"
+    return None
+
+
+def resolve_sdk(requested: str) -> str:
+    have = installed_sdk()
+    if requested == "auto":
+        if have is None:
+            raise RuntimeError("no SageMaker Python SDK installed: pip install -r requirements/aws.txt (v2, the "
+                               "default) or -r requirements/sdk-v3.txt (v3)")
+        return have
+    if have != requested:
+        raise RuntimeError(f"--sdk {requested} asked for, but the installed SageMaker SDK is {have or 'none'} "
+                           f"(the two cannot share one environment)")
+    return requested
+
+
+def plan_training_job(ctx: AwsContext, cfg: TrainConfig, job: SageMakerTrainConfig, workdir: str) -> TrainingJobPlan:
+    """Upload the data if it is local, stage the source dir under `workdir`, and decide the job."""
+    base_job_name = job.job_name or resource_name(ctx.cfg.project)
+    job_name = job.job_name or resource_name(ctx.cfg.project, "@time")
+    checkpoint_uri = job.checkpoint_s3_uri or ("auto" if job.spot else None)
+    if checkpoint_uri == "auto":
+        checkpoint_uri = ctx.s3_uri("checkpoints", job_name)
+    if checkpoint_uri and not cfg.resume:
+        cfg = replace(cfg, resume="auto")  # a restarted (spot) job continues from the synced checkpoints
+    channels = {}
+    if cfg.data_dir:
+        channels[DATA_CHANNEL] = _data_uri(ctx, cfg.data_dir, job.data_s3_uri)
+    defaults = to_flat_dict(TrainConfig())
+    not_sent = {k: v for k, v in to_flat_dict(cfg).items() if k in CONTAINER_FIELDS and v != defaults[k]}
+    image = job.image_uri or container.dlc_image_uri(ctx.region, "training", job.framework_version, job.py_version,
+                                                     job.instance_type)
+    requirements = container.training_requirements(job.instance_type, job.container_torch,
+                                                   mlflow_plugin=is_managed_mlflow_arn(cfg.mlflow_uri))
+    source = container.stage_source_dir(os.path.join(workdir, "source"), requirements)
+    return TrainingJobPlan(
+        job_name=job_name, base_job_name=base_job_name, image_uri=image, role=ctx.role, instance_type=job.instance_type,
+        instance_count=job.instance_count, processes_per_host=job.processes_per_host, source_dir=source.path,
+        entry_point=source.entry_point, hyperparameters=to_hyperparameters(cfg), channels=channels,
+        environment={"PYTHONUNBUFFERED": "1"}, output_path=job.output_path or ctx.s3_uri("training"),
+        code_location=ctx.s3_uri("code"), checkpoint_s3_uri=checkpoint_uri, spot=job.spot, max_run=job.max_run,
+        max_wait=(job.max_wait or 2 * job.max_run) if job.spot else None, volume_size=job.volume_size,
+        tags=ctx.tags(), metric_definitions=metric_definitions(cfg.eval_k), not_sent=not_sent)
+
+
+def _data_uri(ctx: AwsContext, data_dir: str, target: Optional[str]) -> str:
+    if data_dir.startswith("s3://"):
+        return data_dir.rstrip("/")
+    local = os.path.abspath(os.path.expanduser(data_dir))
+    if not os.path.isdir(local):
+        raise FileNotFoundError(f"--data-dir {data_dir}: no such directory")
+    uri = (target or ctx.s3_uri("data", os.path.basename(local.rstrip(os.sep)))).rstrip("/")
+    upload_directory(ctx.s3, local, uri)
+    return uri
+
+
+@contextlib.contextmanager
+def _sdk_environment(ctx: AwsContext) -> Iterator[None]:
+    """The SDKs create some clients themselves: with an endpoint override (moto), send them there
+    too (AWS_ENDPOINT_URL) and switch the SDK's telemetry off (it would call out to AWS)."""
+    if not ctx.offline:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "SAGEMAKER_USER_CONFIG_OVERRIDE",
+                                           "SAGEMAKER_VALIDATE_ROLE", "SAGEMAKER_SUPPRESS_V2_WARNING")}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = os.path.join(tmp, "sagemaker-config.yaml")
+        with open(config, "w") as f:
+            f.write("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n")
+        os.environ.update(AWS_ENDPOINT_URL=ctx.endpoint_url, SAGEMAKER_USER_CONFIG_OVERRIDE=config,
+                          SAGEMAKER_VALIDATE_ROLE="false", SAGEMAKER_SUPPRESS_V2_WARNING="1")
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def start_training_job(ctx: AwsContext, plan: TrainingJobPlan, sdk: str = "auto", wait: bool = True,
+                       logs: bool = True) -> str:
+    """Create the job through SDK `sdk` ('auto', 'v2', 'v3'); returns the job's name."""
+    sdk = resolve_sdk(sdk)
+    with _sdk_environment(ctx):
+        if sdk == "v2":
+            return _start_v2(ctx, plan, wait, logs)
+        return _start_v3(ctx, plan, wait, logs)
+
+
+def _start_v2(ctx: AwsContext, plan: TrainingJobPlan, wait: bool, logs: bool) -> str:
+    import sagemaker
+    from sagemaker.inputs import TrainingInput
+    from sagemaker.pytorch import PyTorch
+
+    session = sagemaker.Session(boto_session=ctx.session, sagemaker_client=ctx.sagemaker,
+                                sagemaker_runtime_client=ctx.client("sagemaker-runtime"), default_bucket=ctx.bucket)
+    estimator = PyTorch(
+        entry_point=plan.entry_point, source_dir=plan.source_dir, image_uri=plan.image_uri, role=plan.role,
+        instance_type=plan.instance_type, instance_count=plan.instance_count,
+        distribution={"torch_distributed": {"enabled": True}}, hyperparameters=plan.hyperparameters,
+        environment=plan.environment, output_path=plan.output_path, code_location=plan.code_location,
+        checkpoint_s3_uri=plan.checkpoint_s3_uri,
+        checkpoint_local_path=CHECKPOINT_LOCAL_PATH if plan.checkpoint_s3_uri else None,
+        use_spot_instances=plan.spot, max_run=plan.max_run, max_wait=plan.max_wait, volume_size=plan.volume_size,
+        tags=plan.tags, metric_definitions=plan.metric_definitions, disable_profiler=True,
+        debugger_hook_config=False, sagemaker_session=session)
+    inputs = {name: TrainingInput(uri, distribution="FullyReplicated") for name, uri in plan.channels.items()}
+    estimator.fit(inputs or None, job_name=plan.job_name, wait=wait, logs="All" if (wait and logs) else "None")
+    return estimator.latest_training_job.name
+
+
+def _start_v3(ctx: AwsContext, plan: TrainingJobPlan, wait: bool, logs: bool) -> str:
+    from sagemaker.core.helper.session_helper import Session
+    from sagemaker.train import ModelTrainer
+    from sagemaker.train.configs import (CheckpointConfig, Compute, InputData, MetricDefinition, OutputDataConfig,
+                                         SourceCode, StoppingCondition, Tag)
+    from sagemaker.train.distributed import Torchrun
+
+    session = Session(boto_session=ctx.session, sagemaker_client=ctx.sagemaker,
+                      sagemaker_runtime_client=ctx.client("sagemaker-runtime"), default_bucket=ctx.bucket,
+                      default_bucket_prefix=ctx.cfg.prefix)
+    trainer = ModelTrainer(
+        training_image=plan.image_uri, role=plan.role, sagemaker_session=session, base_job_name=plan.base_job_name,
+        source_code=SourceCode(source_dir=plan.source_dir, entry_script=plan.entry_point,
+                               requirements=container.SourceDir(plan.source_dir).requirements),
+        compute=Compute(instance_type=plan.instance_type, instance_count=plan.instance_count,
+                        volume_size_in_gb=plan.volume_size, enable_managed_spot_training=plan.spot or None),
+        distributed=Torchrun(process_count_per_node=plan.processes_per_host),
+        stopping_condition=StoppingCondition(max_runtime_in_seconds=plan.max_run,
+                                             max_wait_time_in_seconds=plan.max_wait),
+        output_data_config=OutputDataConfig(s3_output_path=plan.output_path),
+        checkpoint_config=(CheckpointConfig(s3_uri=plan.checkpoint_s3_uri, local_path=CHECKPOINT_LOCAL_PATH)
+                           if plan.checkpoint_s3_uri else None),
+        hyperparameters=dict(plan.hyperparameters), environment=dict(plan.environment),
+        tags=[Tag(key=t["Key"], value=t["Value"]) for t in plan.tags])
+    trainer = trainer.with_metric_definitions([MetricDefinition(name=m["Name"], regex=m["Regex"])
+                                               for m in plan.metric_definitions])
+    trainer.train(input_data_config=[InputData(channel_name=name, data_source=uri)
+                                     for name, uri in plan.channels.items()] or None, wait=wait, logs=logs)
+    # v3 names the job <base_job_name>-<timestamp>; the created job is only on this attribute
+    return trainer._latest_training_job.training_job_name
+
+
+def describe_training_job(ctx: AwsContext, job_name: str) -> Dict:
+    """Status, timings, metrics and artifacts of a training job."""
+    d = ctx.sagemaker.describe_training_job(TrainingJobName=job_name)
+    keys = ("TrainingJobName", "TrainingJobStatus", "SecondaryStatus", "FailureReason", "ModelArtifacts",
+            "FinalMetricDataList", "TrainingTimeInSeconds", "BillableTimeInSeconds", "CheckpointConfig",
+            "HyperParameters", "EnableManagedSpotTraining")
+    return {k: d[k] for k in keys if k in d}
+
+
+def model_artifacts(ctx: AwsContext, job_name: str) -> str:
+    """The S3 URI of a completed job's model.tar.gz."""
+    d = ctx.sagemaker.describe_training_job(TrainingJobName=job_name)
+    if d["TrainingJobStatus"] != "Completed":
+        raise RuntimeError(f"training job {job_name} is {d['TrainingJobStatus']}"
+                           f"{': ' + d['FailureReason'] if d.get('FailureReason') else ''}; no model to use")
+    return d["ModelArtifacts"]["S3ModelArtifacts"]
