@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 from typing import Optional, Tuple
 
@@ -52,6 +53,8 @@ class InferenceService:
         self.capture: Optional[CaptureWriter] = None
         self.limiter = anyio.CapacityLimiter(COMPUTE_SLOTS)
         self.in_flight = 0
+        self.computing = 0  # pipeline calls running in threads, abandoned ones included
+        self._computing_lock = threading.Lock()
 
     # lifecycle -----------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -135,11 +138,17 @@ class InferenceService:
         model = self.model
 
         def pipeline() -> Tuple[bytes, str, float]:
-            t = time.perf_counter()
-            data = handler.decode(body, content_type, model.config)
-            payload = handler.predict(data, model)
-            out, out_type = handler.encode(payload, accept)
-            return out, out_type, (time.perf_counter() - t) * 1000
+            with self._computing_lock:
+                self.computing += 1
+            try:
+                t = time.perf_counter()
+                data = handler.decode(body, content_type, model.config)
+                payload = handler.predict(data, model)
+                out, out_type = handler.encode(payload, accept)
+                return out, out_type, (time.perf_counter() - t) * 1000
+            finally:
+                with self._computing_lock:
+                    self.computing -= 1
 
         try:
             with anyio.fail_after(self.cfg.request_timeout):

@@ -58,22 +58,27 @@ def serve(cfg: ServeConfig) -> None:
     # and a clean exit, rather than a kill by the default handler.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: log.info("signal %s: shut down", signum))
+    app = None
     try:
         if cfg.workers > 1:
             os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg))
             uvicorn.run("twotower_lit.serving.app:app_from_env", factory=True, workers=cfg.workers, **common)
         else:
-            server = uvicorn.Server(uvicorn.Config(create_app(cfg), **common))
+            app = create_app(cfg)
+            server = uvicorn.Server(uvicorn.Config(app, **common))
             server.run()
             if not server.started:
                 raise SystemExit(1)
     finally:
         if shadow is not None:
             shadow.stop()
-    stuck = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
-    if stuck:  # a hung model call the request timeout abandoned: do not wait for it at exit
-        log.warning("not waiting for %d worker thread(s) at exit (idle pool threads, or a hung call): %s",
-                    len(stuck), ", ".join(stuck[:5]))
+    # Everything is flushed and stopped. Left are the thread pool's workers: idle ones would delay
+    # the exit by their idle timeout, and one stuck in a hung model call (abandoned at its request
+    # timeout) would block it for ever, so do not wait for them.
+    hung = app.state.service.computing if app is not None else 0
+    if hung:
+        log.warning("exiting with %d model call(s) still running (abandoned at their request timeout)", hung)
+    if any(t is not threading.main_thread() and not t.daemon and t.is_alive() for t in threading.enumerate()):
         logging.shutdown()
         os._exit(0)
 
