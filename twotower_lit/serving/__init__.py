@@ -8,6 +8,9 @@ Modules and what they import (the inference handler needs only the torch-only on
     app, shadow, server                             + starlette, uvicorn, httpx
     load                                            + httpx (pyarrow only to read a prepared split)
     report                                          + numpy, matplotlib (pyarrow for held-out labels)
+
+Test hook: ``TWOTOWER_FAULT_INJECTION`` makes a named variant fail, hang, crash or sleep
+(`faults`); only the tests set it, and a server with it set says so in its log.
 """
 
 # The files `entrypoints/inference.py` imports (directly or not), relative to the repository root:

@@ -7,7 +7,9 @@ Accepted bodies (``application/json``)::
     {"user_features": {"gender": "F", "age": 25, "occupation": 3, "zip": "55455"}}
 
 with optional ``"k"`` (1..max_k, default default_k) and ``"exclude_seen"`` (default true); a
-top-level ``"user_features"`` goes with the single-user form. ``text/csv``: one raw user id per
+top-level ``"user_features"`` goes with the single-user form. A user_id the model knows is scored
+from its training features (``user_features`` are then ignored); an unknown one with
+``user_features`` is a cold start; an unknown one without them gets the popularity fallback. ``text/csv``: one raw user id per
 line (blank lines ignored). Every rejection names the field; nothing here raises anything but
 `RequestError`.
 """
