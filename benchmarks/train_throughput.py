@@ -1,0 +1,303 @@
+"""Training throughput of the TorchRec two-tower, next to a plain PyTorch two-tower of the same shape.
+
+Run under torchrun (one process per GPU, or CPU processes with gloo):
+
+    torchrun --standalone --nproc_per_node 1 -m benchmarks.train_throughput --shape ml-1m --batch 8192
+    torchrun --standalone --nproc_per_node 2 -m benchmarks.train_throughput --shape ml-32m --batch 65536
+
+Modes (all in one invocation, so their ratio holds on a noisy machine):
+  lightning  the product's path: TwoTowerModule + TorchRecStrategy in a Lightning Trainer
+  eager      the same DMP model and optimizers in a hand-written loop (Lightning's overhead = the gap)
+  pipeline   TorchRec's TrainPipelineSparseDist (overlaps copy + input distribution with compute)
+  plain      plain PyTorch: nn.EmbeddingBag tables + MLP towers + Adam, data parallel via DDP
+Batches are built by the product's KJTBuilder from synthetic feature tables and kept in pinned
+host memory; every step copies its batch to the device, as a data loader would. Samples/s are
+totals over all ranks (per-rank batch = --batch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+from typing import Dict, List
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+SHAPES = {  # users, items as in the GroupLens sets
+    "ml-1m": (6_040, 3_706),
+    "ml-32m": (200_948, 87_585),
+}
+SIDE = {"gender": 3, "age": 8, "occupation": 22, "zip": 1000, "genres": 21, "year": 100}
+
+
+def feature_tables(users: int, items: int, seed: int = 0):
+    from twotower_lit.data.batches import FeatureTables
+
+    rng = np.random.default_rng(seed)
+    u = {"user": np.arange(users + 1)}
+    for name in ("gender", "age", "occupation", "zip"):
+        u[name] = rng.integers(1, SIDE[name], users + 1)
+    lengths = rng.integers(1, 4, items + 1)
+    lengths[0] = 0
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    genres = rng.integers(1, SIDE["genres"], int(indptr[-1]))
+    it = {"item": np.arange(items + 1), "year": rng.integers(1, SIDE["year"], items + 1)}
+    return FeatureTables(u, it, indptr, genres)
+
+
+def feature_specs(users: int, items: int):
+    from twotower_lit.model import FeatureSpec
+
+    specs = [FeatureSpec("user", users + 1, "user")] + [FeatureSpec(n, SIDE[n], "user")
+                                                        for n in ("gender", "age", "occupation", "zip")]
+    return specs + [FeatureSpec("item", items + 1, "item"), FeatureSpec("genres", SIDE["genres"], "item"),
+                    FeatureSpec("year", SIDE["year"], "item")]
+
+
+def make_batches(builder, users: int, items: int, batch: int, count: int, seed: int, pin: bool) -> List:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        u = rng.integers(1, users + 1, batch)
+        i = np.minimum((rng.random(batch) ** 3 * items).astype(np.int64) + 1, items)  # skewed popularity
+        b = builder.batch(u, i, (rng.random(batch) < 0.57).astype(np.float32))
+        out.append(b.pin_memory() if pin else b)
+    return out
+
+
+class PlainTwoTower(nn.Module):
+    """The same towers on plain `nn.EmbeddingBag` tables (no TorchRec)."""
+
+    def __init__(self, specs, dim: int, layers: List[int]) -> None:
+        super().__init__()
+        from twotower_lit.layers import mlp
+
+        self.user_features = [s.name for s in specs if s.tower == "user"]
+        self.item_features = [s.name for s in specs if s.tower == "item"]
+        self.tables = nn.ModuleDict({s.name: nn.EmbeddingBag(s.num_embeddings, dim, mode=s.pooling)
+                                     for s in specs})
+        self.user_tower = mlp(dim * len(self.user_features), layers)
+        self.item_tower = mlp(dim * len(self.item_features), layers)
+
+    def forward(self, kjt):
+        d = kjt.to_dict()
+        pooled = {n: self.tables[n](d[n].values(), d[n].offsets()[:-1]) for n in d}
+        u = self.user_tower(torch.cat([pooled[n] for n in self.user_features], 1))
+        i = self.item_tower(torch.cat([pooled[n] for n in self.item_features], 1))
+        return u, i
+
+
+def timed(step, batches, steps: int, warmup: int, device) -> float:
+    for k in range(warmup):
+        step(batches[k % len(batches)])
+    sync(device)
+    t0 = time.perf_counter()
+    for k in range(steps):
+        step(batches[k % len(batches)])
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def build_dmp(specs, args, device):
+    from twotower_lit.config import ModelConfig, OptimConfig
+    from twotower_lit.module import TwoTowerModule
+    from twotower_lit.strategy import EmbeddingBagCollectionShardingOffer, build_sharding_plan
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.types import ShardingEnv
+
+    lm = TwoTowerModule(specs, ModelConfig(embedding_dim=args.dim, user_layers=[128, 64], item_layers=[128, 64]),
+                        OptimConfig())
+    pg = dist.group.WORLD
+    plan = build_sharding_plan(lm.model, pg, device.type, args.sharding,
+                               local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
+    lm.model = DistributedModelParallel(lm.model, device=device, plan=plan,
+                                        sharders=[EmbeddingBagCollectionShardingOffer()],
+                                        env=ShardingEnv.from_process_group(pg))
+    lm.to(device)
+    return lm, lm.configure_optimizers()["optimizer"]
+
+
+def run_eager(specs, batches, args, device) -> float:
+    lm, opt = build_dmp(specs, args, device)
+
+    def step(b):
+        b = b.to(device, non_blocking=True)
+        loss = F.binary_cross_entropy_with_logits(lm(b), b.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return timed(step, batches, args.steps, args.warmup, device)
+
+
+class _Task(nn.Module):
+    """What TrainPipelineSparseDist drives: batch -> (loss, output)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        from twotower_lit.model import logits
+
+        u, i = self.model(batch.features)
+        z = logits(u, i)
+        return F.binary_cross_entropy_with_logits(z, batch.labels), z.detach()
+
+
+def run_pipeline(specs, batches, args, device) -> float:
+    from twotower_lit.config import ModelConfig, OptimConfig
+    from twotower_lit.module import TwoTowerModule
+    from twotower_lit.strategy import EmbeddingBagCollectionShardingOffer, build_sharding_plan
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+    from torchrec.distributed.types import ShardingEnv
+
+    lm = TwoTowerModule(specs, ModelConfig(embedding_dim=args.dim), OptimConfig())
+    task = _Task(lm.model)
+    pg = dist.group.WORLD
+    plan = build_sharding_plan(task, pg, device.type, args.sharding,
+                               local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
+    lm.model = DistributedModelParallel(task, device=device, plan=plan, sharders=[EmbeddingBagCollectionShardingOffer()],
+                                        env=ShardingEnv.from_process_group(pg))
+    opt = lm.configure_optimizers()["optimizer"]
+    pipe = TrainPipelineSparseDist(lm.model, opt, device)
+
+    def drive(n):
+        it = (batches[k % len(batches)] for k in range(n))
+        try:
+            while True:
+                pipe.progress(it)
+        except StopIteration:
+            pass
+
+    drive(args.warmup)
+    sync(device)
+    pipe = TrainPipelineSparseDist(lm.model, opt, device)
+    t0 = time.perf_counter()
+    drive(args.steps)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def run_plain(specs, batches, args, device) -> float:
+    model = PlainTwoTower(specs, args.dim, [128, 64]).to(device)
+    if dist.get_world_size() > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, **({"fused": True} if device.type == "cuda" else {}))
+
+    def step(b):
+        b = b.to(device, non_blocking=True)
+        u, i = model(b.features)
+        loss = F.binary_cross_entropy_with_logits((u * i).sum(1), b.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return timed(step, batches, args.steps, args.warmup, device)
+
+
+def run_lightning(specs, batches, args, device) -> float:
+    """The product's training path (LightningModule + TorchRecStrategy) on in-memory batches."""
+    import lightning as L
+
+    from twotower_lit.config import ModelConfig, OptimConfig
+    from twotower_lit.module import TwoTowerModule
+    from twotower_lit.strategy import TorchRecStrategy
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, idx):
+            if idx == args.warmup:
+                sync(device)
+                self.t0 = time.perf_counter()
+
+        def on_train_end(self, trainer, module):
+            sync(device)
+            self.seconds = time.perf_counter() - self.t0
+
+    total = args.warmup + args.steps
+    loader = torch.utils.data.DataLoader([batches[k % len(batches)] for k in range(total)], batch_size=None)
+    lm = TwoTowerModule(specs, ModelConfig(embedding_dim=args.dim), OptimConfig())
+    timer = Timer()
+    trainer = L.Trainer(accelerator=device.type if device.type == "cuda" else "cpu", devices=dist.get_world_size(),
+                        strategy=TorchRecStrategy(sharding=args.sharding), max_steps=total, logger=False,
+                        callbacks=[timer], enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(lm, train_dataloaders=loader)
+    return timer.seconds
+
+
+MODES = {"lightning": run_lightning, "eager": run_eager, "pipeline": run_pipeline, "plain": run_plain}
+
+
+def main(argv=None) -> None:
+    warnings.filterwarnings("ignore")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="ml-1m", choices=sorted(SHAPES))
+    p.add_argument("--batch", type=int, default=8192, help="rows per step per rank")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=15)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--sharding", default="auto")
+    p.add_argument("--modes", default="lightning,eager,pipeline,plain")
+    p.add_argument("--json", default=None, help="append the results as JSON lines to this file")
+    args = p.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    from twotower_lit.data.batches import KJTBuilder
+
+    users, items = SHAPES[args.shape]
+    specs = feature_specs(users, items)
+    builder = KJTBuilder(feature_tables(users, items), [s.name for s in specs if s.tower == "user"],
+                         [s.name for s in specs if s.tower == "item"])
+    batches = make_batches(builder, users, items, args.batch, 8, seed=rank, pin=cuda)
+    results: Dict[str, Dict] = {}
+    for mode in args.modes.split(","):
+        torch.manual_seed(0)
+        try:
+            seconds = MODES[mode](specs, batches, args, device)
+            rate = args.steps * args.batch * world / seconds
+            results[mode] = {"samples_per_s": rate, "ms_per_step": seconds / args.steps * 1e3}
+        except Exception as e:  # a mode that fails is reported, the others still run
+            results[mode] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        if cuda:
+            torch.cuda.empty_cache()
+    if rank == 0:
+        name = torch.cuda.get_device_name(device) if cuda else f"CPU x{os.cpu_count()}"
+        print(f"\n{args.shape} batch/rank={args.batch:,} ranks={world} device={name}")
+        for mode, r in results.items():
+            if "error" in r:
+                print(f"  {mode:10s} FAILED {r['error']}")
+            else:
+                print(f"  {mode:10s} {r['samples_per_s'] / 1e6:8.2f} M samples/s  {r['ms_per_step']:7.2f} ms/step")
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({"shape": args.shape, "batch": args.batch, "world": world, "device": name,
+                                    "results": results}) + "\n")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
