@@ -3,6 +3,7 @@ concurrent fuzz run of malformed requests that must end with no 5xx and a live s
 import asyncio
 import json
 import random
+import time
 
 import httpx
 import pytest
@@ -200,3 +201,21 @@ def test_sync_sender_drives_the_load_loop(server):
                                   max_requests=20, duration=30))
     summary = result.summary()
     assert summary["requests"] == 20 and summary["ok"] == 20 and summary["statuses"] == {"200": 20}
+
+
+def test_slow_body_upload_times_out_with_408(server):
+    """The module's server has a 2 s request timeout."""
+
+    async def trickle():
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+        return int(status.split()[1])
+
+    t0 = time.perf_counter()
+    assert asyncio.run(trickle()) == 408
+    assert 1.5 < time.perf_counter() - t0 < 8
+    assert post(server, {"user_id": 1}).status_code == 200

@@ -124,11 +124,15 @@ class InferenceService:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(413, "body", f"Content-Length {declared} is over the limit of {limit} bytes")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(413, "body", f"over the limit of {limit} bytes")
-            chunks.append(chunk)
+        try:  # a client trickling its body must not hold a slot for ever
+            with anyio.fail_after(self.cfg.request_timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise RequestError(413, "body", f"over the limit of {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestError(408, "body", f"not received within {self.cfg.request_timeout} s") from None
         return b"".join(chunks)
 
     async def _run(self, body: bytes, content_type: Optional[str], accept: Optional[str]):
