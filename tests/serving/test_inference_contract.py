@@ -124,3 +124,13 @@ def test_settings_come_from_twotower_environment_variables():
     assert (cfg.num_threads, cfg.max_k, cfg.model_dir, cfg.default_k) == (2, 50, "/opt/x", 10)
     with pytest.raises(ValueError, match="TWOTOWER_"):
         config_from_env({"TWOTOWER_NUM_THREADS": "two"})
+
+
+def test_server_rejects_impossible_settings_naming_them():
+    import pytest
+    from twotower_lit.serving.server import check, parse_args
+
+    cfg = parse_args(["serve", "--model-dir", "/m", "--num-threads", "0", "--default-k", "200"])
+    with pytest.raises(SystemExit, match="--num-threads must be at least 1; --default-k"):
+        check(cfg)
+    check(parse_args(["--model-dir", "/m", "--port", "9000"]))

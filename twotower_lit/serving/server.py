@@ -40,13 +40,33 @@ def parse_args(argv: Optional[List[str]] = None) -> ServeConfig:
     return from_namespace(ServeConfig, argparse.Namespace(**{**dataclasses.asdict(base), **vars(ns)}))
 
 
+def check(cfg: ServeConfig) -> None:
+    """Reject settings that cannot work, naming the option."""
+    problems = []
+    for name in ("workers", "num_threads", "max_concurrency", "max_body_bytes", "max_batch", "max_k",
+                 "shadow_max_in_flight"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("request_timeout", "shadow_timeout"):
+        if getattr(cfg, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive")
+    for name in ("shadow_sampling_percent", "capture_sampling_percent"):
+        if not 0 <= getattr(cfg, name) <= 100:
+            problems.append(f"--{name.replace('_', '-')} must be within 0..100")
+    if not 1 <= cfg.default_k <= cfg.max_k:
+        problems.append(f"--default-k must be within 1..--max-k ({cfg.max_k})")
+    if cfg.shadow_model_dir and cfg.shadow_url:
+        problems.append("give --shadow-model-dir or --shadow-url, not both")
+    if problems:
+        raise SystemExit("serve: " + "; ".join(problems))
+
+
 def serve(cfg: ServeConfig) -> None:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    check(cfg)
     cfg = dataclasses.replace(cfg, model_dir=cfg.model_dir or DEFAULT_MODEL_DIR)
     if not os.path.isdir(cfg.model_dir):
         raise SystemExit(f"serve: model directory {cfg.model_dir} does not exist (--model-dir or SM_MODEL_DIR)")
-    if cfg.shadow_model_dir and cfg.shadow_url:
-        raise SystemExit("serve: give --shadow-model-dir or --shadow-url, not both")
     shadow = ShadowProcess(cfg).start() if cfg.shadow_model_dir else None
     if shadow is not None:
         cfg = dataclasses.replace(cfg, shadow_url=shadow.target)
