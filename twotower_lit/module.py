@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import lightning as L
 import torch
@@ -15,6 +15,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from twotower_lit.config import ModelConfig, OptimConfig
 from twotower_lit.data.batches import Batch
+from twotower_lit.losses import TwoTowerLoss
 from twotower_lit.model import FeatureSpec, TwoTower, logits
 
 EMBEDDING_OPTIMIZERS = {
@@ -22,7 +23,19 @@ EMBEDDING_OPTIMIZERS = {
     "adam": (torch.optim.Adam, {}),
     "sgd": (torch.optim.SGD, {}),
 }
+# FBGEMM's CPU kernels fuse only these into the backward pass; Adam on the tables needs CUDA
+CPU_EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "sgd")
 DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def check_embedding_optimizer(name: str, device_type: str) -> None:
+    """Fail before training starts, naming the option, when the device cannot run the optimizer."""
+    if name not in EMBEDDING_OPTIMIZERS:
+        raise ValueError(f"--embedding-optimizer {name!r}: choose one of {', '.join(EMBEDDING_OPTIMIZERS)}")
+    if device_type == "cpu" and name not in CPU_EMBEDDING_OPTIMIZERS:
+        raise ValueError(f"--embedding-optimizer {name} runs only on GPUs (FBGEMM's CPU kernels fuse "
+                         f"{' and '.join(CPU_EMBEDDING_OPTIMIZERS)}); use --embedding-optimizer rowwise_adagrad "
+                         f"on CPU, or --accelerator gpu")
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -59,7 +72,7 @@ class TwoTowerModule(L.LightningModule):
     """
 
     def __init__(self, features: Sequence[FeatureSpec], model_cfg: ModelConfig, optim_cfg: OptimConfig,
-                 total_steps: int = 0) -> None:
+                 total_steps: int = 0, loss: Optional[TwoTowerLoss] = None) -> None:
         super().__init__()
         self.features = list(features)
         self.model_cfg = model_cfg
@@ -70,6 +83,9 @@ class TwoTowerModule(L.LightningModule):
                               device=torch.device("meta"))
         cls, extra = EMBEDDING_OPTIMIZERS[optim_cfg.embedding_optimizer]
         apply_optimizer_in_backward(cls, self.model.ebc.parameters(), {"lr": optim_cfg.embedding_lr, **extra})
+        # default: plain BCE over every row (the workshop's objective)
+        self.loss_fn = loss or TwoTowerLoss("bce", num_items=next(f.num_embeddings for f in features
+                                                                    if f.name == "item"))
         self.val_metrics = _binary_metrics()
         self.test_metrics = _binary_metrics()
 
@@ -78,7 +94,8 @@ class TwoTowerModule(L.LightningModule):
         return logits(user, item)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = F.binary_cross_entropy_with_logits(self(batch), batch.labels)
+        user, item = self.model(batch.features)
+        loss, _ = self.loss_fn(user, item, batch.features["item"].values(), batch.labels)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=False)
         return loss
 

@@ -24,7 +24,7 @@ from twotower_lit.evaluation import RetrievalEvaluation
 from twotower_lit.losses import TwoTowerLoss
 from twotower_lit.metrics import PopularityBaseline
 from twotower_lit.model import feature_specs
-from twotower_lit.module import TwoTowerModule
+from twotower_lit.module import TwoTowerModule, check_embedding_optimizer
 from twotower_lit.strategy import TRAINER_STATE_FILE, TorchRecStrategy, parse_table_sharding
 from twotower_lit import tracking
 
@@ -114,6 +114,9 @@ def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger
 def run(cfg: TrainConfig) -> Optional[Dict]:
     """Train, test, export. Returns metrics on rank 0, None on other ranks."""
     quiet_known_warnings()
+    device_type = "cuda" if cfg.accelerator in ("gpu", "cuda") or (
+        cfg.accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+    check_embedding_optimizer(cfg.optim.embedding_optimizer, device_type)
     run_name = default_run_name(cfg)
     output_dir = os.path.abspath(cfg.output_dir or os.path.join("outputs", run_name))
     os.environ.setdefault("TWOTOWER_RUN_DIR", output_dir)

@@ -1,0 +1,113 @@
+"""Embedding optimizers fused into the backward pass, the dense optimizer, and their schedules
+(one gloo process: a real DistributedModelParallel)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def data(prepared_synthetic):
+    from twotower_lit.data.datamodule import MovieLensDataModule
+
+    dm = MovieLensDataModule(str(prepared_synthetic), batch_size=256)
+    dm.load()
+    return dm
+
+
+def _sharded_module(dm, optim_cfg, pg, total_steps=10):
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.types import ShardingEnv
+
+    from twotower_lit.config import ModelConfig
+    from twotower_lit.model import feature_specs
+    from twotower_lit.module import TwoTowerModule
+    from twotower_lit.strategy import EmbeddingBagCollectionShardingOffer, build_sharding_plan
+
+    lm = TwoTowerModule(feature_specs(dm.manifest), ModelConfig(embedding_dim=8, user_layers=[16, 8],
+                                                                item_layers=[16, 8]), optim_cfg, total_steps)
+    plan = build_sharding_plan(lm.model, pg, "cpu", "table_wise")
+    lm.model = DistributedModelParallel(lm.model, device=torch.device("cpu"), plan=plan,
+                                        sharders=[EmbeddingBagCollectionShardingOffer()],
+                                        env=ShardingEnv.from_process_group(pg))
+    return lm
+
+
+def _batches(dm, n):
+    train = dm.splits["train"]
+    rng = np.random.default_rng(0)
+    for _ in range(n):
+        idx = rng.integers(0, len(train["user"]), 256)
+        yield dm.builder.batch(train["user"][idx].astype(np.int64), train["item"][idx].astype(np.int64),
+                               train["label"][idx])
+
+
+@pytest.mark.parametrize("name", ["rowwise_adagrad", "sgd"])
+def test_each_cpu_embedding_optimizer_updates_tables_in_backward(process_group, data, name):
+    """(Adam on the tables needs FBGEMM's CUDA kernels; it runs in the GPU benchmark.)"""
+    from twotower_lit.config import OptimConfig
+
+    lm = _sharded_module(data, OptimConfig(embedding_optimizer=name, embedding_lr=0.1), process_group)
+    config = lm.configure_optimizers()
+    opt = config["optimizer"]
+    table = lambda: lm.model.state_dict()["ebc.embedding_bags.t_item.weight"].local_shards()[0].tensor.clone()
+    before = table()
+    losses = []
+    for batch in _batches(data, 20):
+        loss = F.binary_cross_entropy_with_logits(lm(batch), batch.labels)
+        opt.zero_grad()
+        loss.backward()  # the fused embedding update happens here
+        opt.step()
+        losses.append(loss.item())
+    assert not torch.equal(before, table())
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    # the combined optimizer's state (what checkpoints save) holds both parts
+    state = opt.state_dict()["state"]
+    assert any("ebc" in k for k in state) and any("tower" in k for k in state)
+
+
+def test_schedule_drives_both_learning_rates(process_group, data):
+    from twotower_lit.config import OptimConfig
+
+    lm = _sharded_module(data, OptimConfig(lr_schedule="cosine", warmup_steps=2, embedding_lr=0.1, dense_lr=0.01),
+                         process_group, total_steps=10)
+    config = lm.configure_optimizers()
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    seen = []
+    for batch in _batches(data, 10):
+        loss = F.binary_cross_entropy_with_logits(lm(batch), batch.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        seen.append([g["lr"] for g in opt.param_groups])
+    lrs = np.array(seen)  # [step, group]
+    assert lrs.shape[1] >= 2
+    first, last = lrs[1], lrs[-1]
+    # warm-up reached the base rates, cosine decay then shrank every group (embedding and dense)
+    assert set(np.round(first, 6)) >= {0.1, 0.01}
+    assert (last < first).all() and (last < 1e-3 * first + 0.01 * first).all()
+
+
+def test_adam_tables_on_cpu_are_refused_up_front(prepared_synthetic, tmp_path):
+    from tests.training.conftest import run_cli
+
+    with pytest.raises(AssertionError, match="runs only on GPUs"):
+        run_cli("entrypoints.train", ["--data-dir", str(prepared_synthetic), "--output-dir", str(tmp_path),
+                                      "--accelerator", "cpu", "--embedding-optimizer", "adam"])
+    assert not (tmp_path / "metrics.json").exists()
