@@ -6,7 +6,8 @@ threads, over random exports of 3.7k items (ml-1m's size) and 62k items (ml-32m'
 Per configuration: a server subprocess (`python -m entrypoints.serve`), a warm-up, then
 * latency: one request in flight at a time (single user, k = 10), p50 / p99 round trip and the
   server's own compute time (X-Model-Latency-Ms);
-* throughput: `--concurrency` requests in flight, requests per second and p50 / p99 under load.
+* throughput: `--concurrency` requests in flight, requests per second and p50 / p99 under load;
+* in-process: the handler functions (decode, predict, encode) called directly, no HTTP, p50 / p99.
 The load generator runs on the same machine and shares its cores with the server.
 """
 from __future__ import annotations
@@ -21,7 +22,10 @@ import tempfile
 import time
 
 import httpx
+import numpy as np
 
+from twotower_lit.config import ServeConfig
+from twotower_lit.serving import handler
 from twotower_lit.serving.load import http_sender, payloads, run_load
 from twotower_lit.serving.synthetic import random_export
 
@@ -63,6 +67,19 @@ async def _phase(url: str, users, concurrency: int, duration: float, seed: int) 
     return result.summary()
 
 
+def _in_process(model_dir: str, threads: int, users, n: int = 1000) -> dict:
+    model = handler.load_model(model_dir, ServeConfig(num_threads=threads))
+    bodies = payloads(users, 1, 10, 4)
+    times = []
+    for i in range(n + 50):
+        body = next(bodies)
+        t0 = time.perf_counter()
+        handler.encode(handler.predict(handler.decode(body, "application/json", model.config), model), None)
+        if i >= 50:
+            times.append((time.perf_counter() - t0) * 1000)
+    return {"p50": float(np.percentile(times, 50)), "p99": float(np.percentile(times, 99))}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured phase")
@@ -87,18 +104,22 @@ def main(argv=None) -> None:
                 finally:
                     proc.terminate()
                     proc.wait(30)
-                rows.append((items, threads, lat, thr))
+                rows.append((items, threads, lat, thr, _in_process(model_dir, threads, users)))
                 print(f"done: {items} items, {threads} thread(s)", file=sys.stderr)
-    print(f"\nserver: 1 worker; requests: one user, k=10, exclude_seen; {os.cpu_count()} CPU cores shared with the client")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\nserver: 1 worker; requests: one user, k=10, exclude_seen; {os.cpu_count()} CPU cores shared with the "
+          f"client; load average at the end {load} (other work on the machine skews these figures)")
     head = (f"{'items':>6} {'threads':>7} | {'p50 ms':>7} {'p99 ms':>7} {'server p50':>10} {'server p99':>10} | "
-            f"{'req/s @' + str(args.concurrency):>10} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}")
+            f"{'req/s @' + str(args.concurrency):>10} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} | "
+            f"{'in-proc p50':>11} {'p99':>6}")
     print(head)
     print("-" * len(head))
-    for items, threads, lat, thr in rows:
+    for items, threads, lat, thr, inproc in rows:
         s = lat["server_ms"] or {"p50": float("nan"), "p99": float("nan")}
         print(f"{items:>6} {threads:>7} | {lat['latency_ms']['p50']:>7.2f} {lat['latency_ms']['p99']:>7.2f} "
               f"{s['p50']:>10.3f} {s['p99']:>10.3f} | {thr['achieved_rps']:>10.1f} {thr['latency_ms']['p50']:>7.2f} "
-              f"{thr['latency_ms']['p99']:>7.2f} {lat['errors'] + thr['errors']:>6}")
+              f"{thr['latency_ms']['p99']:>7.2f} {lat['errors'] + thr['errors']:>6} | "
+              f"{inproc['p50']:>11.3f} {inproc['p99']:>6.3f}")
 
 
 if __name__ == "__main__":
