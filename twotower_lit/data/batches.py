@@ -36,7 +36,11 @@ class Batch(Pipelineable):
         self.rated.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
-        return Batch(self.features.pin(), self.labels.pin_memory(), self.rated.pin_memory())
+        # KeyedJaggedTensor has no pin method in every TorchRec version: rebuild it from pinned parts
+        kjt = self.features
+        pinned = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values().pin_memory(),
+                                   lengths=kjt.lengths().pin_memory())
+        return Batch(pinned, self.labels.pin_memory(), self.rated.pin_memory())
 
     def __len__(self) -> int:
         return int(self.labels.numel())

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# GPU part of the benchmark suite: training throughput on 1 and 2 GPUs, ml-1m- and ML-32M-shaped
+# tables, batch 8k and 64k per GPU, each invocation timing the Lightning path, eager DMP, TorchRec's
+# pipeline and plain PyTorch side by side. Results: printed, and appended as JSON lines to $1.
+#   bash benchmarks/gpu_suite.sh results.jsonl [STEPS]
+set -euo pipefail
+out=${1:-gpu_results.jsonl}
+steps=${2:-100}
+gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+for n in 1 2; do
+  [ "$n" -le "$gpus" ] || { echo "skipping $n GPUs: only $gpus present"; continue; }
+  for shape in ml-1m ml-32m; do
+    for batch in 8192 65536; do
+      CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) torchrun --standalone --nproc_per_node "$n" \
+        -m benchmarks.train_throughput --shape "$shape" --batch "$batch" --steps "$steps" --json "$out"
+    done
+  done
+done
