@@ -10,10 +10,11 @@ Switching from the offline stack (a moto server) to a real account is one settin
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Tuple, Type
 
-from twotower_lit.config import _opt
+from twotower_lit.config import _opt, from_dict, iter_fields
 
 # The newest AWS PyTorch images the SDKs know (November 2026): training 2.8.0, inference 2.6.0.
 DEFAULT_TRAINING_FRAMEWORK = "2.8.0"
@@ -114,3 +115,17 @@ class ShadowTestConfig:
     duration_hours: int = _opt(24, "experiment schedule: it ends this many hours after it starts")
     wait_timeout: int = _opt(1800, "seconds to wait for the endpoint / experiment state changes")
     metrics_period: int = _opt(60, "CloudWatch period (seconds) of the per-variant metrics")
+
+
+def split_namespace(ns: argparse.Namespace, *classes: Type[Any]) -> Tuple[Any, ...]:
+    """One instance per config class from a namespace that holds options of several of them
+    (each option goes to the classes that have a leaf of that name)."""
+    values = vars(ns)
+    out = []
+    for cls in classes:
+        names = {path[-1] for path, _, _ in iter_fields(cls)}
+        out.append(from_dict(cls, {k: v for k, v in values.items() if k in names}))
+    unknown = set(values) - {path[-1] for cls in classes for path, _, _ in iter_fields(cls)}
+    if unknown:
+        raise ValueError(f"options not in any config: {', '.join(sorted(unknown))}")
+    return tuple(out)

@@ -31,6 +31,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 from twotower_lit.config import TrainConfig
 
 DATA_CHANNEL = "data"
+SDK_CHANNELS = frozenset({"code", "sm_drivers"})  # SDK v3 ships the source and its drivers as channels
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"  # the launcher's checkpoint_local_path
 
 
@@ -58,7 +59,8 @@ def read_environment(environ: Optional[Mapping[str, str]] = None) -> Optional[Sa
     env = os.environ if environ is None else environ
     if "SM_MODEL_DIR" not in env or "SM_OUTPUT_DATA_DIR" not in env:
         return None
-    channels = {k[len("SM_CHANNEL_"):].lower(): v for k, v in env.items() if k.startswith("SM_CHANNEL_")}
+    channels = {k[len("SM_CHANNEL_"):].lower(): v for k, v in env.items() if k.startswith("SM_CHANNEL_")
+                and k[len("SM_CHANNEL_"):].lower() not in SDK_CHANNELS}
     training_env = _json(env, "SM_TRAINING_ENV", {})
     model_dir = env["SM_MODEL_DIR"]
     # /opt/ml/checkpoints sits beside /opt/ml/model; following SM_MODEL_DIR keeps a test's temp /opt/ml whole

@@ -89,8 +89,12 @@ class AwsContext:
     def __init__(self, cfg: Optional[AwsConfig] = None, session: Optional[boto3.Session] = None) -> None:
         self.cfg = cfg or AwsConfig()
         self.endpoint_url = self.cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
-        self.session = session or boto3.Session(profile_name=self.cfg.profile, region_name=self.cfg.region)
-        self.region = self.cfg.region or self.session.region_name or "us-east-1"
+        if session is None:
+            session = boto3.Session(profile_name=self.cfg.profile, region_name=self.cfg.region)
+            if session.region_name is None:  # the SageMaker SDKs refuse a session without a region
+                session = boto3.Session(profile_name=self.cfg.profile, region_name="us-east-1")
+        self.session = session
+        self.region = self.cfg.region or session.region_name or "us-east-1"
         self._clients: Dict[str, Any] = {}
 
     @property
@@ -121,9 +125,11 @@ class AwsContext:
 
     @cached_property
     def bucket(self) -> str:
-        """The configured bucket, or SageMaker's default ``sagemaker-<region>-<account>``; created
-        when it does not exist yet."""
-        name = self.cfg.bucket or f"sagemaker-{self.region}-{self.account}"
+        """The configured bucket (used as it is), or SageMaker's default bucket
+        ``sagemaker-<region>-<account>``, created when it does not exist yet."""
+        if self.cfg.bucket:
+            return self.cfg.bucket
+        name = f"sagemaker-{self.region}-{self.account}"
         try:
             self.s3.head_bucket(Bucket=name)
         except ClientError as e:

@@ -66,18 +66,28 @@ def start_shadow_endpoint(ctx: AwsContext, cfg: ShadowTestConfig, wait: bool = T
             "capture": capture_destination(ctx, cfg)}
 
 
-def promote_shadow_endpoint(ctx: AwsContext, cfg: ShadowTestConfig, wait: bool = True) -> Dict[str, Any]:
-    """Make the shadow's model the production variant (same variant name, shadow removed, capture kept)."""
+def single_variant_endpoint(ctx: AwsContext, cfg: ShadowTestConfig, model: str, label: str,
+                            wait: bool = True) -> Dict[str, Any]:
+    """Move the endpoint to a config whose only (production) variant serves `model`, capture kept."""
     _models(cfg)
-    name = resource_name(cfg.endpoint_name, "promoted", "@time")
+    name = resource_name(cfg.endpoint_name, label, "@time")
     ctx.sagemaker.create_endpoint_config(**endpoint_config_request(
-        ctx, name, [production_variant(cfg.shadow_model, cfg.production_variant, cfg.instance_type,
-                                       cfg.instance_count)],
+        ctx, name, [production_variant(model, cfg.production_variant, cfg.instance_type, cfg.instance_count)],
         capture=data_capture_config(capture_destination(ctx, cfg), cfg.capture_percent)))
     ctx.sagemaker.update_endpoint(EndpointName=cfg.endpoint_name, EndpointConfigName=name)
     if wait:
         wait_for_endpoint(ctx, cfg.endpoint_name, cfg.wait_timeout)
-    return {"endpoint": cfg.endpoint_name, "endpoint_config": name, "production_model": cfg.shadow_model}
+    return {"endpoint": cfg.endpoint_name, "endpoint_config": name, "production_model": model}
+
+
+def promote_shadow_endpoint(ctx: AwsContext, cfg: ShadowTestConfig, wait: bool = True) -> Dict[str, Any]:
+    """The shadow's model becomes the production variant (same variant name); the shadow goes."""
+    return single_variant_endpoint(ctx, cfg, cfg.shadow_model, "promoted", wait)
+
+
+def stop_shadow_endpoint(ctx: AwsContext, cfg: ShadowTestConfig, wait: bool = True) -> Dict[str, Any]:
+    """End the shadow test keeping production as it was."""
+    return single_variant_endpoint(ctx, cfg, cfg.production_model, "production", wait)
 
 
 # experiment route ------------------------------------------------------------------------------
@@ -165,9 +175,3 @@ def variant_roles(ctx: AwsContext, endpoint: str) -> Dict[str, str]:
     roles.update({v["VariantName"]: "shadow" for v in desc.get("ShadowProductionVariants", [])})
     return roles
 
-
-def describe(ctx: AwsContext, cfg: ShadowTestConfig) -> Dict[str, List]:
-    """The endpoint's variants (production and shadow) with their models and status."""
-    desc = ctx.sagemaker.describe_endpoint(EndpointName=cfg.endpoint_name)
-    return {kind: [{k: v.get(k) for k in ("VariantName", "CurrentWeight", "CurrentInstanceCount", "DeployedImages")}
-                   for v in desc.get(kind, [])] for kind in ("ProductionVariants", "ShadowProductionVariants")}

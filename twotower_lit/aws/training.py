@@ -93,8 +93,10 @@ def resolve_sdk(requested: str) -> str:
     return requested
 
 
-def plan_training_job(ctx: AwsContext, cfg: TrainConfig, job: SageMakerTrainConfig, workdir: str) -> TrainingJobPlan:
-    """Upload the data if it is local, stage the source dir under `workdir`, and decide the job."""
+def plan_training_job(ctx: AwsContext, cfg: TrainConfig, job: SageMakerTrainConfig, workdir: str,
+                      upload: bool = True) -> TrainingJobPlan:
+    """Upload the data if it is local (unless `upload` is false: a dry run), stage the source dir
+    under `workdir`, and decide the job."""
     base_job_name = job.job_name or resource_name(ctx.cfg.project)
     job_name = job.job_name or resource_name(ctx.cfg.project, "@time")
     checkpoint_uri = job.checkpoint_s3_uri or ("auto" if job.spot else None)
@@ -104,7 +106,7 @@ def plan_training_job(ctx: AwsContext, cfg: TrainConfig, job: SageMakerTrainConf
         cfg = replace(cfg, resume="auto")  # a restarted (spot) job continues from the synced checkpoints
     channels = {}
     if cfg.data_dir:
-        channels[DATA_CHANNEL] = _data_uri(ctx, cfg.data_dir, job.data_s3_uri)
+        channels[DATA_CHANNEL] = _data_uri(ctx, cfg.data_dir, job.data_s3_uri, upload)
     defaults = to_flat_dict(TrainConfig())
     not_sent = {k: v for k, v in to_flat_dict(cfg).items() if k in CONTAINER_FIELDS and v != defaults[k]}
     image = job.image_uri or container.dlc_image_uri(ctx.region, "training", job.framework_version, job.py_version,
@@ -122,32 +124,34 @@ def plan_training_job(ctx: AwsContext, cfg: TrainConfig, job: SageMakerTrainConf
         tags=ctx.tags(), metric_definitions=metric_definitions(cfg.eval_k), not_sent=not_sent)
 
 
-def _data_uri(ctx: AwsContext, data_dir: str, target: Optional[str]) -> str:
+def _data_uri(ctx: AwsContext, data_dir: str, target: Optional[str], upload: bool) -> str:
     if data_dir.startswith("s3://"):
         return data_dir.rstrip("/")
     local = os.path.abspath(os.path.expanduser(data_dir))
     if not os.path.isdir(local):
         raise FileNotFoundError(f"--data-dir {data_dir}: no such directory")
     uri = (target or ctx.s3_uri("data", os.path.basename(local.rstrip(os.sep)))).rstrip("/")
-    upload_directory(ctx.s3, local, uri)
+    if upload:
+        upload_directory(ctx.s3, local, uri)
     return uri
 
 
 @contextlib.contextmanager
 def _sdk_environment(ctx: AwsContext) -> Iterator[None]:
-    """The SDKs create some clients themselves: with an endpoint override (moto), send them there
-    too (AWS_ENDPOINT_URL) and switch the SDK's telemetry off (it would call out to AWS)."""
-    if not ctx.offline:
-        yield
-        return
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "SAGEMAKER_USER_CONFIG_OVERRIDE",
-                                           "SAGEMAKER_VALIDATE_ROLE", "SAGEMAKER_SUPPRESS_V2_WARNING")}
+    """The SDKs create some clients themselves, from the environment: give them the context's
+    region (SDK v3's job waiter needs one) and, with an endpoint override (moto), send them there
+    too (AWS_ENDPOINT_URL), skip v3's IAM role check and switch telemetry off (it calls out to AWS)."""
+    names = ("AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "SAGEMAKER_USER_CONFIG_OVERRIDE", "SAGEMAKER_VALIDATE_ROLE",
+             "SAGEMAKER_SUPPRESS_V2_WARNING")
+    saved = {k: os.environ.get(k) for k in names}
     with tempfile.TemporaryDirectory() as tmp:
-        config = os.path.join(tmp, "sagemaker-config.yaml")
-        with open(config, "w") as f:
-            f.write("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n")
-        os.environ.update(AWS_ENDPOINT_URL=ctx.endpoint_url, SAGEMAKER_USER_CONFIG_OVERRIDE=config,
-                          SAGEMAKER_VALIDATE_ROLE="false", SAGEMAKER_SUPPRESS_V2_WARNING="1")
+        os.environ["AWS_DEFAULT_REGION"] = ctx.region
+        if ctx.offline:
+            config = os.path.join(tmp, "sagemaker-config.yaml")
+            with open(config, "w") as f:
+                f.write("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n")
+            os.environ.update(AWS_ENDPOINT_URL=ctx.endpoint_url, SAGEMAKER_USER_CONFIG_OVERRIDE=config,
+                              SAGEMAKER_VALIDATE_ROLE="false", SAGEMAKER_SUPPRESS_V2_WARNING="1")
         try:
             yield
         finally:
