@@ -17,16 +17,17 @@ from twotower_lit.aws.session import PROJECT_TAG, AwsContext
 
 log = logging.getLogger(__name__)
 
-# kind -> (list operation, list key, ARN key, name key, extra list arguments)
-KINDS: Dict[str, Tuple[str, str, str, str, Dict]] = {
-    "inference-experiment": ("list_inference_experiments", "InferenceExperiments", "Arn", "Name", {}),
-    "endpoint": ("list_endpoints", "Endpoints", "EndpointArn", "EndpointName", {}),
-    "endpoint-config": ("list_endpoint_configs", "EndpointConfigs", "EndpointConfigArn", "EndpointConfigName", {}),
-    "model": ("list_models", "Models", "ModelArn", "ModelName", {}),
-    "training-job": ("list_training_jobs", "TrainingJobSummaries", "TrainingJobArn", "TrainingJobName",
+# kind -> (list operation, list key, name key, ARN key in the listing, extra list arguments)
+KINDS: Dict[str, Tuple[str, str, str, Optional[str], Dict]] = {
+    # the experiment listing has no ARN (its describe has)
+    "inference-experiment": ("list_inference_experiments", "InferenceExperiments", "Name", None, {}),
+    "endpoint": ("list_endpoints", "Endpoints", "EndpointName", "EndpointArn", {}),
+    "endpoint-config": ("list_endpoint_configs", "EndpointConfigs", "EndpointConfigName", "EndpointConfigArn", {}),
+    "model": ("list_models", "Models", "ModelName", "ModelArn", {}),
+    "training-job": ("list_training_jobs", "TrainingJobSummaries", "TrainingJobName", "TrainingJobArn",
                      {"StatusEquals": "InProgress"}),
-    "mlflow-tracking-server": ("list_mlflow_tracking_servers", "TrackingServerSummaries", "TrackingServerArn",
-                               "TrackingServerName", {}),
+    "mlflow-tracking-server": ("list_mlflow_tracking_servers", "TrackingServerSummaries", "TrackingServerName",
+                               "TrackingServerArn", {}),
 }
 DEFAULT_KINDS = ("inference-experiment", "endpoint", "endpoint-config", "model", "training-job")
 
@@ -49,12 +50,19 @@ def find_resources(ctx: AwsContext, kinds: Iterable[str] = DEFAULT_KINDS) -> Dic
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"unknown resource kind {kind!r}; known: {', '.join(KINDS)}")
-        op, key, arn_key, name_key, extra = KINDS[kind]
+        op, key, name_key, arn_key, extra = KINDS[kind]
         names = []
         for page in ctx.sagemaker.get_paginator(op).paginate(**extra):
-            names += [item[name_key] for item in page.get(key, []) if _tagged(ctx, item[arn_key])]
+            for item in page.get(key, []):
+                arn = item[arn_key] if arn_key else _experiment_arn(ctx, item[name_key])
+                if _tagged(ctx, arn):
+                    names.append(item[name_key])
         found[kind] = names
     return found
+
+
+def _experiment_arn(ctx: AwsContext, name: str) -> str:
+    return ctx.sagemaker.describe_inference_experiment(Name=name)["Arn"]
 
 
 def _stop_experiment(ctx: AwsContext, name: str) -> None:

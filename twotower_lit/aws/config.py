@@ -114,6 +114,7 @@ class ShadowTestConfig:
     experiment_name: Optional[str] = _opt(None, "inference experiment name (default <endpoint>-shadow)")
     duration_hours: int = _opt(24, "experiment schedule: it ends this many hours after it starts")
     wait_timeout: int = _opt(1800, "seconds to wait for the endpoint / experiment state changes")
+    poll_seconds: float = _opt(15.0, "seconds between status checks while waiting")
     metrics_period: int = _opt(60, "CloudWatch period (seconds) of the per-variant metrics")
 
 

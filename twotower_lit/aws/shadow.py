@@ -61,7 +61,7 @@ def start_shadow_endpoint(ctx: AwsContext, cfg: ShadowTestConfig, wait: bool = T
     ctx.sagemaker.create_endpoint_config(**shadow_endpoint_config_request(ctx, cfg, name))
     action = create_or_update_endpoint(ctx, cfg.endpoint_name, name)
     if wait:
-        wait_for_endpoint(ctx, cfg.endpoint_name, cfg.wait_timeout)
+        wait_for_endpoint(ctx, cfg.endpoint_name, cfg.wait_timeout, cfg.poll_seconds)
     return {"endpoint": cfg.endpoint_name, "endpoint_config": name, "action": action,
             "capture": capture_destination(ctx, cfg)}
 
@@ -76,7 +76,7 @@ def single_variant_endpoint(ctx: AwsContext, cfg: ShadowTestConfig, model: str, 
         capture=data_capture_config(capture_destination(ctx, cfg), cfg.capture_percent)))
     ctx.sagemaker.update_endpoint(EndpointName=cfg.endpoint_name, EndpointConfigName=name)
     if wait:
-        wait_for_endpoint(ctx, cfg.endpoint_name, cfg.wait_timeout)
+        wait_for_endpoint(ctx, cfg.endpoint_name, cfg.wait_timeout, cfg.poll_seconds)
     return {"endpoint": cfg.endpoint_name, "endpoint_config": name, "production_model": model}
 
 
@@ -128,14 +128,14 @@ def inference_experiment_request(ctx: AwsContext, cfg: ShadowTestConfig,
 def create_experiment(ctx: AwsContext, cfg: ShadowTestConfig) -> str:
     """Create the experiment and start it; returns its ARN."""
     arn = ctx.sagemaker.create_inference_experiment(**inference_experiment_request(ctx, cfg))["InferenceExperimentArn"]
-    wait_for_experiment(ctx, experiment_name(cfg), ("Created", "Running"), cfg.wait_timeout)
+    wait_for_experiment(ctx, experiment_name(cfg), ("Created", "Running"), cfg.wait_timeout, cfg.poll_seconds)
     return arn
 
 
 def start_experiment(ctx: AwsContext, cfg: ShadowTestConfig, wait: bool = True) -> Dict[str, Any]:
     name = experiment_name(cfg)
     ctx.sagemaker.start_inference_experiment(Name=name)
-    return wait_for_experiment(ctx, name, ("Running",), cfg.wait_timeout) if wait else {"Name": name}
+    return wait_for_experiment(ctx, name, ("Running",), cfg.wait_timeout, cfg.poll_seconds) if wait else {"Name": name}
 
 
 def stop_experiment(ctx: AwsContext, cfg: ShadowTestConfig, promote: bool = False, reason: str = "",
@@ -152,7 +152,7 @@ def stop_experiment(ctx: AwsContext, cfg: ShadowTestConfig, promote: bool = Fals
     if promote:
         params["DesiredModelVariants"] = [_variant(cfg.shadow_model, cfg.shadow_variant, cfg)]
     ctx.sagemaker.stop_inference_experiment(**params)
-    return wait_for_experiment(ctx, name, _EXPERIMENT_DONE, cfg.wait_timeout) if wait else {"Name": name}
+    return wait_for_experiment(ctx, name, _EXPERIMENT_DONE, cfg.wait_timeout, cfg.poll_seconds) if wait else {"Name": name}
 
 
 def wait_for_experiment(ctx: AwsContext, name: str, states, timeout: float = 1800.0, poll: float = 15.0) -> Dict:

@@ -1,0 +1,79 @@
+"""Cleanup by tag: on moto for models / endpoint configs / endpoints / S3, and against a Stubber for
+inference experiments, running training jobs and MLflow servers (not in moto)."""
+from conftest import ROLE
+from twotower_lit.aws import cleanup, deploy
+from twotower_lit.aws.config import AwsConfig
+from twotower_lit.aws.session import AwsContext
+
+ARN = "arn:aws:sagemaker:us-east-1:123456789012"
+MOTO_KINDS = ("endpoint", "endpoint-config", "model")
+
+
+def make_endpoint(c: AwsContext, name: str) -> None:
+    c.sagemaker.create_model(**deploy.model_request(c, f"{name}-model", "img", c.s3_uri("m.tar.gz")))
+    c.sagemaker.create_endpoint_config(**deploy.endpoint_config_request(
+        c, f"{name}-config", [deploy.production_variant(f"{name}-model", "production", "ml.m5.large")]))
+    deploy.create_or_update_endpoint(c, name, f"{name}-config")
+
+
+def test_removes_only_what_carries_the_project_tag(ctx, moto_server, recording_session, tmp_path):
+    other = AwsContext(AwsConfig(endpoint_url=moto_server, region="us-east-1", role=ROLE, bucket=ctx.cfg.bucket,
+                                 project=ctx.cfg.project + "-other", prefix="other"), session=recording_session)
+    make_endpoint(ctx, f"{ctx.cfg.project}-ep")
+    make_endpoint(other, f"{other.cfg.project}-ep")
+    ctx.s3.put_object(Bucket=ctx.cfg.bucket, Key=f"{ctx.cfg.prefix}/models/x/model.tar.gz", Body=b"x")
+    ctx.s3.put_object(Bucket=ctx.cfg.bucket, Key="other/keep.txt", Body=b"x")
+
+    mine = {"endpoint": [f"{ctx.cfg.project}-ep"], "endpoint-config": [f"{ctx.cfg.project}-ep-config"],
+            "model": [f"{ctx.cfg.project}-ep-model"]}
+    planned = cleanup.cleanup(ctx, MOTO_KINDS, s3=True, dry_run=True)
+    assert planned == {**mine, "s3": [ctx.s3_uri("models/x/model.tar.gz")]}
+    assert cleanup.find_resources(ctx, MOTO_KINDS) == mine  # a dry run removes nothing
+
+    assert cleanup.cleanup(ctx, MOTO_KINDS, s3=True) == planned
+    assert cleanup.find_resources(ctx, MOTO_KINDS) == {k: [] for k in MOTO_KINDS}
+    assert cleanup.find_resources(other, MOTO_KINDS) == {
+        "endpoint": [f"{other.cfg.project}-ep"], "endpoint-config": [f"{other.cfg.project}-ep-config"],
+        "model": [f"{other.cfg.project}-ep-model"]}
+    keys = [o["Key"] for o in ctx.s3.list_objects_v2(Bucket=ctx.cfg.bucket).get("Contents", [])]
+    assert keys == ["other/keep.txt"]
+    assert "removed 1 endpoint(s)" in cleanup.describe(planned)
+
+
+def test_experiments_jobs_and_mlflow_servers(stubbed):
+    ctx, stub = stubbed
+    tag = {"Tags": [{"Key": "project", "Value": ctx.cfg.project}]}
+    untagged = {"Tags": [{"Key": "project", "Value": "someone-else"}]}
+    t = "2026-01-01"
+    variants = [{"ModelName": m, "VariantName": v, "Status": "InService", "InfrastructureConfig": {
+        "InfrastructureType": "RealTimeInference",
+        "RealTimeInferenceConfig": {"InstanceType": "ml.m5.large", "InstanceCount": 1}}}
+        for m, v in (("m-prod", "production"), ("m-shadow", "shadow"))]
+    experiment = {
+        "Arn": f"{ARN}:inference-experiment/ie-1", "Name": "ie-1", "Type": "ShadowMode", "Status": "Running",
+        "EndpointMetadata": {"EndpointName": "ep"}, "ModelVariants": variants,
+        "ShadowModeConfig": {"SourceModelVariantName": "production", "ShadowModelVariants": [
+            {"ShadowModelVariantName": "shadow", "SamplingPercentage": 100}]}}
+    stub.add_response("list_inference_experiments", {"InferenceExperiments": [
+        {"Name": "ie-1", "Type": "ShadowMode", "Status": "Running", "CreationTime": t, "LastModifiedTime": t}]}, {})
+    stub.add_response("describe_inference_experiment", experiment, {"Name": "ie-1"})
+    stub.add_response("list_tags", tag, {"ResourceArn": f"{ARN}:inference-experiment/ie-1"})
+    stub.add_response("list_training_jobs", {"TrainingJobSummaries": [
+        {"TrainingJobName": n, "TrainingJobArn": f"{ARN}:training-job/{n}", "CreationTime": t,
+         "TrainingJobStatus": "InProgress"} for n in ("job-1", "job-2")]}, {"StatusEquals": "InProgress"})
+    stub.add_response("list_tags", tag, {"ResourceArn": f"{ARN}:training-job/job-1"})
+    stub.add_response("list_tags", untagged, {"ResourceArn": f"{ARN}:training-job/job-2"})
+    stub.add_response("list_mlflow_tracking_servers", {"TrackingServerSummaries": [
+        {"TrackingServerName": "mlf", "TrackingServerArn": f"{ARN}:mlflow-tracking-server/mlf"}]}, {})
+    stub.add_response("list_tags", tag, {"ResourceArn": f"{ARN}:mlflow-tracking-server/mlf"})
+    stub.add_response("describe_inference_experiment", experiment, {"Name": "ie-1"})
+    stub.add_response("stop_inference_experiment", {"InferenceExperimentArn": f"{ARN}:inference-experiment/ie-1"},
+                      {"Name": "ie-1", "ModelVariantActions": {"production": "Retain", "shadow": "Remove"},
+                       "DesiredState": "Cancelled", "Reason": "project cleanup"})
+    stub.add_response("delete_inference_experiment", {"InferenceExperimentArn": f"{ARN}:inference-experiment/ie-1"},
+                      {"Name": "ie-1"})
+    stub.add_response("stop_training_job", {}, {"TrainingJobName": "job-1"})
+    stub.add_response("delete_mlflow_tracking_server", {"TrackingServerArn": f"{ARN}:mlflow-tracking-server/mlf"},
+                      {"TrackingServerName": "mlf"})
+    found = cleanup.cleanup(ctx, ("mlflow-tracking-server", "training-job", "inference-experiment"))
+    assert found == {"inference-experiment": ["ie-1"], "training-job": ["job-1"], "mlflow-tracking-server": ["mlf"]}

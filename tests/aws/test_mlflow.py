@@ -1,0 +1,56 @@
+"""MLflow tracking URI kinds and the SageMaker managed tracking server helper (not in moto: Stubber)."""
+import pytest
+
+from twotower_lit.aws import mlflow as aws_mlflow
+
+ARN = "arn:aws:sagemaker:eu-west-1:123456789012:mlflow-tracking-server/twotower"
+
+
+@pytest.mark.parametrize("uri,kind", [(None, "sqlite"), ("sqlite:///x/mlflow.db", "sqlite"), (ARN, "sagemaker"),
+                                      ("http://127.0.0.1:5000", "server"), ("databricks", "other")])
+def test_uri_kinds(uri, kind):
+    assert aws_mlflow.tracking_uri_kind(uri) == kind
+
+
+def test_a_foreign_arn_is_refused_and_a_missing_plugin_is_named(monkeypatch):
+    with pytest.raises(ValueError, match="mlflow-tracking-server"):
+        aws_mlflow.tracking_uri_kind("arn:aws:s3:::bucket")
+    import importlib.util
+
+    if importlib.util.find_spec("sagemaker_mlflow") is None:
+        with pytest.raises(RuntimeError, match="pip install sagemaker-mlflow"):
+            aws_mlflow.require_plugin(ARN)
+    aws_mlflow.require_plugin("http://127.0.0.1:5000")
+
+
+def server(status):
+    return {"TrackingServerArn": ARN, "TrackingServerName": "twotower", "TrackingServerStatus": status}
+
+
+def test_creates_a_missing_server_and_waits_until_it_is_ready(stubbed, request_log):
+    ctx, stub = stubbed
+    stub.add_client_error("describe_mlflow_tracking_server", service_error_code="ResourceNotFound",
+                          expected_params={"TrackingServerName": "twotower"})
+    stub.add_response("create_mlflow_tracking_server", {"TrackingServerArn": ARN})
+    stub.add_response("describe_mlflow_tracking_server", server("Creating"), {"TrackingServerName": "twotower"})
+    stub.add_response("describe_mlflow_tracking_server", server("Created"), {"TrackingServerName": "twotower"})
+    assert aws_mlflow.find_or_create_tracking_server(ctx, "twotower", poll=0.0) == ARN
+    create = request_log.calls("CreateMlflowTrackingServer")[-1]
+    assert create["ArtifactStoreUri"] == ctx.s3_uri("mlflow") and create["RoleArn"] == ctx.role
+    assert {"Key": "project", "Value": ctx.cfg.project} in create["Tags"]
+
+
+def test_starts_a_stopped_server(stubbed):
+    ctx, stub = stubbed
+    stub.add_response("describe_mlflow_tracking_server", server("Stopped"), {"TrackingServerName": "twotower"})
+    stub.add_response("start_mlflow_tracking_server", {"TrackingServerArn": ARN}, {"TrackingServerName": "twotower"})
+    stub.add_response("describe_mlflow_tracking_server", server("Starting"), {"TrackingServerName": "twotower"})
+    stub.add_response("describe_mlflow_tracking_server", server("Started"), {"TrackingServerName": "twotower"})
+    assert aws_mlflow.find_or_create_tracking_server(ctx, "twotower", poll=0.0) == ARN
+
+
+def test_a_failed_server_is_reported(stubbed):
+    ctx, stub = stubbed
+    stub.add_response("describe_mlflow_tracking_server", server("CreateFailed"))
+    with pytest.raises(RuntimeError, match="CreateFailed"):
+        aws_mlflow.find_or_create_tracking_server(ctx, "twotower", poll=0.0)

@@ -1,0 +1,23 @@
+"""Folders to and from S3 (moto)."""
+from twotower_lit.aws.s3 import delete_prefix, download_prefix, list_objects, upload_directory
+
+
+def test_upload_skips_unchanged_files_and_download_restores_the_tree(ctx, tmp_path):
+    src = tmp_path / "prepared"
+    (src / "train").mkdir(parents=True)
+    (src / "manifest.json").write_text('{"a": 1}')
+    (src / "train" / "part-0.parquet").write_bytes(b"x" * 1000)
+    (src / ".prepare.lock").write_text("")  # lock files and dot files stay local
+    uri = ctx.s3_uri("data", "prepared")
+    assert upload_directory(ctx.s3, str(src), uri) == {"uploaded": 2, "unchanged": 0}
+    assert upload_directory(ctx.s3, str(src), uri) == {"uploaded": 0, "unchanged": 2}
+    (src / "manifest.json").write_text('{"a": 2}')
+    assert upload_directory(ctx.s3, str(src), uri) == {"uploaded": 1, "unchanged": 1}
+    assert sorted(list_objects(ctx.s3, uri)) == ["manifest.json", "train/part-0.parquet"]
+
+    dst = tmp_path / "back"
+    paths = download_prefix(ctx.s3, uri, str(dst))
+    assert len(paths) == 2
+    assert (dst / "manifest.json").read_text() == '{"a": 2}'
+    assert (dst / "train" / "part-0.parquet").read_bytes() == b"x" * 1000
+    assert delete_prefix(ctx.s3, uri) == 2 and list_objects(ctx.s3, uri) == {}

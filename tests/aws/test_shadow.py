@@ -1,0 +1,124 @@
+"""Both shadow routes. moto accepts the endpoint config but silently drops ShadowProductionVariants
+and lacks update_endpoint and the inference-experiment calls: the requests are checked where they
+are made (recorded and validated against botocore's model) and, for the calls moto lacks, answered
+by a Stubber that also checks the responses' shapes."""
+import datetime as dt
+
+import pytest
+
+from conftest import ROLE
+from twotower_lit.aws import shadow
+from twotower_lit.aws.config import ShadowTestConfig
+
+ARN = "arn:aws:sagemaker:us-east-1:123456789012"
+
+
+def cfg(**kw) -> ShadowTestConfig:
+    values = dict(endpoint_name="ep", production_model="m-prod", shadow_model="m-shadow", poll_seconds=0.0,
+                  wait_timeout=10)
+    return ShadowTestConfig(**{**values, **kw})
+
+
+def variant(model, name, instance="ml.m5.large", count=1):
+    return {"ModelName": model, "VariantName": name, "InfrastructureConfig": {
+        "InfrastructureType": "RealTimeInference",
+        "RealTimeInferenceConfig": {"InstanceType": instance, "InstanceCount": count}}}
+
+
+def endpoint(status="InService"):
+    return {"EndpointName": "ep", "EndpointArn": f"{ARN}:endpoint/ep", "EndpointStatus": status,
+            "CreationTime": "2026-01-01", "LastModifiedTime": "2026-01-01"}
+
+
+def test_endpoint_config_with_shadow_variant_and_capture_on_moto(ctx, request_log):
+    for model in ("m-prod", "m-shadow"):
+        ctx.sagemaker.create_model(ModelName=model, ExecutionRoleArn=ROLE,
+                                   PrimaryContainer={"Image": "img", "ModelDataUrl": ctx.s3_uri("m.tar.gz")})
+    c = cfg(endpoint_name=f"ep-{ctx.cfg.project}", capture_percent=50)
+    out = shadow.start_shadow_endpoint(ctx, c)
+    sent = request_log.calls("CreateEndpointConfig")[-1]
+    assert sent["EndpointConfigName"] == out["endpoint_config"]
+    assert [v["ModelName"] for v in sent["ProductionVariants"]] == ["m-prod"]
+    assert sent["ShadowProductionVariants"] == [{"VariantName": "shadow", "ModelName": "m-shadow",
+                                                 "InstanceType": "ml.m5.large", "InitialInstanceCount": 1,
+                                                 "InitialVariantWeight": 1.0}]
+    assert sent["DataCaptureConfig"] == {
+        "EnableCapture": True, "InitialSamplingPercentage": 50, "DestinationS3Uri": ctx.s3_uri("capture"),
+        "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+        "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]}}
+    assert ctx.sagemaker.describe_endpoint(EndpointName=c.endpoint_name)["EndpointStatus"] == "InService"
+
+
+def test_endpoint_config_request_exactly(stubbed):
+    ctx, stub = stubbed
+    c = cfg()
+    req = shadow.shadow_endpoint_config_request(ctx, c, "ep-shadow-1")
+    stub.add_response("create_endpoint_config", {"EndpointConfigArn": f"{ARN}:endpoint-config/ep-shadow-1"}, req)
+    ctx.sagemaker.create_endpoint_config(**req)
+    assert set(req) == {"EndpointConfigName", "ProductionVariants", "ShadowProductionVariants", "DataCaptureConfig", "Tags"}
+
+
+@pytest.mark.parametrize("promote", [True, False])
+def test_endpoint_config_route_promote_and_stop(stubbed, promote, request_log):
+    ctx, stub = stubbed
+    stub.add_response("create_endpoint_config", {"EndpointConfigArn": f"{ARN}:endpoint-config/x"})
+    stub.add_response("update_endpoint", {"EndpointArn": f"{ARN}:endpoint/ep"})
+    stub.add_response("describe_endpoint", endpoint("Updating"), {"EndpointName": "ep"})
+    stub.add_response("describe_endpoint", endpoint("InService"), {"EndpointName": "ep"})
+    out = (shadow.promote_shadow_endpoint if promote else shadow.stop_shadow_endpoint)(ctx, cfg())
+    config = request_log.calls("CreateEndpointConfig")[-1]
+    assert [v["ModelName"] for v in config["ProductionVariants"]] == ["m-shadow" if promote else "m-prod"]
+    assert [v["VariantName"] for v in config["ProductionVariants"]] == ["production"]
+    assert "ShadowProductionVariants" not in config and config["DataCaptureConfig"]["EnableCapture"]
+    assert request_log.calls("UpdateEndpoint")[-1] == {"EndpointName": "ep", "EndpointConfigName": out["endpoint_config"]}
+
+
+def experiment(status):
+    return {"Arn": f"{ARN}:inference-experiment/ep-shadow", "Name": "ep-shadow", "Type": "ShadowMode",
+            "Status": status, "EndpointMetadata": {"EndpointName": "ep"},
+            "ModelVariants": [{"ModelName": "m-prod", "VariantName": "production", "Status": "InService",
+                               "InfrastructureConfig": variant("m-prod", "production")["InfrastructureConfig"]}]}
+
+
+def test_inference_experiment_create_start_promote(stubbed):
+    ctx, stub = stubbed
+    c = cfg(route="experiment", sampling_percent=30, duration_hours=2)
+    start = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.timezone.utc)
+    req = shadow.inference_experiment_request(ctx, c, start=start)
+    assert req == {
+        "Name": "ep-shadow", "Type": "ShadowMode", "RoleArn": ROLE, "EndpointName": "ep",
+        "Description": "shadow test of m-shadow against m-prod",
+        "Schedule": {"StartTime": start, "EndTime": start + dt.timedelta(hours=2)},
+        "ModelVariants": [variant("m-prod", "production"), variant("m-shadow", "shadow")],
+        "ShadowModeConfig": {"SourceModelVariantName": "production",
+                             "ShadowModelVariants": [{"ShadowModelVariantName": "shadow", "SamplingPercentage": 30}]},
+        "DataStorageConfig": {"Destination": ctx.s3_uri("capture"),
+                              "ContentType": {"JsonContentTypes": ["application/json"]}},
+        "Tags": [{"Key": "project", "Value": ctx.cfg.project}]}
+    arn = f"{ARN}:inference-experiment/ep-shadow"
+    stub.add_response("create_inference_experiment", {"InferenceExperimentArn": arn})
+    stub.add_response("describe_inference_experiment", experiment("Creating"), {"Name": "ep-shadow"})
+    stub.add_response("describe_inference_experiment", experiment("Created"), {"Name": "ep-shadow"})
+    stub.add_response("start_inference_experiment", {"InferenceExperimentArn": arn}, {"Name": "ep-shadow"})
+    stub.add_response("describe_inference_experiment", experiment("Running"), {"Name": "ep-shadow"})
+    stub.add_response("stop_inference_experiment", {"InferenceExperimentArn": arn}, {
+        "Name": "ep-shadow", "ModelVariantActions": {"shadow": "Promote", "production": "Remove"},
+        "DesiredModelVariants": [variant("m-shadow", "shadow")], "DesiredState": "Completed",
+        "Reason": "shadow promoted"})
+    stub.add_response("describe_inference_experiment", experiment("Completed"), {"Name": "ep-shadow"})
+    assert shadow.create_experiment(ctx, c) == arn
+    assert shadow.start_experiment(ctx, c)["Status"] == "Running"
+    assert shadow.stop_experiment(ctx, c, promote=True)["Status"] == "Completed"
+
+
+def test_stop_without_promotion_retains_production(stubbed):
+    ctx, stub = stubbed
+    stub.add_response("stop_inference_experiment", {"InferenceExperimentArn": f"{ARN}:inference-experiment/ep-shadow"}, {
+        "Name": "ep-shadow", "ModelVariantActions": {"production": "Retain", "shadow": "Remove"},
+        "DesiredState": "Cancelled", "Reason": "shadow test stopped"})
+    assert shadow.stop_experiment(ctx, cfg(route="experiment"), wait=False) == {"Name": "ep-shadow"}
+
+
+def test_missing_models_are_named():
+    with pytest.raises(ValueError, match="--production-model and --shadow-model"):
+        shadow.shadow_endpoint_config_request(None, ShadowTestConfig(), "x")
