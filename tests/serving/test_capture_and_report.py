@@ -160,3 +160,27 @@ def test_agreement_and_quality_formulas():
     assert rbo([1, 2, 3, 4], [1, 2, 4, 3]) > rbo([1, 2, 3, 4], [2, 1, 3, 4])  # top ranks weigh more
     recall, ndcg = recall_ndcg([5, 1, 7], {1, 9}, 3)
     assert recall == 0.5 and ndcg == pytest.approx((1 / np.log2(3)) / (1 + 1 / np.log2(3)))
+
+
+def test_shadow_report_cli(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    capture = tmp_path / "capture"
+    for u in range(1, 31):
+        _event(capture, "A", "production", f"e{u}", u, [1, 2, 3])
+        _event(capture, "B", "shadow", f"e{u}", u, [1, 3, 2])
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "entrypoints.shadow_report", "--capture-dir", str(capture),
+                           "--output-dir", str(out), "--min-requests", "10"], cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("verdict: inconclusive (no held-out labels")
+    assert sorted(p.name for p in out.iterdir()) == ["agreement.png", "latency.png", "report.json", "report.md"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["agreement"]["mean_overlap"] == 1.0 and 0 < report["agreement"]["mean_rbo"] < 1
+    bad = subprocess.run([sys.executable, "-m", "entrypoints.shadow_report", "--capture-dir", str(tmp_path / "none")],
+                         cwd=repo, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "expected one endpoint folder" in bad.stderr

@@ -219,3 +219,19 @@ def test_slow_body_upload_times_out_with_408(server):
     assert asyncio.run(trickle()) == 408
     assert 1.5 < time.perf_counter() - t0 < 8
     assert post(server, {"user_id": 1}).status_code == 200
+
+
+def test_load_cli_against_the_server(server, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "load.json"
+    proc = subprocess.run([sys.executable, "-m", "entrypoints.load", "--url", server.url + "/invocations",
+                           "--user-ids", "1,2,3,77777", "--rate", "100", "--concurrency", "2", "--requests", "30",
+                           "--batch", "2", "--output", str(out)], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "30 requests in" in proc.stdout and "p99" in proc.stdout
+    summary = json.loads(out.read_text())
+    assert summary["ok"] == 30 and summary["users"] == 4 and 0 < summary["achieved_rps"] <= 150
