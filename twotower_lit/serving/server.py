@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -57,6 +58,8 @@ def check(cfg: ServeConfig) -> None:
         problems.append(f"--default-k must be within 1..--max-k ({cfg.max_k})")
     if cfg.shadow_model_dir and cfg.shadow_url:
         problems.append("give --shadow-model-dir or --shadow-url, not both")
+    if cfg.search == "faiss" and importlib.util.find_spec("faiss") is None:
+        problems.append("--search faiss needs the faiss package (pip install faiss-cpu); or use --search exact")
     if problems:
         raise SystemExit("serve: " + "; ".join(problems))
 
