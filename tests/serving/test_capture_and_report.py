@@ -184,3 +184,26 @@ def test_shadow_report_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "entrypoints.shadow_report", "--capture-dir", str(tmp_path / "none")],
                          cwd=repo, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "expected one endpoint folder" in bad.stderr
+
+
+def test_two_worker_processes_serve_and_capture(model_dir, start_server, tmp_path):
+    import asyncio
+
+    import httpx
+
+    capture = tmp_path / "capture"
+    server = start_server(["--model-dir", model_dir, "--workers", "2", "--capture-dir", str(capture)])
+
+    async def send():
+        async def one_client(users):
+            async with httpx.AsyncClient(timeout=30) as client:
+                return [(await client.post(server.url + "/invocations", json={"user_id": u})).status_code for u in users]
+
+        return await asyncio.gather(*(one_client(range(i, i + 5)) for i in (1, 11, 21, 31)))
+
+    statuses = [s for part in asyncio.run(send()) for s in part]
+    assert statuses == [200] * 20
+    assert server.stop() == 0
+    records = [json.loads(line) for line in capture_lines(capture, "production")]
+    assert sorted(json.loads(r["captureData"]["endpointInput"]["data"])["user_id"] for r in records) == \
+        sorted(u for i in (1, 11, 21, 31) for u in range(i, i + 5))
