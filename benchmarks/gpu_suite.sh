@@ -8,7 +8,7 @@ out=${1:-gpu_results.jsonl}
 steps=${2:-100}
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-for n in 1 2; do
+for n in ${GPU_COUNTS:-1 2}; do
   [ "$n" -le "$gpus" ] || { echo "skipping $n GPUs: only $gpus present"; continue; }
   for shape in ml-1m ml-32m; do
     for batch in 8192 65536; do

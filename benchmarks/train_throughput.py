@@ -220,7 +220,7 @@ def run_lightning(specs, batches, args, device) -> float:
 
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, idx):
-            if idx == args.warmup:
+            if trainer.global_step == args.warmup and not hasattr(self, "t0"):
                 sync(device)
                 self.t0 = time.perf_counter()
 
@@ -235,7 +235,8 @@ def run_lightning(specs, batches, args, device) -> float:
     trainer = L.Trainer(accelerator=device.type if device.type == "cuda" else "cpu", devices=dist.get_world_size(),
                         strategy=TorchRecStrategy(sharding=args.sharding), max_steps=total, logger=False,
                         callbacks=[timer], enable_progress_bar=False, enable_checkpointing=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        use_distributed_sampler=False)  # every rank already has its own batches
     trainer.fit(lm, train_dataloaders=loader)
     return timer.seconds
 
