@@ -14,6 +14,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 DRIVER = r'''
 import json, sys
+# an editable install of the project (pip install -e) would resolve missing vendored modules from
+# the checkout; a real container has no such thing
+sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path_hooks = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
 from sagemaker_inference.transformer import Transformer
 
 class RequestProcessor:
@@ -43,7 +47,9 @@ for body, headers in json.loads(sys.stdin.read()):
     results.append({"status": ctx.status, "content_type": ctx.content_type, "body": out, "phrase": ctx.phrase})
 import twotower_lit
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torchrec", "pyarrow", "lightning", "pandas", "fbgemm_gpu"))
-print(json.dumps({"results": results, "heavy": heavy, "library": list(twotower_lit.__path__), "threads": __import__("torch").get_num_threads()}))
+files = sorted(m.__file__ for n, m in sys.modules.items() if n.split(".")[0] == "twotower_lit" and getattr(m, "__file__", None))
+print(json.dumps({"results": results, "heavy": heavy, "library": list(twotower_lit.__path__), "files": files,
+                  "threads": __import__("torch").get_num_threads()}))
 '''
 
 
@@ -74,6 +80,9 @@ def test_toolkit_transformer_serves_the_packaged_handler(model_dir, tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["library"] == [str(root / "code" / "twotower_lit")], "the vendored copy must be the one imported"
     assert out["heavy"] == [], f"the handler imported {out['heavy']}"
+    outside = [f for f in out["files"] if not f.startswith(str(root / "code") + os.sep)]
+    assert outside == [], f"imported from outside code/: {outside}"
+    assert len(out["files"]) == len(HANDLER_MODULES), "every vendored module is used"
     assert out["threads"] == 1
     r = out["results"]
     single = json.loads(r[0]["body"])
