@@ -100,6 +100,7 @@ def test_toolkit_transformer_serves_the_packaged_handler(model_dir, tmp_path):
 def test_inference_module_loads_from_the_repository_by_path(model_dir, tmp_path):
     """Imported by file path from another directory, it finds the library next to it."""
     code = ("import importlib.util, sys, json\n"
+            "sys.meta_path = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
             f"spec = importlib.util.spec_from_file_location('inference', {str(REPO / 'entrypoints' / 'inference.py')!r})\n"
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
             f"model = m.model_fn({model_dir!r})\n"
