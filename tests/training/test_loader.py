@@ -97,7 +97,8 @@ def test_genres_are_jagged_per_item(tmp_path):
     assert genres.values().tolist() == [1, 2, 3]
 
 
-def test_negative_sampler_never_returns_a_rated_item():
+@pytest.mark.parametrize("bitset_bytes", [0, 1 << 20])  # binary search, bit lookup
+def test_negative_sampler_never_returns_a_rated_item(bitset_bytes):
     rng = np.random.default_rng(0)
     n_users, n_items = 50, 30
     users = rng.integers(1, n_users, 800)
@@ -106,7 +107,8 @@ def test_negative_sampler_never_returns_a_rated_item():
     keys = set((users * n_items + items).tolist())
     counts = np.bincount(items, minlength=n_items)
     for mode in ("uniform", "popularity"):
-        sampler = NegativeSampler(seen.keys(n_items), n_items, mode, counts)
+        sampler = NegativeSampler(seen.keys(n_items), n_items, mode, counts, max_bitset_bytes=bitset_bytes)
+        assert (sampler.bits is None) == (bitset_bytes == 0)
         u, neg = sampler.sample(np.arange(1, n_users), 4, rng)
         assert len(neg) == 4 * (n_users - 1)
         assert (neg >= 1).all() and (neg < n_items).all()
