@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import glob
 import json
+import math
 import os
 import time
 from dataclasses import replace
@@ -168,7 +169,10 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
                  f"recall@{k}": retrieval[f"recall@{k}"], f"ndcg@{k}": retrieval[f"ndcg@{k}"]},
         "baselines": {"popularity": popularity_metrics(dm, "test", k)},
         "train": {"epochs": trainer.current_epoch, "steps": trainer.global_step, "seconds": round(train_seconds, 2),
-                  "world_size": trainer.world_size},
+                  "world_size": trainer.world_size,
+                  # rows through the model (rated + sampled negatives), all ranks, over the whole fit
+                  # (fit time includes validation and checkpoints)
+                  "samples_per_s": round(rows_trained(dm, trainer, cfg.negatives) / max(train_seconds, 1e-9))},
         "sharding_plan": trainer.strategy.plan_description,
         "data": {"dir": data_dir, "dataset": manifest.get("dataset"), "counts": manifest.get("counts")},
     }
@@ -221,6 +225,13 @@ def _peer_failures_explained(trainer: L.Trainer, checkpoint_dir: str):
 
 def _callback(trainer: L.Trainer) -> RetrievalEvaluation:
     return next(c for c in trainer.callbacks if isinstance(c, RetrievalEvaluation))
+
+
+def rows_trained(dm: MovieLensDataModule, trainer: L.Trainer, negatives: int) -> int:
+    per_rank_batches = dm.steps_per_epoch(trainer.world_size)
+    epochs = trainer.global_step / max(per_rank_batches, 1)
+    per_epoch = math.ceil(dm.source("train").total_rows / trainer.world_size) * trainer.world_size
+    return int(per_epoch * epochs * (1 + negatives))
 
 
 def popularity_metrics(dm: MovieLensDataModule, split: str, k: int) -> Dict[str, float]:
