@@ -21,3 +21,13 @@ def test_upload_skips_unchanged_files_and_download_restores_the_tree(ctx, tmp_pa
     assert (dst / "manifest.json").read_text() == '{"a": 2}'
     assert (dst / "train" / "part-0.parquet").read_bytes() == b"x" * 1000
     assert delete_prefix(ctx.s3, uri) == 2 and list_objects(ctx.s3, uri) == {}
+
+
+def test_default_bucket_is_sagemakers_and_created_when_missing(moto_server, recording_session, project):
+    from twotower_lit.aws.config import AwsConfig
+    from twotower_lit.aws.session import AwsContext
+
+    c = AwsContext(AwsConfig(endpoint_url=moto_server, region="eu-west-1", project=project), session=recording_session)
+    assert c.bucket == "sagemaker-eu-west-1-123456789012"
+    assert c.s3.head_bucket(Bucket=c.bucket)["ResponseMetadata"]["HTTPStatusCode"] == 200
+    assert c.s3_uri("data", "x/") == "s3://sagemaker-eu-west-1-123456789012/twotower/data/x"

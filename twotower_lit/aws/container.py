@@ -1,8 +1,9 @@
 """What runs inside the SageMaker containers: the image, the training job's requirements.txt and
 the source directory shipped with the job.
 
-Images. AWS's PyTorch training images stop at torch 2.8 and the inference images at 2.6
-(November 2026), while TorchRec 1.6-1.9 needs torch 2.11-2.14. So the training job either
+Images. AWS's PyTorch training images known to the SDKs stop at torch 2.8 (v2 2.257.7; v3 3.27.0
+knows 2.10) and the inference images at 2.6 (November 2026), while TorchRec 1.6-1.9 needs torch
+2.11-2.14. So the training job either
 
 * runs on AWS's training image and its requirements.txt installs a newer torch with the matching
   fbgemm-gpu and torchrec (``container_torch``, default 2.13.0: slower start, nothing to build), or
@@ -45,7 +46,8 @@ TORCHREC_STACK: Dict[str, Tuple[str, str]] = {
 _NOT_IN_CONTAINER = {"torch", "fbgemm-gpu-cpu", "fbgemm-gpu", "torchrec"}
 
 # AWS Deep Learning Containers: registry account per region (default 763104351884), from the
-# SageMaker SDK's image_uri_config/pytorch.json (the tests compare with the SDK's own lookup)
+# SageMaker SDKs' image_uri_config/pytorch.json, v2 2.257.7 and v3 3.27.0 (the tests compare with
+# each SDK's own lookup)
 _DLC_DEFAULT_ACCOUNT = "763104351884"
 _DLC_ACCOUNTS = {
     "af-south-1": "626614931356", "ap-east-1": "871362719292", "ap-east-2": "975050140332",
@@ -54,7 +56,7 @@ _DLC_ACCOUNTS = {
     "ap-southeast-7": "590183813437", "ca-west-1": "204538143572", "cn-north-1": "727897471807",
     "cn-northwest-1": "727897471807", "eu-central-2": "380420809688", "eu-south-1": "692866216735",
     "eu-south-2": "503227376785", "il-central-1": "780543022126", "me-central-1": "914824155844",
-    "me-south-1": "217643126080", "mx-central-1": "637423239942", "us-gov-east-1": "446045086412",
+    "me-south-1": "217643126080", "me-west-1": "124382933778", "mx-central-1": "637423239942", "us-gov-east-1": "446045086412",
     "us-gov-west-1": "442386744353",
 }
 

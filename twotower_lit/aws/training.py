@@ -182,8 +182,8 @@ def _start_v2(ctx: AwsContext, plan: TrainingJobPlan, wait: bool, logs: bool) ->
     estimator = PyTorch(
         entry_point=plan.entry_point, source_dir=plan.source_dir, image_uri=plan.image_uri, role=plan.role,
         instance_type=plan.instance_type, instance_count=plan.instance_count,
-        distribution={"torch_distributed": {"enabled": True}}, hyperparameters=plan.hyperparameters,
-        environment=plan.environment, output_path=plan.output_path, code_location=plan.code_location,
+        distribution={"torch_distributed": {"enabled": True}}, hyperparameters=dict(plan.hyperparameters),
+        environment=dict(plan.environment), output_path=plan.output_path, code_location=plan.code_location,
         checkpoint_s3_uri=plan.checkpoint_s3_uri,
         checkpoint_local_path=CHECKPOINT_LOCAL_PATH if plan.checkpoint_s3_uri else None,
         use_spot_instances=plan.spot, max_run=plan.max_run, max_wait=plan.max_wait, volume_size=plan.volume_size,

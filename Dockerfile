@@ -1,0 +1,31 @@
+# Our own serving image: the SageMaker inference container contract (`serve`, GET /ping and
+# POST /invocations on port 8080, the model in /opt/ml/model) with the project's own server
+# (twotower_lit.serving), a current torch, and nothing else. AWS's PyTorch inference image also
+# serves the same model.tar.gz (code/inference.py); this image is the alternative without TorchServe.
+#
+#   docker build -t twotower-serve .
+#   docker run -p 8080:8080 -v $PWD/outputs/RUN/model:/opt/ml/model twotower-serve serve
+#
+# Settings: TWOTOWER_<FIELD> environment variables of ServeConfig (e.g. TWOTOWER_WORKERS=2).
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONPATH=/opt/program OMP_NUM_THREADS=1
+WORKDIR /opt/program
+
+# the serving code's runtime: torch (CPU build) and what twotower_lit.serving imports, at the pins
+# of requirements/base.txt (the one place versions live)
+COPY requirements/base.txt /tmp/base.txt
+RUN grep -E '^(torch|numpy|safetensors|starlette|uvicorn|httpx)==' /tmp/base.txt > /tmp/serving.txt \
+    && pip install --extra-index-url https://download.pytorch.org/whl/cpu -r /tmp/serving.txt \
+    && rm /tmp/base.txt /tmp/serving.txt
+
+COPY twotower_lit/ /opt/program/twotower_lit/
+COPY entrypoints/__init__.py entrypoints/serve.py entrypoints/inference.py /opt/program/entrypoints/
+
+# SageMaker starts the container as `docker run <image> serve`
+RUN printf '#!/bin/sh\nexec python -m twotower_lit.serving.server "$@"\n' > /usr/local/bin/serve \
+    && chmod +x /usr/local/bin/serve
+
+EXPOSE 8080
+CMD ["serve"]

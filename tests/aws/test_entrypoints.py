@@ -1,0 +1,90 @@
+"""The thin sagemaker_* command lines, run as the user runs them (subprocesses against moto)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROLE, have, queue_endpoint_results
+from entrypoints import sagemaker_shadow, sagemaker_train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(module, *args, check=True):
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def aws_args(ctx):
+    return ["--endpoint-url", ctx.cfg.endpoint_url, "--role", ROLE, "--bucket", ctx.cfg.bucket,
+            "--project", ctx.cfg.project, "--region", "us-east-1"]
+
+
+def test_train_options_and_job_options_share_one_command_line():
+    cfg, job, aws, dry = sagemaker_train.parse_args(
+        ["--max-epochs", "3", "--user-layers", "64,32", "--instance-count", "2", "--spot", "true",
+         "--endpoint-url", "http://x", "--dry-run"])
+    assert (cfg.max_epochs, cfg.model.user_layers, job.instance_count, job.spot, aws.endpoint_url, dry) == \
+        (3, [64, 32], 2, True, "http://x", True)
+
+
+def test_train_dry_run_prints_the_job(ctx, tmp_path):
+    data = tmp_path / "prepared"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    out = cli("entrypoints.sagemaker_train", *aws_args(ctx), "--data-dir", str(data), "--max-epochs", "2",
+              "--instance-type", "ml.g5.12xlarge", "--checkpoint-s3-uri", "auto", "--dry-run").stdout
+    plan = json.loads(out[out.index("{"):])
+    assert plan["hyperparameters"] == {"max_epochs": "2", "resume": "auto"}
+    assert plan["channels"] == {"data": f"s3://{ctx.cfg.bucket}/twotower/data/prepared"}
+    assert plan["image_uri"].endswith("pytorch-training:2.8.0-gpu-py312")
+    assert plan["checkpoint_s3_uri"].startswith(f"s3://{ctx.cfg.bucket}/twotower/checkpoints/")
+    assert ctx.s3.list_objects_v2(Bucket=ctx.cfg.bucket).get("KeyCount", 0) == 0  # a dry run uploads nothing
+
+
+@pytest.mark.skipif(have("sagemaker"), reason="a SageMaker SDK is installed here")
+def test_train_without_an_sdk_says_what_to_install(ctx):
+    proc = cli("entrypoints.sagemaker_train", *aws_args(ctx), check=False)
+    assert proc.returncode != 0 and "pip install -r requirements/aws.txt" in proc.stderr
+
+
+def test_deploy_and_cleanup_commands(ctx, moto_server, tmp_path):
+    from twotower_lit.serving.synthetic import random_export
+
+    random_export(str(tmp_path / "model"), num_users=5, num_items=20, seed=0)
+    queue_endpoint_results(moto_server, [{"Body": json.dumps({"predictions": [{"user_id": 1, "items": []}]}),
+                                          "ContentType": "application/json"}])
+    out = cli("entrypoints.sagemaker_deploy", *aws_args(ctx), "--model", str(tmp_path / "model"),
+              "--endpoint-name", f"{ctx.cfg.project}-ep").stdout
+    assert json.loads(out)["action"] == "created"
+    kinds = ["--kinds", "endpoint,endpoint-config,model"]
+    dry = cli("entrypoints.sagemaker_cleanup", *aws_args(ctx), *kinds, "--dry-run").stdout
+    assert f"would remove 1 endpoint(s): {ctx.cfg.project}-ep" in dry
+    assert "removed 1 model(s)" in cli("entrypoints.sagemaker_cleanup", *aws_args(ctx), *kinds, "--s3").stdout
+    assert ctx.sagemaker.list_endpoints(NameContains=ctx.cfg.project)["Endpoints"] == []
+    bad = cli("entrypoints.sagemaker_cleanup", "--kinds", "endpoints", check=False)
+    assert bad.returncode == 2 and "unknown --kinds endpoints" in bad.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["start", "--production-model", "a", "--shadow-model", "b", "--route", "experiment", "--sampling-percent", "20"],
+    ["traffic", "--endpoint-name", "ep", "--data-dir", "/d", "--requests", "10", "--rate", "2"],
+    ["report", "--capture-dir", "/c", "--min-requests", "5", "--metrics-period", "300"],
+    ["promote", "--production-model", "a", "--shadow-model", "b", "--no-wait"],
+])
+def test_shadow_subcommands_parse(argv):
+    ns = sagemaker_shadow.build_parser().parse_args(argv)
+    assert ns.command == argv[0]
+
+
+def test_shadow_traffic_command(ctx, moto_server):
+    queue_endpoint_results(moto_server, [{"Body": '{"predictions": []}', "ContentType": "application/json"}] * 8)
+    out = cli("entrypoints.sagemaker_shadow", "traffic", *aws_args(ctx), "--endpoint-name", "ep",
+              "--user-ids", "1,2", "--requests", "8", "--rate", "0").stdout
+    assert json.loads(out[out.index("{\n"):])["ok"] == 8
