@@ -77,7 +77,8 @@ def test_package_has_sagemaker_layout(trained):
     with tarfile.open(trained / "model.tar.gz") as tar:
         names = set(tar.getnames())
     for name in ("model.safetensors", "config.json", "manifest.json", "code/inference.py",
-                 "code/requirements.txt", "code/twotower_lit/export/format.py"):
+                 "code/requirements.txt", "code/twotower_lit/export/format.py", "code/twotower_lit/config.py",
+                 "code/twotower_lit/serving/handler.py"):
         assert name in names, name
     assert not any(n.startswith("code/twotower_lit/") and "torchrec" in n for n in names)
 

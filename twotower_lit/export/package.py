@@ -7,11 +7,9 @@ import os
 import tarfile
 from typing import Iterable
 
+from twotower_lit.serving import HANDLER_MODULES
+
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# the library modules the inference handler needs (torch, numpy and safetensors only)
-SERVING_MODULES = ("twotower_lit/__init__.py", "twotower_lit/layers.py", "twotower_lit/export/__init__.py",
-                   "twotower_lit/export/format.py", "twotower_lit/data/__init__.py",
-                   "twotower_lit/data/features.py", "twotower_lit/serving")
 SERVING_REQUIREMENTS = "safetensors==0.8.0\nnumpy\n"
 
 
@@ -32,7 +30,7 @@ def package_model(model_dir: str, out_path: str, extra_modules: Iterable[str] = 
         for name in sorted(os.listdir(model_dir)):
             _add_tree(tar, os.path.join(model_dir, name), name)
         _add_tree(tar, os.path.join(PACKAGE_ROOT, "entrypoints", "inference.py"), "code/inference.py")
-        for module in (*SERVING_MODULES, *extra_modules):
+        for module in (*HANDLER_MODULES, *extra_modules):
             src = os.path.join(PACKAGE_ROOT, module)
             if not os.path.exists(src):
                 raise FileNotFoundError(f"{src} is missing: the serving code cannot be packaged without it")
