@@ -241,8 +241,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: Type[Any], only: Optiona
         seen.add(path[-1])
         flag = "--" + path[-1].replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw: Dict[str, Any] = dict(dest=path[-1], default=argparse.SUPPRESS,
-                                  help=f"{f.metadata.get('help', '')} (default: {default})")
+        text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")  # argparse formats help
+        kw: Dict[str, Any] = dict(dest=path[-1], default=argparse.SUPPRESS, help=text)
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
         if tp is bool:

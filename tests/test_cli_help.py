@@ -1,0 +1,24 @@
+"""Every command in entrypoints/ answers --help (the README points users there for all options)."""
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import entrypoints
+
+REPO = Path(__file__).resolve().parent.parent
+COMMANDS = sorted(m.name for m in pkgutil.iter_modules(entrypoints.__path__) if m.name != "inference")
+
+
+def test_all_entrypoints_are_listed():
+    assert {"prepare", "train", "evaluate", "serve", "load", "shadow_report"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help(name):
+    proc = subprocess.run([sys.executable, "-m", f"entrypoints.{name}", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout and "--" in proc.stdout
