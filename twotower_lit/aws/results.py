@@ -208,7 +208,10 @@ def plot_metrics(metrics: Dict[str, Dict], path: str) -> str:
     axes[0].set(title="invocations per period", ylabel="requests")
     axes[1].set(title="model latency (mean per period)", ylabel="ms")
     for ax in axes:
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no datapoints", ha="center", va="center", transform=ax.transAxes)
         ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
