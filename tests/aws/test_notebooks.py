@@ -9,12 +9,10 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 ORDER = ("00-setup", "01-train", "02-deploy", "03-shadow-test")
-pytestmark = pytest.mark.skipif(os.environ.get("TWOTOWER_NOTEBOOKS") != "1",
-                                reason="set TWOTOWER_NOTEBOOKS=1 to execute the notebooks (a few minutes)")
 
 
 def test_notebooks_are_committed_without_outputs():
-    import nbformat
+    nbformat = pytest.importorskip("nbformat", reason="requirements/notebooks.txt")
 
     for name in ORDER:
         nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
@@ -23,6 +21,8 @@ def test_notebooks_are_committed_without_outputs():
         assert 'STACK = os.environ.get("TWOTOWER_STACK", "local")' in nb.cells[1].source, name
 
 
+@pytest.mark.skipif(os.environ.get("TWOTOWER_NOTEBOOKS") != "1",
+                    reason="set TWOTOWER_NOTEBOOKS=1 to execute the notebooks (a few minutes)")
 @pytest.mark.timeout(900)
 def test_notebooks_run_in_order_on_the_local_stack(tmp_path, monkeypatch):
     import nbformat
