@@ -104,7 +104,8 @@ class TrainConfig:
     table_sharding: Optional[str] = _opt(None, "per-table overrides of --sharding, e.g. 'user:row_wise,genres:table_wise'")
     collective_timeout_s: int = _opt(600, "seconds a rank waits in a collective before failing (a lost peer)")
     eval_k: int = _opt(10, "cut-off of Recall@k / NDCG@k")
-    mlflow_uri: Optional[str] = _opt(None, "MLflow tracking URI (default: sqlite database in the output dir)")
+    mlflow_uri: Optional[str] = _opt(None, "MLflow tracking URI (default: sqlite database in the output dir; "
+                                               "'none': no tracking)")
     experiment_name: str = _opt("twotower-movielens", "MLflow experiment")
     registered_model_name: Optional[str] = _opt("twotower-movielens", "MLflow registered model name ('' = none)")
     checkpoint_dir: Optional[str] = _opt(None, "sharded checkpoints (default OUTPUT/checkpoints)")

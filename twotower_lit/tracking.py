@@ -11,12 +11,15 @@ from twotower_lit.evaluation import metric_key
 DEFAULT_DB = "mlflow.db"
 
 
-def tracking_uri(uri: Optional[str], output_dir: str) -> str:
-    """The given URI, or an embedded SQLite database in the output directory (no server needed).
+def tracking_uri(uri: Optional[str], output_dir: str) -> Optional[str]:
+    """The given URI, or an embedded SQLite database in the output directory (no server needed);
+    None for 'none' (no tracking, e.g. on a machine without MLflow).
 
     MLflow's own default (a ./mlruns file store) refuses to work since 3.x without an opt-in, so
     a URI is always passed explicitly.
     """
+    if uri and uri.lower() == "none":
+        return None
     if uri:
         return uri
     return "sqlite:///" + os.path.abspath(os.path.join(output_dir, DEFAULT_DB))

@@ -29,7 +29,7 @@ from twotower_lit.module import TwoTowerModule, check_embedding_optimizer
 from twotower_lit.strategy import TRAINER_STATE_FILE, TorchRecStrategy, parse_table_sharding
 from twotower_lit import tracking
 
-DEFAULT_SYNTHETIC_RATINGS = 200_000
+DEFAULT_SYNTHETIC_RATINGS = 100_000
 
 
 def quiet_known_warnings() -> None:
@@ -142,7 +142,7 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
     logger = L.pytorch.loggers.MLFlowLogger(
         experiment_name=cfg.experiment_name, run_name=run_name, tracking_uri=uri,
         artifact_location=tracking.artifact_location(uri, output_dir), log_model=False) \
-        if launch_rank(cfg) == 0 else False
+        if uri and launch_rank(cfg) == 0 else False
     checkpoint_dir = cfg.checkpoint_dir or os.path.join(output_dir, "checkpoints")
     trainer = build_trainer(cfg, output_dir, checkpoint_dir, logger)
     ckpt_path = None
@@ -150,7 +150,7 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
         ckpt_path = latest_checkpoint(checkpoint_dir) if cfg.resume == "auto" else cfg.resume
         if ckpt_path is None:
             print(f"--resume auto: no checkpoint in {checkpoint_dir}; starting from scratch", flush=True)
-    if trainer.is_global_zero:
+    if logger:
         logger.log_hyperparams({k: str(v) for k, v in to_flat_dict(cfg).items()})
 
     t0 = time.perf_counter()
@@ -188,14 +188,14 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
         from twotower_lit.export.package import package_model
 
         package_model(model_dir, os.path.join(output_dir, "model.tar.gz"))
-    client = logger.experiment
-    tracking.log_run_outputs(client, logger.run_id, output_dir, model_dir, manifest,
-                             trainer.strategy.plan_description, metrics)
-    if cfg.registered_model_name:
-        metrics["registered_version"] = tracking.register_model(uri, logger.run_id, model_dir,
-                                                                cfg.registered_model_name)
-    logger.finalize("success")
-    metrics["mlflow"] = {"tracking_uri": uri, "run_id": logger.run_id}
+    if logger:
+        tracking.log_run_outputs(logger.experiment, logger.run_id, output_dir, model_dir, manifest,
+                                 trainer.strategy.plan_description, metrics)
+        if cfg.registered_model_name:
+            metrics["registered_version"] = tracking.register_model(uri, logger.run_id, model_dir,
+                                                                    cfg.registered_model_name)
+        logger.finalize("success")
+        metrics["mlflow"] = {"tracking_uri": uri, "run_id": logger.run_id}
     _print_summary(metrics, output_dir, k)
     return metrics
 

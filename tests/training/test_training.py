@@ -104,10 +104,12 @@ def test_embedded_sqlite_mlflow_run_has_everything(trained):
 
 def test_same_seed_same_result(trained, prepared_synthetic, tmp_path):
     again = tmp_path / "again"
+    # (also: with tracking off, nothing MLflow is written and the job still completes)
     run_cli("entrypoints.train", ["--data-dir", str(prepared_synthetic), "--output-dir", str(again),
-                                  "--registered-model-name", "", *TRAIN_ARGS])
+                                  "--mlflow-uri", "none", *TRAIN_ARGS])
     first, second = read_json(trained / "metrics.json")["test"], read_json(again / "metrics.json")["test"]
     assert first == second
+    assert not (again / "mlflow.db").exists() and "mlflow" not in read_json(again / "metrics.json")
 
 
 def test_exported_scores_equal_model_scores(prepared_synthetic, tmp_path):
