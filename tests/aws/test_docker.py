@@ -35,10 +35,10 @@ def test_image_contract():
     assert re.search(r'^CMD \["serve"\]$', DOCKERFILE, re.M)
     pinned = re.search(r"grep -E '\^\((.+?)\)==' /tmp/base.txt", DOCKERFILE).group(1).split("|")
     # everything the serving code imports at run time is installed, at base.txt's pins
-    code = f"""
+    code = """
 import sys, json
 import twotower_lit.serving.server, twotower_lit.serving.app, entrypoints.inference
-print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))
+print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=str(REPO)))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from twotower_lit.aws.config import ShadowTestConfig
 from twotower_lit.aws.deploy import (create_or_update_endpoint, data_capture_config, endpoint_config_request,
