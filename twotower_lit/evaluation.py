@@ -38,7 +38,7 @@ def tower_matrix(module, builder: KJTBuilder, ids: np.ndarray, tower: str, batch
 
     With `gather`, each rank embeds ``ceil(len(ids) / world)`` ids (padded with index 0) and the
     result, identical on every rank, has one row per id. Without it, the rank's own slice is
-    returned (``ids[rank * per:(rank + 1) * per]``).
+    returned (``ids[rank * per:(rank + 1) * per]``). Vectors stay on `device`.
     """
     world, rank = _world()
     per = math.ceil(len(ids) / world)
@@ -54,14 +54,14 @@ def tower_matrix(module, builder: KJTBuilder, ids: np.ndarray, tower: str, batch
         kjt = builder.build(users, items).to(device)
         u, i = module.tower_vectors_from_features(kjt)
         out.append((u if tower == "user" else i).float())
-    vectors = torch.cat(out) if out else torch.zeros(0)
+    vectors = torch.cat(out) if out else torch.zeros(0, device=device)
     if not gather:
-        return vectors[: len(chunk)].cpu()
+        return vectors[: len(chunk)]
     if world > 1:
         parts = [torch.empty_like(vectors) for _ in range(world)]
         dist.all_gather(parts, vectors.contiguous())
         vectors = torch.cat(parts)
-    return vectors[: len(ids)].cpu()
+    return vectors[: len(ids)]
 
 
 def evaluate_retrieval(module, builder: KJTBuilder, num_items: int, users: np.ndarray, seen: Csr,

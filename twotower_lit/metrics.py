@@ -36,11 +36,15 @@ def rank_users(user_vectors: torch.Tensor, users: np.ndarray, item_vectors: torc
     """Recall@k and NDCG@k for `users` by ranking every real item they did not see in training.
 
     `item_vectors` has one row per item index (row 0, the out-of-vocabulary item, is never
-    ranked); score = dot product. Users without a held-out positive are not counted.
+    ranked); score = dot product, computed on the vectors' device (a GPU ranks 200k users
+    against 87k items in seconds). Users without a held-out positive are not counted.
     """
     totals = RetrievalTotals()
-    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
+    device = item_vectors.device
+    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64, device=device))
     item_t = item_vectors.t()
+    num_items = item_vectors.shape[0]
+    on = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
     for lo in range(0, len(users), chunk):
         u = users[lo:lo + chunk]
         n_pos = positives.lengths()[u]
@@ -48,17 +52,15 @@ def rank_users(user_vectors: torch.Tensor, users: np.ndarray, item_vectors: torc
         if not keep.any():
             continue
         u, n_pos = u[keep], n_pos[keep]
-        scores = (user_vectors[lo:lo + chunk][torch.from_numpy(keep)] @ item_t).double()
+        scores = user_vectors[lo:lo + chunk][on(keep)].to(device) @ item_t
         scores[:, 0] = -math.inf
-        rows = torch.from_numpy(np.repeat(np.arange(len(u)), seen.lengths()[u]))
-        cols = torch.from_numpy(seen.items_of(u))
-        scores[rows, cols] = -math.inf
-        top = torch.topk(scores, k=min(k, scores.shape[1]), dim=1).indices
-        hit = torch.zeros_like(scores, dtype=torch.bool)
-        prow = torch.from_numpy(np.repeat(np.arange(len(u)), n_pos))
-        hit[prow, torch.from_numpy(positives.items_of(u))] = True
-        top_hit = torch.gather(hit, 1, top).double()
-        n_pos_t = torch.from_numpy(n_pos).double()
+        scores[on(np.repeat(np.arange(len(u)), seen.lengths()[u])), on(seen.items_of(u))] = -math.inf
+        top = torch.topk(scores, k=min(k, num_items), dim=1).indices
+        # a top item is a hit when (row, item) is one of the row's held-out positives
+        pos_keys = on(np.repeat(np.arange(len(u)), n_pos) * num_items + positives.items_of(u))
+        row_ids = torch.arange(len(u), device=device).unsqueeze(1)
+        top_hit = torch.isin(row_ids * num_items + top, pos_keys).double()
+        n_pos_t = on(n_pos).double()
         totals.recall += float((top_hit.sum(1) / n_pos_t).sum())
         dcg = (top_hit * discounts[: top.shape[1]]).sum(1)
         ideal = torch.cumsum(discounts, 0)[(torch.clamp(n_pos_t, max=top.shape[1]) - 1).long()]
@@ -101,10 +103,11 @@ class PopularityBaseline:
         return torch.from_numpy(self.counts).float().unsqueeze(1)
 
     def evaluate(self, users: np.ndarray, items: np.ndarray, labels: np.ndarray, seen: Csr, positives: Csr,
-                 k: int) -> Dict[str, float]:
+                 k: int, device: torch.device = torch.device("cpu")) -> Dict[str, float]:
         out = binary_metrics(self.probability(items), labels)
         rank_u = np.unique(users)
-        totals = rank_users(torch.ones(len(rank_u), 1), rank_u, self.item_vectors(), seen, positives, k)
+        totals = rank_users(torch.ones(len(rank_u), 1, device=device), rank_u, self.item_vectors().to(device),
+                            seen, positives, k)
         out.update(totals.as_dict(k))
         return out
 

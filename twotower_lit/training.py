@@ -133,7 +133,8 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
     total_steps = dm.steps_per_epoch(world) * cfg.max_epochs
     dm.load()  # training-row counts per item: the softmax's log-Q correction
     loss = TwoTowerLoss(cfg.loss, num_items=dm.num_items, negatives=cfg.negatives,
-                        softmax_weight=cfg.softmax_weight, temperature=cfg.softmax_temperature)
+                        softmax_weight=cfg.softmax_weight, temperature=cfg.softmax_temperature,
+                        vector_l2=cfg.vector_l2)
     loss.set_item_counts(dm.item_counts)
     module = TwoTowerModule(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss)
 
@@ -167,7 +168,7 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
     metrics: Dict = {
         "test": {"auc": test["test_auc"], "logloss": test["test_logloss"], "accuracy": test["test_accuracy"],
                  f"recall@{k}": retrieval[f"recall@{k}"], f"ndcg@{k}": retrieval[f"ndcg@{k}"]},
-        "baselines": {"popularity": popularity_metrics(dm, "test", k)},
+        "baselines": {"popularity": popularity_metrics(dm, "test", k, trainer.strategy.root_device)},
         "train": {"epochs": trainer.current_epoch, "steps": trainer.global_step, "seconds": round(train_seconds, 2),
                   "world_size": trainer.world_size,
                   # rows through the model (rated + sampled negatives), all ranks, over the whole fit
@@ -234,12 +235,13 @@ def rows_trained(dm: MovieLensDataModule, trainer: L.Trainer, negatives: int) ->
     return int(per_epoch * epochs * (1 + negatives))
 
 
-def popularity_metrics(dm: MovieLensDataModule, split: str, k: int) -> Dict[str, float]:
+def popularity_metrics(dm: MovieLensDataModule, split: str, k: int,
+                       device: torch.device = torch.device("cpu")) -> Dict[str, float]:
     dm.load()
     train, rows = dm.splits["train"], dm.splits[split]
     baseline = PopularityBaseline(train["item"].astype(np.int64), train["label"], dm.num_items)
     out = baseline.evaluate(rows["user"].astype(np.int64), rows["item"].astype(np.int64), rows["label"],
-                            dm.seen, dm.positives[split], k)
+                            dm.seen, dm.positives[split], k, device)
     out.pop("ranked_users", None)
     return out
 
