@@ -7,7 +7,8 @@ ARN = "arn:aws:sagemaker:eu-west-1:123456789012:mlflow-tracking-server/twotower"
 
 
 @pytest.mark.parametrize("uri,kind", [(None, "sqlite"), ("sqlite:///x/mlflow.db", "sqlite"), (ARN, "sagemaker"),
-                                      ("http://127.0.0.1:5000", "server"), ("databricks", "other")])
+                                      ("http://127.0.0.1:5000", "server"), ("none", "off"),
+                                      ("databricks", "other")])
 def test_uri_kinds(uri, kind):
     assert aws_mlflow.tracking_uri_kind(uri) == kind
 

@@ -28,8 +28,10 @@ def is_managed_mlflow_arn(uri: Optional[str]) -> bool:
 
 
 def tracking_uri_kind(uri: Optional[str]) -> str:
-    """'sqlite' (embedded, the default), 'sagemaker' (managed server ARN), 'server' (http[s]://)
-    or 'other' (anything else MLflow accepts, e.g. databricks)."""
+    """'sqlite' (embedded, the default), 'sagemaker' (managed server ARN), 'server' (http[s]://),
+    'off' ('none': no tracking, see `twotower_lit.tracking`) or 'other' (e.g. databricks)."""
+    if uri and uri.lower() == "none":
+        return "off"
     if not uri or uri.startswith("sqlite:"):
         return "sqlite"
     if is_managed_mlflow_arn(uri):
