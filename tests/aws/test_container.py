@@ -58,12 +58,13 @@ def torchrec_closure() -> set:
 
 @pytest.mark.parametrize("instance_type,gpu", [("ml.g5.12xlarge", True), ("ml.p4d.24xlarge", True),
                                                ("ml.m5.xlarge", False), ("ml.c5.2xlarge", False)])
-def test_requirements_pin_the_torch_stack_so_pip_cannot_replace_torch(instance_type, gpu):
+def test_requirements_pin_the_torch_stack_so_pip_cannot_replace_torch(instance_type, gpu, monkeypatch):
+    monkeypatch.setenv(container.CPU_INDEX_ENV, "https://index.example/cpu")
     text = container.training_requirements(instance_type, "2.13.0")
     p = pins(text)
     assert (p["torch"], p["fbgemm-gpu"], p["torchrec"]) == ("==2.13.0", "==1.8.0", "==1.8.0")
     assert "fbgemm-gpu-cpu" not in p  # torchrec would pull the CUDA fbgemm-gpu over it
-    assert (container.CPU_INDEX in text) is (not gpu)
+    assert ("--extra-index-url https://index.example/cpu" in text) is (not gpu)
     # every package of torchrec's dependency closure that needs torch is pinned exactly
     needs_torch = {n for n in torchrec_closure() if n != "torchrec" and (n == "fbgemm-gpu" or depends_on_torch(n))}
     needs_torch.discard("fbgemm-gpu-cpu")  # what this CPU venv has instead of fbgemm-gpu

@@ -19,8 +19,9 @@ that depends on torch (tensordict, torchmetrics), so pip's resolution of torchre
 replace torch nor pick another fbgemm-gpu build: what ``pip install --no-deps torchrec`` protects
 against, in a file format that has no per-package ``--no-deps``.
 GPU jobs get PyPI's fbgemm-gpu (the CUDA build, made for PyPI's torch of the same release);
-CPU jobs get the CPU builds of both from PyTorch's CPU index (``fbgemm-gpu-cpu`` cannot be used:
-torchrec would still pull the CUDA ``fbgemm-gpu`` over it). The other pins come from
+CPU jobs get the CPU builds of both from PyTorch's CPU index when its URL is set in
+``TWOTOWER_TORCH_CPU_INDEX_URL`` (``fbgemm-gpu-cpu`` cannot be used: torchrec would still pull the
+CUDA ``fbgemm-gpu`` over it). The other pins come from
 ``requirements/base.txt``, the same file the local environment is built from.
 """
 from __future__ import annotations
@@ -35,7 +36,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 BASE_REQUIREMENTS = os.path.join(REPO_ROOT, "requirements", "base.txt")
 AWS_REQUIREMENTS = os.path.join(REPO_ROOT, "requirements", "aws.txt")
 TRAIN_ENTRY = "entrypoints/train.py"
-CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# PyTorch's own index of CPU builds (its address is given by the user, e.g. in the job's
+# environment); without it CPU jobs install the default builds, which also run on CPU, only larger
+CPU_INDEX_ENV = "TWOTOWER_TORCH_CPU_INDEX_URL"
 
 # torch release -> (fbgemm-gpu, torchrec) built and tested together (FINDINGS.md: both verified)
 TORCHREC_STACK: Dict[str, Tuple[str, str]] = {
@@ -114,8 +117,9 @@ def training_requirements(instance_type: str, container_torch: str, mlflow_plugi
         lines += [f"# torch {container_torch} with its fbgemm-gpu {fbgemm} ({'CUDA' if gpu else 'CPU'} build) and "
                   f"torchrec {torchrec}; torch and everything of torchrec's that needs torch are pinned, so pip "
                   "can neither replace torch nor pick another fbgemm-gpu"]
-        if not gpu:
-            lines.append(f"--extra-index-url {CPU_INDEX}")
+        cpu_index = os.environ.get(CPU_INDEX_ENV)
+        if not gpu and cpu_index:
+            lines.append(f"--extra-index-url {cpu_index}")
         lines += [f"torch=={container_torch}", f"fbgemm-gpu=={fbgemm}", f"torchrec=={torchrec}"]
     else:
         lines.append("# the image provides torch, fbgemm-gpu and torchrec")
