@@ -39,6 +39,22 @@ def load_manifest(data_dir: str) -> Dict:
     return manifest
 
 
+def split_source(data_dir: str, manifest: Dict, split: str) -> ShardSource:
+    """The shards of one split as the manifest lists them (paths and row counts)."""
+    files = sorted((name, meta) for name, meta in manifest["files"].items()
+                   if name.startswith(f"{split}/") and name.endswith(".parquet"))
+    if not files:
+        raise ValueError(f"{data_dir}: the manifest lists no shards of split {split!r}")
+    return ShardSource([join(data_dir, name) for name, _ in files], [int(m["rows"]) for _, m in files])
+
+
+def read_split(data_dir: str, manifest: Dict, split: str) -> Dict[str, np.ndarray]:
+    """All rows of a split (user, item, label), in shard order."""
+    table = pa.concat_tables([read_columns(p, ("user", "item", "label"))
+                              for p in split_source(data_dir, manifest, split).paths])
+    return {c: table.column(c).to_numpy() for c in ("user", "item", "label")}
+
+
 class MovieLensDataModule(L.LightningDataModule):
     """Streams a prepared MovieLens dataset; each rank reads only its own rows of every split.
 
@@ -67,15 +83,10 @@ class MovieLensDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ data
     def source(self, split: str) -> ShardSource:
-        files = sorted((name, meta) for name, meta in self.manifest["files"].items()
-                       if name.startswith(f"{split}/") and name.endswith(".parquet"))
-        return ShardSource([join(self.data_dir, name) for name, _ in files], [int(m["rows"]) for _, m in files])
+        return split_source(self.data_dir, self.manifest, split)
 
     def read_split(self, split: str) -> Dict[str, np.ndarray]:
-        """All rows of a split (user, item, label) in shard order."""
-        tables = [read_columns(p, ("user", "item", "label")) for p in self.source(split).paths]
-        table = pa.concat_tables(tables) if tables else None
-        return {c: table.column(c).to_numpy() for c in ("user", "item", "label")}
+        return read_split(self.data_dir, self.manifest, split)
 
     def load(self) -> None:
         """Feature tables, training pairs and held-out positives (idempotent)."""

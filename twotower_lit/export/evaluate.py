@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Dict
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from twotower_lit.data.csr import Csr
@@ -13,16 +12,10 @@ from twotower_lit.metrics import binary_metrics, positives_csr, rank_users
 
 
 def read_split(data_dir: str, split: str) -> Dict[str, np.ndarray]:
-    from twotower_lit.data.datamodule import join, load_manifest
-    from twotower_lit.data.loader import read_columns
+    from twotower_lit.data.datamodule import load_manifest, read_split as read_rows
 
-    manifest = load_manifest(data_dir)
-    names = sorted(n for n in manifest["files"] if n.startswith(f"{split}/"))
-    if not names:
-        raise ValueError(f"{data_dir}: the manifest lists no files of split {split!r}")
-    table = pa.concat_tables([read_columns(join(data_dir, n), ("user", "item", "label")) for n in names])
-    return {c: table.column(c).to_numpy().astype(np.float32 if c == "label" else np.int64)
-            for c in ("user", "item", "label")}
+    rows = read_rows(data_dir, load_manifest(data_dir), split)
+    return {c: rows[c].astype(np.float32 if c == "label" else np.int64) for c in rows}
 
 
 @torch.no_grad()
