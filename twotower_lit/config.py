@@ -95,6 +95,7 @@ class TrainConfig:
                             "softmax_weight x softmax (see twotower_lit.losses)", ("bce", "softmax", "both"))
     softmax_weight: float = _opt(1.0, "--loss both: weight of the softmax term")
     softmax_temperature: float = _opt(1.0, "softmax logits are dot products divided by this")
+    vector_l2: float = _opt(0.0, "L2 penalty on the user and item tower outputs of each row (every loss)")
     accelerator: str = _opt("auto", "cpu, gpu or auto")
     devices: int = _opt(1, "processes (CPU) or GPUs per node")
     num_nodes: int = _opt(1, "nodes")

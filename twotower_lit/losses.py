@@ -4,10 +4,10 @@
   and any sampled negatives (label 0) the loader appended: the workshop's framing.
 - ``softmax``: in-batch sampled softmax for retrieval. Every liked rated row is a query whose
   positive is its own item; the candidates are the items of all rated rows of the (local) batch,
-  plus the loader's uniformly drawn negatives when there are any. Candidates were sampled, so
-  each logit is corrected by the log of its expected count in the candidate set (log-Q
-  correction); without it popular items, which turn up as in-batch negatives more often, would
-  be pushed down and the softmax would learn popularity-debiased scores.
+  plus the loader's uniformly drawn negatives when there are any. The negatives were sampled, so
+  each one's logit is corrected by the log of its expected count among them (log-Q correction);
+  without it popular items, which turn up as in-batch negatives more often, would be pushed down
+  and the softmax would learn popularity-debiased scores.
 - ``both``: BCE over the rated rows only (so the logit stays "probability of liking, given
   rated", which is what AUC measures) plus ``softmax_weight`` x the softmax term.
 
@@ -33,13 +33,20 @@ def sampled_softmax_loss(queries: torch.Tensor, candidates: torch.Tensor, positi
 
     `queries` (Q, d) and `candidates` (C, d) are tower outputs; `positive` (Q,) is the column of
     each query's own item in `candidates`; `candidate_items` (C,) are item ids; `log_q` (C,) is
-    the log of each candidate's expected count in the candidate set. Logits are
-    ``<q, c> / temperature - log_q``. Columns holding the query's positive item a second time
-    (accidental hits: the same movie rated by another user in the batch) are masked, so a row is
-    never asked to score its positive below itself.
+    the log of each candidate's expected count in the candidate set.
+
+    This is the sampled softmax of Jean et al. / Bengio & Senecal: the positive's own column is
+    the exact term of the partition function, logit ``<q, p> / temperature``; every other column
+    is a sample standing for the rest of the catalogue, logit ``<q, c> / temperature - log_q``.
+    Other columns holding the positive's item (accidental hits: the same movie rated by another
+    user in the batch) are masked, or the positive would be counted twice. (Correcting the
+    positive's column as well while masking its duplicates would under-weight popular positives
+    and inflate their scores; tests/quality/test_losses.py measures it.)
     """
-    logits = queries @ candidates.t() / temperature - log_q.unsqueeze(0)
+    scores = queries @ candidates.t() / temperature
     rows = torch.arange(len(positive), device=positive.device)
+    logits = scores - log_q.unsqueeze(0)
+    logits[rows, positive] = scores[rows, positive]
     hits = candidate_items.unsqueeze(0) == candidate_items[positive].unsqueeze(1)
     hits[rows, positive] = False
     logits = logits.masked_fill(hits, float("-inf"))
@@ -56,7 +63,7 @@ class TwoTowerLoss(nn.Module):
     """
 
     def __init__(self, kind: str = "bce", num_items: int = 1, negatives: int = 0, softmax_weight: float = 1.0,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, vector_l2: float = 0.0) -> None:
         super().__init__()
         if kind not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {kind!r}")
@@ -67,6 +74,7 @@ class TwoTowerLoss(nn.Module):
         self.negatives = negatives
         self.softmax_weight = softmax_weight
         self.temperature = temperature
+        self.vector_l2 = vector_l2
         # until set: every real item equally likely (row 0 is the out-of-vocabulary item)
         self.register_buffer("log_q", torch.full((num_items,), -math.log(max(num_items - 1, 1))),
                              persistent=False)
@@ -92,12 +100,17 @@ class TwoTowerLoss(nn.Module):
         logits = (user * item).sum(dim=1)
         parts: Dict[str, torch.Tensor] = {}
         if self.kind == "bce":
-            parts["bce"] = F.binary_cross_entropy_with_logits(logits, labels)
-            return parts["bce"], parts
-        if self.kind == "both":
-            parts["bce"] = F.binary_cross_entropy_with_logits(logits[:n_rated], labels[:n_rated])
-        parts["softmax"] = self.softmax(user, item, items, labels, n_rated)
-        loss = parts["softmax"] if self.kind == "softmax" else parts["bce"] + self.softmax_weight * parts["softmax"]
+            parts["bce"] = loss = F.binary_cross_entropy_with_logits(logits, labels)
+        else:
+            if self.kind == "both":
+                parts["bce"] = F.binary_cross_entropy_with_logits(logits[:n_rated], labels[:n_rated])
+            parts["softmax"] = self.softmax(user, item, items, labels, n_rated)
+            loss = parts["softmax"] if self.kind == "softmax" else parts["bce"] + self.softmax_weight * parts["softmax"]
+        if self.vector_l2:
+            # the tower outputs' size, like the L2 on factors of matrix factorisation: without it
+            # the rated-pair BCE keeps growing the vectors and overfits after a few epochs
+            parts["l2"] = (user.pow(2).sum(1) + item.pow(2).sum(1)).mean()
+            loss = loss + self.vector_l2 * parts["l2"]
         return loss, parts
 
     def softmax(self, user: torch.Tensor, item: torch.Tensor, items: torch.Tensor, labels: torch.Tensor,
@@ -107,9 +120,9 @@ class TwoTowerLoss(nn.Module):
         if len(positive) == 0:  # no liked row: a zero that still reaches every parameter
             return (user.sum() + item.sum()) * 0.0
         n_sampled = len(labels) - n_rated
-        # Expected count of an item among the candidates: n_rated draws from the training-row
-        # distribution q plus n_sampled uniform draws over the real items (the mixture proposal).
+        # Expected count of an item among a query's negatives: the other n_rated - 1 rows, draws
+        # from the training-row distribution q, plus n_sampled uniform draws over the real items.
         q = self.log_q.exp()[items]
-        expected = n_rated * q + n_sampled / max(self.num_items - 1, 1)
+        expected = (n_rated - 1) * q + n_sampled / max(self.num_items - 1, 1)
         return sampled_softmax_loss(user[positive], item, positive, items, expected.log(), self.temperature)
 
