@@ -1,6 +1,6 @@
 """Cleanup by tag: on moto for models / endpoint configs / endpoints / S3, and against a Stubber for
 inference experiments, running training jobs and MLflow servers (not in moto)."""
-from conftest import ROLE
+from tests.aws.conftest import ROLE
 from twotower_lit.aws import cleanup, deploy
 from twotower_lit.aws.config import AwsConfig
 from twotower_lit.aws.session import AwsContext

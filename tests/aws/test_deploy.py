@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from conftest import ROLE, queue_endpoint_results
+from tests.aws.conftest import ROLE, queue_endpoint_results
 from twotower_lit.aws import deploy
 from twotower_lit.aws.config import DeployConfig
 from twotower_lit.aws.session import parse_s3_uri

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROLE, have, queue_endpoint_results
+from tests.aws.conftest import ROLE, have, queue_endpoint_results
 from entrypoints import sagemaker_shadow, sagemaker_train
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from conftest import queue_endpoint_results
+from tests.aws.conftest import queue_endpoint_results
 from twotower_lit.aws import results
 from twotower_lit.config import LoadConfig, ShadowReportConfig
 from twotower_lit.serving import capture as cap

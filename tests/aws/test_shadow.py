@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from conftest import ROLE
+from tests.aws.conftest import ROLE
 from twotower_lit.aws import shadow
 from twotower_lit.aws.config import ShadowTestConfig
 

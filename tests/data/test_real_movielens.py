@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REAL_MOVIELENS
+from tests.conftest import REAL_MOVIELENS
 from twotower_lit.config import PrepareConfig
 from twotower_lit.data import schema
 from twotower_lit.data.layouts import detect_layout

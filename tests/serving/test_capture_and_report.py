@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import NUM_ITEMS, NUM_USERS, capture_files, capture_lines
+from tests.serving.conftest import NUM_ITEMS, NUM_USERS, capture_files, capture_lines
 from twotower_lit.config import LoadConfig, ShadowReportConfig
 from twotower_lit.serving import capture as cap
 from twotower_lit.serving.load import parse_user_ids, run, split_user_ids

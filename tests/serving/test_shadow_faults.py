@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from conftest import capture_lines
+from tests.serving.conftest import capture_lines
 
 N_REQUESTS = 40
 SHADOW_TIMEOUT = 2.0
