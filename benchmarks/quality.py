@@ -1,0 +1,254 @@
+"""Recommendation quality in one table: `python -m benchmarks.quality [--data RAW_DIR ...] [--out DIR]`.
+
+For every MovieLens directory (default: ml-100k and ml-latest-small under ../shared/data/movielens)
+and both protocols
+  - workshop: label rating >= 4, 3-star rows kept (label 0), random per-user 80/10/10 split;
+  - neutral-dropped: as published ML-1M results (RecBole etc.): 3-star rows dropped, random 8:1:1,
+it reports test AUC, log-loss (over the rated test rows), Recall@10 and NDCG@10 (full ranking of
+every item the user did not rate in training) of:
+  - item popularity, logistic regression on user + item ids, plain matrix factorisation
+    (`twotower_lit.baselines`, trained in this process);
+  - the two-tower trained by `python -m entrypoints.train` (one child process per run, the real job
+    with its defaults), varying only what the row names: ids only / side features, the objective
+    (`--loss`), sampled negatives.
+Writes DIR/quality.md and DIR/quality.json and prints the Markdown. Every figure comes from
+`twotower_lit.metrics`, the same code the training job and `entrypoints.evaluate` use.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+REAL = REPO.parent / "shared" / "data" / "movielens"
+DEFAULT_SETS = ("ml-100k", "ml-latest-small")
+
+PROTOCOLS = {
+    "workshop": {"neutral": "keep"},
+    "neutral-dropped": {"neutral": "drop"},
+}
+
+BASELINES = {"popularity": "item popularity", "logreg": "logistic regression, user + item ids",
+             "mf": "matrix factorisation, ids"}
+# key -> (row name, flags added to entrypoints.train's defaults)
+TWO_TOWER = {
+    "tt-ids": ("two-tower, ids, BCE on rated rows", ["--side-features", "false", "--loss", "bce", "--negatives", "0"]),
+    "tt-side": ("two-tower + side features, BCE on rated rows", ["--loss", "bce", "--negatives", "0"]),
+    "tt-negatives": ("two-tower + side, BCE + 4 uniform negatives", ["--loss", "bce", "--negatives", "4"]),
+    "tt-softmax": ("two-tower + side, in-batch softmax (log-Q)", ["--loss", "softmax", "--negatives", "0"]),
+    "tt-default": ("two-tower, entrypoints.train defaults", []),
+}
+MODELS = tuple(BASELINES) + tuple(TWO_TOWER)
+METRICS = ("auc", "logloss", "recall@10", "ndcg@10")
+
+# Reference points quoted in the benchmarks issue (one seed, workshop protocol unless noted).
+REFERENCES = [
+    "ml-100k (workshop): popularity AUC 0.706 / Recall@10 0.133; id logistic regression AUC 0.773; two-tower "
+    "ids 0.779, + side features 0.784; + 4 uniform negatives Recall@10 0.206 / NDCG@10 0.183 (AUC 0.736).",
+    "ml-latest-small (workshop): popularity Recall@10 0.106; the 4-negatives model only ties it.",
+    "ML-1M, 3-star rows dropped (published): two-tower (RecBole DSSM) AUC 0.839, DeepFM 0.900.",
+]
+
+
+def prepare(raw: Path, protocol: str, work: Path, seed: int) -> Path:
+    """Prepared copy of `raw` under the protocol (a no-op when it is already there)."""
+    from twotower_lit.config import PrepareConfig
+    from twotower_lit.data.prepare import prepare_dataset
+
+    out = work / "data" / f"{raw.name}-{protocol}"
+    cfg = PrepareConfig(data_dir=str(raw), split="random", seed=seed, **PROTOCOLS[protocol])
+    prepare_dataset(cfg, str(out), log=lambda *a, **k: None)
+    return out
+
+
+def baseline_rows(data: Path, models: Sequence[str], seed: int, k: int) -> List[Dict]:
+    """Popularity, logistic regression and MF on one prepared set (in this process)."""
+    from twotower_lit.data.datamodule import MovieLensDataModule
+    from twotower_lit.training import popularity_metrics
+
+    dm = MovieLensDataModule(str(data), seed=seed)
+    dm.load()
+    rows = []
+    for key in models:
+        if key not in BASELINES:
+            continue
+        t0 = time.perf_counter()
+        if key == "popularity":
+            m, how = popularity_metrics(dm, "test", k), "ranked by training rating count; p = smoothed positive rate"
+        else:
+            m, how = tuned_baseline(key, dm, seed, k)
+        rows.append({"model": BASELINES[key], "key": key, "flags": how, "seconds": time.perf_counter() - t0,
+                     **{name: m[name] for name in METRICS}})
+    return rows
+
+
+def tuned_baseline(key: str, dm, seed: int, k: int):
+    """The baseline with the L2 strength of the best validation log-loss: (its test figures, how)."""
+    from twotower_lit.baselines import FitConfig, train_and_evaluate
+
+    fits = [(train_and_evaluate(key, dm, k=k, cfg=FitConfig(l2=l2, seed=seed)), l2)
+            for l2 in (0.0, 1e-3, 1e-2, 3e-2, 1e-1)]
+    m, l2 = min(fits, key=lambda fit: fit[0]["fit_val_logloss"])
+    dim = ", dim 32" if key == "mf" else ""
+    return m, f"BCE on rated rows, Adam{dim}, L2 {l2:g} (of 5, best val log-loss), {m['fit_best_epoch']} epochs"
+
+
+def train_two_tower(data: Path, key: str, out: Path, seed: int, threads: int, extra: Sequence[str]) -> Dict:
+    """One `entrypoints.train` run in a child process; its test figures from OUTPUT/metrics.json."""
+    name, flags = TWO_TOWER[key]
+    args = [sys.executable, "-m", "entrypoints.train", "--data-dir", str(data), "--output-dir", str(out),
+            "--progress", "false", "--registered-model-name", "", "--seed", str(seed), *flags, *extra]
+    # one BLAS/OpenMP thread per run: these small steps are overhead-bound, and two threads on a
+    # busy 2-core box made an epoch ~4x slower (threads spinning against each other)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[2:])} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    with open(out / "metrics.json") as f:
+        metrics = json.load(f)
+    test = metrics["test"]
+    return {"model": name, "key": key, "flags": " ".join(flags + list(extra)) or "(defaults)",
+            "seconds": time.perf_counter() - t0, "train_seconds": metrics["train"]["seconds"],
+            "epochs": metrics["train"]["epochs"], **{m: test[m] for m in METRICS}}
+
+
+def train_defaults() -> Dict[str, object]:
+    """The entrypoints.train defaults that shape the model and its objective (for the report)."""
+    from twotower_lit.config import TrainConfig, to_flat_dict
+
+    flat = to_flat_dict(TrainConfig())
+    keys = ("max_epochs", "batch_size", "embedding_dim", "user_layers", "item_layers", "loss", "softmax_weight",
+            "softmax_temperature", "vector_l2", "negatives", "embedding_optimizer", "embedding_lr",
+            "dense_optimizer", "dense_lr")
+    return {key: flat[key] for key in keys}
+
+
+def check_targets(results: List[Dict]) -> List[str]:
+    """The issue's targets against the default configuration, where the data to judge them is here."""
+    def get(dataset: str, protocol: str, key: str) -> Optional[Dict]:
+        return next((r for r in results if (r["dataset"], r["protocol"], r["key"]) == (dataset, protocol, key)), None)
+
+    lines = []
+    d, side, neg = get("ml-100k", "workshop", "tt-default"), get("ml-100k", "workshop", "tt-side"), \
+        get("ml-100k", "workshop", "tt-negatives")
+    if d:
+        lines.append(f"ml-100k workshop, default two-tower AUC {d['auc']:.4f} (target >= 0.785: "
+                     f"{'met' if d['auc'] >= 0.785 else 'MISSED'}"
+                     + (f"; side-feature BCE two-tower here {side['auc']:.4f}" if side else "") + ")")
+        lines.append(f"ml-100k workshop, default two-tower Recall@10 {d['recall@10']:.4f} (target >= 0.22: "
+                     f"{'met' if d['recall@10'] >= 0.22 else 'MISSED'}"
+                     + (f"; 4-negatives model here {neg['recall@10']:.4f}" if neg else "") + ")")
+    d, pop = get("ml-latest-small", "workshop", "tt-default"), get("ml-latest-small", "workshop", "popularity")
+    if d and pop:
+        lines.append(f"ml-latest-small workshop, default two-tower Recall@10 {d['recall@10']:.4f} vs popularity "
+                     f"{pop['recall@10']:.4f} ({d['recall@10'] / max(pop['recall@10'], 1e-9):.2f}x)")
+    for r in results:
+        if r["protocol"] == "neutral-dropped" and r["key"] == "tt-default":
+            note = "" if r["dataset"] == "ml-1m" else " (DeepFM's 0.900 is on ML-1M; not comparable across sets)"
+            lines.append(f"{r['dataset']} neutral-dropped, default two-tower AUC {r['auc']:.4f}{note}")
+    return lines
+
+
+def markdown(report: Dict) -> str:
+    out = ["# Recommendation quality", "",
+           f"Machine: {report['machine']['description']}. Seed {report['seed']}, one run per row. "
+           f"Benchmark wall time {report['seconds'] / 60:.1f} min.", "",
+           "Protocols: **workshop** = label rating >= 4, 3-star rows kept, random per-user 80/10/10; "
+           "**neutral-dropped** = 3-star rows dropped, random per-user 8:1:1 (published ML-1M protocol). "
+           "AUC / log-loss over rated test rows; Recall@10 / NDCG@10 by full ranking of the items each user "
+           "did not rate in training, over users with a liked test item.", "",
+           "Two-tower rows are `python -m entrypoints.train` runs with its defaults plus the flags shown; "
+           "defaults: " + ", ".join(f"{k}={v}" for k, v in report["train_defaults"].items()) + ".", "",
+           "| dataset | protocol | model | AUC | log-loss | Recall@10 | NDCG@10 | seconds | how |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        out.append(f"| {r['dataset']} | {r['protocol']} | {r['model']} | {r['auc']:.4f} | {r['logloss']:.4f} | "
+                   f"{r['recall@10']:.4f} | {r['ndcg@10']:.4f} | {r['seconds']:.0f} | {r['flags']} |")
+    out += ["", "## Targets (benchmarks issue)", ""] + [f"- {line}" for line in report["targets"]]
+    out += ["", "## Reference points quoted in the issue", ""] + [f"- {line}" for line in REFERENCES]
+    return "\n".join(out) + "\n"
+
+
+def machine() -> Dict[str, object]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    return {"description": f"{cpu}, {os.cpu_count()} cores, CPU only, python {platform.python_version()}, "
+                           f"torch {torch.__version__}",
+            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", action="append", default=None,
+                    help="raw MovieLens directory (repeatable; default: ml-100k and ml-latest-small from "
+                         f"{REAL} where present)")
+    ap.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"comma list of {', '.join(PROTOCOLS)}")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    ap.add_argument("--out", default="quality-report", help="where quality.md and quality.json go")
+    ap.add_argument("--work-dir", default="/tmp/twotower_quality", help="prepared data and training runs")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the splits, initialisation and data order")
+    ap.add_argument("--jobs", type=int, default=1, help="training runs in parallel")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per training run")
+    ap.add_argument("--train-args", default="", help="extra entrypoints.train flags for every two-tower run, "
+                                                      "e.g. '--max-epochs 2' for a quick look")
+    args = ap.parse_args(argv)
+
+    sets = [Path(p).resolve() for p in args.data] if args.data else [REAL / n for n in DEFAULT_SETS
+                                                                     if (REAL / n).is_dir()]
+    if not sets:
+        ap.error(f"no data: pass --data RAW_MOVIELENS_DIR (none found under {REAL})")
+    protocols = [p for p in args.protocols.split(",") if p]
+    models = [m for m in args.models.split(",") if m]
+    for bad, known, what in ((set(protocols) - set(PROTOCOLS), PROTOCOLS, "protocol"),
+                             (set(models) - set(MODELS), MODELS, "model")):
+        if bad:
+            ap.error(f"unknown {what}(s) {', '.join(sorted(bad))}; choose from {', '.join(known)}")
+    extra = args.train_args.split()
+    work = Path(args.work_dir)
+    t0 = time.perf_counter()
+    cells: Dict[tuple, List[Dict]] = {}  # (set, protocol) -> its rows, in --models order
+    pending = []
+    with cf.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for raw in sets:
+            for protocol in protocols:
+                data = prepare(raw, protocol, work, args.seed)
+                tag = {"dataset": json.loads((data / "manifest.json").read_text())["dataset"], "protocol": protocol}
+                rows = cells[(raw, protocol)] = [None] * len(models)
+                for i, key in enumerate(models):
+                    if key in TWO_TOWER:
+                        out = work / "runs" / f"{raw.name}-{protocol}" / key
+                        pending.append((rows, i, tag, pool.submit(train_two_tower, data, key, out, args.seed,
+                                                                  args.threads, extra)))
+                for r in baseline_rows(data, models, args.seed, 10):  # meanwhile, in this process
+                    rows[models.index(r["key"])] = {**tag, **r}
+        for rows, i, tag, job in pending:
+            r = rows[i] = {**tag, **job.result()}
+            print(f"{r['dataset']} {r['protocol']} {r['model']}: AUC {r['auc']:.4f} Recall@10 {r['recall@10']:.4f} "
+                  f"({r['seconds']:.0f} s)", flush=True)
+    results = [r for rows in cells.values() for r in rows]
+    report = {"machine": machine(), "seed": args.seed, "seconds": time.perf_counter() - t0,
+              "train_defaults": train_defaults(), "extra_train_args": extra, "results": results}
+    report["targets"] = check_targets(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(report, indent=1))
+    text = markdown(report)
+    (out / "quality.md").write_text(text)
+    print(text)
+    print(f"written: {out / 'quality.md'}, {out / 'quality.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
