@@ -16,7 +16,7 @@ The softmax is computed per rank over the local batch; no collectives are needed
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,9 +27,10 @@ LOSSES = ("bce", "softmax", "both")
 
 
 def sampled_softmax_loss(queries: torch.Tensor, candidates: torch.Tensor, positive: torch.Tensor,
-                         candidate_items: torch.Tensor, log_q: torch.Tensor,
-                         temperature: float = 1.0) -> torch.Tensor:
-    """Mean cross-entropy of each query's positive among sampled candidates.
+                         candidate_items: torch.Tensor, log_q: torch.Tensor, temperature: float = 1.0,
+                         weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean cross-entropy of each query's positive among sampled candidates (weighted by
+    `weights` (Q,) when given: a weight-0 query counts for nothing).
 
     `queries` (Q, d) and `candidates` (C, d) are tower outputs; `positive` (Q,) is the column of
     each query's own item in `candidates`; `candidate_items` (C,) are item ids; `log_q` (C,) is
@@ -50,7 +51,9 @@ def sampled_softmax_loss(queries: torch.Tensor, candidates: torch.Tensor, positi
     hits = candidate_items.unsqueeze(0) == candidate_items[positive].unsqueeze(1)
     hits[rows, positive] = False
     logits = logits.masked_fill(hits, float("-inf"))
-    return F.cross_entropy(logits, positive)
+    if weights is None:
+        return F.cross_entropy(logits, positive)
+    return (F.cross_entropy(logits, positive, reduction="none") * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 class TwoTowerLoss(nn.Module):
@@ -116,13 +119,14 @@ class TwoTowerLoss(nn.Module):
     def softmax(self, user: torch.Tensor, item: torch.Tensor, items: torch.Tensor, labels: torch.Tensor,
                 n_rated: int) -> torch.Tensor:
         """In-batch sampled softmax over this batch (every row's item is a candidate)."""
-        positive = torch.nonzero(labels[:n_rated] > 0.5).squeeze(1)
-        if len(positive) == 0:  # no liked row: a zero that still reaches every parameter
-            return (user.sum() + item.sum()) * 0.0
         n_sampled = len(labels) - n_rated
         # Expected count of an item among a query's negatives: the other n_rated - 1 rows, draws
         # from the training-row distribution q, plus n_sampled uniform draws over the real items.
         q = self.log_q.exp()[items]
         expected = (n_rated - 1) * q + n_sampled / max(self.num_items - 1, 1)
-        return sampled_softmax_loss(user[positive], item, positive, items, expected.log(), self.temperature)
+        # Every rated row is scored as a query and the liked ones are kept by weight, not by
+        # selection: no data-dependent shapes, so no host sync on a GPU.
+        liked = (labels[:n_rated] > 0.5).to(user.dtype)
+        rows = torch.arange(n_rated, device=user.device)
+        return sampled_softmax_loss(user[:n_rated], item, rows, items, expected.log(), self.temperature, liked)
 
