@@ -65,7 +65,8 @@ def _binary_metrics() -> torchmetrics.MetricCollection:
 
 
 class TwoTowerModule(L.LightningModule):
-    """Two-tower model trained with BCE on dot-product logits.
+    """Two-tower model scored by dot product, trained with a `twotower_lit.losses.TwoTowerLoss`
+    (default: plain BCE; the training job passes the configured one).
 
     Metrics on validation/test: AUC, log-loss and accuracy over rated rows (torchmetrics syncs
     them across ranks); retrieval metrics come from `twotower_lit.evaluation.RetrievalEvaluation`.
