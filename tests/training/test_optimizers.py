@@ -2,8 +2,6 @@
 (one gloo process: a real DistributedModelParallel)."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -15,8 +13,10 @@ from tests.conftest import free_port
 
 @pytest.fixture(scope="module")
 def process_group():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # a TCP store on a free port, passed explicitly: nothing leaks into the environment that the
+    # training subprocesses of other tests inherit (an inherited MASTER_PORT would be taken)
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     yield dist.group.WORLD
     dist.destroy_process_group()
 
