@@ -195,7 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          f"{REAL} where present)")
     ap.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"comma list of {', '.join(PROTOCOLS)}")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
-    ap.add_argument("--out", default="quality-report", help="where quality.md and quality.json go")
+    ap.add_argument("--out", default="outputs/quality", help="where quality.md and quality.json go")
     ap.add_argument("--work-dir", default="/tmp/twotower_quality", help="prepared data and training runs")
     ap.add_argument("--seed", type=int, default=0, help="seed of the splits, initialisation and data order")
     ap.add_argument("--jobs", type=int, default=1, help="training runs in parallel")
