@@ -7,6 +7,7 @@ Run under torchrun (one process per GPU, or CPU processes with gloo):
 
 Modes (all in one invocation, so their ratio holds on a noisy machine):
   lightning  the product's path: TwoTowerModule + TorchRecStrategy in a Lightning Trainer
+  lightning_pipeline  the same with --train-pipeline sparse_dist (PipelinedTwoTowerModule)
   eager      the same DMP model and optimizers in a hand-written loop (Lightning's overhead = the gap)
   pipeline   TorchRec's TrainPipelineSparseDist (overlaps copy + input distribution with compute)
   plain      plain PyTorch: nn.EmbeddingBag tables + MLP towers + Adam, data parallel via DDP
@@ -210,12 +211,12 @@ def run_plain(specs, batches, args, device) -> float:
     return timed(step, batches, args.steps, args.warmup, device)
 
 
-def run_lightning(specs, batches, args, device) -> float:
+def run_lightning(specs, batches, args, device, pipelined: bool = False) -> float:
     """The product's training path (LightningModule + TorchRecStrategy) on in-memory batches."""
     import lightning as L
 
     from twotower_lit.config import ModelConfig, OptimConfig
-    from twotower_lit.module import TwoTowerModule
+    from twotower_lit.module import PipelinedTwoTowerModule, TwoTowerModule
     from twotower_lit.strategy import TorchRecStrategy
 
     class Timer(L.Callback):
@@ -230,7 +231,8 @@ def run_lightning(specs, batches, args, device) -> float:
 
     total = args.warmup + args.steps
     loader = torch.utils.data.DataLoader([batches[k % len(batches)] for k in range(total)], batch_size=None)
-    lm = TwoTowerModule(specs, ModelConfig(embedding_dim=args.dim), OptimConfig())
+    lm = (PipelinedTwoTowerModule if pipelined else TwoTowerModule)(specs, ModelConfig(embedding_dim=args.dim),
+                                                                    OptimConfig())
     timer = Timer()
     trainer = L.Trainer(accelerator=device.type if device.type == "cuda" else "cpu", devices=dist.get_world_size(),
                         strategy=TorchRecStrategy(sharding=args.sharding), max_steps=total, logger=False,
@@ -241,7 +243,12 @@ def run_lightning(specs, batches, args, device) -> float:
     return timer.seconds
 
 
-MODES = {"lightning": run_lightning, "eager": run_eager, "pipeline": run_pipeline, "plain": run_plain}
+def run_lightning_pipeline(specs, batches, args, device) -> float:
+    return run_lightning(specs, batches, args, device, pipelined=True)
+
+
+MODES = {"lightning": run_lightning, "lightning_pipeline": run_lightning_pipeline, "eager": run_eager,
+         "pipeline": run_pipeline, "plain": run_plain}
 
 
 def main(argv=None) -> None:
@@ -253,7 +260,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--sharding", default="auto")
-    p.add_argument("--modes", default="lightning,eager,pipeline,plain")
+    p.add_argument("--modes", default="lightning,lightning_pipeline,eager,pipeline,plain")
     p.add_argument("--json", default=None, help="append the results as JSON lines to this file")
     args = p.parse_args(argv)
 
@@ -289,9 +296,9 @@ def main(argv=None) -> None:
         print(f"\n{args.shape} batch/rank={args.batch:,} ranks={world} device={name}")
         for mode, r in results.items():
             if "error" in r:
-                print(f"  {mode:10s} FAILED {r['error']}")
+                print(f"  {mode:18s} FAILED {r['error']}")
             else:
-                print(f"  {mode:10s} {r['samples_per_s'] / 1e6:8.2f} M samples/s  {r['ms_per_step']:7.2f} ms/step")
+                print(f"  {mode:18s} {r['samples_per_s'] / 1e6:8.2f} M samples/s  {r['ms_per_step']:7.2f} ms/step")
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"shape": args.shape, "batch": args.batch, "world": world, "device": name,

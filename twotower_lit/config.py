@@ -113,6 +113,9 @@ class TrainConfig:
     registered_model_name: Optional[str] = _opt("twotower-movielens", "MLflow registered model name ('' = none)")
     checkpoint_dir: Optional[str] = _opt(None, "sharded checkpoints (default OUTPUT/checkpoints)")
     checkpoint_every_n_steps: int = _opt(0, "also checkpoint every N steps (0 = epoch ends only)")
+    train_pipeline: str = _opt("off", "sparse_dist: train through TorchRec's TrainPipelineSparseDist (the next batches' "
+                               "copy to the device and embedding all-to-all overlap this one's compute); off: "
+                               "Lightning's own loop", ("off", "sparse_dist"))
     resume: Optional[str] = _opt(None, "'auto' (latest checkpoint in the checkpoint dir) or a checkpoint path")
     package: bool = _opt(False, "also write OUTPUT/model.tar.gz in the SageMaker layout")
     progress: bool = _opt(True, "show a progress bar")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
@@ -90,15 +90,28 @@ class TwoTowerModule(L.LightningModule):
         self.val_metrics = _binary_metrics()
         self.test_metrics = _binary_metrics()
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Asynchronous copies from the loader's pinned memory (Lightning's default passes
+        ``non_blocking`` only to plain tensors; a blocking copy would stall the host on every step
+        until the GPU has finished the previous one)."""
+        if isinstance(batch, Batch):
+            return batch.to(device, non_blocking=device.type == "cuda")
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def forward(self, batch: Batch) -> torch.Tensor:
         user, item = self.model(batch.features)
         return logits(user, item)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        user, item = self.model(batch.features)
-        loss, _ = self.loss_fn(user, item, batch.features["item"].values(), batch.labels)
+        loss, _ = self.loss_and_output(batch)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=False)
         return loss
+
+    def loss_and_output(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(training loss, its detached value) of a device batch: what a TorchRec train pipeline calls."""
+        user, item = self.model(batch.features)
+        loss, _ = self.loss_fn(user, item, batch.features["item"].values(), batch.labels)
+        return loss, loss.detach()
 
     def _eval_step(self, batch: Batch, metrics: torchmetrics.MetricCollection) -> None:
         z = self(batch)
@@ -127,6 +140,21 @@ class TwoTowerModule(L.LightningModule):
         self.log_dict({f"{stage}_{k}": v for k, v in values.items()}, prog_bar=stage == "val", sync_dist=False)
         metrics.reset()
 
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Carry the optimizer-step count across optimisation modes: Lightning counts steps in a
+        different loop state for automatic (Lightning's loop) and manual (`PipelinedTwoTowerModule`)
+        optimisation, so a checkpoint of one resumed by the other would restart ``global_step``."""
+        loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        auto_key = "epoch_loop.automatic_optimization.optim_progress"
+        manual_key = "epoch_loop.manual_optimization.optim_step_progress"
+        if auto_key not in loop or manual_key not in loop:
+            return
+        steps = loop[auto_key]["optimizer"]["step"]
+        if self.automatic_optimization and loop[manual_key]["total"]["completed"] > steps["total"]["completed"]:
+            loop[auto_key]["optimizer"]["step"] = loop[manual_key]
+        elif not self.automatic_optimization and steps["total"]["completed"] > loop[manual_key]["total"]["completed"]:
+            loop[manual_key] = steps
+
     @torch.no_grad()
     def tower_vectors_from_features(self, features):
         """(user vectors, item vectors) of a feature batch (retrieval evaluation)."""
@@ -146,3 +174,25 @@ class TwoTowerModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, self.total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class PipelinedTwoTowerModule(TwoTowerModule):
+    """`TwoTowerModule` trained through TorchRec's train pipeline (``--train-pipeline sparse_dist``).
+
+    The strategy's `pipelined_training_step` runs each step: while batch i computes, batch i+1's
+    embedding input distribution and batch i+2's host-to-device copy are already under way. The
+    pipeline calls the optimizer itself, so optimisation is manual and the learning-rate schedule
+    is stepped here, once per optimizer step. Evaluation, checkpoints and export are unchanged.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, dataloader_iter) -> torch.Tensor:  # Lightning passes the iterator (name matters)
+        losses = self.trainer.strategy.pipelined_training_step(dataloader_iter, self.loss_and_output)
+        schedule = self.lr_schedulers()
+        for _ in losses:
+            schedule.step()
+        self.log("train_loss", losses[-1], prog_bar=True, batch_size=1, sync_dist=False)
+        return losses[-1]

@@ -8,6 +8,8 @@ What the hooks do (Lightning 2.6 + TorchRec 1.6-1.9):
   (which allocates only the local shards and data-parallelises the dense towers itself), then
   build the optimizers, which must see the wrapped parameters.
 * ``configure_ddp``: no outer DDP; ``model_to_device``: never ``.to()`` meta parameters.
+* ``pipelined_training_step``: optional TorchRec ``TrainPipelineSparseDist`` training (a module
+  with manual optimisation hands it Lightning's batch iterator; see ``PipelinedTwoTowerModule``).
 * checkpoints: every rank holds different shards, so every rank writes with
   ``torch.distributed.checkpoint`` (DCP). DCP also reshards on load (saved by 2 ranks, loaded
   by 1, or with another plan). Non-tensor trainer state goes to one small file from rank 0.
@@ -17,8 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections import deque
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -29,7 +32,9 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +122,28 @@ def _ebc(module: torch.nn.Module):
     raise ValueError("the model has no EmbeddingBagCollection to shard")
 
 
+class _FeaturesThenRest:
+    """Feeds a TorchRec train pipeline the features of each batch and keeps the rest of the batch.
+
+    The pipeline copies, distributes and traces one ``KeyedJaggedTensor`` per batch (what the
+    sharded model takes); the labels wait here in fetch order, which is the order in which the
+    pipeline runs its forwards (it runs each fetched batch exactly once).
+    """
+
+    def __init__(self, batches: Iterator) -> None:
+        self.batches = batches
+        self.waiting: Deque = deque()
+
+    def __iter__(self) -> "_FeaturesThenRest":
+        return self
+
+    def __next__(self) -> KeyedJaggedTensor:
+        item = next(self.batches)
+        batch = item[0] if isinstance(item, tuple) else item  # Lightning yields (batch, index, loader index)
+        self.waiting.append(batch)
+        return batch.features
+
+
 class TorchRecStrategy(DDPStrategy):
     """DDPStrategy whose `setup` applies TorchRec DistributedModelParallel to `lightning_module.model`."""
 
@@ -129,6 +156,9 @@ class TorchRecStrategy(DDPStrategy):
         self.table_sharding = dict(table_sharding or {})
         self.module_attr = module_attr
         self.plan_description: Dict[str, Dict[str, Any]] = {}
+        self._pipeline: Optional[TrainPipelineSparseDist] = None
+        self._pipeline_input: Optional[_FeaturesThenRest] = None
+        self._pipeline_loss: Optional[Callable] = None
 
     # ------------------------------------------------------------------ setup
     def setup_distributed(self) -> None:
@@ -172,6 +202,73 @@ class TorchRecStrategy(DDPStrategy):
     @property
     def sharded_model(self) -> DistributedModelParallel:
         return getattr(self.lightning_module, self.module_attr)
+
+    # ------------------------------------------------------------------ pipelined training
+    def pipelined_training_step(self, dataloader_iter: Iterator,
+                                loss_fn: Callable[[Any], Tuple[torch.Tensor, Any]]) -> List[Any]:
+        """One training step through TorchRec's `TrainPipelineSparseDist`, which copies batch i+2 to
+        the device and starts the embedding input distribution (the all-to-all) of batch i+1 while
+        batch i runs forward, backward and the optimizer step.
+
+        Called from ``training_step(dataloader_iter)`` of a module with manual optimisation, so that
+        the pipeline drives the optimizer. `loss_fn(batch)` gets a device batch (features already
+        distributed) and returns ``(loss, output)``. Returns the outputs of the optimizer steps
+        done: one, except at the end of an epoch, when the batches still in flight are finished in
+        the same call (Lightning's fetcher reports the epoch done as soon as the last batch was
+        fetched, which the pipeline does two steps ahead).
+        """
+        if self._pipeline is None:
+            self._pipeline_input = _FeaturesThenRest(dataloader_iter)
+            self._pipeline = TrainPipelineSparseDist(self.sharded_model, self.lightning_module.optimizers(),
+                                                     self.root_device, execute_all_batches=True,
+                                                     custom_model_fwd=self._pipeline_forward)
+        self._pipeline_loss = loss_fn
+        outputs: List[Any] = []
+        try:
+            outputs.append(self._pipeline.progress(self._pipeline_input))
+            while getattr(dataloader_iter, "done", False):  # every batch fetched: finish those in flight
+                outputs.append(self._pipeline.progress(self._pipeline_input))
+        except StopIteration:  # the pipeline is empty: the epoch's batches are all trained
+            self.end_pipeline()
+            if not outputs:
+                raise
+        return outputs
+
+    def _pipeline_forward(self, features: KeyedJaggedTensor) -> Tuple[torch.Tensor, Any]:
+        assert self._pipeline_input is not None and self._pipeline_loss is not None
+        from twotower_lit.data.batches import Batch
+
+        rest = self._pipeline_input.waiting.popleft()
+        batch = Batch(features, rest.labels.to(self.root_device, non_blocking=True),
+                      rest.rated.to(self.root_device, non_blocking=True))
+        return self._pipeline_loss(batch)
+
+    def pause_pipeline(self) -> None:
+        """Give the sharded modules their own forward back (evaluation mid-epoch); the batches in
+        flight stay queued and the next training step re-attaches the pipeline."""
+        if self._pipeline is not None:
+            self._pipeline.detach()
+
+    def end_pipeline(self) -> None:
+        """Detach and drop the pipeline (the next epoch starts a new one on its own iterator)."""
+        self.pause_pipeline()
+        self._pipeline = self._pipeline_input = self._pipeline_loss = None
+
+    def on_validation_start(self) -> None:
+        self.pause_pipeline()
+        super().on_validation_start()
+
+    def on_test_start(self) -> None:
+        self.pause_pipeline()
+        super().on_test_start()
+
+    def on_predict_start(self) -> None:
+        self.pause_pipeline()
+        super().on_predict_start()
+
+    def on_train_end(self) -> None:
+        self.end_pipeline()  # stopped by max_steps: batches fetched ahead are not trained, as without a pipeline
+        super().on_train_end()
 
     # ------------------------------------------------------------------ checkpoints (DCP on every rank)
     @property

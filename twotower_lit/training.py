@@ -25,7 +25,7 @@ from twotower_lit.evaluation import RetrievalEvaluation
 from twotower_lit.losses import TwoTowerLoss
 from twotower_lit.metrics import PopularityBaseline
 from twotower_lit.model import feature_specs
-from twotower_lit.module import TwoTowerModule, check_embedding_optimizer
+from twotower_lit.module import PipelinedTwoTowerModule, TwoTowerModule, check_embedding_optimizer
 from twotower_lit.strategy import TRAINER_STATE_FILE, TorchRecStrategy, parse_table_sharding
 from twotower_lit import tracking
 
@@ -136,7 +136,8 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
                         softmax_weight=cfg.softmax_weight, temperature=cfg.softmax_temperature,
                         vector_l2=cfg.vector_l2)
     loss.set_item_counts(dm.item_counts)
-    module = TwoTowerModule(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss)
+    module_cls = PipelinedTwoTowerModule if cfg.train_pipeline == "sparse_dist" else TwoTowerModule
+    module = module_cls(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss)
 
     uri = tracking.tracking_uri(cfg.mlflow_uri, output_dir)
     # only global rank 0 talks to MLflow (other ranks opening the SQLite store would race on its schema)

@@ -3,6 +3,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from twotower_lit.data.batches import FeatureTables, KJTBuilder
 from twotower_lit.data.csr import Csr
@@ -164,3 +165,22 @@ def test_reader_streams_shards_from_s3(tmp_path, moto_server, monkeypatch):
               for b in RatingsShardReader(ShardSource(uris, source.rows), builder, batch_size=50, world=2, rank=1,
                                           seed=0)]
     assert remote == local and len(remote) == 3
+
+
+def test_built_features_carry_host_side_key_lengths_through_pinning(tmp_path):
+    """The builder hands each key's length to the KeyedJaggedTensor (no device-to-host sync later);
+    they must equal what TorchRec computes from the lengths, also after pin_memory's rebuild."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    _, builder, (users, items, labels) = _write_split(tmp_path, 300, 1)
+    batch = builder.batch(users[:97].astype(np.int64), items[:97].astype(np.int64), labels[:97])
+    kjts = [batch.features]
+    if torch.cuda.is_available():  # pinning needs a CUDA runtime
+        kjts.append(batch.pin_memory().features)
+    for kjt in kjts:
+        fresh = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths())
+        assert kjt.length_per_key_or_none() == fresh.length_per_key()
+        assert kjt.offset_per_key_or_none() == fresh.offset_per_key()
+        assert kjt.stride() == 97
+        genres = kjt["genres"]
+        assert genres.lengths().sum().item() == kjt.length_per_key()[kjt.keys().index("genres")] > 0

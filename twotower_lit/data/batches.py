@@ -36,10 +36,13 @@ class Batch(Pipelineable):
         self.rated.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
-        # KeyedJaggedTensor has no pin method in every TorchRec version: rebuild it from pinned parts
+        # KeyedJaggedTensor has no pin method in every TorchRec version: rebuild it from pinned parts,
+        # keeping the per-key lengths the builder computed on the host (see KJTBuilder.build)
         kjt = self.features
         pinned = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values().pin_memory(),
-                                   lengths=kjt.lengths().pin_memory())
+                                   lengths=kjt.lengths().pin_memory(), stride=kjt.stride(),
+                                   length_per_key=kjt.length_per_key_or_none(),
+                                   offset_per_key=kjt.offset_per_key_or_none())
         return Batch(pinned, self.labels.pin_memory(), self.rated.pin_memory())
 
     def __len__(self) -> int:
@@ -102,6 +105,9 @@ class KJTBuilder:
         self.keys: List[str] = self.user_features + self.item_features
 
     def build(self, users: np.ndarray, items: np.ndarray) -> KeyedJaggedTensor:
+        """The batch's features. Each key's total length is known here on the host and handed to
+        the KeyedJaggedTensor: computed later from device lengths, it would cost a device-to-host
+        sync in every split/permute of the sharded model's input distribution."""
         n = len(users)
         values: List[np.ndarray] = []
         lengths: List[np.ndarray] = []
@@ -119,10 +125,14 @@ class KJTBuilder:
             else:
                 values.append(self.tables.item[name][items])
                 lengths.append(ones)
+        per_key = [len(v) for v in values]
         return KeyedJaggedTensor(
             keys=self.keys,
             values=torch.from_numpy(np.concatenate(values)),
             lengths=torch.from_numpy(np.concatenate(lengths)),
+            stride=n,
+            length_per_key=per_key,
+            offset_per_key=[0, *np.cumsum(per_key).tolist()],
         )
 
     def batch(self, users: np.ndarray, items: np.ndarray, labels: np.ndarray,
