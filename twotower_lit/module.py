@@ -164,8 +164,11 @@ class TwoTowerModule(L.LightningModule):
         cfg = self.optim_cfg
         dense_cls = DENSE_OPTIMIZERS[cfg.dense_optimizer]
         dense_params = dict(in_backward_optimizer_filter(self.model.named_parameters()))
+        # on GPUs Adam's update is one fused kernel instead of several per parameter (a host-bound step)
+        one_kernel = {"fused": True} if cfg.dense_optimizer in ("adam", "adamw") and all(
+            p.is_cuda for p in dense_params.values()) else {}
         dense = KeyedOptimizerWrapper(
-            dense_params, lambda params: dense_cls(params, lr=cfg.dense_lr, weight_decay=cfg.weight_decay))
+            dense_params, lambda params: dense_cls(params, lr=cfg.dense_lr, weight_decay=cfg.weight_decay, **one_kernel))
         parts: List = [("dense", dense)]
         fused = getattr(self.model, "fused_optimizer", None)  # the embedding optimizer run in backward
         if fused is not None:
