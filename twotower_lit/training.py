@@ -151,7 +151,8 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
 
     dm = MovieLensDataModule(data_dir, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
                              negatives=cfg.negatives, negative_sampling=cfg.negative_sampling, seed=cfg.seed,
-                             num_workers=cfg.num_workers, side_features=cfg.model.side_features)
+                             num_workers=cfg.num_workers, side_features=cfg.model.side_features,
+                             data_on_device=cfg.data_on_device)
     features = feature_specs(manifest, cfg.model.side_features)
     world = cfg.devices * cfg.num_nodes
     total_steps = dm.steps_per_epoch(world) * cfg.max_epochs

@@ -1,4 +1,6 @@
 """Row assignment, batch counts, shuffling and negative sampling of the per-rank shard reader."""
+import math
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -184,3 +186,65 @@ def test_built_features_carry_host_side_key_lengths_through_pinning(tmp_path):
         assert kjt.stride() == 97
         genres = kjt["genres"]
         assert genres.lengths().sum().item() == kjt.length_per_key()[kjt.keys().index("genres")] > 0
+
+
+def _device_reader(tmp_path, world, rank, epoch=0, skip=0, n_rows=1003):
+    from twotower_lit.data.device_batches import DeviceResidentBatches
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    source, builder, (users, items, labels) = _write_split(tmp_path, n_rows, 5)
+    rows = {"user": users, "item": items, "label": labels}  # _write_split's shards are these rows in order
+    reader = DeviceResidentBatches(rows, source.rows, builder, batch_size=64, world=world, rank=rank, seed=1)
+    reader.set_epoch(epoch)
+    reader.skip = skip
+    return reader, builder, (users, items, labels)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_device_resident_batches_cover_every_row_with_equal_batch_counts(tmp_path, world):
+    counts, pairs, flagged = [], [], 0
+    for rank in range(world):
+        reader, builder, (users, items, labels) = _device_reader(tmp_path / str(rank), world, rank)
+        batches = list(reader)
+        assert len(batches) == len(reader) == num_batches(1003, world, 64)
+        counts.append(len(batches))
+        for b in batches:
+            d = b.features.to_dict()
+            u, i = d["user"].values().numpy(), d["item"].values().numpy()
+            # the device-built features are exactly what the host builder makes of the same rows
+            ref = builder.build(u, i)
+            assert b.features.keys() == ref.keys()
+            assert torch.equal(b.features.values(), ref.values())
+            assert torch.equal(b.features.lengths(), ref.lengths())
+            assert b.features.length_per_key() == ref.length_per_key()
+            pairs.append(np.stack([u, i], 1))
+            flagged += int(b.rated.sum())
+    assert len(set(counts)) == 1
+    got = np.concatenate(pairs)
+    expected = np.stack([users, items], 1).astype(np.int64)
+    key = lambda a: np.sort(a[:, 0] * 1000 + a[:, 1])  # noqa: E731
+    # every row exactly once, plus the wrap-around re-reads (not flagged as rated-for-the-first-time)
+    assert len(got) == math.ceil(1003 / world) * world
+    assert flagged == 1003
+    assert np.array_equal(np.unique(key(got)), np.unique(key(expected)))
+
+
+def test_device_resident_batches_skip_resumes_and_epochs_reshuffle(tmp_path):
+    reader, _, _ = _device_reader(tmp_path, 2, 1)
+    full = list(reader)
+    reader.skip = 5
+    tail = list(reader)
+    assert len(tail) == len(full) - 5
+    for a, b in zip(full[5:], tail):
+        assert torch.equal(a.features.values(), b.features.values()) and torch.equal(a.labels, b.labels)
+    reader.skip = 0
+    assert all(torch.equal(a.features.values(), b.features.values()) for a, b in zip(full, reader))
+    reader.set_epoch(1)
+    assert not torch.equal(next(iter(reader)).features.values(), full[0].features.values())
+
+
+def test_device_resident_data_refuses_negatives():
+    from twotower_lit.data.datamodule import MovieLensDataModule
+
+    with pytest.raises(ValueError, match="--negatives 0"):
+        MovieLensDataModule("unused", negatives=2, data_on_device=True)

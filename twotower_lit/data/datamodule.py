@@ -12,6 +12,7 @@ import torch
 
 from twotower_lit.data.batches import FeatureTables, KJTBuilder
 from twotower_lit.data.csr import Csr
+from twotower_lit.data.device_batches import DeviceResidentBatches
 from twotower_lit.data.loader import (EpochAwareDataLoader, NegativeSampler, RatingsShardReader, ShardSource,
                                       num_batches, read_columns)
 from twotower_lit.data.storage import Storage
@@ -64,8 +65,12 @@ class MovieLensDataModule(L.LightningDataModule):
 
     def __init__(self, data_dir: str, batch_size: int = 1024, eval_batch_size: int = 8192, negatives: int = 0,
                  negative_sampling: str = "uniform", seed: int = 0, num_workers: int = 0,
-                 side_features: bool = True, buffer_rows: int = 1 << 18) -> None:
+                 side_features: bool = True, buffer_rows: int = 1 << 18, data_on_device: bool = False) -> None:
         super().__init__()
+        if data_on_device and negatives:
+            raise ValueError(f"--data-on-device builds batches of rated rows only; --negatives {negatives} needs the "
+                             f"streaming loader: drop --data-on-device or pass --negatives 0")
+        self.data_on_device = data_on_device
         self.data_dir = data_dir
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -134,7 +139,19 @@ class MovieLensDataModule(L.LightningDataModule):
             prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
 
     def train_dataloader(self):
+        if self.data_on_device:
+            return self._device_loader()
         return self._loader("train", train=True)
+
+    def _device_loader(self) -> EpochAwareDataLoader:
+        """Training batches built on the training device from a copy of the split kept there."""
+        world, rank = self._world()
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        batches = DeviceResidentBatches(self.splits["train"], self.source("train").rows, self.builder,
+                                        self.batch_size, world=world, rank=rank, seed=self.seed, device=device)
+        return EpochAwareDataLoader(
+            batches, epoch_fn=lambda: self.trainer.current_epoch if self.trainer is not None else 0,
+            skip_fn=self._take_resume_skip, num_workers=0, pin_memory=False)
 
     def val_dataloader(self):
         return self._loader("val", train=False)
