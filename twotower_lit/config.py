@@ -95,9 +95,9 @@ class TrainConfig:
                             "softmax_weight x softmax (see twotower_lit.losses)", ("bce", "softmax", "both"))
     # defaults measured by `python -m benchmarks.quality` (ml-100k: AUC of the rated-pair BCE model,
     # Recall@10 well above the uniform-negatives model); --loss bce --negatives 0 is the workshop's framing
-    softmax_weight: float = _opt(0.25, "--loss both: weight of the softmax term")
+    softmax_weight: float = _opt(0.22, "--loss both: weight of the softmax term")
     softmax_temperature: float = _opt(0.5, "softmax logits are dot products divided by this")
-    vector_l2: float = _opt(1e-3, "L2 penalty on the user and item tower outputs of each row (every loss)")
+    vector_l2: float = _opt(3e-3, "L2 penalty on the user and item tower outputs of each row (every loss)")
     accelerator: str = _opt("auto", "cpu, gpu or auto")
     devices: int = _opt(1, "processes (CPU) or GPUs per node")
     num_nodes: int = _opt(1, "nodes")
