@@ -8,12 +8,13 @@ against 11 M rows/s for the same steps fed from memory; see the README's GPU tab
 training split fits in device memory (20 bytes per rating: ~0.5 GB for 25 M training rows, plus
 the small feature tables), this reader keeps it there and builds every batch with a few gathers
 on the device: no workers, no copies, no host sync (each key's length is computed on the host
-for the whole epoch at once).
+for the whole epoch at once, on the device).
 
 Which rows a rank trains on is the streaming loader's policy (`assign_rows`: the same number of
 rows on every rank, the same wrap-around re-read, the same number of batches). Within the rank's
-rows the order is one seeded permutation per epoch (seed, epoch, rank) instead of a shuffle
-buffer, so the batches are not those of the streaming loader. Sampled negatives are not built
+rows the order is one seeded permutation per epoch (seed, epoch, rank; drawn by the device's own
+generator, so a CPU and a GPU run see different orders) instead of a shuffle buffer, so the
+batches are not those of the streaming loader. Sampled negatives are not built
 here: use the streaming loader for ``--negatives N``.
 """
 from __future__ import annotations
@@ -57,7 +58,6 @@ class DeviceResidentBatches(IterableDataset):
         self.users = on_device(rows["user"], np.int64)
         self.items = on_device(rows["item"], np.int64)
         self.labels = on_device(rows["label"], np.float32)
-        self.items_host = np.ascontiguousarray(rows["item"], dtype=np.int64)
         tables = builder.tables
         self.user_tables = {n: on_device(tables.user[n], np.int64) for n in builder.user_features}
         self.item_tables = {n: on_device(tables.item[n], np.int64) for n in builder.item_features
@@ -68,7 +68,7 @@ class DeviceResidentBatches(IterableDataset):
         if self.multi:
             self.multi_indptr = on_device(tables.genres_indptr, np.int64)
             self.multi_values = on_device(tables.genres_values, np.int64)
-            self.multi_lengths_host = np.diff(tables.genres_indptr)
+            self.multi_lengths = torch.diff(self.multi_indptr)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -76,31 +76,37 @@ class DeviceResidentBatches(IterableDataset):
     def __len__(self) -> int:
         return num_batches(int(self.offsets[-1]), self.world, self.batch_size)
 
-    def epoch_rows(self) -> Tuple[np.ndarray, np.ndarray]:
-        """(row indices into the split, read-for-the-first-time flags) of this rank, in training order."""
+    def epoch_rows(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(row indices into the split, read-for-the-first-time flags) of this rank, in training
+        order, on the device (permuting tens of millions of rows there takes milliseconds)."""
         segments = assign_rows(self.shard_rows, self.world, self.rank, self.seed, self.epoch, self.shuffle)
-        index = np.concatenate([np.arange(self.offsets[s] + lo, self.offsets[s] + hi) for s, lo, hi, _ in segments]
-                               or [np.zeros(0, np.int64)])
-        first = np.concatenate([np.full(hi - lo, not wrapped) for _, lo, hi, wrapped in segments]
-                               or [np.zeros(0, bool)])
+        dev = self.device
+        index = torch.cat([torch.arange(int(self.offsets[s] + lo), int(self.offsets[s] + hi), device=dev)
+                           for s, lo, hi, _ in segments] or [torch.zeros(0, dtype=torch.int64, device=dev)])
+        first = torch.cat([torch.full((hi - lo,), not wrapped, dtype=torch.bool, device=dev)
+                           for _, lo, hi, wrapped in segments] or [torch.zeros(0, dtype=torch.bool, device=dev)])
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch, self.rank, 0xD0]).permutation(len(index))
+            generator = torch.Generator(device=dev)
+            generator.manual_seed(int(np.random.default_rng([self.seed, self.epoch, self.rank, 0xD0]).integers(2**62)))
+            order = torch.randperm(len(index), generator=generator, device=dev)
             index, first = index[order], first[order]
         return index, first
 
     def __iter__(self):
         index, first = self.epoch_rows()
-        starts = np.arange(0, len(index), self.batch_size)
+        starts = list(range(0, len(index), self.batch_size))
         multi_totals: List[int] = []
-        if self.multi and len(index):  # each batch's multi-valued length, known on the host up front
-            multi_totals = np.add.reduceat(self.multi_lengths_host[self.items_host[index]], starts).tolist()
-        index_dev = torch.from_numpy(index).to(self.device)
-        first_dev = torch.from_numpy(first).to(self.device)
-        for b, lo in enumerate(starts.tolist()):
+        if self.multi and len(index):
+            # each batch's multi-valued length, for the whole epoch in one device-to-host copy
+            ends = torch.cumsum(self.multi_lengths[self.items[index]], 0)
+            bounds = torch.tensor([min(lo + self.batch_size, len(index)) - 1 for lo in starts], device=self.device)
+            cut = ends[bounds]
+            multi_totals = torch.diff(cut, prepend=cut.new_zeros(1)).tolist()
+        for b, lo in enumerate(starts):
             if b < self.skip:
                 continue
-            rows = index_dev[lo:lo + self.batch_size]
-            yield self._batch(rows, first_dev[lo:lo + self.batch_size], multi_totals[b] if self.multi else 0)
+            rows = index[lo:lo + self.batch_size]
+            yield self._batch(rows, first[lo:lo + self.batch_size], multi_totals[b] if self.multi else 0)
 
     def _batch(self, rows: torch.Tensor, first: torch.Tensor, multi_total: int) -> Batch:
         """The same KeyedJaggedTensor as `KJTBuilder.build` for these rows, gathered on the device."""
