@@ -7,6 +7,7 @@ What the hooks do (Lightning 2.6 + TorchRec 1.6-1.9):
 * ``setup``: plan the sharding with TorchRec's planner, wrap ``lightning_module.model`` in DMP
   (which allocates only the local shards and data-parallelises the dense towers itself), then
   build the optimizers, which must see the wrapped parameters.
+* ``setup`` also makes Lightning's per-step SIGTERM broadcast (a host sync) every N steps.
 * ``configure_ddp``: no outer DDP; ``model_to_device``: never ``.to()`` meta parameters.
 * ``pipelined_training_step``: optional TorchRec ``TrainPipelineSparseDist`` training (a module
   with manual optimisation hands it Lightning's batch iterator; see ``PipelinedTwoTowerModule``).
@@ -144,14 +145,36 @@ class _FeaturesThenRest:
         return batch.features
 
 
+def throttle_sigterm_broadcast(epoch_loop: Any, every_n_steps: int) -> None:
+    """Check for SIGTERM every `every_n_steps` training steps instead of before every step.
+
+    Lightning 2.6 broadcasts rank 0's SIGTERM flag before each step of a multi-process run and
+    reads it with ``.item()``: a host-device sync per step that keeps the host from queueing the
+    next step while the GPUs work (Lightning-AI/pytorch-lightning#21487; a Trainer option for it,
+    #21640, is not released). Every rank counts the same steps, so all ranks still broadcast
+    together; a SIGTERM is noticed at most ``every_n_steps - 1`` steps later.
+    """
+    original = getattr(epoch_loop, "_broadcast_sigterm_tensor", None)
+    if original is None or every_n_steps <= 1 or getattr(original, "throttled", False):
+        return
+
+    def throttled() -> None:
+        if epoch_loop.total_batch_idx % every_n_steps == every_n_steps - 1:
+            original()
+
+    throttled.throttled = True  # type: ignore[attr-defined]
+    epoch_loop._broadcast_sigterm_tensor = throttled
+
+
 class TorchRecStrategy(DDPStrategy):
     """DDPStrategy whose `setup` applies TorchRec DistributedModelParallel to `lightning_module.model`."""
 
     strategy_name = "torchrec"
 
     def __init__(self, sharding: str = "auto", table_sharding: Optional[Mapping[str, str]] = None,
-                 module_attr: str = "model", **kwargs: Any) -> None:
+                 module_attr: str = "model", sigterm_check_every_n_steps: int = 50, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.sigterm_check_every_n_steps = sigterm_check_every_n_steps
         self.sharding = sharding
         self.table_sharding = dict(table_sharding or {})
         self.module_attr = module_attr
@@ -169,6 +192,7 @@ class TorchRecStrategy(DDPStrategy):
     def setup(self, trainer) -> None:
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
+        throttle_sigterm_broadcast(trainer.fit_loop.epoch_loop, self.sigterm_check_every_n_steps)
         lm = self.lightning_module
         inner = getattr(lm, self.module_attr)
         if not isinstance(inner, DistributedModelParallel):
