@@ -38,7 +38,7 @@ def run(cmd: List[str], timeout: int = 3600) -> str:
 
 def table_lines(text: str) -> str:
     """Keep a benchmark's own report, dropping library log noise."""
-    noise = ("WARNING", "W11", "INFO", "[rank", "warn", "Warning")
+    noise = ("WARNING", "W11", "INFO", "[rank", "warn", "Warning", "sharding plan:")
     return "\n".join(line for line in text.splitlines() if not line.startswith(noise))
 
 

@@ -298,7 +298,7 @@ def main(argv=None) -> None:
             if "error" in r:
                 print(f"  {mode:18s} FAILED {r['error']}")
             else:
-                print(f"  {mode:18s} {r['samples_per_s'] / 1e6:8.2f} M samples/s  {r['ms_per_step']:7.2f} ms/step")
+                print(f"  {mode:18s} {r['samples_per_s'] / 1e6:8.3f} M samples/s  {r['ms_per_step']:7.2f} ms/step")
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"shape": args.shape, "batch": args.batch, "world": world, "device": name,
