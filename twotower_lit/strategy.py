@@ -17,6 +17,7 @@ What the hooks do (Lightning 2.6 + TorchRec 1.6-1.9):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -259,13 +260,14 @@ class TorchRecStrategy(DDPStrategy):
         return outputs
 
     def _pipeline_forward(self, features: KeyedJaggedTensor) -> Tuple[torch.Tensor, Any]:
+        """The batch (a dataclass with a ``features`` field) with the pipeline's distributed
+        features and its other tensors moved to the device, through the module's loss."""
         assert self._pipeline_input is not None and self._pipeline_loss is not None
-        from twotower_lit.data.batches import Batch
-
         rest = self._pipeline_input.waiting.popleft()
-        batch = Batch(features, rest.labels.to(self.root_device, non_blocking=True),
-                      rest.rated.to(self.root_device, non_blocking=True))
-        return self._pipeline_loss(batch)
+        moved = {f.name: getattr(rest, f.name).to(self.root_device, non_blocking=True)
+                 for f in dataclasses.fields(rest)
+                 if f.name != "features" and isinstance(getattr(rest, f.name), torch.Tensor)}
+        return self._pipeline_loss(dataclasses.replace(rest, features=features, **moved))
 
     def pause_pipeline(self) -> None:
         """Give the sharded modules their own forward back (evaluation mid-epoch); the batches in
