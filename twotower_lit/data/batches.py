@@ -5,6 +5,7 @@ fancy indexing, and the jagged genres feature is built from a CSR (indptr/indice
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -37,7 +38,7 @@ class Batch(Pipelineable):
 
     def pin_memory(self) -> "Batch":
         # KeyedJaggedTensor has no pin method in every TorchRec version: rebuild it from pinned parts,
-        # keeping the per-key lengths the builder computed on the host (see KJTBuilder.build)
+        # keeping the per-key lengths computed on the host (see keyed_features)
         kjt = self.features
         pinned = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values().pin_memory(),
                                    lengths=kjt.lengths().pin_memory(), stride=kjt.stride(),
@@ -95,6 +96,18 @@ class FeatureTables:
         return cls(users, items, indptr, values)
 
 
+def keyed_features(keys: Sequence[str], values: Sequence[torch.Tensor],
+                   lengths: Sequence[torch.Tensor]) -> KeyedJaggedTensor:
+    """One `KeyedJaggedTensor` from each key's values and per-row lengths (all keys have the same
+    rows). Each key's total length is known here, from the pieces' sizes, and handed over:
+    computed later from device lengths, it would cost a device-to-host sync in every split or
+    permute of the sharded model's input distribution."""
+    per_key = [len(v) for v in values]
+    return KeyedJaggedTensor(keys=list(keys), values=torch.cat(list(values)), lengths=torch.cat(list(lengths)),
+                             stride=len(lengths[0]), length_per_key=per_key,
+                             offset_per_key=[0, *itertools.accumulate(per_key)])
+
+
 class KJTBuilder:
     """Turns (user index, item index) arrays into one `KeyedJaggedTensor` with every feature."""
 
@@ -105,9 +118,6 @@ class KJTBuilder:
         self.keys: List[str] = self.user_features + self.item_features
 
     def build(self, users: np.ndarray, items: np.ndarray) -> KeyedJaggedTensor:
-        """The batch's features. Each key's total length is known here on the host and handed to
-        the KeyedJaggedTensor: computed later from device lengths, it would cost a device-to-host
-        sync in every split/permute of the sharded model's input distribution."""
         n = len(users)
         values: List[np.ndarray] = []
         lengths: List[np.ndarray] = []
@@ -125,15 +135,8 @@ class KJTBuilder:
             else:
                 values.append(self.tables.item[name][items])
                 lengths.append(ones)
-        per_key = [len(v) for v in values]
-        return KeyedJaggedTensor(
-            keys=self.keys,
-            values=torch.from_numpy(np.concatenate(values)),
-            lengths=torch.from_numpy(np.concatenate(lengths)),
-            stride=n,
-            length_per_key=per_key,
-            offset_per_key=[0, *np.cumsum(per_key).tolist()],
-        )
+        return keyed_features(self.keys, [torch.from_numpy(v) for v in values],
+                              [torch.from_numpy(x) for x in lengths])
 
     def batch(self, users: np.ndarray, items: np.ndarray, labels: np.ndarray,
               rated: Optional[np.ndarray] = None) -> Batch:

@@ -24,9 +24,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from twotower_lit.data.batches import Batch, KJTBuilder
+from twotower_lit.data.batches import Batch, KJTBuilder, keyed_features
 from twotower_lit.data.loader import assign_rows, num_batches
 from twotower_lit.data.schema import MULTI_VALUED
 
@@ -115,7 +114,6 @@ class DeviceResidentBatches(IterableDataset):
         ones = torch.ones(n, dtype=torch.int32, device=self.device)
         values: List[torch.Tensor] = [self.user_tables[name][users] for name in self.builder.user_features]
         lengths: List[torch.Tensor] = [ones] * len(values)
-        per_key = [n] * len(values)
         for name in self.builder.item_features:
             if name in MULTI_VALUED:
                 starts = self.multi_indptr[items]
@@ -124,12 +122,8 @@ class DeviceResidentBatches(IterableDataset):
                 shift = torch.repeat_interleave(starts - (torch.cumsum(lens, 0) - lens), lens, output_size=multi_total)
                 values.append(self.multi_values[torch.arange(multi_total, device=self.device) + shift])
                 lengths.append(lens.to(torch.int32))
-                per_key.append(multi_total)
             else:
                 values.append(self.item_tables[name][items])
                 lengths.append(ones)
-                per_key.append(n)
-        features = KeyedJaggedTensor(keys=self.builder.keys, values=torch.cat(values), lengths=torch.cat(lengths),
-                                     stride=n, length_per_key=per_key,
-                                     offset_per_key=[0, *np.cumsum(per_key).tolist()])
+        features = keyed_features(self.builder.keys, values, lengths)
         return Batch(features, self.labels[rows], first)
