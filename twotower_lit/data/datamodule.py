@@ -121,6 +121,9 @@ class MovieLensDataModule(L.LightningDataModule):
             return 1, 0
         return trainer.world_size, trainer.global_rank
 
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
     def _loader(self, split: str, train: bool) -> EpochAwareDataLoader:
         world, rank = self._world()
         sampler = None
@@ -133,7 +136,7 @@ class MovieLensDataModule(L.LightningDataModule):
                                     negatives=self.negatives if train else 0, sampler=sampler)
         pin = bool(self.trainer is not None and self.trainer.strategy.root_device.type == "cuda")
         return EpochAwareDataLoader(
-            reader, epoch_fn=lambda: self.trainer.current_epoch if self.trainer is not None else 0,
+            reader, epoch_fn=self._current_epoch,
             skip_fn=self._take_resume_skip if train else None,
             num_workers=self.num_workers, pin_memory=pin,
             prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
@@ -150,7 +153,7 @@ class MovieLensDataModule(L.LightningDataModule):
         batches = DeviceResidentBatches(self.splits["train"], self.source("train").rows, self.builder,
                                         self.batch_size, world=world, rank=rank, seed=self.seed, device=device)
         return EpochAwareDataLoader(
-            batches, epoch_fn=lambda: self.trainer.current_epoch if self.trainer is not None else 0,
+            batches, epoch_fn=self._current_epoch,
             skip_fn=self._take_resume_skip, num_workers=0, pin_memory=False)
 
     def val_dataloader(self):
