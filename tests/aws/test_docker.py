@@ -4,7 +4,6 @@ pointed to by SM_MODEL_DIR)."""
 import json
 import os
 import re
-import socket
 import stat
 import subprocess
 import sys
@@ -14,14 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = (REPO / "Dockerfile").read_text()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_script() -> str:
