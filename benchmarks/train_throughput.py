@@ -94,7 +94,10 @@ class PlainTwoTower(nn.Module):
         return u, i
 
 
-def timed(step, batches, steps: int, warmup: int, device) -> float:
+PROFILED: Dict[str, Dict] = {}  # mode -> GPU kernel time and kernel launches per step (--profile-steps)
+
+
+def timed(step, batches, steps: int, warmup: int, device, profile_steps: int = 0, mode: str = "") -> float:
     for k in range(warmup):
         step(batches[k % len(batches)])
     sync(device)
@@ -102,7 +105,25 @@ def timed(step, batches, steps: int, warmup: int, device) -> float:
     for k in range(steps):
         step(batches[k % len(batches)])
     sync(device)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if profile_steps and device.type == "cuda":
+        PROFILED[mode] = gpu_work(step, batches, profile_steps, device)
+    return seconds
+
+
+def gpu_work(step, batches, n: int, device) -> Dict[str, float]:
+    """GPU time (kernels, copies) and launches per step over `n` steps, from torch.profiler: next
+    to the wall-clock ms/step it tells a launch-bound step (GPU idle between kernels) from a
+    GPU-bound one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for k in range(n):
+            step(batches[k % len(batches)])
+        sync(device)
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    return {"gpu_ms_per_step": sum(e.self_device_time_total for e in events) / n / 1e3,
+            "launches_per_step": sum(e.count for e in events) / n}
 
 
 def sync(device) -> None:
@@ -141,7 +162,7 @@ def run_eager(specs, batches, args, device) -> float:
         loss.backward()
         opt.step()
 
-    return timed(step, batches, args.steps, args.warmup, device)
+    return timed(step, batches, args.steps, args.warmup, device, args.profile_steps, "eager")
 
 
 class _Task(nn.Module):
@@ -208,7 +229,7 @@ def run_plain(specs, batches, args, device) -> float:
         loss.backward()
         opt.step()
 
-    return timed(step, batches, args.steps, args.warmup, device)
+    return timed(step, batches, args.steps, args.warmup, device, args.profile_steps, "plain")
 
 
 def run_lightning(specs, batches, args, device, pipelined: bool = False) -> float:
@@ -261,9 +282,14 @@ def main(argv=None) -> None:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--sharding", default="auto")
     p.add_argument("--modes", default="lightning,lightning_pipeline,eager,pipeline,plain")
+    p.add_argument("--matmul-precision", default="highest", choices=("highest", "high", "medium"),
+                   help="torch.set_float32_matmul_precision for every mode (high: TF32 tensor cores)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="on GPUs: also profile this many steps of the eager and plain modes (GPU ms and launches per step)")
     p.add_argument("--json", default=None, help="append the results as JSON lines to this file")
     args = p.parse_args(argv)
 
+    torch.set_float32_matmul_precision(args.matmul_precision)
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
@@ -286,7 +312,8 @@ def main(argv=None) -> None:
         try:
             seconds = MODES[mode](specs, batches, args, device)
             rate = args.steps * args.batch * world / seconds
-            results[mode] = {"samples_per_s": rate, "ms_per_step": seconds / args.steps * 1e3}
+            results[mode] = {"samples_per_s": rate, "ms_per_step": seconds / args.steps * 1e3,
+                             **PROFILED.get(mode, {})}
         except Exception as e:  # a mode that fails is reported, the others still run
             results[mode] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         if cuda:
@@ -298,7 +325,9 @@ def main(argv=None) -> None:
             if "error" in r:
                 print(f"  {mode:18s} FAILED {r['error']}")
             else:
-                print(f"  {mode:18s} {r['samples_per_s'] / 1e6:8.3f} M samples/s  {r['ms_per_step']:7.2f} ms/step")
+                work = (f"  (GPU busy {r['gpu_ms_per_step']:.2f} ms/step, {r['launches_per_step']:.0f} launches)"
+                        if "gpu_ms_per_step" in r else "")
+                print(f"  {mode:18s} {r['samples_per_s'] / 1e6:8.3f} M samples/s  {r['ms_per_step']:7.2f} ms/step{work}")
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"shape": args.shape, "batch": args.batch, "world": world, "device": name,

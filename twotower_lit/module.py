@@ -89,6 +89,8 @@ class TwoTowerModule(L.LightningModule):
                                                                     if f.name == "item"))
         self.val_metrics = _binary_metrics()
         self.test_metrics = _binary_metrics()
+        self._loss_total: Optional[torch.Tensor] = None  # training loss summed since the last logged step
+        self._loss_steps = 0
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Asynchronous copies from the loader's pinned memory (Lightning's default passes
@@ -104,8 +106,30 @@ class TwoTowerModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss, _ = self.loss_and_output(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=False)
+        self._log_train_loss(loss)
         return loss
+
+    def _log_train_loss(self, *losses: torch.Tensor) -> None:
+        """Log ``train_loss``, the mean loss of this rank's steps since the last logged one, on the
+        steps Lightning writes logs (every ``log_every_n_steps`` and an epoch's last), as a CPU tensor.
+
+        Not ``self.log(loss)`` on every step: Lightning turns each logged progress-bar tensor into
+        a Python number after every step, and ``.item()`` on a GPU tensor blocks the host until
+        the GPU has finished the step, so the host never runs ahead to launch the next one
+        (benchmarks/train_throughput.py measures it: the ``lightning`` mode against ``eager``).
+        Here the host waits once per logging interval, and the value is a mean over the interval
+        instead of one batch's noise.
+        """
+        for loss in losses:
+            loss = loss.detach()
+            self._loss_total = loss if self._loss_total is None else self._loss_total + loss
+            self._loss_steps += 1
+        connector = getattr(self.trainer, "_logger_connector", None)
+        if connector is not None and not connector.should_update_logs:
+            return
+        mean = (self._loss_total / self._loss_steps).float().cpu()
+        self._loss_total, self._loss_steps = None, 0
+        self.log("train_loss", mean, prog_bar=True, batch_size=1, sync_dist=False)
 
     def loss_and_output(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         """(training loss, its detached value) of a device batch: what a TorchRec train pipeline calls."""
@@ -197,5 +221,5 @@ class PipelinedTwoTowerModule(TwoTowerModule):
         schedule = self.lr_schedulers()
         for _ in losses:
             schedule.step()
-        self.log("train_loss", losses[-1], prog_bar=True, batch_size=1, sync_dist=False)
+        self._log_train_loss(*losses)
         return losses[-1]

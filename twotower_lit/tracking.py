@@ -43,7 +43,7 @@ def plot_training_curves(client, run_id: str, path: str) -> str:
     hist = client.get_metric_history(run_id, "train_loss")
     if hist:
         axes[0].plot([m.step for m in hist], [m.value for m in hist], lw=0.8)
-    axes[0].set(title="training loss (BCE)", xlabel="step", ylabel="loss")
+    axes[0].set(title="training loss (mean per logging interval)", xlabel="step", ylabel="loss")
     for name in ("val_auc", "val_recall_at_10", "val_ndcg_at_10", "val_logloss"):
         h = client.get_metric_history(run_id, name)
         if h:

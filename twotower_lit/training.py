@@ -97,8 +97,8 @@ def launch_rank(cfg: TrainConfig) -> int:
 class TrainingClock(L.Callback):
     """Seconds spent in the training loop itself: from each epoch's start (loader start-up and the
     first batch included) to its last training batch; validation, the sanity check, epoch-end
-    checkpoints and process start-up are left out. The host runs at most a step or two ahead of
-    the GPU (the step has host syncs), which is noise over an epoch."""
+    checkpoints and process start-up are left out. The host can run a few steps ahead of the GPU
+    between logged steps (each logged step waits for the GPU), which is noise over an epoch."""
 
     def __init__(self) -> None:
         self.seconds = 0.0

@@ -111,3 +111,33 @@ def test_adam_tables_on_cpu_are_refused_up_front(prepared_synthetic, tmp_path):
         run_cli("entrypoints.train", ["--data-dir", str(prepared_synthetic), "--output-dir", str(tmp_path),
                                       "--accelerator", "cpu", "--embedding-optimizer", "adam"])
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_train_loss_is_logged_as_the_mean_of_each_logging_interval(process_group, data):
+    """Lightning shows ``train_loss`` once per ``log_every_n_steps``: the mean of the interval's
+    step losses, held on the host (no per-step GPU sync for the progress bar)."""
+    import lightning as L
+
+    from twotower_lit.config import OptimConfig
+
+    class Record(L.Callback):
+        def __init__(self):
+            self.losses, self.shown = [], []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+            value = trainer.progress_bar_metrics.get("train_loss")
+            self.shown.append(None if value is None else float(value))
+
+    lm = _sharded_module(data, OptimConfig(), process_group)
+    record = Record()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=25, log_every_n_steps=10, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[record])
+    trainer.fit(lm, train_dataloaders=torch.utils.data.DataLoader(list(_batches(data, 25)), batch_size=None))
+    assert record.shown[:9] == [None] * 9  # nothing shown before the first interval is complete
+    for end in (10, 20):
+        mean = np.mean(record.losses[end - 10:end])
+        # shown from the interval's last step until the next interval ends
+        assert record.shown[end - 1:end + 9] == pytest.approx([mean] * len(record.shown[end - 1:end + 9]), rel=1e-5)
+    assert record.losses[9] != pytest.approx(np.mean(record.losses[:10]), rel=1e-5)  # a mean, not the last loss

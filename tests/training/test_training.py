@@ -95,6 +95,11 @@ def test_embedded_sqlite_mlflow_run_has_everything(trained):
     run = runs[0]
     assert run.data.params["negatives"] == "2" and run.data.params["max_epochs"] == "2"
     assert len(client.get_metric_history(run.info.run_id, "val_auc")) == 2  # one per epoch
+    # the training loss: one mean per logging interval (every 10 steps), not one per step
+    steps = read_json(trained / "metrics.json")["train"]["steps"]
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert len(losses) == steps // 10 and steps >= 20
+    assert all(np.isfinite(m.value) and m.value > 0 for m in losses)
     assert run.data.metrics["final_test_auc"] == pytest.approx(read_json(trained / "metrics.json")["test"]["auc"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"data_manifest.json", "sharding_plan.json", "training_curves.png", "exported_model"} <= artifacts
