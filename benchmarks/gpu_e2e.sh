@@ -21,8 +21,9 @@ for n in $sizes; do
     python3 - "$out/metrics.json" "$n" "$g" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1])); t = m["train"]; s = m["test"]
+epochs = " / ".join(f"{r / 1e6:.2f}" for r in t["epoch_samples_per_s"])
 print(f"{int(sys.argv[2]):>11,} ratings {sys.argv[3]} GPU(s): {t['samples_per_s'] / 1e6:6.2f} M samples/s in the "
-      f"training loop ({t['steps']} steps, {t['loop_seconds']} s); {t['fit_samples_per_s'] / 1e6:.2f} M/s over the "
+      f"training loop ({t['steps']} steps, {t['loop_seconds']} s; per epoch {epochs}); {t['fit_samples_per_s'] / 1e6:.2f} M/s over the "
       f"whole fit ({t['seconds']} s incl. validation) | test AUC {s['auc']:.4f} "
       f"Recall@10 {s['recall@10']:.4f} | popularity Recall@10 {m['baselines']['popularity']['recall@10']:.4f}")
 PY

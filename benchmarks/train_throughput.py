@@ -282,8 +282,9 @@ def main(argv=None) -> None:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--sharding", default="auto")
     p.add_argument("--modes", default="lightning,lightning_pipeline,eager,pipeline,plain")
-    p.add_argument("--matmul-precision", default="highest", choices=("highest", "high", "medium"),
-                   help="torch.set_float32_matmul_precision for every mode (high: TF32 tensor cores)")
+    p.add_argument("--matmul-precision", default="high", choices=("highest", "high", "medium"),
+                   help="torch.set_float32_matmul_precision for every mode (high: TF32 tensor cores, the "
+                        "training job's default on GPUs; highest: full float32)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="on GPUs: also profile this many steps of the eager and plain modes (GPU ms and launches per step)")
     p.add_argument("--json", default=None, help="append the results as JSON lines to this file")

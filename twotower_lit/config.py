@@ -104,6 +104,8 @@ class TrainConfig:
     num_workers: int = _opt(0, "data-loader worker processes per rank")
     data_on_device: bool = _opt(False, "keep the training split in accelerator memory and build batches there (no "
                                        "loader workers or copies; rated rows only, so --negatives 0)")
+    tf32: bool = _opt(True, "on GPUs: float32 matmuls (the towers) on TF32 tensor cores, "
+                            "torch.set_float32_matmul_precision('high'); false: full float32")
     sharding: str = _opt("auto", "embedding sharding", ("auto", "table_wise", "row_wise", "column_wise",
                                                          "table_row_wise"))
     table_sharding: Optional[str] = _opt(None, "per-table overrides of --sharding, e.g. 'user:row_wise,genres:table_wise'")

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from dataclasses import replace
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import lightning as L
 import numpy as np
@@ -98,15 +98,19 @@ class TrainingClock(L.Callback):
     """Seconds spent in the training loop itself: from each epoch's start (loader start-up and the
     first batch included) to its last training batch; validation, the sanity check, epoch-end
     checkpoints and process start-up are left out. The host can run a few steps ahead of the GPU
-    between logged steps (each logged step waits for the GPU), which is noise over an epoch."""
+    between logged steps (each logged step waits for the GPU), which is noise over an epoch.
+    `epochs` keeps (seconds, optimizer steps) per epoch: the first epoch also pays one-off warm-up
+    (kernel selection, communicator set-up), later ones show the steady rate."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.epochs: List[Tuple[float, int]] = []
         self._start: Optional[float] = None
         self._last: Optional[float] = None
+        self._first_step = 0
 
     def on_train_epoch_start(self, trainer, module) -> None:
-        self._start, self._last = time.perf_counter(), None
+        self._start, self._last, self._first_step = time.perf_counter(), None, trainer.global_step
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._last = time.perf_counter()
@@ -114,6 +118,7 @@ class TrainingClock(L.Callback):
     def on_train_epoch_end(self, trainer, module) -> None:
         if self._start is not None and self._last is not None:
             self.seconds += self._last - self._start
+            self.epochs.append((self._last - self._start, trainer.global_step - self._first_step))
         self._start = None
 
 
@@ -142,6 +147,10 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
     device_type = "cuda" if cfg.accelerator in ("gpu", "cuda") or (
         cfg.accelerator == "auto" and torch.cuda.is_available()) else "cpu"
     check_embedding_optimizer(cfg.optim.embedding_optimizer, device_type)
+    if device_type == "cuda":
+        # TF32 for the towers' matmuls: ~0.7 ms less GPU time per 64k-row step on an H200
+        # (benchmarks/train_throughput.py --matmul-precision high); the embeddings are unaffected
+        torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
     run_name = default_run_name(cfg)
     output_dir = os.path.abspath(cfg.output_dir or os.path.join("outputs", run_name))
     os.environ.setdefault("TWOTOWER_RUN_DIR", output_dir)
@@ -192,7 +201,9 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
 
     k = cfg.eval_k
     rows = rows_trained(dm, trainer, cfg.negatives)
-    loop_seconds = next(c for c in trainer.callbacks if isinstance(c, TrainingClock)).seconds
+    clock = next(c for c in trainer.callbacks if isinstance(c, TrainingClock))
+    loop_seconds = clock.seconds
+    row_rate = rows / max(trainer.global_step, 1)  # rows (all ranks) per step
     metrics: Dict = {
         "test": {"auc": test["test_auc"], "logloss": test["test_logloss"], "accuracy": test["test_accuracy"],
                  f"recall@{k}": retrieval[f"recall@{k}"], f"ndcg@{k}": retrieval[f"ndcg@{k}"]},
@@ -203,6 +214,8 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
                   # training loop; fit_samples_per_s divides by the whole fit instead (validation,
                   # checkpoints and, with several processes, their start-up included)
                   "samples_per_s": round(rows / max(loop_seconds, 1e-9)),
+                  # the same per epoch of this run: the first also pays the one-off warm-up
+                  "epoch_samples_per_s": [round(row_rate * steps / max(sec, 1e-9)) for sec, steps in clock.epochs],
                   "fit_samples_per_s": round(rows / max(train_seconds, 1e-9))},
         "sharding_plan": trainer.strategy.plan_description,
         "data": {"dir": data_dir, "dataset": manifest.get("dataset"), "counts": manifest.get("counts")},
