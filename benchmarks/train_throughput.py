@@ -280,7 +280,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--sharding", default="auto")
+    p.add_argument("--sharding", default="table_wise", help="as the training job's --sharding (auto: the planner picks)")
     p.add_argument("--modes", default="lightning,lightning_pipeline,eager,pipeline,plain")
     p.add_argument("--matmul-precision", default="high", choices=("highest", "high", "medium"),
                    help="torch.set_float32_matmul_precision for every mode (high: TF32 tensor cores, the "

@@ -172,7 +172,7 @@ class TorchRecStrategy(DDPStrategy):
 
     strategy_name = "torchrec"
 
-    def __init__(self, sharding: str = "auto", table_sharding: Optional[Mapping[str, str]] = None,
+    def __init__(self, sharding: str = "table_wise", table_sharding: Optional[Mapping[str, str]] = None,
                  module_attr: str = "model", sigterm_check_every_n_steps: int = 50, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.sigterm_check_every_n_steps = sigterm_check_every_n_steps
