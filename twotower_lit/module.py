@@ -111,7 +111,7 @@ class TwoTowerModule(L.LightningModule):
 
     def _log_train_loss(self, *losses: torch.Tensor) -> None:
         """Log ``train_loss``, the mean loss of this rank's steps since the last logged one, on the
-        steps Lightning writes logs (every ``log_every_n_steps`` and an epoch's last), as a CPU tensor.
+        steps Lightning writes logs (every ``log_every_n_steps``), as a CPU tensor.
 
         Not ``self.log(loss)`` on every step: Lightning turns each logged progress-bar tensor into
         a Python number after every step, and ``.item()`` on a GPU tensor blocks the host until

@@ -30,6 +30,9 @@ def test_metrics_json_has_model_and_popularity_figures(trained):
     # the synthetic ratings depend on latent user/item factors: a personalised model must win
     assert metrics["test"]["auc"] > metrics["baselines"]["popularity"]["auc"]
     assert metrics["test"]["recall@10"] > 0.0
+    train = metrics["train"]  # rows per second of the training loop, overall and per epoch
+    assert len(train["epoch_samples_per_s"]) == train["epochs"] == 2
+    assert min(train["epoch_samples_per_s"]) <= train["samples_per_s"] <= max(train["epoch_samples_per_s"])
 
 
 def test_evaluate_from_export_matches_training_metrics(trained, prepared_synthetic):
