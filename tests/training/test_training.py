@@ -98,7 +98,7 @@ def test_embedded_sqlite_mlflow_run_has_everything(trained):
     run = runs[0]
     assert run.data.params["negatives"] == "2" and run.data.params["max_epochs"] == "2"
     assert len(client.get_metric_history(run.info.run_id, "val_auc")) == 2  # one per epoch
-    # the training loss: one mean per logging interval (every 10 steps), not one per step
+    # the training loss: one point (the interval mean) per logging interval of 10 steps
     steps = read_json(trained / "metrics.json")["train"]["steps"]
     losses = client.get_metric_history(run.info.run_id, "train_loss")
     assert len(losses) == steps // 10 and steps >= 20
