@@ -103,3 +103,22 @@ def test_timeouts_overload_and_graceful_shutdown(model_dir, start_server, tmp_pa
     statuses = sorted(json.loads(line)["eventMetadata"]["customAttributes"]["statusCode"]
                       for line in capture_lines(capture, "production"))
     assert statuses == [200, 200, 503, 504, 504, 504]
+
+
+def test_shadow_death_just_before_shutdown_is_still_reported_once(shadow_model_dir, caplog):
+    """The supervisor looks at its child every 0.5 s; a child that dies right before shutdown
+    (the watcher has not looked yet, or has) is reported exactly once either way."""
+    import logging
+    import os
+
+    from twotower_lit.config import ServeConfig
+    from twotower_lit.serving.shadow import ShadowProcess
+
+    shadow = ShadowProcess(ServeConfig(shadow_model_dir=shadow_model_dir, log_level="warning")).start()
+    with caplog.at_level(logging.ERROR, logger="twotower_lit.serving.shadow"):
+        shadow.proc.kill()
+        shadow.proc.wait()
+        shadow.stop()
+    exits = [r.getMessage() for r in caplog.records if "exited with code" in r.getMessage()]
+    assert len(exits) == 1 and "-9" in exits[0], exits
+    assert not os.path.exists(shadow.socket)  # and stop() still cleaned up

@@ -147,6 +147,7 @@ class ShadowProcess:
         self.proc: Optional[subprocess.Popen] = None
         self._stopping = threading.Event()
         self._watcher: Optional[threading.Thread] = None
+        self._reported: Optional[subprocess.Popen] = None  # the child whose exit was last logged
         self.restarts = 0
 
     @property
@@ -202,6 +203,7 @@ class ShadowProcess:
                 continue
             log.error("the shadow server exited with code %s; restarting in %.0f s (production is not affected)",
                       self.proc.returncode, backoff)
+            self._reported = self.proc
             if self._stopping.wait(backoff):
                 return
             started = time.monotonic()
@@ -215,6 +217,9 @@ class ShadowProcess:
         self._stopping.set()
         if self._watcher is not None:
             self._watcher.join()
+        if self.proc is not None and self.proc.poll() is not None and self.proc is not self._reported:
+            # it died between two looks of the watcher (every 0.5 s) and the shutdown: still say so
+            log.error("the shadow server exited with code %s (found at shutdown)", self.proc.returncode)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
