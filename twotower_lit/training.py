@@ -103,7 +103,6 @@ class TrainingClock(L.Callback):
     (kernel selection, communicator set-up), later ones show the steady rate."""
 
     def __init__(self) -> None:
-        self.seconds = 0.0
         self.epochs: List[Tuple[float, int]] = []
         self._start: Optional[float] = None
         self._last: Optional[float] = None
@@ -117,9 +116,12 @@ class TrainingClock(L.Callback):
 
     def on_train_epoch_end(self, trainer, module) -> None:
         if self._start is not None and self._last is not None:
-            self.seconds += self._last - self._start
             self.epochs.append((self._last - self._start, trainer.global_step - self._first_step))
         self._start = None
+
+    @property
+    def seconds(self) -> float:
+        return sum(seconds for seconds, _ in self.epochs)
 
 
 def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger) -> L.Trainer:
