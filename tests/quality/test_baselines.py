@@ -86,5 +86,53 @@ def test_quality_benchmark_baseline_rows_for_both_protocols(prepared, tmp_path):
         assert 0.0 <= r["auc"] <= 1.0 and r["logloss"] > 0 and 0.0 <= r["recall@10"] <= 1.0
     markdown = (out / "quality.md").read_text()
     assert "| ml-1m | neutral-dropped | logistic regression, user + item ids |" in markdown
-    dropped = json.loads((tmp_path / "work" / "data" / f"{raw.name}-neutral-dropped" / "manifest.json").read_text())
+    dropped = json.loads((tmp_path / "work" / "data" / f"{raw.name}-neutral-dropped-s0" / "manifest.json").read_text())
     assert dropped["options"]["neutral"] == "drop" and dropped["counts"]["neutral_dropped"] > 0
+    assert report["seed"] == 0 and report["seeds"] == [0] and all(r["seed"] == 0 for r in rows)
+    assert [s["n"] for s in report["summary"]] == [1] * 4 and "±" not in markdown
+
+
+def test_quality_benchmark_several_seeds_mean_and_spread(prepared, tmp_path):
+    """`--seeds 0,1`: one split and one run per seed, a summary of mean ± sd over them."""
+    from benchmarks.quality import METRICS, main
+
+    raw, _ = prepared
+    out, work = tmp_path / "report", tmp_path / "work"
+    assert main(["--data", str(raw), "--models", "popularity,logreg", "--seeds", "0,1", "--out", str(out),
+                 "--work-dir", str(work)]) == 0
+    report = json.loads((out / "quality.json").read_text())
+    assert report["seeds"] == [0, 1] and "seed" not in report
+    rows = report["results"]
+    cells = [(p, k) for p in ("workshop", "neutral-dropped") for k in ("popularity", "logreg")]
+    assert sorted((r["protocol"], r["key"], r["seed"]) for r in rows) == sorted(
+        (p, k, s) for p, k in cells for s in (0, 1))
+    # each seed has its own split: prepared separately, with a different test set
+    for protocol in ("workshop", "neutral-dropped"):
+        seeds = [json.loads((work / "data" / f"{raw.name}-{protocol}-s{s}" / "manifest.json").read_text())
+                 ["options"]["seed"] for s in (0, 1)]
+        assert seeds == [0, 1]
+        by_seed = {r["seed"]: r for r in rows if (r["protocol"], r["key"]) == (protocol, "popularity")}
+        assert (by_seed[0]["auc"], by_seed[0]["recall@10"]) != (by_seed[1]["auc"], by_seed[1]["recall@10"])
+    summary = report["summary"]
+    assert [(s["protocol"], s["key"]) for s in summary] == cells
+    for s in summary:
+        per_seed = [r for r in rows if (r["protocol"], r["key"]) == (s["protocol"], s["key"])]
+        assert s["n"] == 2 and s["dataset"] == "ml-1m"
+        for m in METRICS:
+            values = [r[m] for r in per_seed]
+            assert s[m] == pytest.approx(sum(values) / 2)
+            assert s[f"{m}_sd"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)  # sample sd of two
+    markdown = (out / "quality.md").read_text()
+    assert "±" in markdown and "Seeds 0, 1" in markdown and "## Per seed" in markdown
+    assert "| ml-1m | neutral-dropped | logistic regression, user + item ids | 2 | " in markdown
+    for s in (0, 1):
+        assert f"| ml-1m | workshop | item popularity | {s} | " in markdown
+
+
+def test_quality_benchmark_refuses_seed_and_seeds_together(tmp_path):
+    from benchmarks.quality import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--data", str(tmp_path), "--seed", "1", "--seeds", "0,1", "--out", str(tmp_path / "report")])
+    assert exc.value.code == 2
+    assert not (tmp_path / "report").exists()
