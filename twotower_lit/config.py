@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Type, TypeVar
 
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")  # --compile: torch.compile modes
 DATASETS = ("ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-32m", "ml-latest", "ml-latest-small")
 
 T = TypeVar("T")
@@ -106,6 +107,10 @@ class TrainConfig:
                                        "loader workers or copies; rated rows only, so --negatives 0)")
     tf32: bool = _opt(True, "on GPUs: float32 matmuls (the towers) on TF32 tensor cores, "
                             "torch.set_float32_matmul_precision('high'); false: full float32")
+    compile: str = _opt("off", "torch.compile the towers and the training loss (forward and backward): fewer kernel "
+                               "launches per step where a step is launch-bound (GPUs); reduce-overhead also replays "
+                               "them as CUDA graphs. The first steps pay the compilation",
+                        COMPILE_MODES)
     # table_wise: each table whole on one rank, the tables balanced over ranks by the planner. On 2
     # H200s (ML-32M shape, 64k rows per GPU) it trained 1.5-1.7x faster than the planner's own pick
     # ('auto'; benchmarks/train_throughput.py --sharding); a table too large for one device needs row_wise

@@ -5,17 +5,22 @@ shards its `EmbeddingBagCollection` (``ebc``) and data-parallelises the towers.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch.fx._symbolic_trace import is_fx_tracing
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from twotower_lit.data.schema import MULTI_VALUED
 from twotower_lit.layers import mlp
+
+Spans = Tuple[Tuple[int, int], ...]  # column ranges [lo, hi) of a tensor
 
 
 @dataclass(frozen=True)
@@ -74,12 +79,69 @@ class TwoTower(nn.Module):
         self.ebc = EmbeddingBagCollection(tables=tables, device=device)
         self.user_tower = mlp(embedding_dim * len(self.user_features), user_layers)
         self.item_tower = mlp(embedding_dim * len(self.item_features), item_layers)
+        self._compiled_towers: Optional[Callable] = None  # set by `compile_towers`
 
     def forward(self, features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.ebc(features).to_dict()
-        user = torch.cat([pooled[n] for n in self.user_features], dim=1)
-        item = torch.cat([pooled[n] for n in self.item_features], dim=1)
+        inputs = tower_inputs(self.ebc(features), tuple(self.user_features), tuple(self.item_features))
+        # compiled code for training steps only: evaluation runs other batch sizes, and its outputs
+        # are kept across calls (which CUDA-graphed outputs, overwritten by the next call, must not
+        # be); and not while TorchRec's train pipeline traces this forward with torch.fx
+        compiled = self._compiled_towers is not None and torch.is_grad_enabled() and not is_fx_tracing()
+        return (self._compiled_towers if compiled else self.towers)(inputs[0], inputs[1])
+
+    def towers(self, user: torch.Tensor, item: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(user tower output, item tower output) of each tower's pooled embeddings."""
         return self.user_tower(user), self.item_tower(item)
+
+    def compile_towers(self, mode: str = "default", backend: str = "inductor") -> None:
+        """Run the towers (forward and backward) through `torch.compile`: their matmuls, bias adds
+        and activations fuse into fewer kernels, which matters where a step is bound by kernel
+        launches (GPUs; see benchmarks/train_throughput.py --compile); ``mode="reduce-overhead"``
+        also replays them as CUDA graphs. The embedding lookups stay TorchRec's. Used where
+        gradients are on (training); the code specialises on the batch size (a smaller last batch
+        compiles once more)."""
+        self._compiled_towers = torch.compile(self.towers, mode=mode, backend=backend)
+
+
+@torch.fx.wrap  # one opaque call for TorchRec's pipeline tracer (it reads keys and sizes on the host)
+def tower_inputs(pooled: KeyedTensor, user_features: Tuple[str, ...],
+                 item_features: Tuple[str, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(user tower input, item tower input): each tower's features' pooled columns, in its feature
+    order. Slices of the pooled output, views when a tower's features are adjacent in it (the usual
+    order); no ``to_dict`` + concatenation on every step."""
+    values = pooled.values()
+    user, item = _tower_spans(tuple(pooled.keys()), tuple(pooled.length_per_key()), user_features, item_features)
+    return _columns(values, user), _columns(values, item)
+
+
+@functools.lru_cache(maxsize=64)
+def _tower_spans(keys: Tuple[str, ...], widths: Tuple[int, ...], user_features: Tuple[str, ...],
+                 item_features: Tuple[str, ...]) -> Tuple[Spans, Spans]:
+    """Column ranges of the user and of the item features in a pooled output with these keys."""
+    spans = {k: (lo, lo + w) for k, lo, w in zip(keys, itertools.accumulate((0,) + widths), widths)}
+    missing = [n for n in user_features + item_features if n not in spans]
+    if missing:
+        raise KeyError(f"the embedding output lacks features {missing} (it has {list(keys)})")
+    return _merge(spans[n] for n in user_features), _merge(spans[n] for n in item_features)
+
+
+def _merge(spans: Iterable[Tuple[int, int]]) -> Spans:
+    """Adjacent column ranges joined: the usual key order gives one range per tower."""
+    out: List[Tuple[int, int]] = []
+    for lo, hi in spans:
+        if out and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return tuple(out)
+
+
+def _columns(x: torch.Tensor, spans: Spans) -> torch.Tensor:
+    """The columns of `x` in `spans`: a view when they are one range, else one concatenation."""
+    if len(spans) == 1:
+        lo, hi = spans[0]
+        return x[:, lo:hi]
+    return torch.cat([x[:, lo:hi] for lo, hi in spans], dim=1)
 
 
 def logits(user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:

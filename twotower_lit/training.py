@@ -173,7 +173,7 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
                         vector_l2=cfg.vector_l2)
     loss.set_item_counts(dm.item_counts)
     module_cls = PipelinedTwoTowerModule if cfg.train_pipeline == "sparse_dist" else TwoTowerModule
-    module = module_cls(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss)
+    module = module_cls(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss, compile=cfg.compile)
 
     uri = tracking.tracking_uri(cfg.mlflow_uri, output_dir)
     # only global rank 0 talks to MLflow (other ranks opening the SQLite store would race on its schema)
