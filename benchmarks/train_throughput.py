@@ -30,8 +30,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from twotower_lit.config import COMPILE_MODES
-
 SHAPES = {  # users, items as in the GroupLens sets
     "ml-1m": (6_040, 3_706),
     "ml-32m": (200_948, 87_585),
@@ -143,7 +141,7 @@ def build_dmp(specs, args, device):
     from torchrec.distributed.types import ShardingEnv
 
     lm = TwoTowerModule(specs, ModelConfig(embedding_dim=args.dim, user_layers=[128, 64], item_layers=[128, 64]),
-                        OptimConfig(), compile=args.compile)
+                        OptimConfig())
     pg = dist.group.WORLD
     plan = build_sharding_plan(lm.model, pg, device.type, args.sharding,
                                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
@@ -159,7 +157,7 @@ def run_eager(specs, batches, args, device) -> float:
 
     def step(b):
         b = b.to(device, non_blocking=True)
-        loss, _ = lm.loss_and_output(b)  # the module's loss (BCE), compiled with --compile
+        loss = F.binary_cross_entropy_with_logits(lm(b), b.labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -190,7 +188,7 @@ def run_pipeline(specs, batches, args, device) -> float:
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
     from torchrec.distributed.types import ShardingEnv
 
-    lm = TwoTowerModule(specs, ModelConfig(embedding_dim=args.dim), OptimConfig(), compile=args.compile)
+    lm = TwoTowerModule(specs, ModelConfig(embedding_dim=args.dim), OptimConfig())
     task = _Task(lm.model)
     pg = dist.group.WORLD
     plan = build_sharding_plan(task, pg, device.type, args.sharding,
@@ -255,7 +253,7 @@ def run_lightning(specs, batches, args, device, pipelined: bool = False) -> floa
     total = args.warmup + args.steps
     loader = torch.utils.data.DataLoader([batches[k % len(batches)] for k in range(total)], batch_size=None)
     lm = (PipelinedTwoTowerModule if pipelined else TwoTowerModule)(specs, ModelConfig(embedding_dim=args.dim),
-                                                                    OptimConfig(), compile=args.compile)
+                                                                    OptimConfig())
     timer = Timer()
     trainer = L.Trainer(accelerator=device.type if device.type == "cuda" else "cpu", devices=dist.get_world_size(),
                         strategy=TorchRecStrategy(sharding=args.sharding), max_steps=total, logger=False,
@@ -287,8 +285,6 @@ def main(argv=None) -> None:
     p.add_argument("--matmul-precision", default="high", choices=("highest", "high", "medium"),
                    help="torch.set_float32_matmul_precision for every mode (high: TF32 tensor cores, the "
                         "training job's default on GPUs; highest: full float32)")
-    p.add_argument("--compile", default="off", choices=COMPILE_MODES,
-                   help="as the training job's --compile, for the TorchRec modes (plain stays eager)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="on GPUs: also profile this many steps of the eager and plain modes (GPU ms and launches per step)")
     p.add_argument("--json", default=None, help="append the results as JSON lines to this file")
@@ -325,7 +321,7 @@ def main(argv=None) -> None:
             torch.cuda.empty_cache()
     if rank == 0:
         name = torch.cuda.get_device_name(device) if cuda else f"CPU x{os.cpu_count()}"
-        print(f"\n{args.shape} batch/rank={args.batch:,} ranks={world} device={name} compile={args.compile}")
+        print(f"\n{args.shape} batch/rank={args.batch:,} ranks={world} device={name}")
         for mode, r in results.items():
             if "error" in r:
                 print(f"  {mode:18s} FAILED {r['error']}")
@@ -336,7 +332,7 @@ def main(argv=None) -> None:
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"shape": args.shape, "batch": args.batch, "world": world, "device": name,
-                                    "compile": args.compile, "results": results}) + "\n")
+                                    "results": results}) + "\n")
     dist.barrier()
     dist.destroy_process_group()
 

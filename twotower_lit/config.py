@@ -12,7 +12,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Type, TypeVar
 
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")  # --compile: torch.compile modes
 DATASETS = ("ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-32m", "ml-latest", "ml-latest-small")
 
 T = TypeVar("T")
@@ -98,6 +97,10 @@ class TrainConfig:
     # Recall@10 well above the uniform-negatives model); --loss bce --negatives 0 is the workshop's framing
     softmax_weight: float = _opt(0.22, "--loss both: weight of the softmax term")
     softmax_temperature: float = _opt(0.5, "softmax logits are dot products divided by this")
+    # 1024 = the batch size the softmax defaults were tuned at: a larger --batch-size keeps the
+    # softmax's candidate count (so its weight and temperature stay right) and its cost linear
+    softmax_rows: int = _opt(1024, "the in-batch softmax runs over blocks of this many rated rows (each block's items "
+                                   "are its candidates; 0: the whole batch, whose cost grows with its square)")
     vector_l2: float = _opt(3e-3, "L2 penalty on the user and item tower outputs of each row (every loss)")
     accelerator: str = _opt("auto", "cpu, gpu or auto")
     devices: int = _opt(1, "processes (CPU) or GPUs per node")
@@ -107,10 +110,6 @@ class TrainConfig:
                                        "loader workers or copies; rated rows only, so --negatives 0)")
     tf32: bool = _opt(True, "on GPUs: float32 matmuls (the towers) on TF32 tensor cores, "
                             "torch.set_float32_matmul_precision('high'); false: full float32")
-    compile: str = _opt("off", "torch.compile the towers and the training loss (forward and backward): fewer kernel "
-                               "launches per step where a step is launch-bound (GPUs); reduce-overhead also replays "
-                               "them as CUDA graphs. The first steps pay the compilation",
-                        COMPILE_MODES)
     # table_wise: each table whole on one rank, the tables balanced over ranks by the planner. On 2
     # H200s (ML-32M shape, 64k rows per GPU) it trained 1.5-1.7x faster than the planner's own pick
     # ('auto'; benchmarks/train_throughput.py --sharding); a table too large for one device needs row_wise

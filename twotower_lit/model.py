@@ -8,11 +8,10 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.fx._symbolic_trace import is_fx_tracing
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -79,28 +78,10 @@ class TwoTower(nn.Module):
         self.ebc = EmbeddingBagCollection(tables=tables, device=device)
         self.user_tower = mlp(embedding_dim * len(self.user_features), user_layers)
         self.item_tower = mlp(embedding_dim * len(self.item_features), item_layers)
-        self._compiled_towers: Optional[Callable] = None  # set by `compile_towers`
 
     def forward(self, features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        inputs = tower_inputs(self.ebc(features), tuple(self.user_features), tuple(self.item_features))
-        # compiled code for training steps only: evaluation runs other batch sizes, and its outputs
-        # are kept across calls (which CUDA-graphed outputs, overwritten by the next call, must not
-        # be); and not while TorchRec's train pipeline traces this forward with torch.fx
-        compiled = self._compiled_towers is not None and torch.is_grad_enabled() and not is_fx_tracing()
-        return (self._compiled_towers if compiled else self.towers)(inputs[0], inputs[1])
-
-    def towers(self, user: torch.Tensor, item: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(user tower output, item tower output) of each tower's pooled embeddings."""
+        user, item = tower_inputs(self.ebc(features), tuple(self.user_features), tuple(self.item_features))
         return self.user_tower(user), self.item_tower(item)
-
-    def compile_towers(self, mode: str = "default", backend: str = "inductor") -> None:
-        """Run the towers (forward and backward) through `torch.compile`: their matmuls, bias adds
-        and activations fuse into fewer kernels, which matters where a step is bound by kernel
-        launches (GPUs; see benchmarks/train_throughput.py --compile); ``mode="reduce-overhead"``
-        also replays them as CUDA graphs. The embedding lookups stay TorchRec's. Used where
-        gradients are on (training); the code specialises on the batch size (a smaller last batch
-        compiles once more)."""
-        self._compiled_towers = torch.compile(self.towers, mode=mode, backend=backend)
 
 
 @torch.fx.wrap  # one opaque call for TorchRec's pipeline tracer (it reads keys and sizes on the host)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
@@ -13,7 +13,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from twotower_lit.config import COMPILE_MODES, ModelConfig, OptimConfig
+from twotower_lit.config import ModelConfig, OptimConfig
 from twotower_lit.data.batches import Batch
 from twotower_lit.losses import TwoTowerLoss
 from twotower_lit.model import FeatureSpec, TwoTower, logits
@@ -73,8 +73,7 @@ class TwoTowerModule(L.LightningModule):
     """
 
     def __init__(self, features: Sequence[FeatureSpec], model_cfg: ModelConfig, optim_cfg: OptimConfig,
-                 total_steps: int = 0, loss: Optional[TwoTowerLoss] = None, compile: str = "off",
-                 compile_backend: str = "inductor") -> None:
+                 total_steps: int = 0, loss: Optional[TwoTowerLoss] = None) -> None:
         super().__init__()
         self.features = list(features)
         self.model_cfg = model_cfg
@@ -88,13 +87,6 @@ class TwoTowerModule(L.LightningModule):
         # default: plain BCE over every row (the workshop's objective)
         self.loss_fn = loss or TwoTowerLoss("bce", num_items=next(f.num_embeddings for f in features
                                                                     if f.name == "item"))
-        # --compile: the towers and the training loss (forward and backward) run as compiled code
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
-        self._compiled_loss: Optional[Callable] = None
-        if compile != "off":
-            self.model.compile_towers(compile, compile_backend)
-            self._compiled_loss = torch.compile(self.loss_fn.forward, mode=compile, backend=compile_backend)
         self.val_metrics = _binary_metrics()
         self.test_metrics = _binary_metrics()
         self._loss_total: Optional[torch.Tensor] = None  # training loss summed since the last logged step
@@ -130,9 +122,7 @@ class TwoTowerModule(L.LightningModule):
         """
         for loss in losses:
             loss = loss.detach()
-            # a copy, not the step's own tensor: a CUDA-graphed loss (--compile reduce-overhead)
-            # lives in memory the next step overwrites
-            self._loss_total = loss.clone() if self._loss_total is None else self._loss_total + loss
+            self._loss_total = loss if self._loss_total is None else self._loss_total + loss
             self._loss_steps += 1
         connector = getattr(self.trainer, "_logger_connector", None)
         if connector is not None and not connector.should_update_logs:
@@ -144,7 +134,7 @@ class TwoTowerModule(L.LightningModule):
     def loss_and_output(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         """(training loss, its detached value) of a device batch: what a TorchRec train pipeline calls."""
         user, item = self.model(batch.features)
-        loss, _ = (self._compiled_loss or self.loss_fn)(user, item, batch.features["item"].values(), batch.labels)
+        loss, _ = self.loss_fn(user, item, batch.features["item"].values(), batch.labels)
         return loss, loss.detach()
 
     def _eval_step(self, batch: Batch, metrics: torchmetrics.MetricCollection) -> None:

@@ -170,10 +170,10 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
     dm.load()  # training-row counts per item: the softmax's log-Q correction
     loss = TwoTowerLoss(cfg.loss, num_items=dm.num_items, negatives=cfg.negatives,
                         softmax_weight=cfg.softmax_weight, temperature=cfg.softmax_temperature,
-                        vector_l2=cfg.vector_l2)
+                        vector_l2=cfg.vector_l2, softmax_rows=cfg.softmax_rows)
     loss.set_item_counts(dm.item_counts)
     module_cls = PipelinedTwoTowerModule if cfg.train_pipeline == "sparse_dist" else TwoTowerModule
-    module = module_cls(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss, compile=cfg.compile)
+    module = module_cls(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss)
 
     uri = tracking.tracking_uri(cfg.mlflow_uri, output_dir)
     # only global rank 0 talks to MLflow (other ranks opening the SQLite store would race on its schema)
