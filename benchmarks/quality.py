@@ -133,7 +133,7 @@ def train_defaults() -> Dict[str, object]:
 
     flat = to_flat_dict(TrainConfig())
     keys = ("max_epochs", "batch_size", "embedding_dim", "user_layers", "item_layers", "loss", "softmax_weight",
-            "softmax_temperature", "vector_l2", "negatives", "embedding_optimizer", "embedding_lr",
+            "softmax_temperature", "softmax_rows", "vector_l2", "negatives", "embedding_optimizer", "embedding_lr",
             "dense_optimizer", "dense_lr")
     return {key: flat[key] for key in keys}
 

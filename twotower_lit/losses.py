@@ -3,8 +3,11 @@
 - ``bce``: binary cross-entropy of the dot-product logit against the label, over the rated rows
   and any sampled negatives (label 0) the loader appended: the workshop's framing.
 - ``softmax``: in-batch sampled softmax for retrieval. Every liked rated row is a query whose
-  positive is its own item; the candidates are the items of all rated rows of the (local) batch,
-  plus the loader's uniformly drawn negatives when there are any. The negatives were sampled, so
+  positive is its own item; the candidates are the items of the rated rows of its block of the
+  (local) batch, plus the block's share of the loader's uniformly drawn negatives when there are
+  any. A block is ``softmax_rows`` rated rows (default: the whole batch; the training job's
+  ``--softmax-rows``): the scores of a block are a rows x candidates matrix, so without blocks a
+  65,536-row GPU batch would build 4.3 billion of them per step. The negatives were sampled, so
   each one's logit is corrected by the log of its expected count among them (log-Q correction);
   without it popular items, which turn up as in-batch negatives more often, would be pushed down
   and the softmax would learn popularity-debiased scores.
@@ -34,7 +37,8 @@ def sampled_softmax_loss(queries: torch.Tensor, candidates: torch.Tensor, positi
 
     `queries` (Q, d) and `candidates` (C, d) are tower outputs; `positive` (Q,) is the column of
     each query's own item in `candidates`; `candidate_items` (C,) are item ids; `log_q` (C,) is
-    the log of each candidate's expected count in the candidate set.
+    the log of each candidate's expected count in the candidate set. Leading dimensions before
+    those are independent blocks (`TwoTowerLoss` scores a large batch block by block).
 
     This is the sampled softmax of Jean et al. / Bengio & Senecal: the positive's own column is
     the exact term of the partition function, logit ``<q, p> / temperature``; every other column
@@ -44,16 +48,24 @@ def sampled_softmax_loss(queries: torch.Tensor, candidates: torch.Tensor, positi
     positive's column as well while masking its duplicates would under-weight popular positives
     and inflate their scores; tests/quality/test_losses.py measures it.)
     """
-    scores = queries @ candidates.t() / temperature
-    rows = torch.arange(len(positive), device=positive.device)
-    logits = scores - log_q.unsqueeze(0)
-    logits[rows, positive] = scores[rows, positive]
-    hits = candidate_items.unsqueeze(0) == candidate_items[positive].unsqueeze(1)
-    hits[rows, positive] = False
+    total, weight = sampled_softmax_terms(queries, candidates, positive, candidate_items, log_q, temperature, weights)
+    return total / weight.clamp(min=1.0)
+
+
+def sampled_softmax_terms(queries: torch.Tensor, candidates: torch.Tensor, positive: torch.Tensor,
+                          candidate_items: torch.Tensor, log_q: torch.Tensor, temperature: float = 1.0,
+                          weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the queries' weighted cross-entropies, sum of their weights) of `sampled_softmax_loss`."""
+    scores = queries @ candidates.transpose(-1, -2) / temperature  # (..., Q, C)
+    column = positive.unsqueeze(-1)  # (..., Q, 1)
+    own = scores.gather(-1, column)
+    logits = (scores - log_q.unsqueeze(-2)).scatter(-1, column, own)
+    hits = (candidate_items.unsqueeze(-2) == candidate_items.gather(-1, positive).unsqueeze(-1)).scatter(-1, column, False)
     logits = logits.masked_fill(hits, float("-inf"))
+    cross_entropy = F.cross_entropy(logits.flatten(0, -2), positive.flatten(), reduction="none").view_as(positive)
     if weights is None:
-        return F.cross_entropy(logits, positive)
-    return (F.cross_entropy(logits, positive, reduction="none") * weights).sum() / weights.sum().clamp(min=1.0)
+        weights = torch.ones_like(cross_entropy)
+    return (cross_entropy * weights).sum(), weights.sum()
 
 
 class TwoTowerLoss(nn.Module):
@@ -66,18 +78,21 @@ class TwoTowerLoss(nn.Module):
     """
 
     def __init__(self, kind: str = "bce", num_items: int = 1, negatives: int = 0, softmax_weight: float = 1.0,
-                 temperature: float = 1.0, vector_l2: float = 0.0) -> None:
+                 temperature: float = 1.0, vector_l2: float = 0.0, softmax_rows: int = 0) -> None:
         super().__init__()
         if kind not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {kind!r}")
         if temperature <= 0:
             raise ValueError(f"softmax temperature must be > 0, got {temperature}")
+        if softmax_rows < 0:
+            raise ValueError(f"softmax_rows must be >= 0 (0: the whole batch), got {softmax_rows}")
         self.kind = kind
         self.num_items = num_items
         self.negatives = negatives
         self.softmax_weight = softmax_weight
         self.temperature = temperature
         self.vector_l2 = vector_l2
+        self.softmax_rows = softmax_rows
         # until set: every real item equally likely (row 0 is the out-of-vocabulary item)
         self.register_buffer("log_q", torch.full((num_items,), -math.log(max(num_items - 1, 1))),
                              persistent=False)
@@ -118,15 +133,31 @@ class TwoTowerLoss(nn.Module):
 
     def softmax(self, user: torch.Tensor, item: torch.Tensor, items: torch.Tensor, labels: torch.Tensor,
                 n_rated: int) -> torch.Tensor:
-        """In-batch sampled softmax over this batch (every row's item is a candidate)."""
-        n_sampled = len(labels) - n_rated
-        # Expected count of an item among a query's negatives: the other n_rated - 1 rows, draws
-        # from the training-row distribution q, plus n_sampled uniform draws over the real items.
-        q = self.log_q.exp()[items]
-        expected = (n_rated - 1) * q + n_sampled / max(self.num_items - 1, 1)
-        # Every rated row is scored as a query and the liked ones are kept by weight, not by
-        # selection: no data-dependent shapes, so no host sync on a GPU.
-        liked = (labels[:n_rated] > 0.5).to(user.dtype)
-        rows = torch.arange(n_rated, device=user.device)
-        return sampled_softmax_loss(user[:n_rated], item, rows, items, expected.log(), self.temperature, liked)
-
+        """In-batch sampled softmax, over blocks of ``softmax_rows`` rated rows: each block's
+        liked rows are the queries, and the items of its rated rows and of its share of the
+        sampled negatives are the candidates. One batched product per block size (at most two:
+        the full blocks, and what is left), so the cost grows with the batch, not its square."""
+        negatives = (len(labels) - n_rated) // max(n_rated, 1)
+        block = min(self.softmax_rows or n_rated, n_rated)
+        full = n_rated - n_rated % block if block else 0
+        q = self.log_q.exp()
+        total = weight = user.new_zeros(())
+        for lo, hi, size in ((0, full, block), (full, n_rated, n_rated - full)):
+            if hi == lo:
+                continue
+            k, dim = (hi - lo) // size, user.shape[1]
+            negs = slice(n_rated + lo * negatives, n_rated + hi * negatives)  # this part's share of the negatives
+            candidates = torch.cat([item[lo:hi].view(k, size, dim), item[negs].view(k, size * negatives, dim)], 1)
+            candidate_items = torch.cat([items[lo:hi].view(k, size), items[negs].view(k, size * negatives)], 1)
+            # Expected count of an item among a query's negatives: the block's other size - 1
+            # rated rows, draws from the training-row distribution q, plus its size x negatives
+            # uniform draws over the real items.
+            expected = (size - 1) * q[candidate_items] + size * negatives / max(self.num_items - 1, 1)
+            # Every rated row is scored as a query and the liked ones are kept by weight, not by
+            # selection: no data-dependent shapes, so no host sync on a GPU.
+            liked = (labels[lo:hi] > 0.5).to(user.dtype).view(k, size)
+            positive = torch.arange(size, device=user.device).expand(k, size)
+            t, w = sampled_softmax_terms(user[lo:hi].view(k, size, dim), candidates, positive, candidate_items,
+                                         expected.log(), self.temperature, liked)
+            total, weight = total + t, weight + w
+        return total / weight.clamp(min=1.0)

@@ -167,3 +167,41 @@ def test_unrated_items_get_a_finite_correction():
     fn.set_item_counts(np.array([0, 10, 0, 5]))
     assert torch.isfinite(fn.log_q).all() and fn.log_q[2] < fn.log_q[3] < fn.log_q[1]
     assert "log_q" not in fn.state_dict()  # not persisted: the job sets it from the training data
+
+
+def test_softmax_over_blocks_is_each_blocks_own_in_batch_softmax():
+    """``softmax_rows`` splits the batch into blocks of rated rows, each with its share of the
+    negatives, scored as a batch of its own (its candidates and its log-Q correction); the loss is
+    the mean over all liked rows. A block at least the batch's size changes nothing."""
+    n, negatives, block = 11, 2, 4
+    user, item, items, labels = _batch(n, negatives=negatives, num_items=12, seed=3)
+    counts = np.arange(1, 13, dtype=np.float64)
+
+    def loss_of(rows, u, i, it, y):
+        fn = TwoTowerLoss("softmax", num_items=12, negatives=negatives, softmax_rows=rows)
+        fn.set_item_counts(counts)
+        return fn(u, i, it, y)[0]
+
+    whole = loss_of(0, user, item, items, labels)
+    assert loss_of(n, user, item, items, labels).item() == pytest.approx(whole.item(), rel=1e-6)
+    assert loss_of(50, user, item, items, labels).item() == pytest.approx(whole.item(), rel=1e-6)
+    # by hand: blocks [0, 4), [4, 8), [8, 11), each with the negatives of its rated rows' span
+    total = liked = 0.0
+    for lo, hi in ((0, 4), (4, 8), (8, 11)):
+        rows = torch.cat([torch.arange(lo, hi), n + torch.arange(lo * negatives, hi * negatives)])
+        y = labels[rows]
+        k = float((y[:hi - lo] > 0.5).sum())
+        if k:
+            total += loss_of(0, user[rows], item[rows], items[rows], y).item() * k
+            liked += k
+    assert liked > 0
+    blocked = loss_of(block, user, item, items, labels)
+    assert blocked.item() == pytest.approx(total / liked, rel=1e-5)
+    assert blocked.item() != pytest.approx(whole.item(), rel=1e-3)  # smaller blocks: other candidates
+    blocked.backward()
+    assert torch.isfinite(user.grad).all() and user.grad[:n].abs().sum(1).gt(0).sum() > 0
+
+
+def test_negative_softmax_rows_is_refused():
+    with pytest.raises(ValueError, match="softmax_rows"):
+        TwoTowerLoss("softmax", num_items=5, softmax_rows=-1)
