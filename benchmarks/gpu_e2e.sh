@@ -3,6 +3,7 @@
 # (`entrypoints.train`: Parquet shards -> DataModule -> Lightning + TorchRecStrategy -> export)
 # on 1 and 2 GPUs, and print each run's training samples/s and test metrics.
 #   bash benchmarks/gpu_e2e.sh WORKDIR [SIZES]     SIZES: space-separated rating counts (default "1000000")
+# Environment: BATCH, EPOCHS, WORKERS, EXTRA (more entrypoints.train options), GPU_COUNTS (default "1 2").
 # MLflow is switched off (--mlflow-uri none) so the run needs no tracking packages on the GPU box.
 set -euo pipefail
 work=${1:-/tmp/twotower-gpu}
@@ -12,7 +13,7 @@ gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 for n in $sizes; do
   layout=ml-1m; [ "$n" -gt 10000000 ] && layout=ml-32m
   python3 -m entrypoints.prepare --synthetic "$n" --synthetic-layout "$layout" --output-dir "$work/data-$n" | tail -3
-  for g in 1 2; do
+  for g in ${GPU_COUNTS:-1 2}; do
     [ "$g" -le "$gpus" ] || continue
     out="$work/run-$n-${g}gpu"
     python3 -m entrypoints.train --data-dir "$work/data-$n" --output-dir "$out" --accelerator gpu --devices "$g" \
