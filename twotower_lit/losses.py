@@ -5,8 +5,8 @@
 - ``softmax``: in-batch sampled softmax for retrieval. Every liked rated row is a query whose
   positive is its own item; the candidates are the items of the rated rows of its block of the
   (local) batch, plus the block's share of the loader's uniformly drawn negatives when there are
-  any. A block is ``softmax_rows`` rated rows (default: the whole batch; the training job's
-  ``--softmax-rows``): the scores of a block are a rows x candidates matrix, so without blocks a
+  any. A block is ``softmax_rows`` rated rows (here by default the whole batch; the training
+  job's ``--softmax-rows`` defaults to 1,024): the scores of a block are a rows x candidates matrix, so without blocks a
   65,536-row GPU batch would build 4.3 billion of them per step. The negatives were sampled, so
   each one's logit is corrected by the log of its expected count among them (log-Q correction);
   without it popular items, which turn up as in-batch negatives more often, would be pushed down
@@ -60,7 +60,9 @@ def sampled_softmax_terms(queries: torch.Tensor, candidates: torch.Tensor, posit
     column = positive.unsqueeze(-1)  # (..., Q, 1)
     own = scores.gather(-1, column)
     logits = (scores - log_q.unsqueeze(-2)).scatter(-1, column, own)
-    hits = (candidate_items.unsqueeze(-2) == candidate_items.gather(-1, positive).unsqueeze(-1)).scatter(-1, column, False)
+    # other columns holding the query's own item (accidental hits), not its own column
+    hits = candidate_items.unsqueeze(-2) == candidate_items.gather(-1, positive).unsqueeze(-1)
+    hits = hits.scatter(-1, column, False)
     logits = logits.masked_fill(hits, float("-inf"))
     cross_entropy = F.cross_entropy(logits.flatten(0, -2), positive.flatten(), reduction="none").view_as(positive)
     if weights is None:
@@ -137,7 +139,7 @@ class TwoTowerLoss(nn.Module):
         liked rows are the queries, and the items of its rated rows and of its share of the
         sampled negatives are the candidates. One batched product per block size (at most two:
         the full blocks, and what is left), so the cost grows with the batch, not its square."""
-        negatives = (len(labels) - n_rated) // max(n_rated, 1)
+        negatives = self.negatives
         block = min(self.softmax_rows or n_rated, n_rated)
         full = n_rated - n_rated % block if block else 0
         q = self.log_q.exp()
