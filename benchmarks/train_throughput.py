@@ -22,7 +22,7 @@ import json
 import os
 import time
 import warnings
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -95,6 +95,7 @@ class PlainTwoTower(nn.Module):
 
 
 PROFILED: Dict[str, Dict] = {}  # mode -> GPU kernel time and kernel launches per step (--profile-steps)
+TRACE_DIR: Optional[str] = None  # --trace: where the host + GPU traces of the profiled steps go
 
 
 def timed(step, batches, steps: int, warmup: int, device, profile_steps: int = 0, mode: str = "") -> float:
@@ -106,22 +107,39 @@ def timed(step, batches, steps: int, warmup: int, device, profile_steps: int = 0
         step(batches[k % len(batches)])
     sync(device)
     seconds = time.perf_counter() - t0
-    if profile_steps and device.type == "cuda":
-        PROFILED[mode] = gpu_work(step, batches, profile_steps, device)
+    if profile_steps and (device.type == "cuda" or TRACE_DIR):
+        PROFILED[mode] = gpu_work(step, batches, profile_steps, device, mode)
     return seconds
 
 
-def gpu_work(step, batches, n: int, device) -> Dict[str, float]:
+def gpu_work(step, batches, n: int, device, mode: str = "") -> Dict[str, float]:
     """GPU time (kernels, copies) and launches per step over `n` steps, from torch.profiler: next
     to the wall-clock ms/step it tells a launch-bound step (GPU idle between kernels) from a
-    GPU-bound one."""
+    GPU-bound one. With --trace, the host side is recorded too: the ops with the most host time
+    per step are printed and the Chrome trace is written to TRACE_DIR/<mode>-rank<r>.json."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = ([ProfilerActivity.CUDA] if device.type == "cuda" else []) + ([ProfilerActivity.CPU] if TRACE_DIR else [])
+    with profile(activities=activities) as prof:
         for k in range(n):
             step(batches[k % len(batches)])
         sync(device)
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    averages = prof.key_averages()
+    if TRACE_DIR:
+        rank = dist.get_rank()
+        os.makedirs(TRACE_DIR, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(TRACE_DIR, f"{mode}-rank{rank}.json"))
+        if rank == 0:
+            print(f"\n[{mode}] host time per step, top ops (ms): self / total, calls per step")
+            for e in sorted(averages, key=lambda e: -e.self_cpu_time_total)[:25]:
+                print(f"  {e.self_cpu_time_total / n / 1e3:7.3f} {e.cpu_time_total / n / 1e3:7.3f} "
+                      f"{e.count / n:6.1f}  {e.key[:90]}")
+            print(f"[{mode}] GPU time per step, top kernels (ms), launches per step")
+            for e in sorted(averages, key=lambda e: -e.self_device_time_total)[:15 if device.type == "cuda" else 0]:
+                print(f"  {e.self_device_time_total / n / 1e3:7.3f} {e.count / n:6.1f}  {e.key[:90]}")
+    if device.type != "cuda":
+        return {}
+    events = [e for e in averages if e.self_device_time_total > 0]
     return {"gpu_ms_per_step": sum(e.self_device_time_total for e in events) / n / 1e3,
             "launches_per_step": sum(e.count for e in events) / n}
 
@@ -286,9 +304,14 @@ def main(argv=None) -> None:
                    help="torch.set_float32_matmul_precision for every mode (high: TF32 tensor cores, the "
                         "training job's default on GPUs; highest: full float32)")
     p.add_argument("--profile-steps", type=int, default=0,
-                   help="on GPUs: also profile this many steps of the eager and plain modes (GPU ms and launches per step)")
+                   help="on GPUs (or with --trace): also profile this many steps of the eager and plain modes (GPU ms and launches per step)")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="with --profile-steps: also record host time, print the costliest ops and write "
+                        "Chrome traces to DIR")
     p.add_argument("--json", default=None, help="append the results as JSON lines to this file")
     args = p.parse_args(argv)
+    global TRACE_DIR
+    TRACE_DIR = args.trace
 
     torch.set_float32_matmul_precision(args.matmul_precision)
     cuda = torch.cuda.is_available()
