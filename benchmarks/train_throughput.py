@@ -108,22 +108,35 @@ def timed(step, batches, steps: int, warmup: int, device, profile_steps: int = 0
     sync(device)
     seconds = time.perf_counter() - t0
     if profile_steps and (device.type == "cuda" or TRACE_DIR):
-        PROFILED[mode] = gpu_work(step, batches, profile_steps, device, mode)
+        def run(n):
+            for k in range(n):
+                step(batches[k % len(batches)])
+            sync(device)
+
+        PROFILED[mode] = profiled(run, profile_steps, device, mode)
     return seconds
 
 
-def gpu_work(step, batches, n: int, device, mode: str = "") -> Dict[str, float]:
-    """GPU time (kernels, copies) and launches per step over `n` steps, from torch.profiler: next
-    to the wall-clock ms/step it tells a launch-bound step (GPU idle between kernels) from a
-    GPU-bound one. With --trace, the host side is recorded too: the ops with the most host time
-    per step are printed and the Chrome trace is written to TRACE_DIR/<mode>-rank<r>.json."""
+def profiler(device):
+    """torch.profiler over the GPU's kernels, and over host ops too with --trace."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = ([ProfilerActivity.CUDA] if device.type == "cuda" else []) + ([ProfilerActivity.CPU] if TRACE_DIR else [])
-    with profile(activities=activities) as prof:
-        for k in range(n):
-            step(batches[k % len(batches)])
-        sync(device)
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else []
+    return profile(activities=activities + ([ProfilerActivity.CPU] if TRACE_DIR else []))
+
+
+def profiled(run, n: int, device, mode: str = "") -> Dict[str, float]:
+    """`run(n)` (n steps) under the profiler; `profile_report` of it."""
+    with profiler(device) as prof:
+        run(n)
+    return profile_report(prof, n, device, mode)
+
+
+def profile_report(prof, n: int, device, mode: str) -> Dict[str, float]:
+    """GPU time (kernels, copies) and launches per step over `n` profiled steps: next to the
+    wall-clock ms/step it tells a launch-bound step (GPU idle between kernels) from a GPU-bound
+    one. With --trace, the ops with the most host time per step are printed and the Chrome trace
+    is written to TRACE_DIR/<mode>-rank<r>.json."""
     averages = prof.key_averages()
     if TRACE_DIR:
         rank = dist.get_rank()
@@ -134,14 +147,16 @@ def gpu_work(step, batches, n: int, device, mode: str = "") -> Dict[str, float]:
             for e in sorted(averages, key=lambda e: -e.self_cpu_time_total)[:25]:
                 print(f"  {e.self_cpu_time_total / n / 1e3:7.3f} {e.cpu_time_total / n / 1e3:7.3f} "
                       f"{e.count / n:6.1f}  {e.key[:90]}")
-            print(f"[{mode}] GPU time per step, top kernels (ms), launches per step")
-            for e in sorted(averages, key=lambda e: -e.self_device_time_total)[:15 if device.type == "cuda" else 0]:
-                print(f"  {e.self_device_time_total / n / 1e3:7.3f} {e.count / n:6.1f}  {e.key[:90]}")
     if device.type != "cuda":
         return {}
-    events = [e for e in averages if e.self_device_time_total > 0]
-    return {"gpu_ms_per_step": sum(e.self_device_time_total for e in events) / n / 1e3,
-            "launches_per_step": sum(e.count for e in events) / n}
+    # the kernels and copies themselves (host ops also carry their kernels' time: not summed twice)
+    kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+    if TRACE_DIR and dist.get_rank() == 0:
+        print(f"[{mode}] GPU time per step, top kernels (ms), launches per step")
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]:
+            print(f"  {e.self_device_time_total / n / 1e3:7.3f} {e.count / n:6.1f}  {e.key[:90]}")
+    return {"gpu_ms_per_step": sum(e.self_device_time_total for e in kernels) / n / 1e3,
+            "launches_per_step": sum(e.count for e in kernels) / n}
 
 
 def sync(device) -> None:
@@ -258,17 +273,31 @@ def run_lightning(specs, batches, args, device, pipelined: bool = False) -> floa
     from twotower_lit.module import PipelinedTwoTowerModule, TwoTowerModule
     from twotower_lit.strategy import TorchRecStrategy
 
+    mode = "lightning_pipeline" if pipelined else "lightning"
+    profile_n = args.profile_steps if device.type == "cuda" or TRACE_DIR else 0
+
     class Timer(L.Callback):
+        """Times steps warmup..warmup+steps, then profiles the next --profile-steps steps."""
+
         def on_train_batch_start(self, trainer, module, batch, idx):
             if trainer.global_step == args.warmup and not hasattr(self, "t0"):
                 sync(device)
                 self.t0 = time.perf_counter()
+            if profile_n and trainer.global_step == args.warmup + args.steps and not hasattr(self, "prof"):
+                sync(device)
+                self.seconds = time.perf_counter() - self.t0
+                self.prof = profiler(device)
+                self.prof.__enter__()
 
         def on_train_end(self, trainer, module):
             sync(device)
-            self.seconds = time.perf_counter() - self.t0
+            if hasattr(self, "prof"):
+                self.prof.__exit__(None, None, None)
+                PROFILED[mode] = profile_report(self.prof, profile_n, device, mode)
+            else:
+                self.seconds = time.perf_counter() - self.t0
 
-    total = args.warmup + args.steps
+    total = args.warmup + args.steps + profile_n
     loader = torch.utils.data.DataLoader([batches[k % len(batches)] for k in range(total)], batch_size=None)
     lm = (PipelinedTwoTowerModule if pipelined else TwoTowerModule)(specs, ModelConfig(embedding_dim=args.dim),
                                                                     OptimConfig())
@@ -304,7 +333,8 @@ def main(argv=None) -> None:
                    help="torch.set_float32_matmul_precision for every mode (high: TF32 tensor cores, the "
                         "training job's default on GPUs; highest: full float32)")
     p.add_argument("--profile-steps", type=int, default=0,
-                   help="on GPUs (or with --trace): also profile this many steps of the eager and plain modes (GPU ms and launches per step)")
+                   help="on GPUs (or with --trace): also profile this many steps of every mode but pipeline "
+                        "(GPU ms and launches per step)")
     p.add_argument("--trace", default=None, metavar="DIR",
                    help="with --profile-steps: also record host time, print the costliest ops and write "
                         "Chrome traces to DIR")

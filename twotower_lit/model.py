@@ -19,9 +19,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from twotower_lit.data.schema import MULTI_VALUED
 from twotower_lit.layers import mlp
 
-Spans = Tuple[Tuple[int, int], ...]  # column ranges [lo, hi) of a tensor
-
-
 @dataclass(frozen=True)
 class FeatureSpec:
     """One sparse feature: its table size and which tower reads it."""
@@ -56,6 +53,12 @@ class TwoTower(nn.Module):
 
     Input is one `KeyedJaggedTensor` with every feature (user features first, then item
     features, in `self.feature_names` order); `forward` returns the two tower outputs.
+
+    Every table is sum-pooled, mean-pooled features (genres) included: TorchRec runs one fbgemm
+    kernel group per pooling type, so a single pooling type means one embedding lookup (forward,
+    backward and fused optimizer) per step instead of two, and the sharded collection's feature
+    order is the input's, so it skips its per-step permute of the input. The mean is taken in
+    `tower_inputs`, which divides those features' sums by their bag lengths.
     """
 
     def __init__(self, features: Sequence[FeatureSpec], embedding_dim: int, user_layers: Sequence[int],
@@ -65,14 +68,14 @@ class TwoTower(nn.Module):
             raise ValueError(f"the towers must end in the same width to take a dot product: "
                              f"user_layers={list(user_layers)}, item_layers={list(item_layers)}")
         self.features = list(features)
-        self.user_features = [f.name for f in features if f.tower == "user"]
-        self.item_features = [f.name for f in features if f.tower == "item"]
-        self.feature_names = self.user_features + self.item_features
+        self.user_features = tuple(f.name for f in features if f.tower == "user")
+        self.item_features = tuple(f.name for f in features if f.tower == "item")
+        self.mean_features = tuple(f.name for f in features if f.pooling == "mean")
+        self.feature_names = list(self.user_features + self.item_features)
         self.embedding_dim = embedding_dim
         tables = [
             EmbeddingBagConfig(name=f.table, embedding_dim=embedding_dim, num_embeddings=f.num_embeddings,
-                               feature_names=[f.name],
-                               pooling=PoolingType.MEAN if f.pooling == "mean" else PoolingType.SUM)
+                               feature_names=[f.name], pooling=PoolingType.SUM)
             for f in features
         ]
         self.ebc = EmbeddingBagCollection(tables=tables, device=device)
@@ -80,49 +83,77 @@ class TwoTower(nn.Module):
         self.item_tower = mlp(embedding_dim * len(self.item_features), item_layers)
 
     def forward(self, features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        user, item = tower_inputs(self.ebc(features), tuple(self.user_features), tuple(self.item_features))
+        user, item = tower_inputs(self.ebc(features), features, self.user_features, self.item_features,
+                                  self.mean_features)
         return self.user_tower(user), self.item_tower(item)
 
 
 @torch.fx.wrap  # one opaque call for TorchRec's pipeline tracer (it reads keys and sizes on the host)
-def tower_inputs(pooled: KeyedTensor, user_features: Tuple[str, ...],
-                 item_features: Tuple[str, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+def tower_inputs(pooled: KeyedTensor, features: Optional[KeyedJaggedTensor], user_features: Tuple[str, ...],
+                 item_features: Tuple[str, ...], mean_features: Tuple[str, ...] = ()
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(user tower input, item tower input): each tower's features' pooled columns, in its feature
     order. Slices of the pooled output, views when a tower's features are adjacent in it (the usual
-    order); no ``to_dict`` + concatenation on every step."""
+    order) and none is averaged; no ``to_dict`` + concatenation on every step.
+
+    `pooled` holds sums; the columns of `mean_features` are divided by their bag lengths in
+    `features` (the batch that was pooled; an empty bag stays 0, as with mean pooling).
+    """
     values = pooled.values()
-    user, item = _tower_spans(tuple(pooled.keys()), tuple(pooled.length_per_key()), user_features, item_features)
-    return _columns(values, user), _columns(values, item)
+    user, item = _tower_spans(tuple(pooled.keys()), tuple(pooled.length_per_key()), user_features, item_features,
+                              mean_features)
+    scales = {}
+    if mean_features:
+        if features is None:
+            raise ValueError(f"averaging {list(mean_features)} needs the batch's bag lengths: pass its features")
+        if features.variable_stride_per_key():
+            raise ValueError("batches with a different number of rows per feature are not supported")
+        lengths = features.lengths().view(len(features.keys()), -1)
+        keys = features.keys()
+        scales = {n: 1.0 / lengths[keys.index(n)].clamp(min=1).to(values.dtype).unsqueeze(1) for n in mean_features}
+    return _columns(values, user, scales), _columns(values, item, scales)
+
+
+# column range [lo, hi) of a tensor, and the feature whose columns are divided by bag length there (or None)
+Segment = Tuple[int, int, Optional[str]]
 
 
 @functools.lru_cache(maxsize=64)
 def _tower_spans(keys: Tuple[str, ...], widths: Tuple[int, ...], user_features: Tuple[str, ...],
-                 item_features: Tuple[str, ...]) -> Tuple[Spans, Spans]:
-    """Column ranges of the user and of the item features in a pooled output with these keys."""
+                 item_features: Tuple[str, ...], mean_features: Tuple[str, ...] = ()
+                 ) -> Tuple[Tuple[Segment, ...], Tuple[Segment, ...]]:
+    """Column segments of the user and of the item features in a pooled output with these keys."""
     spans = {k: (lo, lo + w) for k, lo, w in zip(keys, itertools.accumulate((0,) + widths), widths)}
     missing = [n for n in user_features + item_features if n not in spans]
     if missing:
         raise KeyError(f"the embedding output lacks features {missing} (it has {list(keys)})")
-    return _merge(spans[n] for n in user_features), _merge(spans[n] for n in item_features)
+
+    def segments(names: Tuple[str, ...]) -> Tuple[Segment, ...]:
+        return _merge((*spans[n], n if n in mean_features else None) for n in names)
+
+    return segments(user_features), segments(item_features)
 
 
-def _merge(spans: Iterable[Tuple[int, int]]) -> Spans:
-    """Adjacent column ranges joined: the usual key order gives one range per tower."""
-    out: List[Tuple[int, int]] = []
-    for lo, hi in spans:
-        if out and out[-1][1] == lo:
-            out[-1] = (out[-1][0], hi)
+def _merge(segments: Iterable[Segment]) -> Tuple[Segment, ...]:
+    """Adjacent column ranges joined unless one is averaged: the usual key order gives one range
+    per tower without averaged features."""
+    out: List[Segment] = []
+    for lo, hi, mean in segments:
+        if out and out[-1][1] == lo and mean is None and out[-1][2] is None:
+            out[-1] = (out[-1][0], hi, None)
         else:
-            out.append((lo, hi))
+            out.append((lo, hi, mean))
     return tuple(out)
 
 
-def _columns(x: torch.Tensor, spans: Spans) -> torch.Tensor:
-    """The columns of `x` in `spans`: a view when they are one range, else one concatenation."""
-    if len(spans) == 1:
-        lo, hi = spans[0]
+def _columns(x: torch.Tensor, segments: Tuple[Segment, ...], scales: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The columns of `x` in `segments` (averaged ones scaled): a view when they are one plain range,
+    else one concatenation."""
+    if len(segments) == 1 and segments[0][2] is None:
+        lo, hi, _ = segments[0]
         return x[:, lo:hi]
-    return torch.cat([x[:, lo:hi] for lo, hi in spans], dim=1)
+    return torch.cat([x[:, lo:hi] if mean is None else x[:, lo:hi] * scales[mean] for lo, hi, mean in segments],
+                     dim=1)
 
 
 def logits(user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:

@@ -5,33 +5,85 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from torchrec.sparse.jagged_tensor import KeyedTensor
+
+
+def _batch(specs, rows: int, genre_lengths):
+    """A feature batch: one id per row for single-valued features, `genre_lengths` ids for genres."""
+    from twotower_lit.data.batches import keyed_features
+
+    g = torch.Generator().manual_seed(1)
+    values, lengths = [], []
+    for s in specs:
+        n = torch.tensor(genre_lengths if s.pooling == "mean" else [1] * rows, dtype=torch.int32)
+        values.append(torch.randint(1, s.num_embeddings, (int(n.sum()),), generator=g))
+        lengths.append(n)
+    return keyed_features([s.name for s in specs], values, lengths)
 
 
 @pytest.mark.parametrize("order", ["features", "reversed"])
 def test_towers_read_their_features_whatever_the_embedding_output_order(prepared_synthetic, order):
     """A sharded collection may return its features grouped by rank instead of in feature order;
-    the towers slice the pooled output by key, so each still gets its features, in its order."""
+    the towers slice the pooled output by key, so each still gets its features, in its order, and
+    the genres columns (sums) are divided by each row's number of genres."""
     import json
 
     from twotower_lit.model import TwoTower, feature_specs, tower_inputs
 
     torch.manual_seed(0)
     specs = feature_specs(json.loads((prepared_synthetic / "manifest.json").read_text()))
+    assert [s.name for s in specs if s.pooling == "mean"] == ["genres"]
     model = TwoTower(specs, 4, [8, 4], [8, 4])
-    rows = 5
+    genre_lengths = [2, 1, 0, 3, 1]
+    rows = len(genre_lengths)
+    features = _batch(specs, rows, genre_lengths)
     pooled = {s.name: torch.randn(rows, 4) for s in specs}
-    user_expected = model.user_tower(torch.cat([pooled[n] for n in model.user_features], 1))
-    item_expected = model.item_tower(torch.cat([pooled[n] for n in model.item_features], 1))
+    mean = {n: v / torch.tensor(genre_lengths).clamp(min=1).unsqueeze(1) if n == "genres" else v
+            for n, v in pooled.items()}
+    user_expected = model.user_tower(torch.cat([mean[n] for n in model.user_features], 1))
+    item_expected = model.item_tower(torch.cat([mean[n] for n in model.item_features], 1))
     keys = [s.name for s in specs][::-1 if order == "reversed" else 1]
     kt = KeyedTensor.from_tensor_list(keys, [pooled[k] for k in keys])
-    user_in, item_in = tower_inputs(kt, tuple(model.user_features), tuple(model.item_features))
+    user_in, item_in = tower_inputs(kt, features, model.user_features, model.item_features, model.mean_features)
     assert user_in._base is (kt.values() if order == "features" else None)  # no copy when in order
     np.testing.assert_allclose(model.user_tower(user_in).detach().numpy(), user_expected.detach().numpy(), rtol=1e-6)
     np.testing.assert_allclose(model.item_tower(item_in).detach().numpy(), item_expected.detach().numpy(), rtol=1e-6)
     with pytest.raises(KeyError, match="lacks features"):
-        tower_inputs(KeyedTensor.from_tensor_list(keys[1:], [pooled[k] for k in keys[1:]]),
-                     tuple(model.user_features), tuple(model.item_features))
+        tower_inputs(KeyedTensor.from_tensor_list(keys[1:], [pooled[k] for k in keys[1:]]), features,
+                     model.user_features, model.item_features, model.mean_features)
+    with pytest.raises(ValueError, match="bag lengths"):
+        tower_inputs(kt, None, model.user_features, model.item_features, model.mean_features)
+
+
+def test_one_pooling_type_gives_mean_pooled_genres(prepared_synthetic):
+    """Every table is sum-pooled (one fbgemm lookup group), and the model's tower inputs equal
+    what per-feature `nn.EmbeddingBag`s give with genres mean-pooled, including a movie with no
+    genres (a zero vector, as mean pooling gives)."""
+    import json
+
+    from torchrec.modules.embedding_configs import PoolingType
+
+    from twotower_lit.model import TwoTower, feature_specs, tower_inputs
+
+    torch.manual_seed(0)
+    specs = feature_specs(json.loads((prepared_synthetic / "manifest.json").read_text()))
+    model = TwoTower(specs, 4, [8, 4], [8, 4])
+    assert {c.pooling for c in model.ebc.embedding_bag_configs()} == {PoolingType.SUM}
+    genre_lengths = [2, 1, 0, 3, 1, 2]
+    features = _batch(specs, len(genre_lengths), genre_lengths)
+    user_in, item_in = tower_inputs(model.ebc(features), features, model.user_features, model.item_features,
+                                    model.mean_features)
+    weights = {s.name: model.ebc.embedding_bags[s.table].weight for s in specs}
+    reference = {}
+    for s, kjt in zip(specs, (features[s.name] for s in specs)):
+        bag = nn.EmbeddingBag.from_pretrained(weights[s.name].detach(), mode=s.pooling)
+        reference[s.name] = bag(kjt.values(), kjt.offsets()[:-1])
+    assert reference["genres"][2].abs().sum() == 0
+    np.testing.assert_allclose(user_in.detach().numpy(),
+                               torch.cat([reference[n] for n in model.user_features], 1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(item_in.detach().numpy(),
+                               torch.cat([reference[n] for n in model.item_features], 1).numpy(), rtol=1e-6)
 
 
 def test_train_pipeline_can_trace_the_model():
