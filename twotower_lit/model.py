@@ -19,6 +19,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from twotower_lit.data.schema import MULTI_VALUED
 from twotower_lit.layers import mlp
 
+Spans = Tuple[Tuple[int, int], ...]  # column ranges [lo, hi) of a tensor
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """One sparse feature: its table size and which tower reads it."""
@@ -93,67 +95,90 @@ def tower_inputs(pooled: KeyedTensor, features: Optional[KeyedJaggedTensor], use
                  item_features: Tuple[str, ...], mean_features: Tuple[str, ...] = ()
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(user tower input, item tower input): each tower's features' pooled columns, in its feature
-    order. Slices of the pooled output, views when a tower's features are adjacent in it (the usual
-    order) and none is averaged; no ``to_dict`` + concatenation on every step.
+    order, without ``to_dict`` + two concatenations on every step.
+
+    In the usual key order (the user features, then the item features) the two inputs are the two
+    parts of one split of the pooled output: views, whose backward is one concatenation (column
+    slices would each build a zero tensor of the whole output and add them up). In any other order
+    (a sharded collection may group its output by rank) each tower's columns are gathered.
 
     `pooled` holds sums; the columns of `mean_features` are divided by their bag lengths in
     `features` (the batch that was pooled; an empty bag stays 0, as with mean pooling).
     """
     values = pooled.values()
-    user, item = _tower_spans(tuple(pooled.keys()), tuple(pooled.length_per_key()), user_features, item_features,
-                              mean_features)
-    scales = {}
-    if mean_features:
+    layout = _tower_layout(tuple(pooled.keys()), tuple(pooled.length_per_key()), user_features, item_features)
+    if layout.split is not None:
+        user, item = values.split(layout.split, dim=1)
+    else:
+        user, item = _columns(values, layout.user), _columns(values, layout.item)
+    if set(mean_features) & set(user_features + item_features):
         if features is None:
             raise ValueError(f"averaging {list(mean_features)} needs the batch's bag lengths: pass its features")
-        if features.variable_stride_per_key():
-            raise ValueError("batches with a different number of rows per feature are not supported")
-        lengths = features.lengths().view(len(features.keys()), -1)
-        keys = features.keys()
-        scales = {n: 1.0 / lengths[keys.index(n)].clamp(min=1).to(values.dtype).unsqueeze(1) for n in mean_features}
-    return _columns(values, user, scales), _columns(values, item, scales)
+        user = _averaged(user, features, user_features, mean_features, layout.widths)
+        item = _averaged(item, features, item_features, mean_features, layout.widths)
+    return user, item
 
 
-# column range [lo, hi) of a tensor, and the feature whose columns are divided by bag length there (or None)
-Segment = Tuple[int, int, Optional[str]]
+@dataclass(frozen=True)
+class _Layout:
+    """Where each tower's features are in a pooled output."""
+
+    split: Optional[Tuple[int, int]]  # (user columns, item columns) when they are the output's two parts, in order
+    user: Spans  # column ranges of the user features, in tower order
+    item: Spans
+    widths: Mapping[str, int]  # columns per feature
 
 
 @functools.lru_cache(maxsize=64)
-def _tower_spans(keys: Tuple[str, ...], widths: Tuple[int, ...], user_features: Tuple[str, ...],
-                 item_features: Tuple[str, ...], mean_features: Tuple[str, ...] = ()
-                 ) -> Tuple[Tuple[Segment, ...], Tuple[Segment, ...]]:
-    """Column segments of the user and of the item features in a pooled output with these keys."""
+def _tower_layout(keys: Tuple[str, ...], widths: Tuple[int, ...], user_features: Tuple[str, ...],
+                  item_features: Tuple[str, ...]) -> _Layout:
+    """The layout of the user and of the item features in a pooled output with these keys."""
     spans = {k: (lo, lo + w) for k, lo, w in zip(keys, itertools.accumulate((0,) + widths), widths)}
     missing = [n for n in user_features + item_features if n not in spans]
     if missing:
         raise KeyError(f"the embedding output lacks features {missing} (it has {list(keys)})")
+    user, item = _merge(spans[n] for n in user_features), _merge(spans[n] for n in item_features)
+    in_order = keys == user_features + item_features
+    split = (user[0][1], item[0][1] - item[0][0]) if in_order else None
+    return _Layout(split, user, item, dict(zip(keys, widths)))
 
-    def segments(names: Tuple[str, ...]) -> Tuple[Segment, ...]:
-        return _merge((*spans[n], n if n in mean_features else None) for n in names)
 
-    return segments(user_features), segments(item_features)
-
-
-def _merge(segments: Iterable[Segment]) -> Tuple[Segment, ...]:
-    """Adjacent column ranges joined unless one is averaged: the usual key order gives one range
-    per tower without averaged features."""
-    out: List[Segment] = []
-    for lo, hi, mean in segments:
-        if out and out[-1][1] == lo and mean is None and out[-1][2] is None:
-            out[-1] = (out[-1][0], hi, None)
+def _merge(spans: Iterable[Tuple[int, int]]) -> Spans:
+    """Adjacent column ranges joined: the usual key order gives one range per tower."""
+    out: List[Tuple[int, int]] = []
+    for lo, hi in spans:
+        if out and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi)
         else:
-            out.append((lo, hi, mean))
+            out.append((lo, hi))
     return tuple(out)
 
 
-def _columns(x: torch.Tensor, segments: Tuple[Segment, ...], scales: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The columns of `x` in `segments` (averaged ones scaled): a view when they are one plain range,
-    else one concatenation."""
-    if len(segments) == 1 and segments[0][2] is None:
-        lo, hi, _ = segments[0]
+def _columns(x: torch.Tensor, spans: Spans) -> torch.Tensor:
+    """The columns of `x` in `spans`: a view when they are one range, else one concatenation."""
+    if len(spans) == 1:
+        lo, hi = spans[0]
         return x[:, lo:hi]
-    return torch.cat([x[:, lo:hi] if mean is None else x[:, lo:hi] * scales[mean] for lo, hi, mean in segments],
-                     dim=1)
+    return torch.cat([x[:, lo:hi] for lo, hi in spans], dim=1)
+
+
+def _averaged(x: torch.Tensor, features: KeyedJaggedTensor, names: Tuple[str, ...], mean_features: Tuple[str, ...],
+              widths: Mapping[str, int]) -> torch.Tensor:
+    """Tower input `x` (its features' columns, in `names` order) with the sums of `mean_features`
+    divided by their bag lengths: one multiplication by a (rows, features) scale, 1 for the others."""
+    means = [j for j, n in enumerate(names) if n in mean_features]
+    if not means:
+        return x
+    if len({widths[n] for n in names}) != 1:
+        raise ValueError(f"averaged features need one embedding width per tower, got {[widths[n] for n in names]}")
+    if features.variable_stride_per_key():
+        raise ValueError("batches with a different number of rows per feature are not supported")
+    keys = features.keys()
+    lengths = features.lengths().view(len(keys), -1)
+    scale = x.new_ones(x.shape[0], len(names))
+    for j in means:
+        scale[:, j] = lengths[keys.index(names[j])].clamp(min=1).reciprocal()
+    return (x.view(x.shape[0], len(names), -1) * scale.unsqueeze(2)).view(x.shape)
 
 
 def logits(user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:

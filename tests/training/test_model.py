@@ -75,15 +75,21 @@ def test_one_pooling_type_gives_mean_pooled_genres(prepared_synthetic):
     user_in, item_in = tower_inputs(model.ebc(features), features, model.user_features, model.item_features,
                                     model.mean_features)
     weights = {s.name: model.ebc.embedding_bags[s.table].weight for s in specs}
-    reference = {}
-    for s, kjt in zip(specs, (features[s.name] for s in specs)):
-        bag = nn.EmbeddingBag.from_pretrained(weights[s.name].detach(), mode=s.pooling)
-        reference[s.name] = bag(kjt.values(), kjt.offsets()[:-1])
+    bags = {s.name: nn.EmbeddingBag.from_pretrained(weights[s.name].detach().clone(), mode=s.pooling, freeze=False)
+            for s in specs}
+    reference = {s.name: bags[s.name](features[s.name].values(), features[s.name].offsets()[:-1]) for s in specs}
     assert reference["genres"][2].abs().sum() == 0
-    np.testing.assert_allclose(user_in.detach().numpy(),
-                               torch.cat([reference[n] for n in model.user_features], 1).numpy(), rtol=1e-6)
-    np.testing.assert_allclose(item_in.detach().numpy(),
-                               torch.cat([reference[n] for n in model.item_features], 1).numpy(), rtol=1e-6)
+    user_ref = torch.cat([reference[n] for n in model.user_features], 1)
+    item_ref = torch.cat([reference[n] for n in model.item_features], 1)
+    np.testing.assert_allclose(user_in.detach().numpy(), user_ref.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(item_in.detach().numpy(), item_ref.detach().numpy(), rtol=1e-6)
+    # and the same gradients reach the tables
+    target = torch.randn_like(item_in)
+    ((user_in ** 2).sum() + (item_in * target).sum()).backward()
+    ((user_ref ** 2).sum() + (item_ref * target).sum()).backward()
+    for s in specs:
+        np.testing.assert_allclose(weights[s.name].grad.numpy(), bags[s.name].weight.grad.numpy(), rtol=1e-5,
+                                   atol=1e-6, err_msg=s.name)
 
 
 def test_train_pipeline_can_trace_the_model():
