@@ -113,8 +113,9 @@ class TrainConfig:
     # table_wise: each table whole on one rank, the tables balanced over ranks by the planner. On 2
     # H200s (ML-32M shape, 64k rows per GPU) it trained 1.5-1.7x faster than the planner's own pick
     # ('auto'; benchmarks/train_throughput.py --sharding); a table too large for one device needs row_wise
-    sharding: str = _opt("table_wise", "embedding sharding ('auto': the TorchRec planner picks per table)",
-                         ("auto", "table_wise", "row_wise", "column_wise", "table_row_wise"))
+    sharding: str = _opt("table_wise", "embedding sharding ('auto': the TorchRec planner picks per table, never "
+                                       "data_parallel; data_parallel: every table replicated on every rank)",
+                         ("auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"))
     table_sharding: Optional[str] = _opt(None, "per-table overrides of --sharding, e.g. 'user:row_wise,genres:table_wise'")
     collective_timeout_s: int = _opt(600, "seconds a rank waits in a collective before failing (a lost peer)")
     eval_k: int = _opt(10, "cut-off of Recall@k / NDCG@k")

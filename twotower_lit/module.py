@@ -64,6 +64,30 @@ def _binary_metrics() -> torchmetrics.MetricCollection:
     })
 
 
+def finish_epoch_of_epoch_end_checkpoint(checkpoint: Dict[str, Any]) -> None:
+    """Mark the epoch of a checkpoint written at the end of its training epoch as finished.
+
+    The end-of-epoch checkpoint is written in ``on_train_epoch_end``, before Lightning counts the
+    epoch as completed: its loop state is "epoch N started, every batch done". Resumed as it is,
+    Lightning 2.6 ends epoch N without a step and, still marked as restarting, finds epoch N+1's
+    batch count already reached too, so the run stops without training any remaining epoch. The
+    state is rewritten to the one the next epoch starts from: epoch N completed, no batch of
+    epoch N+1 done yet. A mid-epoch checkpoint is left as it is."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+    if not epochs or not batches or not batches.get("is_last_batch"):
+        return
+    current = batches["current"]
+    if epochs["current"]["started"] <= epochs["current"]["completed"] or current["completed"] < current["ready"]:
+        return
+    for progress in (epochs["total"], epochs["current"]):
+        progress["processed"] = progress["completed"] = progress["started"]
+    for key in current:
+        current[key] = 0
+    batches["is_last_batch"] = False
+    checkpoint["epoch"] = epochs["current"]["completed"]
+
+
 class TwoTowerModule(L.LightningModule):
     """Two-tower model scored by dot product, trained with a `twotower_lit.losses.TwoTowerLoss`
     (default: plain BCE; the training job passes the configured one).
@@ -165,10 +189,12 @@ class TwoTowerModule(L.LightningModule):
         metrics.reset()
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        """Carry the optimizer-step count across optimisation modes: Lightning counts steps in a
+        """Make Lightning's loop state resumable (see `finish_epoch_of_epoch_end_checkpoint`), then
+        carry the optimizer-step count across optimisation modes: Lightning counts steps in a
         different loop state for automatic (Lightning's loop) and manual (`PipelinedTwoTowerModule`)
         optimisation, so a checkpoint of one resumed by the other would restart ``global_step``."""
         loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        finish_epoch_of_epoch_end_checkpoint(checkpoint)
         auto_key = "epoch_loop.automatic_optimization.optim_progress"
         manual_key = "epoch_loop.manual_optimization.optim_step_progress"
         if auto_key not in loop or manual_key not in loop:
@@ -188,12 +214,21 @@ class TwoTowerModule(L.LightningModule):
         cfg = self.optim_cfg
         dense_cls = DENSE_OPTIMIZERS[cfg.dense_optimizer]
         dense_params = dict(in_backward_optimizer_filter(self.model.named_parameters()))
+        # Tables sharded data_parallel are plain replicated parameters (DDP averages their
+        # gradients), not fused into the backward pass: they keep the embedding optimizer and its
+        # learning rate in an optimizer of their own instead of joining the towers' one.
+        replicated = {k: p for k, p in dense_params.items() if k.startswith("ebc.")}
+        dense_params = {k: p for k, p in dense_params.items() if k not in replicated}
         # on GPUs Adam's update is one fused kernel instead of several per parameter (a host-bound step)
         one_kernel = {"fused": True} if cfg.dense_optimizer in ("adam", "adamw") and all(
             p.is_cuda for p in dense_params.values()) else {}
         dense = KeyedOptimizerWrapper(
             dense_params, lambda params: dense_cls(params, lr=cfg.dense_lr, weight_decay=cfg.weight_decay, **one_kernel))
         parts: List = [("dense", dense)]
+        if replicated:
+            cls, extra = EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer]
+            parts.append(("replicated_tables", KeyedOptimizerWrapper(
+                replicated, lambda params: cls(params, lr=cfg.embedding_lr, **extra))))
         fused = getattr(self.model, "fused_optimizer", None)  # the embedding optimizer run in backward
         if fused is not None:
             parts.insert(0, ("embedding", fused))

@@ -41,20 +41,24 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 log = logging.getLogger(__name__)
 
 TRAINER_STATE_FILE = "trainer_state.pt"
+REPLICATED_TABLES_KEY = "torchrec_data_parallel_tables"
 
 SHARDING_TYPES = {
     "table_wise": ShardingType.TABLE_WISE.value,
     "row_wise": ShardingType.ROW_WISE.value,
     "column_wise": ShardingType.COLUMN_WISE.value,
     "table_row_wise": ShardingType.TABLE_ROW_WISE.value,
+    "data_parallel": ShardingType.DATA_PARALLEL.value,
 }
 
 
 class EmbeddingBagCollectionShardingOffer(EmbeddingBagCollectionSharder):
-    """The stock sharder offers row-wise sharding only on CUDA; its CPU kernel handles it too."""
+    """The stock sharder offers row-wise sharding only on CUDA; its CPU kernel handles it too.
+    (`build_sharding_plan` keeps data_parallel out of the planner's own choice: it is used only
+    when asked for.)"""
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
-        types = [t for t in super().sharding_types(compute_device_type) if t != ShardingType.DATA_PARALLEL.value]
+        types = list(super().sharding_types(compute_device_type))
         for extra in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value):
             if extra not in types:
                 types.append(extra)
@@ -82,7 +86,11 @@ def build_sharding_plan(module: torch.nn.Module, pg: dist.ProcessGroup, device_t
 
     `sharding` is 'auto' (the planner picks per table) or one kind for every table;
     `table_sharding` maps feature names (tables are ``t_<feature>``) to a kind for that table.
-    All tables use the fused kernel, so the embedding optimizer runs inside the backward pass.
+    Sharded tables use the fused kernel, so the embedding optimizer runs inside the backward pass.
+    data_parallel tables are replicated: the dense kernel, gradients averaged by DDP, and the
+    embedding optimizer as a plain optimizer (`TwoTowerModule.configure_optimizers`). They need no
+    all-to-all, which pays off for tables small enough to copy to every GPU; a table that is
+    replicated must fit one device, and every step all-reduces its whole gradient.
     """
     if sharding != "auto" and sharding not in SHARDING_TYPES:
         raise ValueError(f"unknown sharding {sharding!r}; choose auto or one of {', '.join(SHARDING_TYPES)}")
@@ -96,9 +104,9 @@ def build_sharding_plan(module: torch.nn.Module, pg: dist.ProcessGroup, device_t
     constraints = {}
     for table in tables:
         kind = overrides.get(table, sharding)
-        types = offered if kind == "auto" else [SHARDING_TYPES[kind]]
-        constraints[table] = ParameterConstraints(sharding_types=types,
-                                                  compute_kernels=[EmbeddingComputeKernel.FUSED.value])
+        types = [t for t in offered if t != ShardingType.DATA_PARALLEL.value] if kind == "auto" else [SHARDING_TYPES[kind]]
+        kernel = EmbeddingComputeKernel.DENSE if kind == "data_parallel" else EmbeddingComputeKernel.FUSED
+        constraints[table] = ParameterConstraints(sharding_types=types, compute_kernels=[kernel.value])
     world = pg.size()
     topology = Topology(world_size=world, local_world_size=local_world_size or world, compute_device=device_type)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
@@ -225,6 +233,12 @@ class TorchRecStrategy(DDPStrategy):
         """DMP already wraps the dense part in DDP; an outer DDP would double-synchronise."""
 
     @property
+    def replicated_tables(self) -> List[str]:
+        """Tables of the plan sharded data_parallel (every rank holds them whole)."""
+        return sorted(t for t, d in self.plan_description.items()
+                      if d["sharding_type"] == ShardingType.DATA_PARALLEL.value)
+
+    @property
     def sharded_model(self) -> DistributedModelParallel:
         return getattr(self.lightning_module, self.module_attr)
 
@@ -323,6 +337,7 @@ class TorchRecStrategy(DDPStrategy):
             sharded[f"optimizer_{i}"] = state
         dcp.save(sharded, checkpoint_id=str(path))  # collective: each rank writes its own shards
         if self.is_global_zero:
+            checkpoint[REPLICATED_TABLES_KEY] = self.replicated_tables
             torch.save(checkpoint, path / TRAINER_STATE_FILE)
         self.barrier("torchrec_checkpoint_saved")
 
@@ -331,6 +346,13 @@ class TorchRecStrategy(DDPStrategy):
         if not (path / TRAINER_STATE_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint written by TorchRecStrategy "
                                     f"(no {TRAINER_STATE_FILE}); pass a directory under the checkpoint dir")
+        checkpoint = torch.load(path / TRAINER_STATE_FILE, weights_only=False)  # our own file, not user input
+        saved = checkpoint.pop(REPLICATED_TABLES_KEY, [])
+        if saved != self.replicated_tables:
+            # their embedding optimizer state is kept by a plain optimizer, not by the fused kernels
+            raise ValueError(f"{path} was trained with data_parallel tables {saved or 'none'}, this run has "
+                             f"{self.replicated_tables or 'none'}: resume it with the same data_parallel tables "
+                             f"(--sharding / --table-sharding), the other tables may use any sharding")
         lm = self.lightning_module
         target: Dict[str, Any] = {"state_dict": lm.state_dict()}
         optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
@@ -350,7 +372,6 @@ class TorchRecStrategy(DDPStrategy):
             lm.load_state_dict(rest, strict=False)
         for i, opt in enumerate(optimizers):
             opt.load_state_dict(target[f"optimizer_{i}"])
-        checkpoint = torch.load(path / TRAINER_STATE_FILE, weights_only=False)  # our own file, not user input
         checkpoint["state_dict"] = {}
         return checkpoint
 

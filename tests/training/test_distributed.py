@@ -150,6 +150,20 @@ def test_data_on_device_trains_every_step_and_resumes_mid_epoch(two_rank_run, sm
         assert b["test"][key] == pytest.approx(a["test"][key], abs=1e-6), key
 
 
+def test_epoch_end_checkpoint_resumes_the_remaining_epochs(two_rank_run, small_prepared, tmp_path):
+    """A checkpoint written at the end of the first epoch trains the second one when resumed
+    (Lightning's loop state of an end-of-epoch checkpoint would otherwise end the run untrained)."""
+    reference = read_json(two_rank_run / "metrics.json")
+    first = next((two_rank_run / "checkpoints").glob("epoch0-end-*/trainer_state.pt")).parent
+    out = tmp_path / "resumed"
+    train(small_prepared, out, "--max-epochs", "2", "--sharding", "row_wise", "--resume", str(first))
+    got = read_json(out / "metrics.json")
+    assert got["train"]["steps"] == reference["train"]["steps"]
+    assert len(got["train"]["epoch_samples_per_s"]) == 1  # one epoch trained in this process
+    for key in KEYS:
+        assert got["test"][key] == pytest.approx(reference["test"][key], abs=1e-6), key
+
+
 def test_checkpoint_of_two_ranks_loads_on_one_rank_with_another_plan(two_rank_run, small_prepared, tmp_path):
     final = next((two_rank_run / "checkpoints").glob("epoch1-end-*/trainer_state.pt")).parent
     out = tmp_path / "one"
@@ -202,3 +216,32 @@ def test_two_nodes_with_rendezvous_variables(small_prepared, tmp_path):
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert read_json(out / "metrics.json")["train"]["world_size"] == 2
+
+
+def test_data_parallel_tables_train_export_and_resume(small_prepared, tmp_path):
+    """--sharding data_parallel: every table replicated on both ranks (no all-to-all), trained by
+    the embedding optimizer as a plain optimizer on DDP-averaged gradients. The export agrees with
+    the distributed evaluation, an epoch-end checkpoint resumes to the same run, and resuming it
+    with the tables sharded otherwise fails with a message instead of dropping their optimizer state."""
+    full = tmp_path / "full"
+    train(small_prepared, full, "--max-epochs", "2", "--sharding", "data_parallel")
+    reference = read_json(full / "metrics.json")
+    plan = reference["sharding_plan"]
+    assert {d["sharding_type"] for d in plan.values()} == {"data_parallel"} and len(plan) == 8
+    assert reference["test"]["auc"] > reference["baselines"]["popularity"]["auc"]
+    proc = run_cli("entrypoints.evaluate", ["--model-dir", str(full / "model"), "--data-dir", str(small_prepared)])
+    single = json.loads(proc.stdout)["test"]
+    for key in KEYS:
+        assert single[key] == pytest.approx(reference["test"][key], abs=2e-4), key
+
+    first = next((full / "checkpoints").glob("epoch0-end-*/trainer_state.pt")).parent
+    resumed = tmp_path / "resumed"
+    train(small_prepared, resumed, "--max-epochs", "2", "--sharding", "data_parallel", "--resume", str(first))
+    got = read_json(resumed / "metrics.json")
+    assert got["train"]["steps"] == reference["train"]["steps"]
+    for key in KEYS:
+        assert got["test"][key] == pytest.approx(reference["test"][key], abs=1e-6), key
+
+    with pytest.raises(AssertionError, match="resume it with the same data_parallel tables"):
+        train(small_prepared, tmp_path / "other", "--max-epochs", "2", "--sharding", "table_wise", "--resume",
+              str(first))
