@@ -64,6 +64,25 @@ def _binary_metrics() -> torchmetrics.MetricCollection:
     })
 
 
+class OneClosureCombinedOptimizer(CombinedOptimizer):
+    """TorchRec's `CombinedOptimizer` whose ``step(closure)`` evaluates the closure once.
+
+    The stock one hands the closure to every optimizer it combines. Lightning's closure runs the
+    training step's forward and backward; the fused embedding optimizers ignore it and the towers'
+    optimizer runs it, so with one more optimizer that evaluates closures (the data_parallel
+    tables') every step would run forward and backward twice, each optimizer stepping on other
+    gradients."""
+
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for _, opt in self.optimizers:
+            opt.step()
+        return loss
+
+
 def finish_epoch_of_epoch_end_checkpoint(checkpoint: Dict[str, Any]) -> None:
     """Mark the epoch of a checkpoint written at the end of its training epoch as finished.
 
@@ -232,7 +251,7 @@ class TwoTowerModule(L.LightningModule):
         fused = getattr(self.model, "fused_optimizer", None)  # the embedding optimizer run in backward
         if fused is not None:
             parts.insert(0, ("embedding", fused))
-        optimizer = CombinedOptimizer(parts)
+        optimizer = OneClosureCombinedOptimizer(parts)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, self.total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

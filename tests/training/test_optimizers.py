@@ -30,7 +30,7 @@ def data(prepared_synthetic):
     return dm
 
 
-def _sharded_module(dm, optim_cfg, pg, total_steps=10):
+def _sharded_module(dm, optim_cfg, pg, total_steps=10, sharding="table_wise"):
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.types import ShardingEnv
 
@@ -41,7 +41,7 @@ def _sharded_module(dm, optim_cfg, pg, total_steps=10):
 
     lm = TwoTowerModule(feature_specs(dm.manifest), ModelConfig(embedding_dim=8, user_layers=[16, 8],
                                                                 item_layers=[16, 8]), optim_cfg, total_steps)
-    plan = build_sharding_plan(lm.model, pg, "cpu", "table_wise")
+    plan = build_sharding_plan(lm.model, pg, "cpu", sharding)
     lm.model = DistributedModelParallel(lm.model, device=torch.device("cpu"), plan=plan,
                                         sharders=[EmbeddingBagCollectionShardingOffer()],
                                         env=ShardingEnv.from_process_group(pg))
@@ -79,6 +79,40 @@ def test_each_cpu_embedding_optimizer_updates_tables_in_backward(process_group, 
     # the combined optimizer's state (what checkpoints save) holds both parts
     state = opt.state_dict()["state"]
     assert any("ebc" in k for k in state) and any("tower" in k for k in state)
+
+
+def test_data_parallel_tables_use_the_embedding_optimizer_and_one_closure_per_step(process_group, data):
+    """Replicated (data_parallel) tables are not fused into the backward: they get the embedding
+    optimizer and learning rate as an optimizer of their own. With it the combined optimizer holds
+    two optimizers that would evaluate a closure; Lightning's closure (forward + backward) must
+    still run once per step."""
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    from twotower_lit.config import OptimConfig
+
+    lm = _sharded_module(data, OptimConfig(embedding_lr=0.1, dense_lr=0.01), process_group, sharding="data_parallel")
+    opt = lm.configure_optimizers()["optimizer"]
+    parts = dict(opt.optimizers)
+    assert {"dense", "replicated_tables"} <= set(parts)  # (and an empty fused one)
+    tables = parts["replicated_tables"]
+    assert isinstance(tables._optimizer, RowWiseAdagrad) and tables.param_groups[0]["lr"] == 0.1
+    assert all(k.startswith("ebc.") for k in tables.params) and len(tables.params) == len(lm.features)
+    assert not any(k.startswith("ebc.") for k in parts["dense"].params)
+
+    weight = lambda: lm.model.state_dict()["ebc.embedding_bags.t_item.weight"].clone()
+    before, calls = weight(), []
+    for batch in _batches(data, 3):
+        def closure():
+            calls.append(1)
+            opt.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(lm(batch), batch.labels)
+            loss.backward()
+            return loss
+
+        assert opt.step(closure) is not None
+    assert len(calls) == 3
+    assert not torch.equal(before, weight())
+    assert "ebc.embedding_bags.t_item.weight" in str(list(opt.state_dict()["state"]))
 
 
 def test_schedule_drives_both_learning_rates(process_group, data):
