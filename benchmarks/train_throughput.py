@@ -149,8 +149,10 @@ def profile_report(prof, n: int, device, mode: str) -> Dict[str, float]:
                       f"{e.count / n:6.1f}  {e.key[:90]}")
     if device.type != "cuda":
         return {}
-    # the kernels and copies themselves (host ops also carry their kernels' time: not summed twice)
-    kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+    # the kernels and copies themselves: host ops also carry their kernels' time, and annotated
+    # regions (record_function) show on the GPU timeline too; neither is summed a second time
+    kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False)]
     if TRACE_DIR and dist.get_rank() == 0:
         print(f"[{mode}] GPU time per step, top kernels (ms), launches per step")
         for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]:

@@ -21,6 +21,7 @@ from twotower_lit.layers import mlp
 
 Spans = Tuple[Tuple[int, int], ...]  # column ranges [lo, hi) of a tensor
 
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """One sparse feature: its table size and which tower reads it."""

@@ -236,7 +236,7 @@ class TwoTowerModule(L.LightningModule):
         # Tables sharded data_parallel are plain replicated parameters (DDP averages their
         # gradients), not fused into the backward pass: they keep the embedding optimizer and its
         # learning rate in an optimizer of their own instead of joining the towers' one.
-        replicated = {k: p for k, p in dense_params.items() if k.startswith("ebc.")}
+        replicated = {k: p for k, p in dense_params.items() if "embedding_bags." in k}
         dense_params = {k: p for k, p in dense_params.items() if k not in replicated}
         # on GPUs Adam's update is one fused kernel instead of several per parameter (a host-bound step)
         one_kernel = {"fused": True} if cfg.dense_optimizer in ("adam", "adamw") and all(

@@ -104,7 +104,10 @@ def build_sharding_plan(module: torch.nn.Module, pg: dist.ProcessGroup, device_t
     constraints = {}
     for table in tables:
         kind = overrides.get(table, sharding)
-        types = [t for t in offered if t != ShardingType.DATA_PARALLEL.value] if kind == "auto" else [SHARDING_TYPES[kind]]
+        if kind == "auto":  # the planner's own choice, data_parallel left out
+            types = [t for t in offered if t != ShardingType.DATA_PARALLEL.value]
+        else:
+            types = [SHARDING_TYPES[kind]]
         kernel = EmbeddingComputeKernel.DENSE if kind == "data_parallel" else EmbeddingComputeKernel.FUSED
         constraints[table] = ParameterConstraints(sharding_types=types, compute_kernels=[kernel.value])
     world = pg.size()
