@@ -364,9 +364,8 @@ def main(argv=None) -> None:
     batches = make_batches(builder, users, items, args.batch, 8, seed=rank, pin=cuda)
     results: Dict[str, Dict] = {}
     modes = args.modes.split(",")
-    # Every mode is timed first, then profiled in a second pass: once the profiler has run, kernel
-    # launches stay slower in the same process (measured: plain PyTorch timed after a profiled
-    # mode lost a fifth of its speed), so a profile would distort the timings of the modes after it.
+    # Every mode is timed first, then profiled in a second pass, so that no timing runs in a
+    # process where the profiler (its GPU activity tracing) has already been switched on.
     timing = argparse.Namespace(**{**vars(args), "profile_steps": 0})
     for mode in modes:
         torch.manual_seed(0)
