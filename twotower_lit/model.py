@@ -107,16 +107,21 @@ def tower_inputs(pooled: KeyedTensor, features: Optional[KeyedJaggedTensor], use
     `features` (the batch that was pooled; an empty bag stays 0, as with mean pooling).
     """
     values = pooled.values()
-    layout = _tower_layout(tuple(pooled.keys()), tuple(pooled.length_per_key()), user_features, item_features)
+    layout = _tower_layout(tuple(pooled.keys()), tuple(pooled.length_per_key()), user_features, item_features,
+                           mean_features)
     if layout.split is not None:
         user, item = values.split(layout.split, dim=1)
     else:
         user, item = _columns(values, layout.user), _columns(values, layout.item)
-    if set(mean_features) & set(user_features + item_features):
+    if layout.user_means or layout.item_means:
         if features is None:
             raise ValueError(f"averaging {list(mean_features)} needs the batch's bag lengths: pass its features")
-        user = _averaged(user, features, user_features, mean_features, layout.widths)
-        item = _averaged(item, features, item_features, mean_features, layout.widths)
+        if features.variable_stride_per_key():
+            raise ValueError("batches with a different number of rows per feature are not supported")
+        keys = features.keys()
+        lengths = features.lengths().view(len(keys), -1)
+        user = _averaged(user, lengths, keys, user_features, layout.user_means)
+        item = _averaged(item, lengths, keys, item_features, layout.item_means)
     return user, item
 
 
@@ -127,13 +132,15 @@ class _Layout:
     split: Optional[Tuple[int, int]]  # (user columns, item columns) when they are the output's two parts, in order
     user: Spans  # column ranges of the user features, in tower order
     item: Spans
-    widths: Mapping[str, int]  # columns per feature
+    user_means: Tuple[int, ...]  # positions (in tower order) of the user features to average
+    item_means: Tuple[int, ...]
 
 
 @functools.lru_cache(maxsize=64)
 def _tower_layout(keys: Tuple[str, ...], widths: Tuple[int, ...], user_features: Tuple[str, ...],
-                  item_features: Tuple[str, ...]) -> _Layout:
-    """The layout of the user and of the item features in a pooled output with these keys."""
+                  item_features: Tuple[str, ...], mean_features: Tuple[str, ...] = ()) -> _Layout:
+    """The layout of the user and of the item features in a pooled output with these keys, and
+    which of each tower's features are averaged (computed once per key order, not per step)."""
     spans = {k: (lo, lo + w) for k, lo, w in zip(keys, itertools.accumulate((0,) + widths), widths)}
     missing = [n for n in user_features + item_features if n not in spans]
     if missing:
@@ -141,7 +148,14 @@ def _tower_layout(keys: Tuple[str, ...], widths: Tuple[int, ...], user_features:
     user, item = _merge(spans[n] for n in user_features), _merge(spans[n] for n in item_features)
     in_order = keys == user_features + item_features
     split = (user[0][1], item[0][1] - item[0][0]) if in_order else None
-    return _Layout(split, user, item, dict(zip(keys, widths)))
+    means = []
+    for names in (user_features, item_features):
+        positions = tuple(j for j, n in enumerate(names) if n in mean_features)
+        tower_widths = [spans[n][1] - spans[n][0] for n in names]
+        if positions and len(set(tower_widths)) != 1:
+            raise ValueError(f"averaged features need one embedding width per tower, got {tower_widths}")
+        means.append(positions)
+    return _Layout(split, user, item, *means)
 
 
 def _merge(spans: Iterable[Tuple[int, int]]) -> Spans:
@@ -163,19 +177,13 @@ def _columns(x: torch.Tensor, spans: Spans) -> torch.Tensor:
     return torch.cat([x[:, lo:hi] for lo, hi in spans], dim=1)
 
 
-def _averaged(x: torch.Tensor, features: KeyedJaggedTensor, names: Tuple[str, ...], mean_features: Tuple[str, ...],
-              widths: Mapping[str, int]) -> torch.Tensor:
-    """Tower input `x` (its features' columns, in `names` order) with the sums of `mean_features`
-    divided by their bag lengths: one multiplication by a (rows, features) scale, 1 for the others."""
-    means = [j for j, n in enumerate(names) if n in mean_features]
+def _averaged(x: torch.Tensor, lengths: torch.Tensor, keys: List[str], names: Tuple[str, ...],
+              means: Tuple[int, ...]) -> torch.Tensor:
+    """Tower input `x` (the columns of features `names`, in order) with the sums of the features at
+    positions `means` divided by their bag lengths (`lengths`: keys x rows of the pooled batch):
+    one multiplication by a (rows, features) scale, 1 for the others."""
     if not means:
         return x
-    if len({widths[n] for n in names}) != 1:
-        raise ValueError(f"averaged features need one embedding width per tower, got {[widths[n] for n in names]}")
-    if features.variable_stride_per_key():
-        raise ValueError("batches with a different number of rows per feature are not supported")
-    keys = features.keys()
-    lengths = features.lengths().view(len(keys), -1)
     scale = x.new_ones(x.shape[0], len(names))
     for j in means:
         scale[:, j] = lengths[keys.index(names[j])].clamp(min=1).reciprocal()
