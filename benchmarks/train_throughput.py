@@ -99,20 +99,16 @@ TRACE_DIR: Optional[str] = None  # --trace: where the host + GPU traces of the p
 
 
 def timed(step, batches, steps: int, warmup: int, device, profile_steps: int = 0, mode: str = "") -> float:
-    for k in range(warmup):
-        step(batches[k % len(batches)])
-    sync(device)
+    def run(n):
+        for k in range(n):
+            step(batches[k % len(batches)])
+        sync(device)
+
+    run(warmup)
     t0 = time.perf_counter()
-    for k in range(steps):
-        step(batches[k % len(batches)])
-    sync(device)
+    run(steps)
     seconds = time.perf_counter() - t0
     if profile_steps and (device.type == "cuda" or TRACE_DIR):
-        def run(n):
-            for k in range(n):
-                step(batches[k % len(batches)])
-            sync(device)
-
         PROFILED[mode] = profiled(run, profile_steps, device, mode)
     return seconds
 
