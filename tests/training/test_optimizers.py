@@ -175,3 +175,56 @@ def test_train_loss_is_logged_as_the_mean_of_each_logging_interval(process_group
         # shown from the interval's last step until the next interval ends
         assert record.shown[end - 1:end + 9] == pytest.approx([mean] * len(record.shown[end - 1:end + 9]), rel=1e-5)
     assert record.losses[9] != pytest.approx(np.mean(record.losses[:10]), rel=1e-5)  # a mean, not the last loss
+
+
+def test_lightning_steps_every_optimizer_and_the_schedule_once_per_batch(process_group, data):
+    """The module optimises manually: each training step runs one backward, one step of the
+    combined optimizer (fused tables and towers), one schedule step, and counts one global step."""
+    import lightning as L
+
+    from twotower_lit.config import OptimConfig
+    from twotower_lit.module import lr_lambda
+
+    lm = _sharded_module(data, OptimConfig(lr_schedule="linear", embedding_lr=0.1, dense_lr=0.01), process_group,
+                         total_steps=10)
+    local = lambda v: (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).clone()  # a table's shard
+    state = lambda: {k: local(v) for k, v in lm.model.state_dict().items()}
+    before, backwards = state(), []
+    towers = [p for k, p in lm.model.named_parameters() if "tower" in k]
+    for p in towers:
+        p.register_hook(lambda g: backwards.append(1) or g)
+    trained = {}
+
+    class Snapshot(L.Callback):  # the weights as trained, before the trainer's teardown moves the module
+        def on_train_end(self, trainer, module):
+            trained.update(state())
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Snapshot()])
+    trainer.fit(lm, train_dataloaders=torch.utils.data.DataLoader(list(_batches(data, 6)), batch_size=None))
+    assert trainer.global_step == 6
+    schedule = trainer.lr_scheduler_configs[0].scheduler
+    assert schedule.last_epoch == 6
+    factor = lr_lambda("linear", 0, 10)(6)
+    assert sorted({round(g["lr"], 8) for g in trainer.optimizers[0].param_groups}) == [round(0.01 * factor, 8),
+                                                                                      round(0.1 * factor, 8)]
+    assert towers and len(backwards) == 6 * len(towers)  # one backward per step
+    after = trained
+    assert not torch.equal(before["ebc.embedding_bags.t_item.weight"], after["ebc.embedding_bags.t_item.weight"])
+    assert all(not torch.equal(before[k], after[k]) for k in before if "tower" in k and k.endswith("weight"))
+
+
+def test_checkpoint_of_automatic_optimisation_keeps_its_step_count():
+    """A checkpoint written while the module used Lightning's automatic optimisation counts its
+    optimizer steps in the automatic loop's state; resumed now, global_step carries over."""
+    from twotower_lit.config import ModelConfig, OptimConfig
+    from twotower_lit.model import FeatureSpec
+    from twotower_lit.module import TwoTowerModule
+
+    lm = TwoTowerModule([FeatureSpec("user", 5, "user"), FeatureSpec("item", 5, "item")],
+                        ModelConfig(embedding_dim=4, user_layers=[4], item_layers=[4]), OptimConfig())
+    progress = lambda n: {"total": {"ready": n, "completed": n}, "current": {"ready": n, "completed": n}}
+    loop = {"epoch_loop.automatic_optimization.optim_progress": {"optimizer": {"step": progress(37)}},
+            "epoch_loop.manual_optimization.optim_step_progress": progress(0)}
+    lm.on_load_checkpoint({"loops": {"fit_loop": loop}})
+    assert loop["epoch_loop.manual_optimization.optim_step_progress"] == progress(37)
