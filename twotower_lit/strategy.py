@@ -7,6 +7,8 @@ What the hooks do (Lightning 2.6 + TorchRec 1.6-1.9):
 * ``setup``: plan the sharding with TorchRec's planner, wrap ``lightning_module.model`` in DMP
   (which allocates only the local shards and data-parallelises the dense towers itself), then
   build the optimizers, which must see the wrapped parameters.
+* ``setup`` replicates small tables (data_parallel) when there is more than one GPU, and keeps
+  a resumed checkpoint's replicated tables (``table_kinds``).
 * ``setup`` also makes Lightning's per-step SIGTERM broadcast (a host sync) every N steps.
 * ``configure_ddp``: no outer DDP; ``model_to_device``: never ``.to()`` meta parameters.
 * ``pipelined_training_step``: optional TorchRec ``TrainPipelineSparseDist`` training (a module
@@ -126,6 +128,15 @@ def describe_plan(plan: ShardingPlan) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def replicated_tables_of(checkpoint_path) -> Optional[List[str]]:
+    """The data_parallel tables a `TorchRecStrategy` checkpoint directory was trained with (None
+    if it has no trainer state file: `load_checkpoint` then explains)."""
+    state = Path(checkpoint_path) / TRAINER_STATE_FILE
+    if not state.is_file():
+        return None
+    return list(torch.load(state, weights_only=False).get(REPLICATED_TABLES_KEY, []))  # our own file
+
+
 def _ebc(module: torch.nn.Module):
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
@@ -184,11 +195,20 @@ class TorchRecStrategy(DDPStrategy):
     strategy_name = "torchrec"
 
     def __init__(self, sharding: str = "table_wise", table_sharding: Optional[Mapping[str, str]] = None,
-                 module_attr: str = "model", sigterm_check_every_n_steps: int = 50, **kwargs: Any) -> None:
+                 module_attr: str = "model", sigterm_check_every_n_steps: int = 50,
+                 data_parallel_below_mb: float = 0.0, resumed_data_parallel_tables: Optional[List[str]] = None,
+                 **kwargs: Any) -> None:
+        """`sharding`/`table_sharding` as `build_sharding_plan`'s. With more than one GPU, tables of
+        at most `data_parallel_below_mb` MB that `table_sharding` does not name are replicated
+        (data_parallel); 0 turns that off. `resumed_data_parallel_tables`: the data_parallel tables
+        of the checkpoint the run resumes (`replicated_tables_of`), which then stay replicated
+        instead, and no other table is replicated by size."""
         super().__init__(**kwargs)
         self.sigterm_check_every_n_steps = sigterm_check_every_n_steps
         self.sharding = sharding
         self.table_sharding = dict(table_sharding or {})
+        self.data_parallel_below_mb = data_parallel_below_mb
+        self.resumed_data_parallel_tables = resumed_data_parallel_tables
         self.module_attr = module_attr
         self.plan_description: Dict[str, Dict[str, Any]] = {}
         self._pipeline: Optional[TrainPipelineSparseDist] = None
@@ -210,7 +230,9 @@ class TorchRecStrategy(DDPStrategy):
         if not isinstance(inner, DistributedModelParallel):
             pg = dist.GroupMember.WORLD
             device_type = self.root_device.type
-            plan = build_sharding_plan(inner, pg, device_type, self.sharding, self.table_sharding,
+            # replicated by size only on GPUs, where it was measured (see TrainConfig.data_parallel_below_mb)
+            kinds = self.table_kinds(inner, replicate_small=pg.size() > 1 and device_type == "cuda")
+            plan = build_sharding_plan(inner, pg, device_type, self.sharding, kinds,
                                        local_world_size=self.num_processes)
             self.plan_description = describe_plan(plan)
             if self.is_global_zero:
@@ -225,6 +247,24 @@ class TorchRecStrategy(DDPStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)  # after the wrap: optimizers must see the sharded parameters
         self.setup_precision_plugin()
+
+    def table_kinds(self, module: torch.nn.Module, replicate_small: bool) -> Dict[str, str]:
+        """Per-feature sharding overrides of this run: `table_sharding`, plus data_parallel for the
+        tables it replicates: those of the resumed checkpoint (their embedding optimizer state
+        has another form than a sharded table's, so resuming keeps the placement), or else, if
+        `replicate_small`, every unnamed table of at most `data_parallel_below_mb` MB of float32
+        weights. A replicated table needs no all-to-all; each step all-reduces its whole gradient."""
+        kinds = dict(self.table_sharding)
+        for cfg in _ebc(module).embedding_bag_configs():
+            feature = cfg.name[len("t_"):] if cfg.name.startswith("t_") else cfg.name
+            if feature in kinds:
+                continue
+            if self.resumed_data_parallel_tables is not None:
+                if cfg.name in self.resumed_data_parallel_tables:
+                    kinds[feature] = "data_parallel"
+            elif replicate_small and cfg.num_embeddings * cfg.embedding_dim * 4 <= self.data_parallel_below_mb * 2**20:
+                kinds[feature] = "data_parallel"
+        return kinds
 
     def model_to_device(self) -> None:
         lm = self.lightning_module

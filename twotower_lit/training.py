@@ -26,7 +26,7 @@ from twotower_lit.losses import TwoTowerLoss
 from twotower_lit.metrics import PopularityBaseline
 from twotower_lit.model import feature_specs
 from twotower_lit.module import PipelinedTwoTowerModule, TwoTowerModule, check_embedding_optimizer
-from twotower_lit.strategy import TRAINER_STATE_FILE, TorchRecStrategy, parse_table_sharding
+from twotower_lit.strategy import TRAINER_STATE_FILE, TorchRecStrategy, parse_table_sharding, replicated_tables_of
 from twotower_lit import tracking
 
 DEFAULT_SYNTHETIC_RATINGS = 100_000
@@ -124,8 +124,11 @@ class TrainingClock(L.Callback):
         return sum(seconds for seconds, _ in self.epochs)
 
 
-def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger) -> L.Trainer:
+def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger,
+                  ckpt_path: Optional[str] = None) -> L.Trainer:
     strategy = TorchRecStrategy(sharding=cfg.sharding, table_sharding=parse_table_sharding(cfg.table_sharding),
+                                data_parallel_below_mb=cfg.data_parallel_below_mb,
+                                resumed_data_parallel_tables=replicated_tables_of(ckpt_path) if ckpt_path else None,
                                 timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
     # one callback per trigger: Lightning's ModelCheckpoint takes either a step or an epoch interval
     checkpoints = [L.pytorch.callbacks.ModelCheckpoint(
@@ -182,12 +185,12 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
         artifact_location=tracking.artifact_location(uri, output_dir), log_model=False) \
         if uri and launch_rank(cfg) == 0 else False
     checkpoint_dir = cfg.checkpoint_dir or os.path.join(output_dir, "checkpoints")
-    trainer = build_trainer(cfg, output_dir, checkpoint_dir, logger)
     ckpt_path = None
     if cfg.resume:
         ckpt_path = latest_checkpoint(checkpoint_dir) if cfg.resume == "auto" else cfg.resume
         if ckpt_path is None:
             print(f"--resume auto: no checkpoint in {checkpoint_dir}; starting from scratch", flush=True)
+    trainer = build_trainer(cfg, output_dir, checkpoint_dir, logger, ckpt_path)
     if logger:
         logger.log_hyperparams({k: str(v) for k, v in to_flat_dict(cfg).items()})
 

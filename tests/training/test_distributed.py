@@ -221,8 +221,9 @@ def test_two_nodes_with_rendezvous_variables(small_prepared, tmp_path):
 def test_data_parallel_tables_train_export_and_resume(small_prepared, tmp_path):
     """--sharding data_parallel: every table replicated on both ranks (no all-to-all), trained by
     the embedding optimizer as a plain optimizer on DDP-averaged gradients. The export agrees with
-    the distributed evaluation, an epoch-end checkpoint resumes to the same run, and resuming it
-    with the tables sharded otherwise fails with a message instead of dropping their optimizer state."""
+    the distributed evaluation, an epoch-end checkpoint resumes to the same run, a resume without
+    sharding options keeps the tables replicated (on one rank too), and resuming with a table
+    sharded otherwise fails with a message instead of dropping its optimizer state."""
     full = tmp_path / "full"
     train(small_prepared, full, "--max-epochs", "2", "--sharding", "data_parallel")
     reference = read_json(full / "metrics.json")
@@ -242,6 +243,15 @@ def test_data_parallel_tables_train_export_and_resume(small_prepared, tmp_path):
     for key in KEYS:
         assert got["test"][key] == pytest.approx(reference["test"][key], abs=1e-6), key
 
+    # resumed without sharding options, here on one rank, the tables stay replicated
+    final = next((full / "checkpoints").glob("epoch1-end-*/trainer_state.pt")).parent
+    one = tmp_path / "one"
+    train(small_prepared, one, "--max-epochs", "2", "--resume", str(final), devices=1)
+    got = read_json(one / "metrics.json")
+    assert {d["sharding_type"] for d in got["sharding_plan"].values()} == {"data_parallel"}
+    for key in KEYS:
+        assert got["test"][key] == pytest.approx(reference["test"][key], abs=2e-4), key
+
     with pytest.raises(AssertionError, match="resume it with the same data_parallel tables"):
-        train(small_prepared, tmp_path / "other", "--max-epochs", "2", "--sharding", "table_wise", "--resume",
-              str(first))
+        train(small_prepared, tmp_path / "other", "--max-epochs", "2", "--table-sharding", "user:table_wise",
+              "--resume", str(first))

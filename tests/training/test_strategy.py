@@ -16,3 +16,34 @@ def test_sigterm_broadcast_runs_every_n_steps_on_every_rank_alike():
     # a pure function of the step count, the same on every rank: steps 0, 10, 20, 30
     assert calls == [-1, 9, 19, 29]
 
+
+
+def _tables_of(sizes):
+    """A TwoTower (tables on meta) with tables of `sizes` rows {feature: rows}, dimension 64."""
+    from twotower_lit.model import FeatureSpec, TwoTower
+
+    import torch
+
+    specs = [FeatureSpec(name, rows, "user" if name in ("user", "zip") else "item") for name, rows in sizes.items()]
+    return TwoTower(specs, 64, [8], [8], device=torch.device("meta"))
+
+
+def test_small_tables_are_replicated_on_gpus_unless_named_or_resumed():
+    from twotower_lit.strategy import TorchRecStrategy
+
+    # 64 dims x 4 bytes = 256 bytes a row: 262,144 rows is 64 MB, one row more is over
+    model = _tables_of({"user": 262_145, "zip": 1_000, "item": 262_144, "year": 100})
+    strategy = TorchRecStrategy(sharding="table_wise", data_parallel_below_mb=64)
+    assert strategy.table_kinds(model, replicate_small=True) == {
+        "zip": "data_parallel", "item": "data_parallel", "year": "data_parallel"}
+    assert strategy.table_kinds(model, replicate_small=False) == {}  # one GPU, or CPU processes
+    assert TorchRecStrategy(data_parallel_below_mb=0).table_kinds(model, replicate_small=True) == {}
+    # --table-sharding wins over the size rule
+    named = TorchRecStrategy(table_sharding={"item": "row_wise"}, data_parallel_below_mb=64)
+    assert named.table_kinds(model, replicate_small=True) == {
+        "item": "row_wise", "zip": "data_parallel", "year": "data_parallel"}
+    # resuming keeps the checkpoint's replicated tables, and replicates nothing else by size
+    resumed = TorchRecStrategy(table_sharding={"year": "table_wise"}, data_parallel_below_mb=64,
+                               resumed_data_parallel_tables=["t_user", "t_year"])
+    assert resumed.table_kinds(model, replicate_small=True) == {"user": "data_parallel", "year": "table_wise"}
+    assert resumed.table_kinds(model, replicate_small=False) == {"user": "data_parallel", "year": "table_wise"}
