@@ -132,9 +132,9 @@ def train_defaults() -> Dict[str, object]:
     from twotower_lit.config import TrainConfig, to_flat_dict
 
     flat = to_flat_dict(TrainConfig())
-    keys = ("max_epochs", "batch_size", "embedding_dim", "user_layers", "item_layers", "loss", "softmax_weight",
-            "softmax_temperature", "softmax_rows", "vector_l2", "negatives", "embedding_optimizer", "embedding_lr",
-            "dense_optimizer", "dense_lr")
+    keys = ("max_epochs", "batch_size", "embedding_dim", "user_layers", "item_layers", "exposure_dims", "loss",
+            "softmax_weight", "softmax_temperature", "softmax_rows", "vector_l2", "negatives", "embedding_optimizer",
+            "embedding_lr", "dense_optimizer", "dense_lr")
     return {key: flat[key] for key in keys}
 
 

@@ -204,7 +204,7 @@ class _Task(nn.Module):
         self.model = model
 
     def forward(self, batch):
-        from twotower_lit.model import logits
+        from twotower_lit.layers import logits
 
         u, i = self.model(batch.features)
         z = logits(u, i)

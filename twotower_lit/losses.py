@@ -12,7 +12,9 @@
   without it popular items, which turn up as in-batch negatives more often, would be pushed down
   and the softmax would learn popularity-debiased scores.
 - ``both``: BCE over the rated rows only (so the logit stays "probability of liking, given
-  rated", which is what AUC measures) plus ``softmax_weight`` x the softmax term.
+  rated", which is what AUC measures) plus ``softmax_weight`` x the softmax term. With
+  ``exposure_dims``, the BCE logit leaves out the tower outputs' last dimensions and the softmax
+  scores the whole dot product (see `twotower_lit.model.TwoTower`).
 
 The softmax is computed per rank over the local batch; no collectives are needed.
 """
@@ -25,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from twotower_lit.layers import logits as liking_logits
 
 LOSSES = ("bce", "softmax", "both")
 
@@ -80,7 +84,8 @@ class TwoTowerLoss(nn.Module):
     """
 
     def __init__(self, kind: str = "bce", num_items: int = 1, negatives: int = 0, softmax_weight: float = 1.0,
-                 temperature: float = 1.0, vector_l2: float = 0.0, softmax_rows: int = 0) -> None:
+                 temperature: float = 1.0, vector_l2: float = 0.0, softmax_rows: int = 0,
+                 exposure_dims: int = 0) -> None:
         super().__init__()
         if kind not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {kind!r}")
@@ -95,6 +100,7 @@ class TwoTowerLoss(nn.Module):
         self.temperature = temperature
         self.vector_l2 = vector_l2
         self.softmax_rows = softmax_rows
+        self.exposure_dims = exposure_dims  # the BCE term's logit leaves them out; the softmax uses them
         # until set: every real item equally likely (row 0 is the out-of-vocabulary item)
         self.register_buffer("log_q", torch.full((num_items,), -math.log(max(num_items - 1, 1))),
                              persistent=False)
@@ -117,7 +123,7 @@ class TwoTowerLoss(nn.Module):
         if rows % (1 + self.negatives):
             raise ValueError(f"a batch of {rows} rows cannot be n rated rows + {self.negatives} negatives each")
         n_rated = rows // (1 + self.negatives)
-        logits = (user * item).sum(dim=1)
+        logits = liking_logits(user, item, self.exposure_dims)
         parts: Dict[str, torch.Tensor] = {}
         if self.kind == "bce":
             parts["bce"] = loss = F.binary_cross_entropy_with_logits(logits, labels)

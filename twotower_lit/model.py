@@ -54,6 +54,11 @@ def feature_specs(manifest: Mapping, side_features: bool = True) -> List[Feature
 class TwoTower(nn.Module):
     """score(user, item) = <user_tower(user features), item_tower(item features)>.
 
+    The retrieval score is the whole dot product; the liking logit (`logits`, trained by the BCE
+    term and measured by AUC) leaves out the last ``exposure_dims`` dimensions. Those model which
+    movies a user rates at all, which the in-batch softmax learns and which differs from whether
+    the user likes a movie once rated: with one score, each objective pulled it its own way.
+
     Input is one `KeyedJaggedTensor` with every feature (user features first, then item
     features, in `self.feature_names` order); `forward` returns the two tower outputs.
 
@@ -65,11 +70,16 @@ class TwoTower(nn.Module):
     """
 
     def __init__(self, features: Sequence[FeatureSpec], embedding_dim: int, user_layers: Sequence[int],
-                 item_layers: Sequence[int], device: Optional[torch.device] = None) -> None:
+                 item_layers: Sequence[int], device: Optional[torch.device] = None, exposure_dims: int = 0) -> None:
         super().__init__()
         if user_layers[-1] != item_layers[-1]:
             raise ValueError(f"the towers must end in the same width to take a dot product: "
                              f"user_layers={list(user_layers)}, item_layers={list(item_layers)}")
+        if not 0 <= exposure_dims < user_layers[-1]:
+            raise ValueError(f"--exposure-dims {exposure_dims} must be >= 0 and below the towers' output width "
+                             f"{user_layers[-1]} (the liking logit needs at least one dimension): pass "
+                             f"--exposure-dims 0 to {user_layers[-1] - 1}, or wider towers")
+        self.exposure_dims = exposure_dims
         self.features = list(features)
         self.user_features = tuple(f.name for f in features if f.tower == "user")
         self.item_features = tuple(f.name for f in features if f.tower == "item")
@@ -189,6 +199,3 @@ def _averaged(x: torch.Tensor, lengths: torch.Tensor, keys: List[str], names: Tu
         scale[:, j] = lengths[keys.index(names[j])].clamp(min=1).reciprocal()
     return (x.view(x.shape[0], len(names), -1) * scale.unsqueeze(2)).view(x.shape)
 
-
-def logits(user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
-    return (user * item).sum(dim=1)

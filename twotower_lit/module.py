@@ -15,8 +15,9 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from twotower_lit.config import ModelConfig, OptimConfig
 from twotower_lit.data.batches import Batch
+from twotower_lit.layers import logits
 from twotower_lit.losses import TwoTowerLoss
-from twotower_lit.model import FeatureSpec, TwoTower, logits
+from twotower_lit.model import FeatureSpec, TwoTower
 
 EMBEDDING_OPTIMIZERS = {
     "rowwise_adagrad": (RowWiseAdagrad, {}),
@@ -125,7 +126,7 @@ class TwoTowerModule(L.LightningModule):
         self.total_steps = total_steps
         # tables on meta: the strategy's DMP materialises only the shards this rank owns
         self.model = TwoTower(features, model_cfg.embedding_dim, model_cfg.user_layers, model_cfg.item_layers,
-                              device=torch.device("meta"))
+                              device=torch.device("meta"), exposure_dims=model_cfg.exposure_dims)
         cls, extra = EMBEDDING_OPTIMIZERS[optim_cfg.embedding_optimizer]
         apply_optimizer_in_backward(cls, self.model.ebc.parameters(), {"lr": optim_cfg.embedding_lr, **extra})
         # default: plain BCE over every row (the workshop's objective)
@@ -153,7 +154,7 @@ class TwoTowerModule(L.LightningModule):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         user, item = self.model(batch.features)
-        return logits(user, item)
+        return logits(user, item, self.model_cfg.exposure_dims)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()  # Lightning's wrapper: its step() counts global_step

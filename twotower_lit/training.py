@@ -6,6 +6,7 @@ training job) executes on every rank; rank 0 alone writes metrics, MLflow record
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import glob
 import json
@@ -149,6 +150,9 @@ def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger
 def run(cfg: TrainConfig) -> Optional[Dict]:
     """Train, test, export. Returns metrics on rank 0, None on other ranks."""
     quiet_known_warnings()
+    if cfg.loss != "both" and cfg.model.exposure_dims:
+        # one objective, one score: the exposure dimensions would only be shrunk by the vector L2
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, exposure_dims=0))
     device_type = "cuda" if cfg.accelerator in ("gpu", "cuda") or (
         cfg.accelerator == "auto" and torch.cuda.is_available()) else "cpu"
     check_embedding_optimizer(cfg.optim.embedding_optimizer, device_type)
@@ -173,7 +177,8 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
     dm.load()  # training-row counts per item: the softmax's log-Q correction
     loss = TwoTowerLoss(cfg.loss, num_items=dm.num_items, negatives=cfg.negatives,
                         softmax_weight=cfg.softmax_weight, temperature=cfg.softmax_temperature,
-                        vector_l2=cfg.vector_l2, softmax_rows=cfg.softmax_rows)
+                        vector_l2=cfg.vector_l2, softmax_rows=cfg.softmax_rows,
+                        exposure_dims=cfg.model.exposure_dims)
     loss.set_item_counts(dm.item_counts)
     module_cls = PipelinedTwoTowerModule if cfg.train_pipeline == "sparse_dist" else TwoTowerModule
     module = module_cls(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss)

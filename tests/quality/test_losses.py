@@ -108,6 +108,24 @@ def test_both_is_rated_row_bce_plus_weighted_softmax():
     assert loss.item() == pytest.approx(rated_bce.item() + 0.3 * parts["softmax"].item(), rel=1e-6)
 
 
+def test_exposure_dims_are_left_out_of_the_bce_logit_and_scored_by_the_softmax():
+    user, item, items, labels = _batch(8, negatives=0, dim=6)
+    split = TwoTowerLoss("both", num_items=20, softmax_weight=0.3, exposure_dims=2)
+    whole = TwoTowerLoss("softmax", num_items=20)
+    for fn in (split, whole):
+        fn.set_item_counts(np.arange(20, dtype=np.float64))
+    loss, parts = split(user, item, items, labels)
+    liking = (user[:, :4] * item[:, :4]).sum(1)
+    assert parts["bce"].item() == pytest.approx(F.binary_cross_entropy_with_logits(liking, labels).item(), rel=1e-6)
+    assert parts["softmax"].item() == pytest.approx(whole(user, item, items, labels)[0].item(), rel=1e-6)
+    # the BCE term alone sends nothing to the last two dimensions; the softmax does
+    parts["bce"].backward(retain_graph=True)
+    assert user.grad[:, 4:].abs().sum() == 0 and user.grad[:, :4].abs().sum() > 0
+    user.grad = None
+    parts["softmax"].backward()
+    assert user.grad[:, 4:].abs().sum() > 0
+
+
 def test_uniform_negatives_join_as_candidates_with_the_mixture_correction():
     """With n rated rows and m uniform negatives the expected count of item i among the candidates
     is n q_i + m / (items - 1): the loss must equal the softmax built by hand with that correction."""

@@ -104,3 +104,13 @@ def test_train_pipeline_can_trace_the_model():
     graph = Tracer(leaf_modules=["ebc"]).trace(model)  # as the pipeline marks its sharded modules
     targets = [str(n.target) for n in graph.nodes]
     assert "ebc" in targets and "tower_inputs" in " ".join(targets)
+
+
+def test_exposure_dims_must_leave_the_liking_logit_a_dimension():
+    from twotower_lit.model import FeatureSpec, TwoTower
+
+    specs = [FeatureSpec("user", 5, "user"), FeatureSpec("item", 5, "item")]
+    for bad in (-1, 8):
+        with pytest.raises(ValueError, match="--exposure-dims"):
+            TwoTower(specs, 4, [16, 8], [16, 8], exposure_dims=bad)
+    assert TwoTower(specs, 4, [16, 8], [16, 8], exposure_dims=7).exposure_dims == 7

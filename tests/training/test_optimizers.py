@@ -39,8 +39,8 @@ def _sharded_module(dm, optim_cfg, pg, total_steps=10, sharding="table_wise"):
     from twotower_lit.module import TwoTowerModule
     from twotower_lit.strategy import EmbeddingBagCollectionShardingOffer, build_sharding_plan
 
-    lm = TwoTowerModule(feature_specs(dm.manifest), ModelConfig(embedding_dim=8, user_layers=[16, 8],
-                                                                item_layers=[16, 8]), optim_cfg, total_steps)
+    cfg = ModelConfig(embedding_dim=8, user_layers=[16, 8], item_layers=[16, 8], exposure_dims=0)
+    lm = TwoTowerModule(feature_specs(dm.manifest), cfg, optim_cfg, total_steps)
     plan = build_sharding_plan(lm.model, pg, "cpu", sharding)
     lm.model = DistributedModelParallel(lm.model, device=torch.device("cpu"), plan=plan,
                                         sharders=[EmbeddingBagCollectionShardingOffer()],
@@ -222,7 +222,7 @@ def test_checkpoint_of_automatic_optimisation_keeps_its_step_count():
     from twotower_lit.module import TwoTowerModule
 
     lm = TwoTowerModule([FeatureSpec("user", 5, "user"), FeatureSpec("item", 5, "item")],
-                        ModelConfig(embedding_dim=4, user_layers=[4], item_layers=[4]), OptimConfig())
+                        ModelConfig(embedding_dim=4, user_layers=[4], item_layers=[4], exposure_dims=0), OptimConfig())
     progress = lambda n: {"total": {"ready": n, "completed": n}, "current": {"ready": n, "completed": n}}
     loop = {"epoch_loop.automatic_optimization.optim_progress": {"optimizer": {"step": progress(37)}},
             "epoch_loop.manual_optimization.optim_step_progress": progress(0)}

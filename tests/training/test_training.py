@@ -126,14 +126,15 @@ def test_exported_scores_equal_model_scores(prepared_synthetic, tmp_path):
     from twotower_lit.data.datamodule import MovieLensDataModule
     from twotower_lit.export.format import load_export
     from twotower_lit.export.writer import export_model
+    from twotower_lit.layers import logits
     from twotower_lit.model import TwoTower, feature_specs
 
     dm = MovieLensDataModule(str(prepared_synthetic))
     dm.load()
-    cfg = ModelConfig(embedding_dim=8, user_layers=[16, 4], item_layers=[12, 4])
+    cfg = ModelConfig(embedding_dim=8, user_layers=[16, 4], item_layers=[12, 4], exposure_dims=1)
     features = feature_specs(dm.manifest)
     torch.manual_seed(0)
-    model = TwoTower(features, cfg.embedding_dim, cfg.user_layers, cfg.item_layers)
+    model = TwoTower(features, cfg.embedding_dim, cfg.user_layers, cfg.item_layers, exposure_dims=1)
     for table in model.ebc.embedding_bags.values():
         torch.nn.init.normal_(table.weight, std=0.3)
     export_model(str(tmp_path / "m"), model.state_dict(), features, cfg, dm, metrics={})
@@ -145,6 +146,12 @@ def test_exported_scores_equal_model_scores(prepared_synthetic, tmp_path):
         u, i = model(dm.builder.build(users, items))
         expected = (u * i).sum(1)
         eu = exported.user_vectors(exported.user_features[torch.from_numpy(users)])
-        got = (eu * exported.item_vectors[torch.from_numpy(items - 1)]).sum(1)
+        ei = exported.item_vectors[torch.from_numpy(items - 1)]
+        got = (eu * ei).sum(1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # the liking logit (BCE, AUC) leaves out the last exposure dimension, in the export as in training
+    assert exported.exposure_dims == 1
+    liking = logits(eu, ei, exported.exposure_dims)
+    torch.testing.assert_close(liking, (u[:, :3] * i[:, :3]).sum(1), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(liking, expected)
     assert (expected < 0).any()  # no activation on the last tower layer: scores can be negative

@@ -9,6 +9,7 @@ import torch
 from twotower_lit.data.csr import Csr
 from twotower_lit.export.format import ExportedModel, load_export
 from twotower_lit.metrics import binary_metrics, positives_csr, rank_users
+from twotower_lit.layers import logits
 
 
 def read_split(data_dir: str, split: str) -> Dict[str, np.ndarray]:
@@ -31,7 +32,7 @@ def evaluate_export(model: ExportedModel, rows: Dict[str, np.ndarray], k: int = 
     user_vecs = torch.zeros(num_users, items.shape[1])
     user_vecs[users] = model.user_vectors(model.user_features[torch.from_numpy(users)])
     u, i = torch.from_numpy(rows["user"]), torch.from_numpy(rows["item"])
-    probs = torch.sigmoid((user_vecs[u] * items[i]).sum(1)).numpy()
+    probs = torch.sigmoid(logits(user_vecs[u], items[i], model.exposure_dims)).numpy()
     out = binary_metrics(probs, rows["label"])
     seen = Csr(model.seen_indptr.numpy(), model.seen_items.numpy())
     positives = positives_csr(rows["user"], rows["item"], rows["label"], num_users)

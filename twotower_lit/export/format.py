@@ -108,9 +108,14 @@ class ExportedModel:
         lo, hi = int(self.seen_indptr[user_index]), int(self.seen_indptr[user_index + 1])
         return self.seen_items[lo:hi]
 
+    @property
+    def exposure_dims(self) -> int:
+        """Last dimensions of the vectors that enter the retrieval score only (see `TwoTower`)."""
+        return int(self.config.get("exposure_dims", 0))
+
     @torch.no_grad()
     def scores(self, user_vectors: torch.Tensor) -> torch.Tensor:
-        """[B, I] logits of every real item (column j is item index j + 1)."""
+        """[B, I] retrieval scores of every real item (column j is item index j + 1)."""
         return user_vectors @ self.item_vectors.t()
 
 

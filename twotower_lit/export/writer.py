@@ -17,7 +17,8 @@ from twotower_lit.model import FeatureSpec, TwoTower
 def unsharded_model(state: Mapping[str, torch.Tensor], features: Sequence[FeatureSpec],
                     model_cfg: ModelConfig) -> TwoTower:
     """A CPU TwoTower holding a gathered state dict (for export and single-process scoring)."""
-    model = TwoTower(features, model_cfg.embedding_dim, model_cfg.user_layers, model_cfg.item_layers)
+    model = TwoTower(features, model_cfg.embedding_dim, model_cfg.user_layers, model_cfg.item_layers,
+                     exposure_dims=model_cfg.exposure_dims)
     missing, unexpected = model.load_state_dict(dict(state), strict=False)
     if missing or unexpected:
         raise ValueError(f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")
@@ -77,6 +78,7 @@ def export_model(model_dir: str, state: Mapping[str, torch.Tensor], features: Se
         "item_features": [f.name for f in features if f.tower == "item"],
         "user_layers": list(model_cfg.user_layers),
         "item_layers": list(model_cfg.item_layers),
+        "exposure_dims": model_cfg.exposure_dims,  # the liking logit leaves out the vectors' last ones
         "vocab_sizes": {f.name: f.num_embeddings for f in features},
         "zip_prefix": manifest.get("options", {}).get("zip_prefix", 3),
         "dataset": manifest.get("dataset"),

@@ -1,7 +1,8 @@
 """Top-k recommendations from an `ExportedModel`: known users, cold-start users and a popularity
 fallback, with the items a user rated in training excluded.
 
-score(user, item) = <user tower(user features), item vector>, the logit the model was trained on.
+score(user, item) = <user tower(user features), item vector>, the retrieval score the model was
+trained on (all dimensions, the exposure ones too: see `twotower_lit.model.TwoTower`).
 Exact search (`ExactSearch`, torch.topk over every real item) is the default; `FaissSearch` is an
 approximate inner-product HNSW index for when faiss is installed.
 """
