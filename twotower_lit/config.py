@@ -60,7 +60,7 @@ class ModelConfig:
     item_layers: List[int] = _opt([128, 64], "item tower MLP widths; the last must equal the user tower's")
     side_features: bool = _opt(True, "use side features (gender, age, occupation, zip; genres, year) where present")
     # measured by `python -m benchmarks.quality` (ml-100k, 4 seeds): 16 of 64 raised test AUC from
-    # 0.7819 to 0.7984 and Recall@10 from 0.2175 to 0.2339 over one shared score
+    # 0.7819 to 0.7983 and Recall@10 from 0.2175 to 0.2339 over one shared score
     exposure_dims: int = _opt(16, "with --loss both: the last this many dimensions of the tower outputs enter only "
                                   "the retrieval score (which movies a user rates), the others also the liking "
                                   "logit of the BCE term and AUC; 0: one score for both")

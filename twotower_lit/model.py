@@ -54,10 +54,11 @@ def feature_specs(manifest: Mapping, side_features: bool = True) -> List[Feature
 class TwoTower(nn.Module):
     """score(user, item) = <user_tower(user features), item_tower(item features)>.
 
-    The retrieval score is the whole dot product; the liking logit (`logits`, trained by the BCE
-    term and measured by AUC) leaves out the last ``exposure_dims`` dimensions. Those model which
-    movies a user rates at all, which the in-batch softmax learns and which differs from whether
-    the user likes a movie once rated: with one score, each objective pulled it its own way.
+    The retrieval score is the whole dot product; the liking logit (`twotower_lit.layers.logits`,
+    trained by the BCE term and measured by AUC) leaves out the last ``exposure_dims`` dimensions.
+    Those model which movies a user rates at all, which the in-batch softmax learns and which
+    differs from whether the user likes a movie once rated: with one score, each objective pulled
+    it its own way.
 
     Input is one `KeyedJaggedTensor` with every feature (user features first, then item
     features, in `self.feature_names` order); `forward` returns the two tower outputs.
