@@ -256,7 +256,7 @@ class TorchRecStrategy(DDPStrategy):
         weights. A replicated table needs no all-to-all; each step all-reduces its whole gradient."""
         kinds = dict(self.table_sharding)
         for cfg in _ebc(module).embedding_bag_configs():
-            feature = cfg.name[len("t_"):] if cfg.name.startswith("t_") else cfg.name
+            feature = cfg.feature_names[0]  # one feature per table (`TwoTower`)
             if feature in kinds:
                 continue
             if self.resumed_data_parallel_tables is not None:
