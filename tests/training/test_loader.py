@@ -188,23 +188,34 @@ def test_built_features_carry_host_side_key_lengths_through_pinning(tmp_path):
         assert genres.lengths().sum().item() == kjt.length_per_key()[kjt.keys().index("genres")] > 0
 
 
-def _device_reader(tmp_path, world, rank, epoch=0, skip=0, n_rows=1003):
+def test_batch_already_on_the_device_moves_as_itself(tmp_path):
+    _, builder, (users, items, labels) = _write_split(tmp_path, 300, 1)
+    batch = builder.batch(users[:50].astype(np.int64), items[:50].astype(np.int64), labels[:50])
+    assert batch.to("cpu") is batch and batch.to(torch.device("cpu"), non_blocking=True) is batch
+    if torch.cuda.is_available():
+        moved = batch.to("cuda")
+        assert moved is not batch and moved.labels.is_cuda and moved.features.values().is_cuda
+
+
+def _device_reader(tmp_path, world, rank, epoch=0, skip=0, n_rows=1003, chunk_rows=1 << 20):
     from twotower_lit.data.device_batches import DeviceResidentBatches
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     source, builder, (users, items, labels) = _write_split(tmp_path, n_rows, 5)
     rows = {"user": users, "item": items, "label": labels}  # _write_split's shards are these rows in order
-    reader = DeviceResidentBatches(rows, source.rows, builder, batch_size=64, world=world, rank=rank, seed=1)
+    reader = DeviceResidentBatches(rows, source.rows, builder, batch_size=64, world=world, rank=rank, seed=1,
+                                   chunk_rows=chunk_rows)
     reader.set_epoch(epoch)
     reader.skip = skip
     return reader, builder, (users, items, labels)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_device_resident_batches_cover_every_row_with_equal_batch_counts(tmp_path, world):
+@pytest.mark.parametrize("world,chunk_rows", [(1, 1 << 20), (2, 1 << 20), (3, 1 << 20), (2, 3 * 64), (1, 64)])
+def test_device_resident_batches_cover_every_row_with_equal_batch_counts(tmp_path, world, chunk_rows):
     counts, pairs, flagged = [], [], 0
     for rank in range(world):
-        reader, builder, (users, items, labels) = _device_reader(tmp_path / str(rank), world, rank)
+        reader, builder, (users, items, labels) = _device_reader(tmp_path / str(rank), world, rank,
+                                                                 chunk_rows=chunk_rows)
         batches = list(reader)
         assert len(batches) == len(reader) == num_batches(1003, world, 64)
         counts.append(len(batches))
@@ -232,11 +243,20 @@ def test_device_resident_batches_cover_every_row_with_equal_batch_counts(tmp_pat
 def test_device_resident_batches_skip_resumes_and_epochs_reshuffle(tmp_path):
     reader, _, _ = _device_reader(tmp_path, 2, 1)
     full = list(reader)
-    reader.skip = 5
-    tail = list(reader)
-    assert len(tail) == len(full) - 5
-    for a, b in zip(full[5:], tail):
-        assert torch.equal(a.features.values(), b.features.values()) and torch.equal(a.labels, b.labels)
+    # assembled three batches at a time: the same batches, and a resume inside a chunk
+    chunked, _, _ = _device_reader(tmp_path / "chunked", 2, 1, chunk_rows=3 * 64)
+    assert len(list(chunked)) == len(full)
+    for a, b in zip(full, chunked):
+        assert torch.equal(a.features.values(), b.features.values())
+        assert torch.equal(a.features.lengths(), b.features.lengths())
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.rated, b.rated)
+    for skip in (5, 6):
+        for r in (reader, chunked):
+            r.skip = skip
+            tail = list(r)
+            assert len(tail) == len(full) - skip
+            for a, b in zip(full[skip:], tail):
+                assert torch.equal(a.features.values(), b.features.values()) and torch.equal(a.labels, b.labels)
     reader.skip = 0
     assert all(torch.equal(a.features.values(), b.features.values()) for a, b in zip(full, reader))
     reader.set_epoch(1)

@@ -27,6 +27,9 @@ class Batch(Pipelineable):
     rated: torch.Tensor  # bool: True for rated rows, False for sampled negatives
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        device = torch.device(device)
+        if self.labels.device == device and self.rated.device == device and self.features.device() == device:
+            return self  # built on the device already (--data-on-device): no new KeyedJaggedTensor per step
         return Batch(self.features.to(device=device, non_blocking=non_blocking),
                      self.labels.to(device=device, non_blocking=non_blocking),
                      self.rated.to(device=device, non_blocking=non_blocking))

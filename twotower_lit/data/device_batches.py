@@ -6,9 +6,9 @@ Why: at GPU step rates (a 64k-row step takes ~5 ms) the streaming loader has to 
 batch, and it does not (about 4.4 M rows/s end to end on an H200 machine with 12 workers,
 against 11 M rows/s for the same steps fed from memory; see the README's GPU tables). When the
 training split fits in device memory (20 bytes per rating: ~0.5 GB for 25 M training rows, plus
-the small feature tables), this reader keeps it there and builds every batch with a few gathers
-on the device: no workers, no copies, no host sync (each key's length is computed on the host
-for the whole epoch at once, on the device).
+the small feature tables), this reader keeps it there and builds the batches with a few gathers
+on the device, many batches at a time: no workers, no copies, no host sync (each key's length is
+computed on the host for the whole epoch at once, on the device).
 
 Which rows a rank trains on is the streaming loader's policy (`assign_rows`: the same number of
 rows on every rank, the same wrap-around re-read, the same number of batches). Within the rank's
@@ -19,15 +19,19 @@ here: use the streaming loader for ``--negatives N``.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from twotower_lit.data.batches import Batch, KJTBuilder, keyed_features
+from twotower_lit.data.batches import Batch, KJTBuilder
 from twotower_lit.data.loader import assign_rows, num_batches
 from twotower_lit.data.schema import MULTI_VALUED
+
+CHUNK_ROWS = 1 << 20  # rows assembled at once (see DeviceResidentBatches)
 
 
 class DeviceResidentBatches(IterableDataset):
@@ -35,17 +39,23 @@ class DeviceResidentBatches(IterableDataset):
 
     `rows` holds the split's ``user``, ``item`` and ``label`` columns in shard order (as
     `read_split` returns them) and `shard_rows` the row count of each shard.
+
+    Batches are assembled `chunk_rows` rows (whole batches) at a time: a few gathers build every
+    feature of a chunk's batches at once, and each batch is then views of the chunk plus at most
+    one concatenation. At GPU step rates the training loop is bound by the host's per-operation
+    work, so the ~25 small operations of building one batch on its own would run on every step.
     """
 
     def __init__(self, rows: Dict[str, np.ndarray], shard_rows: Sequence[int], builder: KJTBuilder,
                  batch_size: int, world: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device = torch.device("cpu"), chunk_rows: int = CHUNK_ROWS) -> None:
         self.shard_rows = [int(r) for r in shard_rows]
         self.offsets = np.concatenate([[0], np.cumsum(self.shard_rows)]).astype(np.int64)
         if int(self.offsets[-1]) != len(rows["user"]):
             raise ValueError(f"the split has {len(rows['user'])} rows but its shards list {int(self.offsets[-1])}")
         self.builder = builder
         self.batch_size = batch_size
+        self.batches_per_chunk = max(1, chunk_rows // batch_size)
         self.world, self.rank, self.seed, self.shuffle = world, rank, seed, shuffle
         self.device = device
         self.epoch = 0
@@ -58,12 +68,16 @@ class DeviceResidentBatches(IterableDataset):
         self.items = on_device(rows["item"], np.int64)
         self.labels = on_device(rows["label"], np.float32)
         tables = builder.tables
-        self.user_tables = {n: on_device(tables.user[n], np.int64) for n in builder.user_features}
-        self.item_tables = {n: on_device(tables.item[n], np.int64) for n in builder.item_features
-                            if n not in MULTI_VALUED}
         self.multi = [n for n in builder.item_features if n in MULTI_VALUED]
         if len(self.multi) > 1:
             raise ValueError(f"one multi-valued item feature is supported, got {self.multi}")
+        single_items = [n for n in builder.item_features if n not in MULTI_VALUED]
+        # each tower's single-valued features as the columns of one table: one gather per tower
+        self.user_columns = on_device(np.stack([tables.user[n] for n in builder.user_features], 1), np.int64)
+        self.item_columns = on_device(np.stack([tables.item[n] for n in single_items], 1), np.int64)
+        self.singles = len(builder.user_features) + len(single_items)
+        # the multi-valued feature's place among the keys (the single-valued keys keep their order around it)
+        self.multi_key = builder.keys.index(self.multi[0]) if self.multi else None
         if self.multi:
             self.multi_indptr = on_device(tables.genres_indptr, np.int64)
             self.multi_values = on_device(tables.genres_values, np.int64)
@@ -93,37 +107,55 @@ class DeviceResidentBatches(IterableDataset):
 
     def __iter__(self):
         index, first = self.epoch_rows()
-        starts = list(range(0, len(index), self.batch_size))
+        size, n = self.batch_size, len(index)
+        full = n // size  # batches of batch_size rows; a shorter last one follows when n is not a multiple
         multi_totals: List[int] = []
-        if self.multi and len(index):
+        if self.multi and n:
             # each batch's multi-valued length, for the whole epoch in one device-to-host copy
             ends = torch.cumsum(self.multi_lengths[self.items[index]], 0)
-            bounds = torch.tensor([min(lo + self.batch_size, len(index)) - 1 for lo in starts], device=self.device)
+            bounds = torch.tensor([min(lo + size, n) - 1 for lo in range(0, n, size)], device=self.device)
             cut = ends[bounds]
             multi_totals = torch.diff(cut, prepend=cut.new_zeros(1)).tolist()
-        for b, lo in enumerate(starts):
-            if b < self.skip:
+        spans = [(lo, min(lo + self.batches_per_chunk, full)) for lo in range(0, full, self.batches_per_chunk)]
+        if n > full * size:
+            spans.append((full, full + 1))
+        for lo, hi in spans:  # batches [lo, hi) of the epoch
+            if hi <= self.skip:
                 continue
-            rows = index[lo:lo + self.batch_size]
-            yield self._batch(rows, first[lo:lo + self.batch_size], multi_totals[b] if self.multi else 0)
+            rows = index[lo * size:min(hi * size, n)]
+            yield from self._chunk(rows, first[lo * size:min(hi * size, n)], hi - lo,
+                                   multi_totals[lo:hi] if self.multi else [], max(0, self.skip - lo))
 
-    def _batch(self, rows: torch.Tensor, first: torch.Tensor, multi_total: int) -> Batch:
-        """The same KeyedJaggedTensor as `KJTBuilder.build` for these rows, gathered on the device."""
-        users, items = self.users[rows], self.items[rows]
-        n = len(rows)
-        ones = torch.ones(n, dtype=torch.int32, device=self.device)
-        values: List[torch.Tensor] = [self.user_tables[name][users] for name in self.builder.user_features]
-        lengths: List[torch.Tensor] = [ones] * len(values)
-        for name in self.builder.item_features:
-            if name in MULTI_VALUED:
-                starts = self.multi_indptr[items]
-                lens = self.multi_indptr[items + 1] - starts
-                # positions of every selected item's values: concat of arange(start, start + len)
-                shift = torch.repeat_interleave(starts - (torch.cumsum(lens, 0) - lens), lens, output_size=multi_total)
-                values.append(self.multi_values[torch.arange(multi_total, device=self.device) + shift])
-                lengths.append(lens.to(torch.int32))
+    def _chunk(self, rows: torch.Tensor, first: torch.Tensor, count: int, multi_totals: List[int], skip: int):
+        """Batches of `count` equal parts of `rows` (one part for a last, shorter batch), the same
+        KeyedJaggedTensors as `KJTBuilder.build` makes of those rows, without the first `skip`."""
+        size = len(rows) // count
+        users, items = self.users[rows].view(count, size), self.items[rows].view(count, size)
+        # (batch, single-valued key, row): each batch's block of single-valued values is contiguous
+        singles = torch.cat([self.user_columns[users], self.item_columns[items]], dim=2).transpose(1, 2).contiguous()
+        keys = len(self.builder.keys)
+        lengths = torch.ones(count, keys, size, dtype=torch.int32, device=self.device)
+        labels, first = self.labels[rows].view(count, size), first.view(count, size)
+        per_key = [size] * keys
+        if self.multi:
+            flat = items.reshape(-1)
+            starts = self.multi_indptr[flat]
+            lens = self.multi_indptr[flat + 1] - starts
+            lengths[:, self.multi_key] = lens.view(count, size)
+            total = sum(multi_totals)
+            # positions of every selected item's values: concat of arange(start, start + len)
+            shift = torch.repeat_interleave(starts - (torch.cumsum(lens, 0) - lens), lens, output_size=total)
+            multi = self.multi_values[torch.arange(total, device=self.device) + shift]
+            bounds = [0, *itertools.accumulate(multi_totals)]
+        for b in range(skip, count):
+            if self.multi:
+                m = self.multi_key
+                parts = [singles[b, :m].reshape(-1), multi[bounds[b]:bounds[b + 1]], singles[b, m:].reshape(-1)]
+                values = torch.cat([p for p in parts if len(p)])
+                per_key[m] = multi_totals[b]
             else:
-                values.append(self.item_tables[name][items])
-                lengths.append(ones)
-        features = keyed_features(self.builder.keys, values, lengths)
-        return Batch(features, self.labels[rows], first)
+                values = singles[b].reshape(-1)
+            features = KeyedJaggedTensor(keys=self.builder.keys, values=values, lengths=lengths[b].reshape(-1),
+                                         stride=size, length_per_key=list(per_key),
+                                         offset_per_key=[0, *itertools.accumulate(per_key)])
+            yield Batch(features, labels[b], first[b])
