@@ -7,7 +7,8 @@ Runs, each in its own process so one's memory and threads do not disturb the nex
      the Lightning/TorchRec path with and without TorchRec's pipeline, eager DMP, TorchRec's
      pipeline alone and plain PyTorch, on 1 and 2 gloo processes,
   4. training end to end from Parquet shards (`entrypoints.train`, 1 and 2 processes, batch 8k and 64k),
-  5. serving latency and throughput.
+  5. serving latency and throughput,
+  6. what logging a metric to MLflow costs the training loop (synchronous and asynchronous).
 Writes every table to DIR/cpu_suite.md (and the raw JSON lines of step 3 to DIR/train_throughput.jsonl).
 The GPU part is `bash benchmarks/gpu_suite.sh`; recommendation quality is `python -m benchmarks.quality`.
 """
@@ -90,6 +91,8 @@ def main(argv=None) -> None:
                      "\n".join(rows)))
     sections.append(("Serving", run([py, "-m", "benchmarks.serving_bench"] +
                                     (["--duration", "2"] if args.quick else []))))
+    sections.append(("Experiment tracking (MLflow logging of the training loss)",
+                     table_lines(run([py, "-m", "benchmarks.tracking_bench"]))))
 
     load = os.getloadavg()
     header = (f"# CPU benchmark suite\n\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

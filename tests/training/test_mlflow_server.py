@@ -61,6 +61,8 @@ def test_training_logs_to_mlflow_server(mlflow_server, prepared_synthetic, tmp_p
     assert run.data.metrics["final_test_recall_at_10"] == pytest.approx(metrics["test"]["recall@10"])
     assert run.data.metrics["baseline_popularity_auc"] == pytest.approx(metrics["baselines"]["popularity"]["auc"])
     assert len(client.get_metric_history(run.info.run_id, "val_recall_at_10")) == 2
+    # logged asynchronously: every interval's training loss is on the server once the run is finished
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == metrics["train"]["steps"] // 10
     names = {a.path for a in client.list_artifacts(run.info.run_id, "exported_model")}
     assert "exported_model/model.safetensors" in names and "exported_model/manifest.json" in names
     (version,) = client.search_model_versions("name='twotower-server-test'")
