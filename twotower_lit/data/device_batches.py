@@ -75,7 +75,6 @@ class DeviceResidentBatches(IterableDataset):
         # each tower's single-valued features as the columns of one table: one gather per tower
         self.user_columns = on_device(np.stack([tables.user[n] for n in builder.user_features], 1), np.int64)
         self.item_columns = on_device(np.stack([tables.item[n] for n in single_items], 1), np.int64)
-        self.singles = len(builder.user_features) + len(single_items)
         # the multi-valued feature's place among the keys (the single-valued keys keep their order around it)
         self.multi_key = builder.keys.index(self.multi[0]) if self.multi else None
         if self.multi:
