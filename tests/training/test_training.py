@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import tarfile
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -155,3 +156,18 @@ def test_exported_scores_equal_model_scores(prepared_synthetic, tmp_path):
     torch.testing.assert_close(liking, (u[:, :3] * i[:, :3]).sum(1), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(liking, expected)
     assert (expected < 0).any()  # no activation on the last tower layer: scores can be negative
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_bar_redraws_once_per_logging_interval(tmp_path, progress):
+    from twotower_lit.config import TrainConfig
+    from twotower_lit.training import LOG_EVERY_N_STEPS, build_trainer
+
+    cfg = TrainConfig(accelerator="cpu", devices=1, progress=progress)
+    trainer = build_trainer(cfg, str(tmp_path), str(tmp_path / "checkpoints"), logger=False)
+    assert trainer.log_every_n_steps == LOG_EVERY_N_STEPS > 1
+    bar = trainer.progress_bar_callback
+    if progress:
+        assert isinstance(bar, L.pytorch.callbacks.TQDMProgressBar) and bar.refresh_rate == LOG_EVERY_N_STEPS
+    else:
+        assert bar is None
