@@ -1,8 +1,9 @@
 """The LightningModule: what is trained (model, loss, optimizers, metrics), not how it is distributed."""
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
@@ -27,6 +28,7 @@ EMBEDDING_OPTIMIZERS = {
 # FBGEMM's CPU kernels fuse only these into the backward pass; Adam on the tables needs CUDA
 CPU_EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "sgd")
 DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+MODEL_KEY = "twotower_model"  # in a checkpoint: the model options and embedding tables it was trained with
 
 
 def check_embedding_optimizer(name: str, device_type: str) -> None:
@@ -220,6 +222,40 @@ class TwoTowerModule(L.LightningModule):
         values = metrics.compute()  # synchronised across ranks by torchmetrics
         self.log_dict({f"{stage}_{k}": v for k, v in values.items()}, prog_bar=stage == "val", sync_dist=False)
         metrics.reset()
+
+    def model_description(self) -> Dict[str, Any]:
+        """What a checkpoint's weights mean: the model options and each table's rows."""
+        return {"options": dataclasses.asdict(self.model_cfg),
+                "tables": {f.name: f.num_embeddings for f in self.features}}
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint[MODEL_KEY] = self.model_description()
+
+    def check_resumable(self, checkpoint: Mapping[str, Any], path: str) -> None:
+        """Refuse a checkpoint of another model, naming what differs, before its weights are
+        loaded: another width fails deep inside the load, and another ``--exposure-dims`` (same
+        shapes) would silently change what the trained dimensions mean. Checkpoints written before
+        the model was recorded are not checked."""
+        saved = checkpoint.get(MODEL_KEY)
+        if saved is None:
+            return
+        now = self.model_description()
+
+        def shown(value: Any) -> str:
+            return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value).lower()
+
+        differences = [f"--{name.replace('_', '-')} {shown(saved['options'][name])} there, {shown(value)} here"
+                       for name, value in now["options"].items()
+                       if name in saved["options"] and saved["options"][name] != value]
+        if saved["options"].get("exposure_dims") != now["options"]["exposure_dims"]:
+            differences.append("(--exposure-dims counts only with --loss both; other losses train with 0)")
+        if saved["tables"] != now["tables"]:
+            differences.append(f"embedding tables (feature: rows) {saved['tables']} there, {now['tables']} here "
+                               f"(another dataset or --side-features)")
+        if differences:
+            raise ValueError(f"{path} holds another model than this run builds: {'; '.join(differences)}. Resume "
+                             f"with the checkpoint's model options and data, or start a new run in another "
+                             f"--output-dir (or --checkpoint-dir)")
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Make Lightning's loop state resumable (see `finish_epoch_of_epoch_end_checkpoint`), then

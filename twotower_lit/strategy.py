@@ -390,6 +390,9 @@ class TorchRecStrategy(DDPStrategy):
             raise FileNotFoundError(f"{path} is not a checkpoint written by TorchRecStrategy "
                                     f"(no {TRAINER_STATE_FILE}); pass a directory under the checkpoint dir")
         checkpoint = torch.load(path / TRAINER_STATE_FILE, weights_only=False)  # our own file, not user input
+        check = getattr(self.lightning_module, "check_resumable", None)
+        if check is not None:
+            check(checkpoint, str(path))
         saved = checkpoint.pop(REPLICATED_TABLES_KEY, [])
         if saved != self.replicated_tables:
             # their embedding optimizer state is kept by a plain optimizer, not by the fused kernels

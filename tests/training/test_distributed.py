@@ -174,6 +174,14 @@ def test_checkpoint_of_two_ranks_loads_on_one_rank_with_another_plan(two_rank_ru
         assert got["test"][key] == pytest.approx(reference["test"][key], abs=2e-4), key
 
 
+def test_checkpoint_of_another_model_is_refused_before_loading(two_rank_run, small_prepared, tmp_path):
+    final = next((two_rank_run / "checkpoints").glob("epoch1-end-*/trainer_state.pt")).parent
+    with pytest.raises(AssertionError, match=r"holds another model than this run builds: --embedding-dim 64 there, "
+                                             r"32 here; --exposure-dims 16 there, 8 here"):
+        train(small_prepared, tmp_path / "other", "--max-epochs", "2", "--embedding-dim", "32", "--exposure-dims", "8",
+              "--resume", str(final), devices=1)
+
+
 def test_checkpoint_of_one_rank_loads_on_two_ranks(small_prepared, tmp_path):
     one = tmp_path / "one"
     train(small_prepared, one, "--max-epochs", "1", "--sharding", "table_wise", devices=1)

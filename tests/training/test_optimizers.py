@@ -228,3 +228,29 @@ def test_checkpoint_of_automatic_optimisation_keeps_its_step_count():
             "epoch_loop.manual_optimization.optim_step_progress": progress(0)}
     lm.on_load_checkpoint({"loops": {"fit_loop": loop}})
     assert loop["epoch_loop.manual_optimization.optim_step_progress"] == progress(37)
+
+
+def test_checkpoint_of_another_model_is_refused_naming_the_options():
+    from twotower_lit.config import ModelConfig, OptimConfig
+    from twotower_lit.model import FeatureSpec
+    from twotower_lit.module import MODEL_KEY, TwoTowerModule
+
+    features = [FeatureSpec("user", 5, "user"), FeatureSpec("item", 5, "item")]
+
+    def module(features=features, **options):
+        cfg = dict(embedding_dim=4, user_layers=[8, 4], item_layers=[8, 4], exposure_dims=2)
+        return TwoTowerModule(features, ModelConfig(**{**cfg, **options}), OptimConfig())
+
+    checkpoint = {}
+    module().on_save_checkpoint(checkpoint)
+    assert checkpoint[MODEL_KEY]["options"]["exposure_dims"] == 2
+    module().check_resumable(checkpoint, "ckpt")  # the same model resumes
+    module().check_resumable({}, "ckpt")  # a checkpoint from before the model was recorded is not checked
+    with pytest.raises(ValueError, match=r"--exposure-dims 2 there, 1 here.*--loss both") as err:
+        module(exposure_dims=1).check_resumable(checkpoint, "ckpt")
+    assert "--embedding-dim" not in str(err.value)
+    with pytest.raises(ValueError, match=r"--user-layers 8,4 there, 16,4 here; --item-layers 8,4 there, 16,4 here"):
+        module(user_layers=[16, 4], item_layers=[16, 4]).check_resumable(checkpoint, "ckpt")
+    with pytest.raises(ValueError, match=r"embedding tables .*'item': 5\} there, .*'item': 7\} here"):
+        module(features=[FeatureSpec("user", 5, "user"), FeatureSpec("item", 7, "item")]).check_resumable(
+            checkpoint, "ckpt")
