@@ -138,8 +138,7 @@ class DeviceResidentBatches(IterableDataset):
         per_key = [size] * keys
         if self.multi:
             flat = items.reshape(-1)
-            starts = self.multi_indptr[flat]
-            lens = self.multi_indptr[flat + 1] - starts
+            starts, lens = self.multi_indptr[flat], self.multi_lengths[flat]
             lengths[:, self.multi_key] = lens.view(count, size)
             total = sum(multi_totals)
             # positions of every selected item's values: concat of arange(start, start + len)
