@@ -80,6 +80,7 @@ class TwoTower(nn.Module):
             raise ValueError(f"--exposure-dims {exposure_dims} must be >= 0 and below the towers' output width "
                              f"{user_layers[-1]} (the liking logit needs at least one dimension): pass "
                              f"--exposure-dims 0 to {user_layers[-1] - 1}, or wider towers")
+        self.exposure_dims = exposure_dims
         self.features = list(features)
         self.user_features = tuple(f.name for f in features if f.tower == "user")
         self.item_features = tuple(f.name for f in features if f.tower == "item")
