@@ -324,3 +324,52 @@ class PipelinedTwoTowerModule(TwoTowerModule):
             schedule.step()
         self._log_train_loss(*losses)
         return losses[-1]
+
+
+class MultiStepTwoTowerModule(TwoTowerModule):
+    """`TwoTowerModule` running several optimizer steps per Lightning ``training_step`` call
+    (``--steps-per-execution K``, Keras' ``steps_per_execution``).
+
+    On a GPU the step is bound by the host's per-step work, and Lightning's per-batch loop (its
+    module, callback and strategy hooks, progress and logging bookkeeping) is a fixed share of it;
+    here it runs once per K steps. Each step is the one `TwoTowerModule.training_step` takes, on
+    the same batches in the same order. Lightning's batch counters and logging step are advanced by
+    the extra batches, so that everything counted in batches or steps (the checkpointed position in
+    the epoch, the logged steps, ``global_step``) means what it means with K = 1: a checkpoint
+    resumes with any K. Each call ends on a multiple of K optimizer steps (or at the epoch's end),
+    so step intervals that are multiples of K (checkpoints, logging) fall on call boundaries.
+    """
+
+    def __init__(self, *args: Any, steps_per_execution: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if steps_per_execution < 1:
+            raise ValueError(f"steps_per_execution must be at least 1, got {steps_per_execution}")
+        self.steps_per_execution = steps_per_execution
+
+    def training_step(self, dataloader_iter) -> torch.Tensor:  # Lightning passes the iterator (name matters)
+        trainer = self.trainer
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        device = trainer.strategy.root_device
+        losses: List[torch.Tensor] = []
+        for _ in range(self.steps_per_execution - trainer.global_step % self.steps_per_execution):
+            try:
+                batch, _, _ = next(dataloader_iter)  # raises StopIteration after the epoch's last batch
+            except StopIteration:
+                if not losses:
+                    raise
+                break
+            # with the iterator, moving the batch is the module's job (a no-op for --data-on-device batches)
+            batch = self.transfer_batch_to_device(batch, device, 0)
+            loss, _ = self.loss_and_output(batch)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()  # Lightning's wrapper: counts global_step
+            schedule.step()
+            losses.append(loss)
+        # Lightning counted this call as one batch: count the others too (before the logging
+        # decision in `_log_train_loss`, which reads the logging step)
+        loop = trainer.fit_loop.epoch_loop
+        loop.batch_progress.increment_by(len(losses) - 1, is_last_batch=dataloader_iter.done)
+        loop._batches_that_stepped += len(losses) - 1
+        self._log_train_loss(*losses)
+        return losses[-1]

@@ -174,15 +174,21 @@ def throttle_sigterm_broadcast(epoch_loop: Any, every_n_steps: int) -> None:
     Lightning 2.6 broadcasts rank 0's SIGTERM flag before each step of a multi-process run and
     reads it with ``.item()``: a host-device sync per step that keeps the host from queueing the
     next step while the GPUs work (Lightning-AI/pytorch-lightning#21487; a Trainer option for it,
-    #21640, is not released). Every rank counts the same steps, so all ranks still broadcast
-    together; a SIGTERM is noticed at most ``every_n_steps - 1`` steps later.
+    #21640, is not released). It broadcasts before the first step and before the first step
+    after each multiple of `every_n_steps` batches trained (a call of several steps may jump over
+    the multiple itself).
+    Every rank counts the same batches, so all ranks still broadcast together; a SIGTERM is
+    noticed at most ``every_n_steps - 1`` steps (or one call) later.
     """
     original = getattr(epoch_loop, "_broadcast_sigterm_tensor", None)
     if original is None or every_n_steps <= 1 or getattr(original, "throttled", False):
         return
+    last_seen: List[Optional[int]] = [None]  # batches trained at the previous step's start
 
     def throttled() -> None:
-        if epoch_loop.total_batch_idx % every_n_steps == every_n_steps - 1:
+        done = epoch_loop.total_batch_idx + 1
+        last, last_seen[0] = last_seen[0], done
+        if last is None or done // every_n_steps != last // every_n_steps:
             original()
 
     throttled.throttled = True  # type: ignore[attr-defined]

@@ -26,7 +26,8 @@ from twotower_lit.evaluation import RetrievalEvaluation
 from twotower_lit.losses import TwoTowerLoss
 from twotower_lit.metrics import PopularityBaseline
 from twotower_lit.model import feature_specs
-from twotower_lit.module import PipelinedTwoTowerModule, TwoTowerModule, check_embedding_optimizer
+from twotower_lit.module import (MultiStepTwoTowerModule, PipelinedTwoTowerModule, TwoTowerModule,
+                                 check_embedding_optimizer)
 from twotower_lit.strategy import TRAINER_STATE_FILE, TorchRecStrategy, parse_table_sharding, replicated_tables_of
 from twotower_lit import tracking
 
@@ -128,6 +129,19 @@ class TrainingClock(L.Callback):
         return sum(seconds for seconds, _ in self.epochs)
 
 
+def check_steps_per_execution(cfg: TrainConfig) -> None:
+    k = cfg.steps_per_execution
+    if k < 1:
+        raise ValueError(f"--steps-per-execution must be at least 1, got {k}")
+    if k > 1 and cfg.train_pipeline != "off":
+        raise ValueError(f"--steps-per-execution {k} needs --train-pipeline off (the pipeline runs its own steps); "
+                         f"use one of the two")
+    if k > 1 and cfg.checkpoint_every_n_steps % k:
+        raise ValueError(f"--checkpoint-every-n-steps {cfg.checkpoint_every_n_steps} is not a multiple of "
+                         f"--steps-per-execution {k}: checkpoints are written between calls of {k} steps; "
+                         f"use e.g. --checkpoint-every-n-steps {k * max(1, round(cfg.checkpoint_every_n_steps / k))}")
+
+
 def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger,
                   ckpt_path: Optional[str] = None) -> L.Trainer:
     strategy = TorchRecStrategy(sharding=cfg.sharding, table_sharding=parse_table_sharding(cfg.table_sharding),
@@ -145,12 +159,17 @@ def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger
     # The progress bar redraws when the logged training loss changes (every LOG_EVERY_N_STEPS),
     # not after every step: a redraw costs the host ~0.15 ms (tqdm's refresh and postfix), a few
     # percent of a GPU step, and writes a line to a job's log each time.
-    progress = [L.pytorch.callbacks.TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS)] if cfg.progress else []
+    # With several steps per call: logged steps on call boundaries (a multiple of K), and the bar
+    # redrawn after every call (its count, the batch index, then moves K at a time).
+    k = cfg.steps_per_execution
+    log_every = k * math.ceil(LOG_EVERY_N_STEPS / k)
+    progress = [L.pytorch.callbacks.TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS if k == 1 else 1)] \
+        if cfg.progress else []
     return L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
         max_epochs=cfg.max_epochs, logger=logger,
         callbacks=[*checkpoints, RetrievalEvaluation(cfg.eval_k), TrainingClock(), *progress],
-        enable_progress_bar=cfg.progress, enable_model_summary=False, log_every_n_steps=LOG_EVERY_N_STEPS,
+        enable_progress_bar=cfg.progress, enable_model_summary=False, log_every_n_steps=log_every,
         num_sanity_val_steps=1, deterministic=False, default_root_dir=output_dir, use_distributed_sampler=False)
 
 
@@ -163,6 +182,7 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
     device_type = "cuda" if cfg.accelerator in ("gpu", "cuda") or (
         cfg.accelerator == "auto" and torch.cuda.is_available()) else "cpu"
     check_embedding_optimizer(cfg.optim.embedding_optimizer, device_type)
+    check_steps_per_execution(cfg)
     if device_type == "cuda":
         # TF32 for the towers' matmuls: ~0.7 ms less GPU time per 64k-row step on an H200
         # (benchmarks/train_throughput.py --matmul-precision high); the embeddings are unaffected
@@ -187,8 +207,13 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
                         vector_l2=cfg.vector_l2, softmax_rows=cfg.softmax_rows,
                         exposure_dims=cfg.model.exposure_dims)
     loss.set_item_counts(dm.item_counts)
-    module_cls = PipelinedTwoTowerModule if cfg.train_pipeline == "sparse_dist" else TwoTowerModule
-    module = module_cls(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss)
+    if cfg.train_pipeline == "sparse_dist":
+        module = PipelinedTwoTowerModule(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss)
+    elif cfg.steps_per_execution > 1:
+        module = MultiStepTwoTowerModule(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss,
+                                         steps_per_execution=cfg.steps_per_execution)
+    else:
+        module = TwoTowerModule(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss)
 
     uri = tracking.tracking_uri(cfg.mlflow_uri, output_dir)
     # only global rank 0 talks to MLflow (other ranks opening the SQLite store would race on its schema)

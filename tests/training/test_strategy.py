@@ -17,6 +17,18 @@ def test_sigterm_broadcast_runs_every_n_steps_on_every_rank_alike():
     assert calls == [-1, 9, 19, 29]
 
 
+def test_sigterm_broadcast_with_several_steps_per_call_runs_after_each_multiple_crossed():
+    loop = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).fit_loop.epoch_loop
+    calls = []
+    loop._broadcast_sigterm_tensor = lambda: calls.append(loop.total_batch_idx + 1)
+    throttle_sigterm_broadcast(loop, 10)
+    for _ in range(12):  # --steps-per-execution 3: each call counts 3 batches
+        loop._broadcast_sigterm_tensor()
+        loop.batch_progress.increment_by(3)
+    # batches trained when it ran: at the start, then after 10, 20 and 30 were passed
+    assert calls == [0, 12, 21, 30]
+
+
 
 def _tables_of(sizes):
     """A TwoTower (tables on meta) with tables of `sizes` rows {feature: rows}, dimension 64."""

@@ -171,3 +171,41 @@ def test_progress_bar_redraws_once_per_logging_interval(tmp_path, progress):
         assert isinstance(bar, L.pytorch.callbacks.TQDMProgressBar) and bar.refresh_rate == LOG_EVERY_N_STEPS
     else:
         assert bar is None
+
+
+def test_several_steps_per_call_train_the_same_run(trained, prepared_synthetic, tmp_path):
+    """--steps-per-execution 3: the same steps on the same batches as one step per call (the same
+    test metrics, exactly), the logged training loss once per 12 steps (the multiple of 3 nearest
+    above the usual 10), on the same step axis."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "k3"
+    run_cli("entrypoints.train", ["--data-dir", str(prepared_synthetic), "--output-dir", str(out),
+                                  "--steps-per-execution", "3", *TRAIN_ARGS])
+    one, three = read_json(trained / "metrics.json"), read_json(out / "metrics.json")
+    assert three["train"]["steps"] == one["train"]["steps"]
+    assert one["train"]["steps"] % 3  # an epoch that is not a multiple of 3 steps: a short last call
+    assert three["test"] == one["test"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("twotower-movielens").experiment_id])[0]
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    # Lightning logs a step's metrics at its 0-based index: steps 12, 24, ... are 11, 23, ...
+    assert sorted(m.step for m in losses) == list(range(11, three["train"]["steps"], 12))
+
+
+def test_steps_per_execution_sets_log_and_redraw_intervals_and_refuses_what_cannot_work(tmp_path):
+    from twotower_lit.config import TrainConfig
+    from twotower_lit.training import build_trainer, check_steps_per_execution
+
+    cfg = TrainConfig(accelerator="cpu", devices=1, steps_per_execution=4)
+    trainer = build_trainer(cfg, str(tmp_path), str(tmp_path / "checkpoints"), logger=False)
+    assert trainer.log_every_n_steps == 12  # a multiple of 4: logged steps fall on call boundaries
+    assert trainer.progress_bar_callback.refresh_rate == 1  # one redraw per call of 4 steps
+    check_steps_per_execution(TrainConfig(steps_per_execution=4, checkpoint_every_n_steps=100))
+    with pytest.raises(ValueError, match=r"--checkpoint-every-n-steps 10 is not a multiple of --steps-per-execution "
+                                         r"4.*e\.g\. --checkpoint-every-n-steps 8"):
+        check_steps_per_execution(TrainConfig(steps_per_execution=4, checkpoint_every_n_steps=10))
+    with pytest.raises(ValueError, match="needs --train-pipeline off"):
+        check_steps_per_execution(TrainConfig(steps_per_execution=2, train_pipeline="sparse_dist"))
+    with pytest.raises(ValueError, match="at least 1, got 0"):
+        check_steps_per_execution(TrainConfig(steps_per_execution=0))
