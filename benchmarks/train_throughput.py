@@ -8,6 +8,8 @@ Run under torchrun (one process per GPU, or CPU processes with gloo):
 Modes (all in one invocation, so their ratio holds on a noisy machine):
   lightning  the product's path: TwoTowerModule + TorchRecStrategy in a Lightning Trainer
   lightning_pipeline  the same with --train-pipeline sparse_dist (PipelinedTwoTowerModule)
+  lightning_multistep  the same with --steps-per-execution K (MultiStepTwoTowerModule: K steps per
+             Lightning training_step call; K from this script's --steps-per-execution)
   eager      the same DMP model and optimizers in a hand-written loop (Lightning's overhead = the gap)
   pipeline   TorchRec's TrainPipelineSparseDist (overlaps copy + input distribution with compute)
   plain      plain PyTorch: nn.EmbeddingBag tables + MLP towers + Adam, data parallel via DDP
@@ -263,27 +265,28 @@ def run_plain(specs, batches, args, device) -> float:
     return timed(step, batches, args.steps, args.warmup, device, args.profile_steps, "plain")
 
 
-def run_lightning(specs, batches, args, device, pipelined: bool = False) -> float:
+def run_lightning(specs, batches, args, device, mode: str = "lightning") -> float:
     """The product's training path (LightningModule + TorchRecStrategy) on in-memory batches."""
     import lightning as L
 
     from twotower_lit.config import ModelConfig, OptimConfig
-    from twotower_lit.module import PipelinedTwoTowerModule, TwoTowerModule
+    from twotower_lit.module import MultiStepTwoTowerModule, PipelinedTwoTowerModule, TwoTowerModule
     from twotower_lit.strategy import TorchRecStrategy
 
-    mode = "lightning_pipeline" if pipelined else "lightning"
     profile_n = args.profile_steps if device.type == "cuda" or TRACE_DIR else 0
 
     class Timer(L.Callback):
-        """Times steps warmup..warmup+steps, then profiles the next --profile-steps steps."""
+        """Times steps warmup..warmup+steps, then profiles the next --profile-steps steps (from
+        the first call at or past each mark: a multi-step call moves several steps at a time;
+        the time is scaled to --steps steps)."""
 
         def on_train_batch_start(self, trainer, module, batch, idx):
-            if trainer.global_step == args.warmup and not hasattr(self, "t0"):
+            if trainer.global_step >= args.warmup and not hasattr(self, "t0"):
                 sync(device)
-                self.t0 = time.perf_counter()
-            if profile_n and trainer.global_step == args.warmup + args.steps and not hasattr(self, "prof"):
+                self.t0, self.step0 = time.perf_counter(), trainer.global_step
+            if profile_n and trainer.global_step >= args.warmup + args.steps and not hasattr(self, "prof"):
                 sync(device)
-                self.seconds = time.perf_counter() - self.t0
+                self.seconds = (time.perf_counter() - self.t0) * args.steps / (trainer.global_step - self.step0)
                 self.prof = profiler(device)
                 self.prof.__enter__()
 
@@ -293,12 +296,16 @@ def run_lightning(specs, batches, args, device, pipelined: bool = False) -> floa
                 self.prof.__exit__(None, None, None)
                 PROFILED[mode] = profile_report(self.prof, profile_n, device, mode)
             else:
-                self.seconds = time.perf_counter() - self.t0
+                self.seconds = (time.perf_counter() - self.t0) * args.steps / (trainer.global_step - self.step0)
 
     total = args.warmup + args.steps + profile_n
     loader = torch.utils.data.DataLoader([batches[k % len(batches)] for k in range(total)], batch_size=None)
-    lm = (PipelinedTwoTowerModule if pipelined else TwoTowerModule)(specs, ModelConfig(embedding_dim=args.dim),
-                                                                    OptimConfig())
+    model_cfg = ModelConfig(embedding_dim=args.dim)
+    if mode == "lightning_multistep":
+        lm = MultiStepTwoTowerModule(specs, model_cfg, OptimConfig(), steps_per_execution=args.steps_per_execution)
+    else:
+        lm = (PipelinedTwoTowerModule if mode == "lightning_pipeline" else TwoTowerModule)(specs, model_cfg,
+                                                                                           OptimConfig())
     timer = Timer()
     trainer = L.Trainer(accelerator=device.type if device.type == "cuda" else "cpu", devices=dist.get_world_size(),
                         strategy=TorchRecStrategy(sharding=args.sharding), max_steps=total, logger=False,
@@ -310,11 +317,16 @@ def run_lightning(specs, batches, args, device, pipelined: bool = False) -> floa
 
 
 def run_lightning_pipeline(specs, batches, args, device) -> float:
-    return run_lightning(specs, batches, args, device, pipelined=True)
+    return run_lightning(specs, batches, args, device, mode="lightning_pipeline")
 
 
-MODES = {"lightning": run_lightning, "lightning_pipeline": run_lightning_pipeline, "eager": run_eager,
-         "pipeline": run_pipeline, "plain": run_plain}
+def run_lightning_multistep(specs, batches, args, device) -> float:
+    return run_lightning(specs, batches, args, device, mode="lightning_multistep")
+
+
+MODES = {"lightning": run_lightning, "lightning_pipeline": run_lightning_pipeline,
+         "lightning_multistep": run_lightning_multistep, "eager": run_eager, "pipeline": run_pipeline,
+         "plain": run_plain}
 
 
 def main(argv=None) -> None:
@@ -326,7 +338,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--sharding", default="table_wise", help="as the training job's --sharding (auto: the planner picks)")
-    p.add_argument("--modes", default="lightning,lightning_pipeline,eager,pipeline,plain")
+    p.add_argument("--modes", default="lightning,lightning_pipeline,lightning_multistep,eager,pipeline,plain")
+    p.add_argument("--steps-per-execution", type=int, default=8, help="K of the lightning_multistep mode")
     p.add_argument("--matmul-precision", default="high", choices=("highest", "high", "medium"),
                    help="torch.set_float32_matmul_precision for every mode (high: TF32 tensor cores, the "
                         "training job's default on GPUs; highest: full float32)")
@@ -386,11 +399,11 @@ def main(argv=None) -> None:
         print(f"\n{args.shape} batch/rank={args.batch:,} ranks={world} device={name}")
         for mode, r in results.items():
             if "error" in r:
-                print(f"  {mode:18s} FAILED {r['error']}")
+                print(f"  {mode:20s} FAILED {r['error']}")
             else:
                 work = (f"  (GPU busy {r['gpu_ms_per_step']:.2f} ms/step, {r['launches_per_step']:.0f} launches)"
                         if "gpu_ms_per_step" in r else "")
-                print(f"  {mode:18s} {r['samples_per_s'] / 1e6:8.3f} M samples/s  {r['ms_per_step']:7.2f} ms/step{work}")
+                print(f"  {mode:20s} {r['samples_per_s'] / 1e6:8.3f} M samples/s  {r['ms_per_step']:7.2f} ms/step{work}")
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"shape": args.shape, "batch": args.batch, "world": world, "device": name,
