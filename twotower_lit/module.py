@@ -336,22 +336,33 @@ class MultiStepTwoTowerModule(TwoTowerModule):
     the same batches in the same order. Lightning's batch counters and logging step are advanced by
     the extra batches, so that everything counted in batches or steps (the checkpointed position in
     the epoch, the logged steps, ``global_step``) means what it means with K = 1: a checkpoint
-    resumes with any K. Each call ends on a multiple of K optimizer steps (or at the epoch's end),
-    so step intervals that are multiples of K (checkpoints, logging) fall on call boundaries.
+    resumes with any K. Each call ends on the next multiple of K optimizer steps, or earlier on a
+    multiple of `checkpoint_every_n_steps` or at the epoch's end: step-interval checkpoints are
+    written where they are with K = 1, and logging intervals that are multiples of K fall on call
+    boundaries.
     """
 
-    def __init__(self, *args: Any, steps_per_execution: int = 1, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, steps_per_execution: int = 1, checkpoint_every_n_steps: int = 0,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if steps_per_execution < 1:
             raise ValueError(f"steps_per_execution must be at least 1, got {steps_per_execution}")
         self.steps_per_execution = steps_per_execution
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps
+
+    def steps_this_call(self, global_step: int) -> int:
+        """Steps from `global_step` to the next multiple of K or of the checkpoint interval."""
+        steps = self.steps_per_execution - global_step % self.steps_per_execution
+        if self.checkpoint_every_n_steps > 0:
+            steps = min(steps, self.checkpoint_every_n_steps - global_step % self.checkpoint_every_n_steps)
+        return steps
 
     def training_step(self, dataloader_iter) -> torch.Tensor:  # Lightning passes the iterator (name matters)
         trainer = self.trainer
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         device = trainer.strategy.root_device
         losses: List[torch.Tensor] = []
-        for _ in range(self.steps_per_execution - trainer.global_step % self.steps_per_execution):
+        for _ in range(self.steps_this_call(trainer.global_step)):
             try:
                 batch, _, _ = next(dataloader_iter)  # raises StopIteration after the epoch's last batch
             except StopIteration:

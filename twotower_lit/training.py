@@ -129,17 +129,20 @@ class TrainingClock(L.Callback):
         return sum(seconds for seconds, _ in self.epochs)
 
 
-def check_steps_per_execution(cfg: TrainConfig) -> None:
+GPU_STEPS_PER_EXECUTION = 16  # --steps-per-execution 0 on GPUs (see TrainConfig.steps_per_execution)
+
+
+def resolve_steps_per_execution(cfg: TrainConfig, device_type: str) -> int:
+    """The optimizer steps per Lightning training_step call this run takes (``0``: by device)."""
     k = cfg.steps_per_execution
-    if k < 1:
-        raise ValueError(f"--steps-per-execution must be at least 1, got {k}")
-    if k > 1 and cfg.train_pipeline != "off":
-        raise ValueError(f"--steps-per-execution {k} needs --train-pipeline off (the pipeline runs its own steps); "
-                         f"use one of the two")
-    if k > 1 and cfg.checkpoint_every_n_steps % k:
-        raise ValueError(f"--checkpoint-every-n-steps {cfg.checkpoint_every_n_steps} is not a multiple of "
-                         f"--steps-per-execution {k}: checkpoints are written between calls of {k} steps; "
-                         f"use e.g. --checkpoint-every-n-steps {k * max(1, round(cfg.checkpoint_every_n_steps / k))}")
+    if k < 0:
+        raise ValueError(f"--steps-per-execution must be at least 1 (or 0: by device), got {k}")
+    if cfg.train_pipeline != "off":
+        if k > 1:
+            raise ValueError(f"--steps-per-execution {k} needs --train-pipeline off (the pipeline runs its own "
+                             f"steps); use one of the two")
+        return 1
+    return k or (GPU_STEPS_PER_EXECUTION if device_type == "cuda" else 1)
 
 
 def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger,
@@ -161,7 +164,7 @@ def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger
     # percent of a GPU step, and writes a line to a job's log each time.
     # With several steps per call: logged steps on call boundaries (a multiple of K), and the bar
     # redrawn after every call (its count, the batch index, then moves K at a time).
-    k = cfg.steps_per_execution
+    k = max(1, cfg.steps_per_execution)  # resolved by `run` (0 = by device: 1 here)
     log_every = k * math.ceil(LOG_EVERY_N_STEPS / k)
     progress = [L.pytorch.callbacks.TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS if k == 1 else 1)] \
         if cfg.progress else []
@@ -182,7 +185,7 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
     device_type = "cuda" if cfg.accelerator in ("gpu", "cuda") or (
         cfg.accelerator == "auto" and torch.cuda.is_available()) else "cpu"
     check_embedding_optimizer(cfg.optim.embedding_optimizer, device_type)
-    check_steps_per_execution(cfg)
+    cfg = dataclasses.replace(cfg, steps_per_execution=resolve_steps_per_execution(cfg, device_type))
     if device_type == "cuda":
         # TF32 for the towers' matmuls: ~0.7 ms less GPU time per 64k-row step on an H200
         # (benchmarks/train_throughput.py --matmul-precision high); the embeddings are unaffected
@@ -211,7 +214,8 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
         module = PipelinedTwoTowerModule(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss)
     elif cfg.steps_per_execution > 1:
         module = MultiStepTwoTowerModule(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss,
-                                         steps_per_execution=cfg.steps_per_execution)
+                                         steps_per_execution=cfg.steps_per_execution,
+                                         checkpoint_every_n_steps=cfg.checkpoint_every_n_steps)
     else:
         module = TwoTowerModule(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss)
 

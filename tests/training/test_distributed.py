@@ -164,22 +164,22 @@ def test_data_on_device_trains_every_step_and_resumes_mid_epoch(two_rank_run, on
 
 
 def test_several_steps_per_call_checkpoint_and_resume_as_single_steps(on_device_run, small_prepared, tmp_path):
-    """--steps-per-execution 7 on 2 ranks: the run of one step per call (same metrics), mid-epoch
-    checkpoints at the same steps; one of them, resumed with 5 steps per call (the first call
-    stops at the next multiple of 5), finishes the same run."""
+    """--steps-per-execution 5 on 2 ranks: the run of one step per call (same metrics), with the
+    mid-epoch checkpoints every 7 steps at the same steps (calls end there too); one of them,
+    resumed with 3 steps per call, finishes the same run."""
     reference = read_json(on_device_run / "metrics.json")
     steps_per_epoch = reference["train"]["steps"]
-    assert steps_per_epoch % 7 and steps_per_epoch > 14
-    seven = tmp_path / "seven"
-    train(small_prepared, seven, *ON_DEVICE, "--checkpoint-every-n-steps", "7", "--steps-per-execution", "7")
-    got = read_json(seven / "metrics.json")
+    assert steps_per_epoch % 5 and steps_per_epoch > 14
+    five = tmp_path / "five"
+    train(small_prepared, five, *ON_DEVICE, "--checkpoint-every-n-steps", "7", "--steps-per-execution", "5")
+    got = read_json(five / "metrics.json")
     assert got["train"]["steps"] == steps_per_epoch
     for key in KEYS:
         assert got["test"][key] == pytest.approx(reference["test"][key], abs=1e-6), key
-    mid = _mid_epoch_checkpoints(seven, steps_per_epoch)
+    mid = _mid_epoch_checkpoints(five, steps_per_epoch)
     assert sorted(map(_step, mid)) == sorted(map(_step, _mid_epoch_checkpoints(on_device_run, steps_per_epoch)))
     resumed = tmp_path / "resumed"
-    train(small_prepared, resumed, *ON_DEVICE, "--steps-per-execution", "5", "--resume", str(min(mid, key=_step)))
+    train(small_prepared, resumed, *ON_DEVICE, "--steps-per-execution", "3", "--resume", str(min(mid, key=_step)))
     again = read_json(resumed / "metrics.json")
     assert again["train"]["steps"] == steps_per_epoch
     for key in KEYS:

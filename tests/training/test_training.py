@@ -193,19 +193,38 @@ def test_several_steps_per_call_train_the_same_run(trained, prepared_synthetic, 
     assert sorted(m.step for m in losses) == list(range(11, three["train"]["steps"], 12))
 
 
-def test_steps_per_execution_sets_log_and_redraw_intervals_and_refuses_what_cannot_work(tmp_path):
+def test_steps_per_execution_by_device_log_and_redraw_intervals_and_what_is_refused(tmp_path):
     from twotower_lit.config import TrainConfig
-    from twotower_lit.training import build_trainer, check_steps_per_execution
+    from twotower_lit.training import GPU_STEPS_PER_EXECUTION, build_trainer, resolve_steps_per_execution
 
     cfg = TrainConfig(accelerator="cpu", devices=1, steps_per_execution=4)
     trainer = build_trainer(cfg, str(tmp_path), str(tmp_path / "checkpoints"), logger=False)
     assert trainer.log_every_n_steps == 12  # a multiple of 4: logged steps fall on call boundaries
     assert trainer.progress_bar_callback.refresh_rate == 1  # one redraw per call of 4 steps
-    check_steps_per_execution(TrainConfig(steps_per_execution=4, checkpoint_every_n_steps=100))
-    with pytest.raises(ValueError, match=r"--checkpoint-every-n-steps 10 is not a multiple of --steps-per-execution "
-                                         r"4.*e\.g\. --checkpoint-every-n-steps 8"):
-        check_steps_per_execution(TrainConfig(steps_per_execution=4, checkpoint_every_n_steps=10))
+    # 0 (the default): several steps per call where the host's per-step work bounds a step
+    assert TrainConfig().steps_per_execution == 0
+    assert resolve_steps_per_execution(TrainConfig(), "cuda") == GPU_STEPS_PER_EXECUTION > 1
+    assert resolve_steps_per_execution(TrainConfig(), "cpu") == 1
+    assert resolve_steps_per_execution(TrainConfig(steps_per_execution=3), "cpu") == 3
+    assert resolve_steps_per_execution(TrainConfig(train_pipeline="sparse_dist"), "cuda") == 1
     with pytest.raises(ValueError, match="needs --train-pipeline off"):
-        check_steps_per_execution(TrainConfig(steps_per_execution=2, train_pipeline="sparse_dist"))
-    with pytest.raises(ValueError, match="at least 1, got 0"):
-        check_steps_per_execution(TrainConfig(steps_per_execution=0))
+        resolve_steps_per_execution(TrainConfig(steps_per_execution=2, train_pipeline="sparse_dist"), "cuda")
+    with pytest.raises(ValueError, match=r"at least 1 \(or 0: by device\), got -1"):
+        resolve_steps_per_execution(TrainConfig(steps_per_execution=-1), "cpu")
+
+
+def test_a_call_of_several_steps_ends_at_the_next_multiple_of_k_or_of_the_checkpoint_interval():
+    from twotower_lit.config import ModelConfig, OptimConfig
+    from twotower_lit.model import FeatureSpec
+    from twotower_lit.module import MultiStepTwoTowerModule
+
+    specs = [FeatureSpec("user", 10, "user"), FeatureSpec("item", 10, "item")]
+    module = MultiStepTwoTowerModule(specs, ModelConfig(embedding_dim=4, user_layers=[4], item_layers=[4],
+                                                        exposure_dims=0), OptimConfig(),
+                                     steps_per_execution=16, checkpoint_every_n_steps=100)
+    ends, step = [], 0
+    while step < 140:
+        step += module.steps_this_call(step)
+        ends.append(step)
+    assert ends == [16, 32, 48, 64, 80, 96, 100, 112, 128, 144]
+    assert module.steps_this_call(5) == 11  # resumed (or after an epoch's short last call) mid-way: back in step
