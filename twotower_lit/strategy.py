@@ -176,9 +176,8 @@ def throttle_sigterm_broadcast(epoch_loop: Any, every_n_steps: int) -> None:
     next step while the GPUs work (Lightning-AI/pytorch-lightning#21487; a Trainer option for it,
     #21640, is not released). It broadcasts before the first step and before the first step
     after each multiple of `every_n_steps` batches trained (a call of several steps may jump over
-    the multiple itself).
-    Every rank counts the same batches, so all ranks still broadcast together; a SIGTERM is
-    noticed at most ``every_n_steps - 1`` steps (or one call) later.
+    the multiple itself). Every rank counts the same batches, so all ranks still broadcast
+    together; a SIGTERM is noticed at most ``every_n_steps - 1`` steps (or one call) later.
     """
     original = getattr(epoch_loop, "_broadcast_sigterm_tensor", None)
     if original is None or every_n_steps <= 1 or getattr(original, "throttled", False):
