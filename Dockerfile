@@ -13,12 +13,12 @@ ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
     PYTHONPATH=/opt/program OMP_NUM_THREADS=1
 WORKDIR /opt/program
 
-# the serving code's runtime: torch and what twotower_lit.serving imports, at the pins of
-# requirements/base.txt (the one place versions live). For a smaller image, pass PyTorch's CPU
-# wheel index: docker build --build-arg TORCH_INDEX_URL=<that index> .
+# the serving code's runtime: torch and what twotower_lit.serving imports (faiss-cpu: only with
+# TWOTOWER_SEARCH=faiss), at the pins of requirements/base.txt (the one place versions live). For
+# a smaller image, pass PyTorch's CPU wheel index: docker build --build-arg TORCH_INDEX_URL=<that index> .
 ARG TORCH_INDEX_URL=""
 COPY requirements/base.txt /tmp/base.txt
-RUN grep -E '^(torch|numpy|safetensors|starlette|uvicorn|httpx)==' /tmp/base.txt > /tmp/serving.txt \
+RUN grep -E '^(torch|numpy|safetensors|starlette|uvicorn|httpx|faiss-cpu)==' /tmp/base.txt > /tmp/serving.txt \
     && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/serving.txt \
     && rm /tmp/base.txt /tmp/serving.txt
 

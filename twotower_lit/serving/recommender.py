@@ -49,7 +49,11 @@ class FaissSearch:
     name = "faiss"
 
     def __init__(self, item_vectors: torch.Tensor, neighbours: int = 32, ef_search: int = 128) -> None:
-        import faiss  # optional dependency: only this search needs it
+        try:
+            import faiss  # only this search needs it (AWS's PyTorch inference image lacks it)
+        except ImportError as e:
+            raise ImportError("--search faiss needs the faiss-cpu package (pinned in requirements/base.txt and "
+                              "installed in this project's serving image); install it or use --search exact") from e
 
         vectors = item_vectors.float().contiguous().numpy()
         self.num_items = vectors.shape[0]
