@@ -142,7 +142,8 @@ class TrainConfig:
                                "Lightning's own loop", ("off", "sparse_dist"))
     # Keras' steps_per_execution: on a GPU a 64k-row step is a few milliseconds of host work, of
     # which Lightning's per-batch loop (hooks, progress, logging) is a fixed share; K steps per call
-    # pay it once. 16 on GPUs: +19% end to end on one H200, +14% on two (README, GPU throughput)
+    # pay it once. 16 on GPUs: end to end on H200s it was faster in five of six interleaved pairs
+    # of runs (1 and 2 GPUs, two machines), by 13% on average (README, GPU throughput)
     steps_per_execution: int = _opt(0, "optimizer steps (batches) per Lightning training_step call, each step as "
                                        "with 1 (the same batches, results and checkpoints; train_loss logged every "
                                        "multiple of it from 10); 0: 16 on GPUs, 1 on CPUs (where a step's compute "
