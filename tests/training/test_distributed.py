@@ -130,60 +130,33 @@ def test_train_pipeline_resumes_mid_epoch_and_finishes_the_same_run(two_rank_run
         assert got["test"][key] == pytest.approx(reference["test"][key], abs=1e-6), key
 
 
-ON_DEVICE = ["--max-epochs", "1", "--sharding", "row_wise", "--negatives", "0", "--data-on-device", "true"]
-
-
-@pytest.fixture(scope="module")
-def on_device_run(small_prepared, tmp_path_factory):
-    """2 ranks, --data-on-device, one epoch, checkpoints every 7 steps."""
-    out = tmp_path_factory.mktemp("on_device") / "full"
-    train(small_prepared, out, *ON_DEVICE, "--checkpoint-every-n-steps", "7")
-    return out
-
-
 def _mid_epoch_checkpoints(run: Path, steps_per_epoch: int):
     return [p.parent for p in (run / "checkpoints").glob("epoch0-step*/trainer_state.pt")
             if _step(p.parent) % steps_per_epoch]
 
 
-def test_data_on_device_trains_every_step_and_resumes_mid_epoch(two_rank_run, on_device_run, small_prepared,
-                                                                 tmp_path):
-    """--data-on-device (batches gathered on the training device; CPU here): the same number of
-    steps as the streaming loader, a model that beats popularity, and an exact mid-epoch resume."""
+def test_data_on_device_with_several_steps_per_call_trains_every_step_and_resumes_mid_epoch(
+        two_rank_run, small_prepared, tmp_path):
+    """--data-on-device (batches gathered on the training device; CPU here) with 5 optimizer steps
+    per Lightning call: the same number of steps as the streaming loader, a model that beats
+    popularity, checkpoints every 7 steps where they are with one step per call (calls end there
+    too), and an exact mid-epoch resume with 3 steps per call (its first call stops at the next
+    multiple of 3). One step per call gives the same run (tests/training/test_training.py)."""
     reference = read_json(two_rank_run / "metrics.json")
     steps_per_epoch = reference["train"]["steps"] // 2
-    mid = _mid_epoch_checkpoints(on_device_run, steps_per_epoch)
-    assert mid, "no mid-epoch checkpoint"
+    assert steps_per_epoch % 5 and steps_per_epoch > 14
+    extra = ["--max-epochs", "1", "--sharding", "row_wise", "--negatives", "0", "--data-on-device", "true"]
+    full = tmp_path / "full"
+    train(small_prepared, full, *extra, "--checkpoint-every-n-steps", "7", "--steps-per-execution", "5")
+    mid = _mid_epoch_checkpoints(full, steps_per_epoch)
+    assert sorted(map(_step, mid)) == list(range(7, steps_per_epoch, 7))
     resumed = tmp_path / "resumed"
-    train(small_prepared, resumed, *ON_DEVICE, "--resume", str(max(mid, key=_step)))
-    a, b = read_json(on_device_run / "metrics.json"), read_json(resumed / "metrics.json")
+    train(small_prepared, resumed, *extra, "--steps-per-execution", "3", "--resume", str(max(mid, key=_step)))
+    a, b = read_json(full / "metrics.json"), read_json(resumed / "metrics.json")
     assert a["train"]["steps"] == b["train"]["steps"] == steps_per_epoch
     assert a["test"]["auc"] > a["baselines"]["popularity"]["auc"]
     for key in KEYS:
         assert b["test"][key] == pytest.approx(a["test"][key], abs=1e-6), key
-
-
-def test_several_steps_per_call_checkpoint_and_resume_as_single_steps(on_device_run, small_prepared, tmp_path):
-    """--steps-per-execution 5 on 2 ranks: the run of one step per call (same metrics), with the
-    mid-epoch checkpoints every 7 steps at the same steps (calls end there too); one of them,
-    resumed with 3 steps per call, finishes the same run."""
-    reference = read_json(on_device_run / "metrics.json")
-    steps_per_epoch = reference["train"]["steps"]
-    assert steps_per_epoch % 5 and steps_per_epoch > 14
-    five = tmp_path / "five"
-    train(small_prepared, five, *ON_DEVICE, "--checkpoint-every-n-steps", "7", "--steps-per-execution", "5")
-    got = read_json(five / "metrics.json")
-    assert got["train"]["steps"] == steps_per_epoch
-    for key in KEYS:
-        assert got["test"][key] == pytest.approx(reference["test"][key], abs=1e-6), key
-    mid = _mid_epoch_checkpoints(five, steps_per_epoch)
-    assert sorted(map(_step, mid)) == sorted(map(_step, _mid_epoch_checkpoints(on_device_run, steps_per_epoch)))
-    resumed = tmp_path / "resumed"
-    train(small_prepared, resumed, *ON_DEVICE, "--steps-per-execution", "3", "--resume", str(min(mid, key=_step)))
-    again = read_json(resumed / "metrics.json")
-    assert again["train"]["steps"] == steps_per_epoch
-    for key in KEYS:
-        assert again["test"][key] == pytest.approx(reference["test"][key], abs=1e-6), key
 
 
 def test_epoch_end_checkpoint_resumes_the_remaining_epochs(two_rank_run, small_prepared, tmp_path):
