@@ -175,8 +175,8 @@ def test_progress_bar_redraws_once_per_logging_interval(tmp_path, progress):
 
 def test_several_steps_per_call_train_the_same_run(trained, prepared_synthetic, tmp_path):
     """--steps-per-execution 3: the same steps on the same batches as one step per call (the same
-    test metrics, exactly), the logged training loss once per 12 steps (the multiple of 3 nearest
-    above the usual 10), on the same step axis."""
+    test metrics, exactly), the logged training loss once per 12 steps (the smallest multiple of 3
+    from the usual 10), on the same step axis."""
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "k3"
