@@ -159,13 +159,18 @@ class TwoTowerModule(L.LightningModule):
         return logits(user, item, self.model_cfg.exposure_dims)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        optimizer = self.optimizers()  # Lightning's wrapper: its step() counts global_step
+        loss = self.optimizer_step_on(batch, self.optimizers(), self.lr_schedulers())
+        self._log_train_loss(loss)
+        return loss
+
+    def optimizer_step_on(self, batch: Batch, optimizer, schedule) -> torch.Tensor:
+        """One training step on a device batch: loss, backward, optimizer and schedule step.
+        `optimizer` is Lightning's wrapper (``self.optimizers()``): its step() counts global_step."""
         loss, _ = self.loss_and_output(batch)
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
-        self.lr_schedulers().step()
-        self._log_train_loss(loss)
+        schedule.step()
         return loss
 
     def _log_train_loss(self, *losses: torch.Tensor) -> None:
@@ -332,10 +337,11 @@ class MultiStepTwoTowerModule(TwoTowerModule):
 
     On a GPU the step is bound by the host's per-step work, and Lightning's per-batch loop (its
     module, callback and strategy hooks, progress and logging bookkeeping) is a fixed share of it;
-    here it runs once per K steps. Each step is the one `TwoTowerModule.training_step` takes, on
-    the same batches in the same order. Lightning's batch counters and logging step are advanced by
-    the extra batches, so that everything counted in batches or steps (the checkpointed position in
-    the epoch, the logged steps, ``global_step``) means what it means with K = 1: a checkpoint
+    here it runs once per K steps. Each step is `TwoTowerModule.optimizer_step_on`, the step of
+    `TwoTowerModule.training_step`, on the same batches in the same order. Lightning's batch
+    counters and logging step are advanced by the extra batches, so that everything counted in
+    batches or steps (the checkpointed position in the epoch, the logged steps, ``global_step``)
+    means what it means with K = 1: a checkpoint
     resumes with any K. Each call ends on the next multiple of K optimizer steps, or earlier on a
     multiple of `checkpoint_every_n_steps` or at the epoch's end: step-interval checkpoints are
     written where they are with K = 1, and logging intervals that are multiples of K fall on call
@@ -371,12 +377,7 @@ class MultiStepTwoTowerModule(TwoTowerModule):
                 break
             # with the iterator, moving the batch is the module's job (a no-op for --data-on-device batches)
             batch = self.transfer_batch_to_device(batch, device, 0)
-            loss, _ = self.loss_and_output(batch)
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            optimizer.step()  # Lightning's wrapper: counts global_step
-            schedule.step()
-            losses.append(loss)
+            losses.append(self.optimizer_step_on(batch, optimizer, schedule))
         # Lightning counted this call as one batch: count the others too (before the logging
         # decision in `_log_train_loss`, which reads the logging step)
         loop = trainer.fit_loop.epoch_loop
