@@ -210,14 +210,13 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
                         vector_l2=cfg.vector_l2, softmax_rows=cfg.softmax_rows,
                         exposure_dims=cfg.model.exposure_dims)
     loss.set_item_counts(dm.item_counts)
+    module_cls, options = TwoTowerModule, {}
     if cfg.train_pipeline == "sparse_dist":
-        module = PipelinedTwoTowerModule(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss)
+        module_cls = PipelinedTwoTowerModule
     elif cfg.steps_per_execution > 1:
-        module = MultiStepTwoTowerModule(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss,
-                                         steps_per_execution=cfg.steps_per_execution,
-                                         checkpoint_every_n_steps=cfg.checkpoint_every_n_steps)
-    else:
-        module = TwoTowerModule(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss)
+        module_cls, options = MultiStepTwoTowerModule, {"steps_per_execution": cfg.steps_per_execution,
+                                                        "checkpoint_every_n_steps": cfg.checkpoint_every_n_steps}
+    module = module_cls(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss, **options)
 
     uri = tracking.tracking_uri(cfg.mlflow_uri, output_dir)
     # only global rank 0 talks to MLflow (other ranks opening the SQLite store would race on its schema)
