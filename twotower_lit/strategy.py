@@ -182,13 +182,14 @@ def throttle_sigterm_broadcast(epoch_loop: Any, every_n_steps: int) -> None:
     original = getattr(epoch_loop, "_broadcast_sigterm_tensor", None)
     if original is None or every_n_steps <= 1 or getattr(original, "throttled", False):
         return
-    last_seen: List[Optional[int]] = [None]  # batches trained at the previous step's start
+    last: Optional[int] = None  # batches trained at the previous step's start
 
     def throttled() -> None:
+        nonlocal last
         done = epoch_loop.total_batch_idx + 1
-        last, last_seen[0] = last_seen[0], done
         if last is None or done // every_n_steps != last // every_n_steps:
             original()
+        last = done
 
     throttled.throttled = True  # type: ignore[attr-defined]
     epoch_loop._broadcast_sigterm_tensor = throttled
