@@ -285,18 +285,22 @@ def run_lightning(specs, batches, args, device, mode: str = "lightning") -> floa
                 sync(device)
                 self.t0, self.step0 = time.perf_counter(), trainer.global_step
             if profile_n and trainer.global_step >= args.warmup + args.steps and not hasattr(self, "prof"):
-                sync(device)
-                self.seconds = (time.perf_counter() - self.t0) * args.steps / (trainer.global_step - self.step0)
+                self.stop_clock(trainer)
                 self.prof = profiler(device)
                 self.prof.__enter__()
 
         def on_train_end(self, trainer, module):
-            sync(device)
             if hasattr(self, "prof"):
+                sync(device)
                 self.prof.__exit__(None, None, None)
                 PROFILED[mode] = profile_report(self.prof, profile_n, device, mode)
             else:
-                self.seconds = (time.perf_counter() - self.t0) * args.steps / (trainer.global_step - self.step0)
+                self.stop_clock(trainer)
+
+        def stop_clock(self, trainer):
+            """Seconds since the timing started, scaled to --steps steps."""
+            sync(device)
+            self.seconds = (time.perf_counter() - self.t0) * args.steps / (trainer.global_step - self.step0)
 
     total = args.warmup + args.steps + profile_n
     loader = torch.utils.data.DataLoader([batches[k % len(batches)] for k in range(total)], batch_size=None)
