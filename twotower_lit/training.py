@@ -12,6 +12,7 @@ import glob
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
@@ -171,7 +172,8 @@ def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger
     return L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
         max_epochs=cfg.max_epochs, logger=logger,
-        callbacks=[*checkpoints, RetrievalEvaluation(cfg.eval_k), TrainingClock(), *progress],
+        callbacks=[PeerLossReport(checkpoint_dir), *checkpoints, RetrievalEvaluation(cfg.eval_k), TrainingClock(),
+                   *progress],
         enable_progress_bar=cfg.progress, enable_model_summary=False, log_every_n_steps=log_every,
         num_sanity_val_steps=1, deterministic=False, default_root_dir=output_dir, use_distributed_sampler=False)
 
@@ -302,18 +304,45 @@ _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken p
               "Timed out", "timed out", "DistNetworkError", "failed to recv", "Socket Timeout")
 
 
+def _peer_lost_message(error: BaseException, trainer: L.Trainer, checkpoint_dir: str) -> Optional[str]:
+    """What to tell the user when `error` is a collective failing because another rank died, else None."""
+    if not isinstance(error, (RuntimeError, torch.distributed.DistError)) or trainer.world_size < 2:
+        return None
+    text = f"{type(error).__name__}: {error}"
+    if not any(p in text for p in _PEER_LOST):
+        return None
+    return (f"rank {trainer.global_rank} of {trainer.world_size} lost contact with another rank (it crashed, was "
+            f"killed, or its node went away). Checkpoints are in {checkpoint_dir}: rerun the same command with "
+            f"`--resume auto` to continue from the last complete one. Underlying error: {text[:500]}")
+
+
+class PeerLossReport(L.Callback):
+    """Prints the lost-peer explanation as soon as Lightning sees the failure.
+
+    Lightning calls callbacks' `on_exception` first, then closes the loggers (the MLflow logger
+    flushes its queue and records the failed run: seconds on a loaded machine), and only then lets the
+    exception reach `_peer_failures_explained`. Meanwhile Lightning's launcher, which polls the
+    ranks every 5 s, may SIGKILL this process because the other rank died; printing here makes sure
+    the explanation reaches the job's log first."""
+
+    def __init__(self, checkpoint_dir: str):
+        self.checkpoint_dir = checkpoint_dir
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        message = _peer_lost_message(exception, trainer, self.checkpoint_dir)
+        if message:
+            print(message, file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def _peer_failures_explained(trainer: L.Trainer, checkpoint_dir: str):
     """Turn a collective's low-level failure into an error that says what happened and what to do."""
     try:
         yield
     except (RuntimeError, torch.distributed.DistError) as e:
-        text = f"{type(e).__name__}: {e}"
-        if trainer.world_size > 1 and any(p in text for p in _PEER_LOST):
-            raise PeerLostError(
-                f"rank {trainer.global_rank} of {trainer.world_size} lost contact with another rank (it crashed, was "
-                f"killed, or its node went away). Checkpoints are in {checkpoint_dir}: rerun the same command with "
-                f"`--resume auto` to continue from the last complete one. Underlying error: {text[:500]}") from e
+        message = _peer_lost_message(e, trainer, checkpoint_dir)
+        if message:
+            raise PeerLostError(message) from e
         raise
 
 
