@@ -127,7 +127,28 @@ def profiled(run, n: int, device, mode: str = "") -> Dict[str, float]:
     """`run(n)` (n steps) under the profiler; `profile_report` of it."""
     with profiler(device) as prof:
         run(n)
-    return profile_report(prof, n, device, mode)
+    report = profile_report(prof, n, device, mode)
+    if device.type == "cuda":
+        report["syncs_per_step"] = host_syncs(run, n)
+    return report
+
+
+def host_syncs(run, n: int) -> float:
+    """Host-device synchronisations per step that go through PyTorch (`.item()`, `.tolist()`, a
+    blocking copy from pageable host memory...), counted by its sync debug mode. Each one makes the
+    host wait for every queued kernel before it can queue more, so a host-bound step cannot run
+    ahead of the GPU. (`run` ends with one deliberate sync: counted alone with `run(0)` and removed.)"""
+    def count(steps: int) -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run(steps)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    return max(0, count(n) - count(0)) / n
 
 
 def profile_report(prof, n: int, device, mode: str) -> Dict[str, float]:
@@ -169,18 +190,14 @@ def sync(device) -> None:
 def build_dmp(specs, args, device):
     from twotower_lit.config import ModelConfig, OptimConfig
     from twotower_lit.module import TwoTowerModule
-    from twotower_lit.strategy import EmbeddingBagCollectionShardingOffer, build_sharding_plan
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.types import ShardingEnv
+    from twotower_lit.strategy import build_sharding_plan, shard_model
 
     lm = TwoTowerModule(specs, ModelConfig(embedding_dim=args.dim, user_layers=[128, 64], item_layers=[128, 64]),
                         OptimConfig())
     pg = dist.group.WORLD
     plan = build_sharding_plan(lm.model, pg, device.type, args.sharding,
                                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
-    lm.model = DistributedModelParallel(lm.model, device=device, plan=plan,
-                                        sharders=[EmbeddingBagCollectionShardingOffer()],
-                                        env=ShardingEnv.from_process_group(pg))
+    lm.model = shard_model(lm.model, plan, pg, device)
     lm.to(device)
     return lm, lm.configure_optimizers()["optimizer"]
 
@@ -216,18 +233,15 @@ class _Task(nn.Module):
 def run_pipeline(specs, batches, args, device) -> float:
     from twotower_lit.config import ModelConfig, OptimConfig
     from twotower_lit.module import TwoTowerModule
-    from twotower_lit.strategy import EmbeddingBagCollectionShardingOffer, build_sharding_plan
-    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from twotower_lit.strategy import build_sharding_plan, shard_model
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-    from torchrec.distributed.types import ShardingEnv
 
     lm = TwoTowerModule(specs, ModelConfig(embedding_dim=args.dim), OptimConfig())
     task = _Task(lm.model)
     pg = dist.group.WORLD
     plan = build_sharding_plan(task, pg, device.type, args.sharding,
                                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
-    lm.model = DistributedModelParallel(task, device=device, plan=plan, sharders=[EmbeddingBagCollectionShardingOffer()],
-                                        env=ShardingEnv.from_process_group(pg))
+    lm.model = shard_model(task, plan, pg, device)
     opt = lm.configure_optimizers()["optimizer"]
     pipe = TrainPipelineSparseDist(lm.model, opt, device)
 
@@ -349,7 +363,7 @@ def main(argv=None) -> None:
                         "training job's default on GPUs; highest: full float32)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="on GPUs (or with --trace): also profile this many steps of every mode but pipeline "
-                        "(GPU ms and launches per step)")
+                        "(GPU ms and launches per step; host syncs per step for eager and plain)")
     p.add_argument("--trace", default=None, metavar="DIR",
                    help="with --profile-steps: also record host time, print the costliest ops and write "
                         "Chrome traces to DIR")
@@ -405,7 +419,8 @@ def main(argv=None) -> None:
             if "error" in r:
                 print(f"  {mode:20s} FAILED {r['error']}")
             else:
-                work = (f"  (GPU busy {r['gpu_ms_per_step']:.2f} ms/step, {r['launches_per_step']:.0f} launches)"
+                syncs = f", {r['syncs_per_step']:.1f} host syncs" if "syncs_per_step" in r else ""
+                work = (f"  (GPU busy {r['gpu_ms_per_step']:.2f} ms/step, {r['launches_per_step']:.0f} launches{syncs})"
                         if "gpu_ms_per_step" in r else "")
                 print(f"  {mode:20s} {r['samples_per_s'] / 1e6:8.3f} M samples/s  {r['ms_per_step']:7.2f} ms/step{work}")
         if args.json:

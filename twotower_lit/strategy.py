@@ -5,8 +5,10 @@ embedding tables on the ``meta`` device) and never learns whether it is sharded.
 
 What the hooks do (Lightning 2.6 + TorchRec 1.6-1.9):
 * ``setup``: plan the sharding with TorchRec's planner, wrap ``lightning_module.model`` in DMP
-  (which allocates only the local shards and data-parallelises the dense towers itself), then
-  build the optimizers, which must see the wrapped parameters.
+  (which allocates only the local shards and data-parallelises the dense towers itself, with DDP
+  only when there are several processes: ``DataParallelAcrossRanks``), then build the
+  optimizers, which must see the wrapped parameters. ``shard_model`` also keeps TorchRec's input
+  distribution from syncing with the GPU on every step (``cache_input_dist_permutations``).
 * ``setup`` replicates small tables (data_parallel) when there is more than one GPU, and keeps
   a resumed checkpoint's replicated tables (``table_kinds``).
 * ``setup`` also makes Lightning's per-step SIGTERM broadcast (a host sync) every N steps.
@@ -20,6 +22,7 @@ What the hooks do (Lightning 2.6 + TorchRec 1.6-1.9):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -34,7 +37,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
@@ -116,6 +119,61 @@ def build_sharding_plan(module: torch.nn.Module, pg: dist.ProcessGroup, device_t
     topology = Topology(world_size=world, local_world_size=local_world_size or world, compute_device=device_type)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     return planner.collective_plan(module, [sharder], pg)
+
+
+class DataParallelAcrossRanks(DefaultDataParallelWrapper):
+    """TorchRec's default wrapper (DDP over the dense towers and any replicated tables), except in
+    a one-process job, which has nothing to average: there DDP's forward wrapper, its gradient
+    hooks and a one-rank all-reduce per bucket would only add host time to every step."""
+
+    def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
+        if env.world_size > 1:
+            super().wrap(dmp, env, device)
+
+
+def cache_input_dist_permutations() -> None:
+    """Make TorchRec's KJT all-to-all reuse its feature permutation instead of rebuilding it per step.
+
+    `KJTAllToAllTensorsAwaitable` (TorchRec 1.6-1.9) calls `dist_data._get_recat` on every step,
+    even in a one-process job that never uses the result, and that function copies a Python list
+    to the GPU with `torch.tensor(..., device=...)`: a blocking copy from pageable memory, so a
+    host-device synchronisation per step, which keeps a host-bound step from queueing ahead of the
+    GPU. The permutation depends only on the arguments (feature split, world size, stagger, batch
+    size per rank), and TorchRec only reads it, so one tensor per argument set is kept and reused.
+    (`benchmarks/train_throughput.py --profile-steps` counts the syncs per step.) Idempotent; not
+    applied while torch.compile traces."""
+    from torchrec.distributed import dist_data
+
+    original = dist_data._get_recat
+    if getattr(original, "cached", False):
+        return
+    cache: Dict[Tuple, Optional[torch.Tensor]] = {}
+
+    @functools.wraps(original)
+    def get_recat(local_split: int, num_splits: int, stagger: int = 1, device: Optional[torch.device] = None,
+                  batch_size_per_rank: Optional[List[int]] = None) -> Optional[torch.Tensor]:
+        if torch.compiler.is_compiling():
+            return original(local_split, num_splits, stagger, device, batch_size_per_rank)
+        key = (local_split, num_splits, stagger, None if device is None else torch.device(device),
+               None if batch_size_per_rank is None else tuple(batch_size_per_rank))
+        if key not in cache:
+            if len(cache) >= 1024:  # variable batch sizes: a bound, not expected to be reached
+                cache.clear()
+            cache[key] = original(local_split, num_splits, stagger, device, batch_size_per_rank)
+        return cache[key]
+
+    get_recat.cached = True  # type: ignore[attr-defined]
+    dist_data._get_recat = get_recat
+
+
+def shard_model(module: torch.nn.Module, plan: ShardingPlan, pg: dist.ProcessGroup,
+                device: torch.device) -> DistributedModelParallel:
+    """`module` under DMP with `plan` (collective: every rank calls it)."""
+    cache_input_dist_permutations()
+    return DistributedModelParallel(module=module, device=device, plan=plan,
+                                    sharders=[EmbeddingBagCollectionShardingOffer()],
+                                    env=ShardingEnv.from_process_group(pg),
+                                    data_parallel_wrapper=DataParallelAcrossRanks())
 
 
 def describe_plan(plan: ShardingPlan) -> Dict[str, Dict[str, Any]]:
@@ -245,10 +303,7 @@ class TorchRecStrategy(DDPStrategy):
                 for table, d in self.plan_description.items():
                     print(f"sharding plan: {table}: {d['sharding_type']} ({d['compute_kernel']}) on ranks {d['ranks']}",
                           flush=True)
-            dmp = DistributedModelParallel(module=inner, device=self.root_device, plan=plan,
-                                           sharders=[EmbeddingBagCollectionShardingOffer()],
-                                           env=ShardingEnv.from_process_group(pg))
-            setattr(lm, self.module_attr, dmp)
+            setattr(lm, self.module_attr, shard_model(inner, plan, pg, self.root_device))
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)  # after the wrap: optimizers must see the sharded parameters
@@ -369,7 +424,22 @@ class TorchRecStrategy(DDPStrategy):
         return False  # load_checkpoint restores the optimizer state with DCP
 
     def lightning_module_state_dict(self) -> Dict[str, Any]:
-        return self.lightning_module.state_dict()
+        """The LightningModule's state, the sharded model's under ``<module_attr>.``.
+
+        Built here rather than by ``LightningModule.state_dict()``: that hands DMP the prefix, and
+        `DistributedModelParallel.state_dict(prefix=...)` (TorchRec 1.6-1.9) adds it a second time
+        (``model.model.ebc...``) when it holds no DDP wrapper, as in a one-process job
+        (`DataParallelAcrossRanks`), and would re-prefix entries its parent wrote before it. The
+        keys are therefore the same whatever the process count, so checkpoints move between them."""
+        lm, dmp = self.lightning_module, self.sharded_model
+        state: Dict[str, Any] = {}
+        lm._save_to_state_dict(state, "", keep_vars=False)  # the LightningModule's own tensors, if any
+        for name, child in lm.named_children():
+            if child is dmp:
+                state.update({f"{name}.{k}": v for k, v in dmp.state_dict().items()})
+            else:
+                child.state_dict(destination=state, prefix=f"{name}.")
+        return state
 
     def optimizer_state(self, optimizer) -> Dict[str, Any]:
         return getattr(optimizer, "_optimizer", optimizer).state_dict()
@@ -406,7 +476,7 @@ class TorchRecStrategy(DDPStrategy):
                              f"{self.replicated_tables or 'none'}: resume it with the same data_parallel tables "
                              f"(--sharding / --table-sharding), the other tables may use any sharding")
         lm = self.lightning_module
-        target: Dict[str, Any] = {"state_dict": lm.state_dict()}
+        target: Dict[str, Any] = {"state_dict": self.lightning_module_state_dict()}
         optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
         for i, opt in enumerate(optimizers):
             if hasattr(opt, "init_state"):

@@ -31,20 +31,15 @@ def data(prepared_synthetic):
 
 
 def _sharded_module(dm, optim_cfg, pg, total_steps=10, sharding="table_wise"):
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.types import ShardingEnv
-
     from twotower_lit.config import ModelConfig
     from twotower_lit.model import feature_specs
     from twotower_lit.module import TwoTowerModule
-    from twotower_lit.strategy import EmbeddingBagCollectionShardingOffer, build_sharding_plan
+    from twotower_lit.strategy import build_sharding_plan, shard_model
 
     cfg = ModelConfig(embedding_dim=8, user_layers=[16, 8], item_layers=[16, 8], exposure_dims=0)
     lm = TwoTowerModule(feature_specs(dm.manifest), cfg, optim_cfg, total_steps)
     plan = build_sharding_plan(lm.model, pg, "cpu", sharding)
-    lm.model = DistributedModelParallel(lm.model, device=torch.device("cpu"), plan=plan,
-                                        sharders=[EmbeddingBagCollectionShardingOffer()],
-                                        env=ShardingEnv.from_process_group(pg))
+    lm.model = shard_model(lm.model, plan, pg, torch.device("cpu"))
     return lm
 
 
@@ -79,6 +74,22 @@ def test_each_cpu_embedding_optimizer_updates_tables_in_backward(process_group, 
     # the combined optimizer's state (what checkpoints save) holds both parts
     state = opt.state_dict()["state"]
     assert any("ebc" in k for k in state) and any("tower" in k for k in state)
+
+
+def test_one_process_keeps_the_dense_towers_out_of_ddp_with_the_same_parameter_names(process_group, data):
+    """With nothing to average, DMP is built without its DDP wrapper (`DataParallelAcrossRanks`);
+    state dict and optimizer keys stay those of the unwrapped model, as with DDP on several ranks,
+    so checkpoints move between process counts."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from twotower_lit.config import OptimConfig
+
+    lm = _sharded_module(data, OptimConfig(), process_group)
+    assert not any(isinstance(m, DistributedDataParallel) for m in lm.model.modules())
+    dense = {k for k in lm.model.state_dict() if not k.startswith("ebc.")}
+    assert dense and all(k.startswith(("user_tower.", "item_tower.")) for k in dense), sorted(dense)
+    opt = lm.configure_optimizers()["optimizer"]
+    assert {k.partition(".")[2] for k in opt.params if k.startswith("dense.")} == dense, sorted(opt.params)
 
 
 def test_data_parallel_tables_use_the_embedding_optimizer_and_one_closure_per_step(process_group, data):

@@ -59,3 +59,23 @@ def test_small_tables_are_replicated_on_gpus_unless_named_or_resumed():
                                resumed_data_parallel_tables=["t_user", "t_year"])
     assert resumed.table_kinds(model, replicate_small=True) == {"user": "data_parallel", "year": "table_wise"}
     assert resumed.table_kinds(model, replicate_small=False) == {"user": "data_parallel", "year": "table_wise"}
+
+
+def test_input_dist_permutation_is_built_once_per_argument_set_with_torchrecs_values():
+    import torch
+    from torchrec.distributed import dist_data
+
+    from twotower_lit.strategy import cache_input_dist_permutations
+
+    cache_input_dist_permutations()
+    cache_input_dist_permutations()  # idempotent: one wrapper, not a wrapper of a wrapper
+    cached = dist_data._get_recat
+    original = cached.__wrapped__
+    assert not getattr(original, "cached", False)
+    cpu = torch.device("cpu")
+    for args in [(2, 4, 1, cpu, None), (3, 2, 1, cpu, [5, 5]), (2, 4, 2, cpu, [3, 5, 3, 5]), (1, 1, 1, cpu, None)]:
+        first = cached(*args)
+        assert cached(local_split=args[0], num_splits=args[1], stagger=args[2], device=args[3],
+                      batch_size_per_rank=args[4]) is first  # reused, keywords as TorchRec passes them
+        assert torch.equal(first, original(*args)), args
+    assert cached(0, 4) is None  # an empty local split has no permutation
