@@ -252,10 +252,12 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
         return None
 
     k = cfg.eval_k
-    rows = rows_trained(dm, trainer, cfg.negatives)
     clock = next(c for c in trainer.callbacks if isinstance(c, TrainingClock))
     loop_seconds = clock.seconds
-    row_rate = rows / max(trainer.global_step, 1)  # rows (all ranks) per step
+    row_rate = rows_per_step(dm, trainer.world_size, cfg.negatives)
+    # the steps this process trained: a resumed run's earlier steps (maybe on another number of
+    # processes) took no time here
+    rows = round(row_rate * sum(steps for _, steps in clock.epochs))
     metrics: Dict = {
         "test": {"auc": test["test_auc"], "logloss": test["test_logloss"], "accuracy": test["test_accuracy"],
                  f"recall@{k}": retrieval[f"recall@{k}"], f"ndcg@{k}": retrieval[f"ndcg@{k}"]},
@@ -350,11 +352,11 @@ def _callback(trainer: L.Trainer) -> RetrievalEvaluation:
     return next(c for c in trainer.callbacks if isinstance(c, RetrievalEvaluation))
 
 
-def rows_trained(dm: MovieLensDataModule, trainer: L.Trainer, negatives: int) -> int:
-    per_rank_batches = dm.steps_per_epoch(trainer.world_size)
-    epochs = trainer.global_step / max(per_rank_batches, 1)
-    per_epoch = math.ceil(dm.source("train").total_rows / trainer.world_size) * trainer.world_size
-    return int(per_epoch * epochs * (1 + negatives))
+def rows_per_step(dm: MovieLensDataModule, world_size: int, negatives: int) -> float:
+    """Rows through the model per optimizer step, all ranks together (rated + sampled negatives)."""
+    per_rank_batches = dm.steps_per_epoch(world_size)
+    per_epoch = math.ceil(dm.source("train").total_rows / world_size) * world_size
+    return per_epoch * (1 + negatives) / max(per_rank_batches, 1)
 
 
 def popularity_metrics(dm: MovieLensDataModule, split: str, k: int,

@@ -169,6 +169,8 @@ def test_epoch_end_checkpoint_resumes_the_remaining_epochs(two_rank_run, small_p
     got = read_json(out / "metrics.json")
     assert got["train"]["steps"] == reference["train"]["steps"]
     assert len(got["train"]["epoch_samples_per_s"]) == 1  # one epoch trained in this process
+    # the rate counts this process's steps only, not those trained before the checkpoint
+    assert got["train"]["samples_per_s"] == pytest.approx(got["train"]["epoch_samples_per_s"][0], rel=1e-3)
     for key in KEYS:
         assert got["test"][key] == pytest.approx(reference["test"][key], abs=1e-6), key
 
