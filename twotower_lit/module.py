@@ -341,11 +341,10 @@ class MultiStepTwoTowerModule(TwoTowerModule):
     `TwoTowerModule.training_step`, on the same batches in the same order. Lightning's batch
     counters and logging step are advanced by the extra batches, so that everything counted in
     batches or steps (the checkpointed position in the epoch, the logged steps, ``global_step``)
-    means what it means with K = 1: a checkpoint
-    resumes with any K. Each call ends on the next multiple of K optimizer steps, or earlier on a
-    multiple of `checkpoint_every_n_steps` or at the epoch's end: step-interval checkpoints are
-    written where they are with K = 1, and logging intervals that are multiples of K fall on call
-    boundaries.
+    means what it means with K = 1: a checkpoint resumes with any K. Each call ends on the next
+    multiple of K optimizer steps, or earlier on a multiple of `checkpoint_every_n_steps` or at the
+    epoch's end: step-interval checkpoints are written where they are with K = 1, and logging
+    intervals that are multiples of K fall on call boundaries.
     """
 
     def __init__(self, *args: Any, steps_per_execution: int = 1, checkpoint_every_n_steps: int = 0,

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from dataclasses import replace
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import lightning as L
 import numpy as np
@@ -128,6 +128,11 @@ class TrainingClock(L.Callback):
     @property
     def seconds(self) -> float:
         return sum(seconds for seconds, _ in self.epochs)
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps trained in this process (a resumed run's earlier ones are not here)."""
+        return sum(steps for _, steps in self.epochs)
 
 
 GPU_STEPS_PER_EXECUTION = 16  # --steps-per-execution 0 on GPUs (see TrainConfig.steps_per_execution)
@@ -246,18 +251,18 @@ def run(cfg: TrainConfig) -> Optional[Dict]:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         train_seconds = time.perf_counter() - t0
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
-        retrieval = _callback(trainer).last.get("test", {})
+        retrieval = _callback(trainer, RetrievalEvaluation).last.get("test", {})
         state = trainer.strategy.full_model_state_dict()  # collective: gathers the shards to rank 0
     if not trainer.is_global_zero:
         return None
 
     k = cfg.eval_k
-    clock = next(c for c in trainer.callbacks if isinstance(c, TrainingClock))
+    clock = _callback(trainer, TrainingClock)
     loop_seconds = clock.seconds
     row_rate = rows_per_step(dm, trainer.world_size, cfg.negatives)
     # the steps this process trained: a resumed run's earlier steps (maybe on another number of
     # processes) took no time here
-    rows = round(row_rate * sum(steps for _, steps in clock.epochs))
+    rows = round(row_rate * clock.steps)
     metrics: Dict = {
         "test": {"auc": test["test_auc"], "logloss": test["test_logloss"], "accuracy": test["test_accuracy"],
                  f"recall@{k}": retrieval[f"recall@{k}"], f"ndcg@{k}": retrieval[f"ndcg@{k}"]},
@@ -348,8 +353,9 @@ def _peer_failures_explained(trainer: L.Trainer, checkpoint_dir: str):
         raise
 
 
-def _callback(trainer: L.Trainer) -> RetrievalEvaluation:
-    return next(c for c in trainer.callbacks if isinstance(c, RetrievalEvaluation))
+def _callback(trainer: L.Trainer, kind: type) -> Any:
+    """The trainer's callback of class `kind` (`build_trainer` adds one of each)."""
+    return next(c for c in trainer.callbacks if isinstance(c, kind))
 
 
 def rows_per_step(dm: MovieLensDataModule, world_size: int, negatives: int) -> float:
