@@ -197,7 +197,7 @@ def build_dmp(specs, args, device):
     pg = dist.group.WORLD
     plan = build_sharding_plan(lm.model, pg, device.type, args.sharding,
                                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
-    lm.model = shard_model(lm.model, plan, pg, device)
+    lm.model = shard_model(lm.model, plan, pg, device, args.gradient_sync)
     lm.to(device)
     return lm, lm.configure_optimizers()["optimizer"]
 
@@ -241,7 +241,7 @@ def run_pipeline(specs, batches, args, device) -> float:
     pg = dist.group.WORLD
     plan = build_sharding_plan(task, pg, device.type, args.sharding,
                                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
-    lm.model = shard_model(task, plan, pg, device)
+    lm.model = shard_model(task, plan, pg, device, args.gradient_sync)
     opt = lm.configure_optimizers()["optimizer"]
     pipe = TrainPipelineSparseDist(lm.model, opt, device)
 
@@ -325,8 +325,9 @@ def run_lightning(specs, batches, args, device, mode: str = "lightning") -> floa
         lm = (PipelinedTwoTowerModule if mode == "lightning_pipeline" else TwoTowerModule)(specs, model_cfg,
                                                                                            OptimConfig())
     timer = Timer()
+    strategy = TorchRecStrategy(sharding=args.sharding, gradient_sync=args.gradient_sync)
     trainer = L.Trainer(accelerator=device.type if device.type == "cuda" else "cpu", devices=dist.get_world_size(),
-                        strategy=TorchRecStrategy(sharding=args.sharding), max_steps=total, logger=False,
+                        strategy=strategy, max_steps=total, logger=False,
                         callbacks=[timer], enable_progress_bar=False, enable_checkpointing=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                         use_distributed_sampler=False)  # every rank already has its own batches
@@ -356,6 +357,9 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--sharding", default="table_wise", help="as the training job's --sharding (auto: the planner picks)")
+    p.add_argument("--gradient-sync", default="allreduce", choices=("allreduce", "ddp"),
+                   help="as the training job's --gradient-sync (several processes: how the towers' gradients "
+                        "are averaged)")
     p.add_argument("--modes", default="lightning,lightning_pipeline,lightning_multistep,eager,pipeline,plain")
     p.add_argument("--steps-per-execution", type=int, default=8, help="K of the lightning_multistep mode")
     p.add_argument("--matmul-precision", default="high", choices=("highest", "high", "medium"),
@@ -414,7 +418,8 @@ def main(argv=None) -> None:
                     torch.cuda.empty_cache()
     if rank == 0:
         name = torch.cuda.get_device_name(device) if cuda else f"CPU x{os.cpu_count()}"
-        print(f"\n{args.shape} batch/rank={args.batch:,} ranks={world} device={name}")
+        print(f"\n{args.shape} batch/rank={args.batch:,} ranks={world} device={name} sharding={args.sharding}"
+              + (f" gradient-sync={args.gradient_sync}" if world > 1 else ""))
         for mode, r in results.items():
             if "error" in r:
                 print(f"  {mode:20s} FAILED {r['error']}")
@@ -426,6 +431,7 @@ def main(argv=None) -> None:
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"shape": args.shape, "batch": args.batch, "world": world, "device": name,
+                                    "sharding": args.sharding, "gradient_sync": args.gradient_sync,
                                     "results": results}) + "\n")
     dist.barrier()
     dist.destroy_process_group()

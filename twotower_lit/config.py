@@ -129,6 +129,12 @@ class TrainConfig:
                                                "dim x 4 bytes) not named by --table-sharding are replicated on "
                                                "every GPU (data_parallel: no all-to-all; a resumed run keeps its "
                                                "checkpoint's replicated tables instead); 0: off")
+    # allreduce: one all-reduce of every unsharded gradient after the backward pass; TorchRec's DDP
+    # wrapper cost ~1.3 ms of host time per step of a host-bound GPU step (see DataParallelAcrossRanks)
+    gradient_sync: str = _opt("allreduce", "with several processes, how the gradients of what is not sharded (the "
+                                           "towers, data_parallel tables) are averaged: allreduce (one flat "
+                                           "all-reduce per step) or ddp (TorchRec's DDP wrapper: overlaps the "
+                                           "backward pass, for large dense towers)", ("allreduce", "ddp"))
     collective_timeout_s: int = _opt(600, "seconds a rank waits in a collective before failing (a lost peer)")
     eval_k: int = _opt(10, "cut-off of Recall@k / NDCG@k")
     mlflow_uri: Optional[str] = _opt(None, "MLflow tracking URI (default: sqlite database in the output dir; "

@@ -5,8 +5,8 @@ embedding tables on the ``meta`` device) and never learns whether it is sharded.
 
 What the hooks do (Lightning 2.6 + TorchRec 1.6-1.9):
 * ``setup``: plan the sharding with TorchRec's planner, wrap ``lightning_module.model`` in DMP
-  (which allocates only the local shards and data-parallelises the dense towers itself, with DDP
-  only when there are several processes: ``DataParallelAcrossRanks``), then build the
+  (which allocates only the local shards; the dense towers' gradients are averaged across
+  processes by one all-reduce per step, or by DDP: ``DataParallelAcrossRanks``), then build the
   optimizers, which must see the wrapped parameters. ``shard_model`` also keeps TorchRec's input
   distribution from syncing with the GPU on every step (``cache_input_dist_permutations``).
 * ``setup`` replicates small tables (data_parallel) when there is more than one GPU, and keeps
@@ -28,7 +28,7 @@ import os
 import shutil
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -92,7 +92,7 @@ def build_sharding_plan(module: torch.nn.Module, pg: dist.ProcessGroup, device_t
     `sharding` is 'auto' (the planner picks per table) or one kind for every table;
     `table_sharding` maps feature names (tables are ``t_<feature>``) to a kind for that table.
     Sharded tables use the fused kernel, so the embedding optimizer runs inside the backward pass.
-    data_parallel tables are replicated: the dense kernel, gradients averaged by DDP, and the
+    data_parallel tables are replicated: the dense kernel, gradients averaged across ranks, and the
     embedding optimizer as a plain optimizer (`TwoTowerModule.configure_optimizers`). They need no
     all-to-all, which pays off for tables small enough to copy to every GPU; a table that is
     replicated must fit one device, and every step all-reduces its whole gradient.
@@ -121,14 +121,97 @@ def build_sharding_plan(module: torch.nn.Module, pg: dist.ProcessGroup, device_t
     return planner.collective_plan(module, [sharder], pg)
 
 
+GRADIENT_SYNCS = ("allreduce", "ddp")
+
+
+class GradientAverager:
+    """Averages the gradients of replicated parameters over a process group: one all-reduce of one
+    flat buffer after each backward pass (per device and dtype), nothing in the forward pass.
+
+    What DDP does for these parameters, without its per-step host work. A host-bound GPU step
+    pays for DDP's forward wrapper (it walks the inputs and outputs), its per-parameter autograd
+    hooks into the C++ reducer and its bucket bookkeeping: ~1.3 ms of a ~4.8 ms step on one H200
+    (see the README). Here a hook on each parameter only queues one callback per backward pass,
+    which runs when the pass has finished: it concatenates the gradients (one kernel), all-reduces
+    them (one collective; NCCL averages in it, gloo sums and a division follows) and sets each
+    ``.grad`` to its slice of the result. Nothing overlaps the backward pass as DDP's buckets do:
+    the replicated parameters here are small towers and small tables, and the step waits on the
+    host, not on the GPU. A parameter that got no gradient on a rank counts as zeros there, as
+    with DDP's ``find_unused_parameters``. Like DDP, the constructor copies rank 0's values to
+    every rank, so replicas start equal whatever each rank's initialisation."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], pg: dist.ProcessGroup) -> None:
+        self.pg = pg
+        self.world = pg.size()
+        self.average_in_collective = dist.get_backend(pg) == dist.Backend.NCCL
+        groups: Dict[Tuple[torch.device, torch.dtype], List[torch.nn.Parameter]] = {}
+        for p in params:
+            groups.setdefault((p.device, p.dtype), []).append(p)
+        self.groups = list(groups.values())
+        self._queued = False
+        with torch.no_grad():
+            for group in self.groups:
+                flat = torch.cat([p.detach().reshape(-1) for p in group])
+                dist.broadcast(flat, src=dist.get_global_rank(pg, 0), group=pg)
+                for p, value in zip(group, self._split(flat, group)):
+                    p.copy_(value.view_as(p))
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_gradient) for group in self.groups for p in group]
+
+    @staticmethod
+    def _split(flat: torch.Tensor, group: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+        return flat.split([p.numel() for p in group])
+
+    def _on_gradient(self, _param: torch.Tensor) -> None:
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._average)
+
+    def _average(self) -> None:
+        self._queued = False
+        for group in self.groups:
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+            if self.average_in_collective:
+                dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.pg)
+            else:
+                dist.all_reduce(flat, group=self.pg)
+                flat.div_(self.world)
+            for p, g in zip(group, self._split(flat, group)):
+                p.grad = g.view_as(p)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
 class DataParallelAcrossRanks(DefaultDataParallelWrapper):
-    """TorchRec's default wrapper (DDP over the dense towers and any replicated tables), except in
-    a one-process job, which has nothing to average: there DDP's forward wrapper, its gradient
-    hooks and a one-rank all-reduce per bucket would only add host time to every step."""
+    """How DMP keeps the parameters it does not shard (the dense towers and any data_parallel
+    tables) equal on every rank.
+
+    ``allreduce`` (the default): a `GradientAverager` over them, the module left unwrapped.
+    ``ddp``: TorchRec's own wrapper, DDP around the module, which overlaps the gradients'
+    all-reduce with the backward pass: worth it for dense towers large enough that the all-reduce,
+    not the host, bounds a step. A one-process job has nothing to average and gets neither."""
+
+    def __init__(self, gradient_sync: str = "allreduce") -> None:
+        if gradient_sync not in GRADIENT_SYNCS:
+            raise ValueError(f"gradient sync {gradient_sync!r}: choose one of {', '.join(GRADIENT_SYNCS)}")
+        super().__init__()
+        self.gradient_sync = gradient_sync
 
     def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
-        if env.world_size > 1:
+        if env.world_size == 1:
+            return
+        if self.gradient_sync == "ddp":
             super().wrap(dmp, env, device)
+            return
+        if getattr(dmp, "gradient_averager", None) is not None:
+            return
+        module = dmp._dmp_wrapped_module.to(device)  # as TorchRec's wrapper does: the towers start on the host
+        sharded = set(DistributedModelParallel._sharded_parameter_names(module))
+        replicated = [p for name, p in module.named_parameters() if name not in sharded and p.requires_grad]
+        if replicated:
+            dmp.gradient_averager = GradientAverager(replicated, env.process_group)
 
 
 def cache_input_dist_permutations() -> None:
@@ -167,13 +250,14 @@ def cache_input_dist_permutations() -> None:
 
 
 def shard_model(module: torch.nn.Module, plan: ShardingPlan, pg: dist.ProcessGroup,
-                device: torch.device) -> DistributedModelParallel:
-    """`module` under DMP with `plan` (collective: every rank calls it)."""
+                device: torch.device, gradient_sync: str = "allreduce") -> DistributedModelParallel:
+    """`module` under DMP with `plan` (collective: every rank calls it); `gradient_sync` as
+    `DataParallelAcrossRanks`'."""
     cache_input_dist_permutations()
     return DistributedModelParallel(module=module, device=device, plan=plan,
                                     sharders=[EmbeddingBagCollectionShardingOffer()],
                                     env=ShardingEnv.from_process_group(pg),
-                                    data_parallel_wrapper=DataParallelAcrossRanks())
+                                    data_parallel_wrapper=DataParallelAcrossRanks(gradient_sync))
 
 
 def describe_plan(plan: ShardingPlan) -> Dict[str, Dict[str, Any]]:
@@ -261,13 +345,17 @@ class TorchRecStrategy(DDPStrategy):
     def __init__(self, sharding: str = "table_wise", table_sharding: Optional[Mapping[str, str]] = None,
                  module_attr: str = "model", sigterm_check_every_n_steps: int = 50,
                  data_parallel_below_mb: float = 0.0, resumed_data_parallel_tables: Optional[List[str]] = None,
-                 **kwargs: Any) -> None:
+                 gradient_sync: str = "allreduce", **kwargs: Any) -> None:
         """`sharding`/`table_sharding` as `build_sharding_plan`'s. With more than one GPU, tables of
         at most `data_parallel_below_mb` MB that `table_sharding` does not name are replicated
         (data_parallel); 0 turns that off. `resumed_data_parallel_tables`: the data_parallel tables
         of the checkpoint the run resumes (`replicated_tables_of`), which then stay replicated
-        instead, and no other table is replicated by size."""
+        instead, and no other table is replicated by size. `gradient_sync`: how the unsharded
+        parameters' gradients are averaged across ranks (`DataParallelAcrossRanks`)."""
         super().__init__(**kwargs)
+        if gradient_sync not in GRADIENT_SYNCS:
+            raise ValueError(f"--gradient-sync {gradient_sync!r}: choose one of {', '.join(GRADIENT_SYNCS)}")
+        self.gradient_sync = gradient_sync
         self.sigterm_check_every_n_steps = sigterm_check_every_n_steps
         self.sharding = sharding
         self.table_sharding = dict(table_sharding or {})
@@ -303,7 +391,7 @@ class TorchRecStrategy(DDPStrategy):
                 for table, d in self.plan_description.items():
                     print(f"sharding plan: {table}: {d['sharding_type']} ({d['compute_kernel']}) on ranks {d['ranks']}",
                           flush=True)
-            setattr(lm, self.module_attr, shard_model(inner, plan, pg, self.root_device))
+            setattr(lm, self.module_attr, shard_model(inner, plan, pg, self.root_device, self.gradient_sync))
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)  # after the wrap: optimizers must see the sharded parameters
@@ -334,7 +422,7 @@ class TorchRecStrategy(DDPStrategy):
         lm.to(self.root_device)
 
     def configure_ddp(self) -> None:
-        """DMP already wraps the dense part in DDP; an outer DDP would double-synchronise."""
+        """DMP already averages the dense part's gradients; an outer DDP would do it twice."""
 
     @property
     def replicated_tables(self) -> List[str]:
@@ -428,9 +516,10 @@ class TorchRecStrategy(DDPStrategy):
 
         Built here rather than by ``LightningModule.state_dict()``: that hands DMP the prefix, and
         `DistributedModelParallel.state_dict(prefix=...)` (TorchRec 1.6-1.9) adds it a second time
-        (``model.model.ebc...``) when it holds no DDP wrapper, as in a one-process job
-        (`DataParallelAcrossRanks`), and would re-prefix entries its parent wrote before it. The
-        keys are therefore the same whatever the process count, so checkpoints move between them."""
+        (``model.model.ebc...``) when it holds no DDP wrapper (`DataParallelAcrossRanks` adds
+        none by default), and would re-prefix entries its parent wrote before it. The keys are
+        therefore the same whatever the process count and gradient sync, so checkpoints move
+        between them."""
         lm, dmp = self.lightning_module, self.sharded_model
         state: Dict[str, Any] = {}
         lm._save_to_state_dict(state, "", keep_vars=False)  # the LightningModule's own tensors, if any

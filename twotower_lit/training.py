@@ -154,7 +154,7 @@ def resolve_steps_per_execution(cfg: TrainConfig, device_type: str) -> int:
 def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger,
                   ckpt_path: Optional[str] = None) -> L.Trainer:
     strategy = TorchRecStrategy(sharding=cfg.sharding, table_sharding=parse_table_sharding(cfg.table_sharding),
-                                data_parallel_below_mb=cfg.data_parallel_below_mb,
+                                data_parallel_below_mb=cfg.data_parallel_below_mb, gradient_sync=cfg.gradient_sync,
                                 resumed_data_parallel_tables=replicated_tables_of(ckpt_path) if ckpt_path else None,
                                 timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
     # one callback per trigger: Lightning's ModelCheckpoint takes either a step or an epoch interval

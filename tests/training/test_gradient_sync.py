@@ -1,0 +1,131 @@
+"""How the unsharded parameters (towers, data_parallel tables) stay equal across ranks: two gloo
+processes train the same sharded model with `GradientAverager` (``--gradient-sync allreduce``)
+and with TorchRec's DDP wrapper (``ddp``), and must end with the same weights."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from tests.conftest import free_port
+
+WORLD = 2
+STEPS = 6
+
+
+def _build(dm, gradient_sync: str, seed: int):
+    from twotower_lit.config import ModelConfig, OptimConfig
+    from twotower_lit.model import feature_specs
+    from twotower_lit.module import TwoTowerModule
+    from twotower_lit.strategy import build_sharding_plan, shard_model
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(embedding_dim=8, user_layers=[16, 8], item_layers=[16, 8], exposure_dims=0)
+    lm = TwoTowerModule(feature_specs(dm.manifest), cfg, OptimConfig(embedding_optimizer="rowwise_adagrad"), STEPS)
+    pg = dist.group.WORLD
+    # two tables replicated (dense kernel, averaged gradients), the others sharded (fused optimizer)
+    plan = build_sharding_plan(lm.model, pg, "cpu", "table_wise", {"user": "data_parallel", "genres": "data_parallel"})
+    lm.model = shard_model(lm.model, plan, pg, torch.device("cpu"), gradient_sync)
+    return lm, lm.configure_optimizers()["optimizer"]
+
+
+def _weights(lm):
+    """{name: this rank's values}, under the same names with or without the DDP wrapper."""
+    out = {}
+    for name, value in lm.model.state_dict().items():
+        if hasattr(value, "local_shards"):  # a sharded table: this rank's part, if any
+            shards = value.local_shards()
+            if not shards:
+                continue
+            value = torch.cat([s.tensor.reshape(-1) for s in shards])
+        out[name] = value.detach().clone()
+    return out
+
+
+def _train(lm, opt, dm, rank):
+    train = dm.splits["train"]
+    rng = np.random.default_rng(rank)  # each rank its own rows
+    for _ in range(STEPS):
+        idx = rng.integers(0, len(train["user"]), 128)
+        batch = dm.builder.batch(train["user"][idx].astype(np.int64), train["item"][idx].astype(np.int64),
+                                 train["label"][idx])
+        loss = F.binary_cross_entropy_with_logits(lm(batch), batch.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _worker(rank: int, port: int, data_dir: str) -> None:
+    from twotower_lit.data.datamodule import MovieLensDataModule
+    from twotower_lit.strategy import GradientAverager
+
+    store = dist.TCPStore("127.0.0.1", port, WORLD, is_master=rank == 0)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+    try:
+        dm = MovieLensDataModule(data_dir, batch_size=128)
+        dm.load()
+        # every rank seeds differently: the replicas start equal only because rank 0's values are copied
+        averaged, averaged_opt = _build(dm, "allreduce", seed=10 + rank)
+        reference, reference_opt = _build(dm, "ddp", seed=10 + rank)
+        averager = averaged.model.gradient_averager
+        assert isinstance(averager, GradientAverager)
+        # the towers: the data_parallel tables' gradients are averaged by TorchRec's own lookup
+        towers = {name: p for name, p in averaged.model.named_parameters() if "tower" in name}
+        assert {id(p) for group in averager.groups for p in group} == {id(p) for p in towers.values()}
+        replicated = [*towers, "ebc.embedding_bags.t_user.weight", "ebc.embedding_bags.t_genres.weight"]
+        assert not any(isinstance(m, torch.nn.parallel.DistributedDataParallel) for m in averaged.model.modules())
+        assert any(isinstance(m, torch.nn.parallel.DistributedDataParallel) for m in reference.model.modules())
+
+        start = _weights(averaged)
+        assert start.keys() == _weights(reference).keys()
+        for name, value in _weights(reference).items():
+            torch.testing.assert_close(start[name], value, rtol=0, atol=0, msg=name)
+
+        _train(averaged, averaged_opt, dm, rank)
+        _train(reference, reference_opt, dm, rank)
+        got, want = _weights(averaged), _weights(reference)
+        moved = 0
+        for name, value in want.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+            moved += not torch.equal(value, start[name])
+        assert moved == len(want), "every tensor trained"
+        # the replicated parameters are equal on both ranks, bit for bit
+        for name in replicated:
+            value = dict(averaged.model.named_parameters())[name].detach()
+            gathered = [torch.empty_like(value) for _ in range(WORLD)]
+            dist.all_gather(gathered, value)
+            assert torch.equal(gathered[0], gathered[1]), name
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_allreduce_per_step_trains_two_ranks_as_ddp_does(prepared_synthetic):
+    mp.spawn(_worker, args=(free_port(), str(prepared_synthetic)), nprocs=WORLD, join=True)
+
+
+def test_a_parameter_without_gradient_counts_as_zeros(tmp_path):
+    """One process (gloo over one rank): the averager's callback runs once after backward and
+    gives a gradient to a parameter the loss did not use, as DDP with find_unused_parameters does."""
+    from twotower_lit.strategy import GradientAverager
+
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        used, unused = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+        params = list(used.parameters()) + list(unused.parameters())
+        averager = GradientAverager(params, dist.group.WORLD)
+        x = torch.randn(4, 3)
+        expected = torch.autograd.grad(used(x).square().sum(), list(used.parameters()))
+        used(x).square().sum().backward()
+        for p, g in zip(used.parameters(), expected):
+            torch.testing.assert_close(p.grad, g)
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in unused.parameters())
+        averager.remove()
+        for p in params:
+            p.grad = None
+        used(x).sum().backward()
+        assert all(p.grad is None for p in unused.parameters())  # hooks removed: no callback
+    finally:
+        dist.destroy_process_group()
