@@ -19,12 +19,15 @@ from twotower_lit.data.batches import Batch
 from twotower_lit.layers import logits
 from twotower_lit.losses import TwoTowerLoss
 from twotower_lit.model import FeatureSpec, TwoTower
+from twotower_lit.optim import GroupedRowWiseAdagrad
 
 EMBEDDING_OPTIMIZERS = {
     "rowwise_adagrad": (RowWiseAdagrad, {}),
     "adam": (torch.optim.Adam, {}),
     "sgd": (torch.optim.SGD, {}),
 }
+# the same update for data_parallel tables, which are stepped after the backward pass (one step for all tables)
+REPLICATED_TABLE_OPTIMIZERS = {"rowwise_adagrad": GroupedRowWiseAdagrad}
 # FBGEMM's CPU kernels fuse only these into the backward pass; Adam on the tables needs CUDA
 CPU_EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "sgd")
 DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -302,6 +305,7 @@ class TwoTowerModule(L.LightningModule):
         parts: List = [("dense", dense)]
         if replicated:
             cls, extra = EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer]
+            cls = REPLICATED_TABLE_OPTIMIZERS.get(cfg.embedding_optimizer, cls)
             parts.append(("replicated_tables", KeyedOptimizerWrapper(
                 replicated, lambda params: cls(params, lr=cfg.embedding_lr, **extra))))
         fused = getattr(self.model, "fused_optimizer", None)  # the embedding optimizer run in backward

@@ -97,16 +97,16 @@ def test_data_parallel_tables_use_the_embedding_optimizer_and_one_closure_per_st
     optimizer and learning rate as an optimizer of their own. With it the combined optimizer holds
     two optimizers that would evaluate a closure; Lightning's closure (forward + backward) must
     still run once per step."""
-    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
-
     from twotower_lit.config import OptimConfig
+    from twotower_lit.optim import GroupedRowWiseAdagrad
 
     lm = _sharded_module(data, OptimConfig(embedding_lr=0.1, dense_lr=0.01), process_group, sharding="data_parallel")
     opt = lm.configure_optimizers()["optimizer"]
     parts = dict(opt.optimizers)
     assert {"dense", "replicated_tables"} <= set(parts)  # (and an empty fused one)
     tables = parts["replicated_tables"]
-    assert isinstance(tables._optimizer, RowWiseAdagrad) and tables.param_groups[0]["lr"] == 0.1
+    # TorchRec's row-wise Adagrad, stepping every table at once
+    assert isinstance(tables._optimizer, GroupedRowWiseAdagrad) and tables.param_groups[0]["lr"] == 0.1
     assert all("embedding_bags." in k for k in tables.params) and len(tables.params) == len(lm.features)
     assert not any("embedding_bags." in k for k in parts["dense"].params)
 
