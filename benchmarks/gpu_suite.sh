@@ -2,6 +2,8 @@
 # GPU part of the benchmark suite: training throughput on 1 and 2 GPUs, ml-1m- and ML-32M-shaped
 # tables, batch 8k and 64k per GPU, each invocation timing the Lightning path, eager DMP, TorchRec's
 # pipeline and plain PyTorch side by side. Results: printed, and appended as JSON lines to $1.
+# Several GPUs run each case twice: tables sharded table_wise, and replicated (data_parallel), which
+# is what the training job does with these tables on several GPUs (--data-parallel-below-mb).
 #   bash benchmarks/gpu_suite.sh results.jsonl [STEPS]
 set -euo pipefail
 out=${1:-gpu_results.jsonl}
@@ -12,8 +14,12 @@ for n in ${GPU_COUNTS:-1 2}; do
   [ "$n" -le "$gpus" ] || { echo "skipping $n GPUs: only $gpus present"; continue; }
   for shape in ml-1m ml-32m; do
     for batch in 8192 65536; do
-      CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) torchrun --standalone --nproc_per_node "$n" \
-        -m benchmarks.train_throughput --shape "$shape" --batch "$batch" --steps "$steps" --json "$out"
+      shardings=table_wise; [ "$n" -gt 1 ] && shardings="table_wise data_parallel"
+      for sharding in $shardings; do
+        CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) torchrun --standalone --nproc_per_node "$n" \
+          -m benchmarks.train_throughput --shape "$shape" --batch "$batch" --steps "$steps" \
+          --sharding "$sharding" --json "$out"
+      done
     done
   done
 done

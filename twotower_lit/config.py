@@ -129,12 +129,12 @@ class TrainConfig:
                                                "dim x 4 bytes) not named by --table-sharding are replicated on "
                                                "every GPU (data_parallel: no all-to-all; a resumed run keeps its "
                                                "checkpoint's replicated tables instead); 0: off")
-    # allreduce: one all-reduce of every unsharded gradient after the backward pass; TorchRec's DDP
-    # wrapper cost ~1.3 ms of host time per step of a host-bound GPU step (see DataParallelAcrossRanks)
-    gradient_sync: str = _opt("allreduce", "with several processes, how the gradients of what is not sharded (the "
-                                           "towers, data_parallel tables) are averaged: allreduce (one flat "
-                                           "all-reduce per step) or ddp (TorchRec's DDP wrapper: overlaps the "
-                                           "backward pass, for large dense towers)", ("allreduce", "ddp"))
+    # allreduce: one all-reduce of the towers' gradients after the backward pass. Against TorchRec's
+    # DDP wrapper it trained 5-6% faster end to end on 2 H200s (see DataParallelAcrossRanks)
+    gradient_sync: str = _opt("allreduce", "with several processes, how the dense towers' gradients are averaged: "
+                                           "allreduce (one flat all-reduce per step) or ddp (TorchRec's DDP "
+                                           "wrapper: overlaps the backward pass, for large dense towers)",
+                              ("allreduce", "ddp"))
     collective_timeout_s: int = _opt(600, "seconds a rank waits in a collective before failing (a lost peer)")
     eval_k: int = _opt(10, "cut-off of Recall@k / NDCG@k")
     mlflow_uri: Optional[str] = _opt(None, "MLflow tracking URI (default: sqlite database in the output dir; "
@@ -149,7 +149,7 @@ class TrainConfig:
     # Keras' steps_per_execution: on a GPU a 64k-row step is a few milliseconds of host work, of
     # which Lightning's per-batch loop (hooks, progress, logging) is a fixed share; K steps per call
     # pay it once. 16 on GPUs: end to end on H200s it was faster in five of six interleaved pairs
-    # of runs (1 and 2 GPUs, two machines), by 13% on average (README, GPU throughput)
+    # of runs (1 and 2 GPUs, two machines), by 13% on average (benchmarks/GPU_RESULTS.md)
     steps_per_execution: int = _opt(0, "optimizer steps (batches) per Lightning training_step call, each step as "
                                        "with 1 (the same batches, results and checkpoints; train_loss logged every "
                                        "multiple of it from 10); 0: 16 on GPUs, 1 on CPUs (where a step's compute "

@@ -19,7 +19,7 @@ class GroupedRowWiseAdagrad(RowWiseAdagrad):
     of their gradients, one row mean, one square root and one division for all of them, and
     multi-tensor (``_foreach``) updates of the per-table state and weights. On two H200s
     (ML-32M shape, 65,536 rows per GPU) a step launched 108 kernels instead of 147 and trained
-    4-7% faster in memory and 3% faster end to end (the README's figures).
+    4-7% faster in memory and 3% faster end to end (`benchmarks/GPU_RESULTS.md`).
 
     The update of each row is TorchRec's: ``sum += mean(g^2)``, ``w -= clr * g / (sqrt(sum) + eps)``
     with ``clr = lr / (1 + (step - 1) * lr_decay)`` (``g`` with weight decay and sign of

@@ -134,17 +134,17 @@ class GradientAverager:
     """Averages the gradients of replicated parameters over a process group: one all-reduce of one
     flat buffer after each backward pass (per device and dtype), nothing in the forward pass.
 
-    What DDP does for these parameters, without its per-step host work. A host-bound GPU step
-    pays for DDP's forward wrapper (it walks the inputs and outputs), its per-parameter autograd
-    hooks into the C++ reducer and its bucket bookkeeping: ~1.3 ms of a ~4.8 ms step on one H200,
-    and 5-6% of the end-to-end rate on two (see the README). Here a hook on each parameter only
+    What DDP does for these parameters, without its per-step host work. A host-bound GPU step pays
+    for DDP's forward wrapper (it walks the inputs and outputs), its per-parameter autograd hooks
+    into the C++ reducer and its bucket bookkeeping: ~1.3 ms of a ~4.8 ms step on one H200, and 5-6%
+    of the end-to-end rate on two (`benchmarks/GPU_RESULTS.md`). Here a hook on each parameter only
     queues one callback per backward pass, which runs when the pass has finished: it concatenates
-    the gradients (one kernel), all-reduces them (one collective; NCCL averages in it, gloo sums
-    and a division follows) and sets each ``.grad`` to its slice of the result. Nothing overlaps
-    the backward pass as DDP's buckets do: the towers here are small, and the step waits on the
-    host, not on the GPU. A parameter that got no gradient on a rank counts as zeros there, as
-    with DDP's ``find_unused_parameters``. Like DDP, the constructor copies rank 0's values to
-    every rank, so replicas start equal whatever each rank's initialisation."""
+    the gradients (one kernel), all-reduces them (one collective; NCCL averages in it, gloo sums and
+    a division follows) and sets each ``.grad`` to its slice of the result. Nothing overlaps the
+    backward pass as DDP's buckets do: the towers here are small, and the step waits on the host,
+    not on the GPU. A parameter that got no gradient on a rank counts as zeros there, as with DDP's
+    ``find_unused_parameters``. Like DDP, the constructor copies rank 0's values to every rank, so
+    replicas start equal whatever each rank's initialisation."""
 
     def __init__(self, params: Sequence[torch.nn.Parameter], pg: dist.ProcessGroup) -> None:
         self.pg = pg

@@ -4,7 +4,7 @@
 Why: at GPU step rates (a 64k-row step takes ~5 ms) the streaming loader has to deliver over
 10 M rows/s through worker processes, shared memory, pinning and a host-to-device copy per
 batch, and it does not (about 4.4 M rows/s end to end on an H200 machine with 12 workers,
-against 11 M rows/s for the same steps fed from memory; see the README's GPU tables). When the
+against 11 M rows/s for the same steps fed from memory; see benchmarks/GPU_RESULTS.md). When the
 training split fits in device memory (20 bytes per rating: ~0.5 GB for 25 M training rows, plus
 the small feature tables), this reader keeps it there and builds the batches with a few gathers
 on the device, many batches at a time: no workers, no copies, no host sync (each key's length is
