@@ -154,7 +154,7 @@ class GradientAverager:
         for p in params:
             groups.setdefault((p.device, p.dtype), []).append(p)
         self.groups = list(groups.values())
-        self._queued = False
+        self._queued_in: Optional[int] = None  # the backward pass (graph task) whose callback is queued
         with torch.no_grad():
             for group in self.groups:
                 flat = torch.cat([p.detach().reshape(-1) for p in group])
@@ -168,12 +168,14 @@ class GradientAverager:
         return flat.split([p.numel() for p in group])
 
     def _on_gradient(self, _param: torch.Tensor) -> None:
-        if not self._queued:
-            self._queued = True
+        # once per backward pass; keyed by the pass rather than a flag that the callback resets, so
+        # that a pass that failed before its callback ran does not keep the next one from averaging
+        task = torch._C._current_graph_task_id()
+        if task != self._queued_in:
+            self._queued_in = task
             torch.autograd.Variable._execution_engine.queue_callback(self._average)
 
     def _average(self) -> None:
-        self._queued = False
         for group in self.groups:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
             if self.average_in_collective:

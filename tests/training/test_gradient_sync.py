@@ -4,6 +4,7 @@ and with TorchRec's DDP wrapper (``ddp``), and must end with the same weights.""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -57,12 +58,12 @@ def _train(lm, opt, dm, rank):
         opt.step()
 
 
-def _worker(rank: int, port: int, data_dir: str) -> None:
+def _worker(rank: int, store_file: str, data_dir: str) -> None:
     from twotower_lit.data.datamodule import MovieLensDataModule
     from twotower_lit.strategy import GradientAverager
 
-    store = dist.TCPStore("127.0.0.1", port, WORLD, is_master=rank == 0)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+    # a file store: no server thread in rank 0 that could still be serving rank 1 at exit
+    dist.init_process_group("gloo", store=dist.FileStore(store_file, WORLD), rank=rank, world_size=WORLD)
     try:
         dm = MovieLensDataModule(data_dir, batch_size=128)
         dm.load()
@@ -97,12 +98,13 @@ def _worker(rank: int, port: int, data_dir: str) -> None:
             gathered = [torch.empty_like(value) for _ in range(WORLD)]
             dist.all_gather(gathered, value)
             assert torch.equal(gathered[0], gathered[1]), name
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def test_one_allreduce_per_step_trains_two_ranks_as_ddp_does(prepared_synthetic):
-    mp.spawn(_worker, args=(free_port(), str(prepared_synthetic)), nprocs=WORLD, join=True)
+def test_one_allreduce_per_step_trains_two_ranks_as_ddp_does(prepared_synthetic, tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(prepared_synthetic)), nprocs=WORLD, join=True)
 
 
 def test_a_parameter_without_gradient_counts_as_zeros(tmp_path):
@@ -122,6 +124,27 @@ def test_a_parameter_without_gradient_counts_as_zeros(tmp_path):
         for p, g in zip(used.parameters(), expected):
             torch.testing.assert_close(p.grad, g)
         assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in unused.parameters())
+
+        # a backward pass that fails after a gradient arrived (its callback never runs) does not
+        # keep the next pass from averaging
+        class Fails(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, t):
+                return t.clone()
+
+            @staticmethod
+            def backward(ctx, g):
+                raise RuntimeError("failed in backward")
+
+        for p in params:
+            p.grad = None
+        early = Fails.apply(torch.randn(4, requires_grad=True) * 2)  # created first: its backward runs last
+        with pytest.raises(RuntimeError, match="failed in backward"):
+            (used(x).sum() + early.sum()).backward()
+        assert all(p.grad is None for p in unused.parameters())  # the callback did not run
+        used(x).sum().backward()
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in unused.parameters())
+
         averager.remove()
         for p in params:
             p.grad = None
