@@ -1,4 +1,4 @@
-"""How the unsharded parameters (towers, data_parallel tables) stay equal across ranks: two gloo
+"""How the replicated parameters (towers, data_parallel tables) stay equal across ranks: two gloo
 processes train the same sharded model with `GradientAverager` (``--gradient-sync allreduce``)
 and with TorchRec's DDP wrapper (``ddp``), and must end with the same weights."""
 from __future__ import annotations
@@ -107,7 +107,7 @@ def test_one_allreduce_per_step_trains_two_ranks_as_ddp_does(prepared_synthetic,
     mp.spawn(_worker, args=(str(tmp_path / "store"), str(prepared_synthetic)), nprocs=WORLD, join=True)
 
 
-def test_a_parameter_without_gradient_counts_as_zeros(tmp_path):
+def test_a_parameter_without_gradient_counts_as_zeros():
     """One process (gloo over one rank): the averager's callback runs once after backward and
     gives a gradient to a parameter the loss did not use, as DDP with find_unused_parameters does."""
     from twotower_lit.strategy import GradientAverager
