@@ -32,6 +32,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from twotower_lit.config import GRADIENT_SYNCS
+
 SHAPES = {  # users, items as in the GroupLens sets
     "ml-1m": (6_040, 3_706),
     "ml-32m": (200_948, 87_585),
@@ -357,7 +359,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--sharding", default="table_wise", help="as the training job's --sharding (auto: the planner picks)")
-    p.add_argument("--gradient-sync", default="allreduce", choices=("allreduce", "ddp"),
+    p.add_argument("--gradient-sync", default="allreduce", choices=GRADIENT_SYNCS,
                    help="as the training job's --gradient-sync (several processes: how the towers' gradients "
                         "are averaged)")
     p.add_argument("--modes", default="lightning,lightning_pipeline,lightning_multistep,eager,pipeline,plain")

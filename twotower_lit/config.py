@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Type, TypeVar
 
 DATASETS = ("ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-32m", "ml-latest", "ml-latest-small")
+# how several processes average the gradients of the unsharded towers (strategy.DataParallelAcrossRanks)
+GRADIENT_SYNCS = ("allreduce", "ddp")
 
 T = TypeVar("T")
 
@@ -134,7 +136,7 @@ class TrainConfig:
     gradient_sync: str = _opt("allreduce", "with several processes, how the dense towers' gradients are averaged: "
                                            "allreduce (one flat all-reduce per step) or ddp (TorchRec's DDP "
                                            "wrapper: overlaps the backward pass, for large dense towers)",
-                              ("allreduce", "ddp"))
+                              GRADIENT_SYNCS)
     collective_timeout_s: int = _opt(600, "seconds a rank waits in a collective before failing (a lost peer)")
     eval_k: int = _opt(10, "cut-off of Recall@k / NDCG@k")
     mlflow_uri: Optional[str] = _opt(None, "MLflow tracking URI (default: sqlite database in the output dir; "

@@ -43,6 +43,8 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from twotower_lit.config import GRADIENT_SYNCS
+
 log = logging.getLogger(__name__)
 
 TRAINER_STATE_FILE = "trainer_state.pt"
@@ -119,9 +121,6 @@ def build_sharding_plan(module: torch.nn.Module, pg: dist.ProcessGroup, device_t
     topology = Topology(world_size=world, local_world_size=local_world_size or world, compute_device=device_type)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     return planner.collective_plan(module, [sharder], pg)
-
-
-GRADIENT_SYNCS = ("allreduce", "ddp")
 
 
 def check_gradient_sync(name: str) -> str:
