@@ -131,11 +131,12 @@ class TrainConfig:
                                                "dim x 4 bytes) not named by --table-sharding are replicated on "
                                                "every GPU (data_parallel: no all-to-all; a resumed run keeps its "
                                                "checkpoint's replicated tables instead); 0: off")
-    # allreduce: one all-reduce of the towers' gradients after the backward pass. Against TorchRec's
-    # DDP wrapper it trained 5-6% faster end to end on 2 H200s (see DataParallelAcrossRanks)
-    gradient_sync: str = _opt("allreduce", "with several processes, how the dense towers' gradients are averaged: "
-                                           "allreduce (one flat all-reduce per step) or ddp (TorchRec's DDP "
-                                           "wrapper: overlaps the backward pass, for large dense towers)",
+    # allreduce: one all-reduce of the towers' and replicated tables' gradients after the backward
+    # pass, instead of TorchRec's DDP wrappers (see DataParallelAcrossRanks and benchmarks/GPU_RESULTS.md)
+    gradient_sync: str = _opt("allreduce", "with several processes, how the gradients of the dense towers and of "
+                                           "replicated (data_parallel) tables are averaged: allreduce (one flat "
+                                           "all-reduce per step) or ddp (TorchRec's DDP wrappers: overlap the "
+                                           "backward pass, for large dense towers)",
                               GRADIENT_SYNCS)
     collective_timeout_s: int = _opt(600, "seconds a rank waits in a collective before failing (a lost peer)")
     eval_k: int = _opt(10, "cut-off of Recall@k / NDCG@k")

@@ -5,8 +5,9 @@ embedding tables on the ``meta`` device) and never learns whether it is sharded.
 
 What the hooks do (Lightning 2.6 + TorchRec 1.6-1.9):
 * ``setup``: plan the sharding with TorchRec's planner, wrap ``lightning_module.model`` in DMP
-  (which allocates only the local shards; the dense towers' gradients are averaged across
-  processes by one all-reduce per step, or by DDP: ``DataParallelAcrossRanks``), then build the
+  (which allocates only the local shards; the gradients of the dense towers and of replicated
+  tables are averaged across processes by one all-reduce per step, or by DDP:
+  ``DataParallelAcrossRanks``), then build the
   optimizers, which must see the wrapped parameters. ``shard_model`` also keeps TorchRec's input
   distribution from syncing with the GPU on every step (``cache_input_dist_permutations``).
 * ``setup`` replicates small tables (data_parallel) when there is more than one GPU, and keeps
@@ -140,8 +141,8 @@ class GradientAverager:
     queues one callback per backward pass, which runs when the pass has finished: it concatenates
     the gradients (one kernel), all-reduces them (one collective; NCCL averages in it, gloo sums and
     a division follows) and sets each ``.grad`` to its slice of the result. Nothing overlaps the
-    backward pass as DDP's buckets do: the towers here are small, and the step waits on the host,
-    not on the GPU. A parameter that got no gradient on a rank counts as zeros there, as with DDP's
+    backward pass as DDP's buckets do: the towers and replicated tables here are small, and the
+    step waits on the host, not on the GPU. A parameter that got no gradient on a rank counts as zeros there, as with DDP's
     ``find_unused_parameters``. Like DDP, the constructor copies rank 0's values to every rank, so
     replicas start equal whatever each rank's initialisation."""
 
@@ -192,14 +193,16 @@ class GradientAverager:
 
 
 class DataParallelAcrossRanks(DefaultDataParallelWrapper):
-    """How DMP keeps the parameters it does not shard (the dense towers) equal on every rank.
-    (data_parallel tables belong to TorchRec's sharded collection, which wraps their lookup in a
-    DDP of its own.)
+    """How DMP keeps the parameters it does not shard equal on every rank: the dense towers, and
+    the tables sharded data_parallel (replicated), whose lookup TorchRec's sharded collection wraps
+    in a DDP of its own.
 
-    ``allreduce`` (the default): a `GradientAverager` over them, the module left unwrapped.
-    ``ddp``: TorchRec's own wrapper, DDP around the module, which overlaps the gradients'
-    all-reduce with the backward pass: worth it for dense towers large enough that the all-reduce,
-    not the host, bounds a step. A one-process job has nothing to average and gets neither."""
+    ``allreduce`` (the default): one `GradientAverager` over the towers and the replicated
+    tables' weights; the towers are left unwrapped and each replicated lookup is taken out of its
+    DDP (`unwrap_replicated_lookups`). ``ddp``: TorchRec's wrappers, DDP around the module and
+    around each replicated lookup, which overlap the gradients' all-reduce with the backward pass:
+    worth it for dense towers large enough that the all-reduce, not the host, bounds a step. A
+    one-process job has nothing to average and gets neither."""
 
     def __init__(self, gradient_sync: str = "allreduce") -> None:
         super().__init__()
@@ -216,8 +219,35 @@ class DataParallelAcrossRanks(DefaultDataParallelWrapper):
         module = dmp._dmp_wrapped_module.to(device)  # as TorchRec's wrapper does: the towers start on the host
         sharded = set(DistributedModelParallel._sharded_parameter_names(module))
         replicated = [p for name, p in module.named_parameters() if name not in sharded and p.requires_grad]
+        replicated += [p for lookup in unwrap_replicated_lookups(module) for p in lookup.parameters()
+                       if p.requires_grad]
         if replicated:
             dmp.gradient_averager = GradientAverager(replicated, env.process_group)
+
+
+def unwrap_replicated_lookups(module: torch.nn.Module) -> List[torch.nn.Module]:
+    """Take the lookups of data_parallel tables out of the DDP that TorchRec's sharded collection
+    puts around each (TorchRec 1.6-1.9, ``ShardedEmbeddingBagCollection.__init__``), and return them.
+
+    Why: that DDP (``broadcast_buffers=True``) broadcasts the lookup's constant buffers (table
+    offsets) in every forward pass and runs its reducer's hooks and bucket copies in the backward
+    pass: host work on every step of a host-bound GPU step. Its constructor has already copied rank
+    0's weights to every rank, which is all that is kept of it; the caller averages the lookups'
+    gradients instead (`GradientAverager`). TorchRec unwraps these DDPs wherever it reads the
+    lookups after construction (``while isinstance(lookup, DistributedDataParallel)``), so a bare
+    lookup serves it the same. The reducer's autograd hooks are removed, so nothing else averages."""
+    from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+
+    lookups = []
+    for sub in module.modules():
+        if not isinstance(sub, ShardedEmbeddingBagCollection):
+            continue
+        for i, lookup in enumerate(sub._lookups):
+            if isinstance(lookup, torch.nn.parallel.DistributedDataParallel):
+                lookup._remove_autograd_hooks()
+                sub._lookups[i] = lookup = lookup.module
+                lookups.append(lookup)
+    return lookups
 
 
 def cache_input_dist_permutations() -> None:

@@ -1,6 +1,6 @@
 """How the replicated parameters (towers, data_parallel tables) stay equal across ranks: two gloo
 processes train the same sharded model with `GradientAverager` (``--gradient-sync allreduce``)
-and with TorchRec's DDP wrapper (``ddp``), and must end with the same weights."""
+and with TorchRec's DDP wrappers (``ddp``), and must end with the same weights."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tests.conftest import free_port
 
@@ -30,6 +31,16 @@ def _build(dm, gradient_sync: str, seed: int):
     plan = build_sharding_plan(lm.model, pg, "cpu", "table_wise", {"user": "data_parallel", "genres": "data_parallel"})
     lm.model = shard_model(lm.model, plan, pg, torch.device("cpu"), gradient_sync)
     return lm, lm.configure_optimizers()["optimizer"]
+
+
+def _replicated_lookups(model):
+    """The lookups of the data_parallel tables in the model's sharded collection."""
+    from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+    from torchrec.distributed.sharding.dp_sharding import DpPooledEmbeddingSharding
+
+    return [lookup for sub in model.modules() if isinstance(sub, ShardedEmbeddingBagCollection)
+            for lookup, sharding in zip(sub._lookups, sub._embedding_shardings)
+            if isinstance(sharding, DpPooledEmbeddingSharding)]
 
 
 def _weights(lm):
@@ -72,12 +83,16 @@ def _worker(rank: int, store_file: str, data_dir: str) -> None:
         reference, reference_opt = _build(dm, "ddp", seed=10 + rank)
         averager = averaged.model.gradient_averager
         assert isinstance(averager, GradientAverager)
-        # the towers: the data_parallel tables' gradients are averaged by TorchRec's own lookup
+        # the averager covers the towers and the replicated tables' lookups, taken out of their DDP
         towers = {name: p for name, p in averaged.model.named_parameters() if "tower" in name}
-        assert {id(p) for group in averager.groups for p in group} == {id(p) for p in towers.values()}
+        replicated_lookups = _replicated_lookups(averaged.model)
+        assert len(replicated_lookups) == 1  # both data_parallel tables in one lookup
+        expected = list(towers.values()) + [p for lookup in replicated_lookups for p in lookup.parameters()]
+        assert {id(p) for group in averager.groups for p in group} == {id(p) for p in expected}
         replicated = [*towers, "ebc.embedding_bags.t_user.weight", "ebc.embedding_bags.t_genres.weight"]
-        assert not any(isinstance(m, torch.nn.parallel.DistributedDataParallel) for m in averaged.model.modules())
-        assert any(isinstance(m, torch.nn.parallel.DistributedDataParallel) for m in reference.model.modules())
+        assert not any(isinstance(m, DDP) for m in [*averaged.model.modules(), *replicated_lookups])
+        assert all(isinstance(m, DDP) for m in _replicated_lookups(reference.model))
+        assert any(isinstance(m, DDP) for m in reference.model.modules())
 
         start = _weights(averaged)
         assert start.keys() == _weights(reference).keys()
