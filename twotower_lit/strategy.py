@@ -27,6 +27,7 @@ import functools
 import logging
 import os
 import shutil
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -161,7 +162,18 @@ class GradientAverager:
                 dist.broadcast(flat, src=dist.get_global_rank(pg, 0), group=pg)
                 for p, value in zip(group, self._split(flat, group)):
                     p.copy_(value.view_as(p))
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_gradient) for group in self.groups for p in group]
+        # through a weak reference: the garbage collector does not free a cycle that runs through a
+        # tensor's hooks (parameter -> hook -> averager -> parameter; torch 2.13), which would keep
+        # the parameters, this averager and its process group alive after the model, and the
+        # group's threads into the interpreter's exit (`twotower_lit.training.close_process_group`)
+        weak = weakref.WeakMethod(self._on_gradient)
+
+        def on_gradient(param: torch.Tensor) -> None:
+            method = weak()
+            if method is not None:
+                method(param)
+
+        self._hooks = [p.register_post_accumulate_grad_hook(on_gradient) for group in self.groups for p in group]
 
     @staticmethod
     def _split(flat: torch.Tensor, group: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:

@@ -274,3 +274,45 @@ def test_data_parallel_tables_train_export_and_resume(small_prepared, tmp_path):
     with pytest.raises(AssertionError, match="resume it with the same data_parallel tables"):
         train(small_prepared, tmp_path / "other", "--max-epochs", "2", "--table-sharding", "user:table_wise",
               "--resume", str(first))
+
+
+def _threads() -> list:
+    """Names of this process's threads (Linux)."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/comm") as f:
+            names.append(f.read().strip())
+    return names
+
+
+def _rank_of_a_job(rank: int, port: int, data: str, out: str, options: list) -> None:
+    """One rank of a two-process job run in this process (Lightning's environment variables, as
+    a launcher sets them); records what is left of the process group once `run` has returned."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank), RANK=str(rank))
+    from entrypoints.train import parse_args
+    from twotower_lit.training import run
+
+    run(parse_args(["--data-dir", data, "--output-dir", out, "--accelerator", "cpu", "--devices", "2",
+                    "--max-epochs", "1", "--mlflow-uri", "none", "--package", "false", *ARGS, *options]))
+    left = {"initialized": dist.is_initialized(), "gloo_threads": [t for t in _threads() if "gloo" in t]}
+    with open(os.path.join(out, f"left-rank{rank}.json"), "w") as f:
+        json.dump(left, f)
+
+
+@pytest.mark.parametrize("options", [["--gradient-sync", "allreduce", "--table-sharding", "user:data_parallel"],
+                                     ["--gradient-sync", "ddp"]], ids=["allreduce", "ddp"])
+def test_a_finished_job_joins_its_communication_threads_before_exit(small_prepared, tmp_path, options):
+    """Gloo's threads must not outlive the job into the interpreter's exit, where freeing the last
+    collectives' work could abort a finished process (`training.close_process_group`): nothing
+    (gradient averaging, DDP, a replicated table's lookup) may keep the process group alive."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(_rank_of_a_job, args=(free_port(), str(small_prepared), str(out), options), nprocs=2, join=True)
+    assert read_json(out / "metrics.json")["train"]["world_size"] == 2
+    for rank in (0, 1):
+        assert read_json(out / f"left-rank{rank}.json") == {"initialized": False, "gloo_threads": []}, rank
