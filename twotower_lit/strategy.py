@@ -7,9 +7,9 @@ What the hooks do (Lightning 2.6 + TorchRec 1.6-1.9):
 * ``setup``: plan the sharding with TorchRec's planner, wrap ``lightning_module.model`` in DMP
   (which allocates only the local shards; the gradients of the dense towers and of replicated
   tables are averaged across processes by one all-reduce per step, or by DDP:
-  ``DataParallelAcrossRanks``), then build the
-  optimizers, which must see the wrapped parameters. ``shard_model`` also keeps TorchRec's input
-  distribution from syncing with the GPU on every step (``cache_input_dist_permutations``).
+  ``DataParallelAcrossRanks``), then build the optimizers, which must see the wrapped parameters.
+  ``shard_model`` also keeps TorchRec's input distribution from syncing with the GPU on every
+  step (``cache_input_dist_permutations``).
 * ``setup`` replicates small tables (data_parallel) when there is more than one GPU, and keeps
   a resumed checkpoint's replicated tables (``table_kinds``).
 * ``setup`` also makes Lightning's per-step SIGTERM broadcast (a host sync) every N steps.
@@ -143,9 +143,9 @@ class GradientAverager:
     the gradients (one kernel), all-reduces them (one collective; NCCL averages in it, gloo sums and
     a division follows) and sets each ``.grad`` to its slice of the result. Nothing overlaps the
     backward pass as DDP's buckets do: the towers and replicated tables here are small, and the
-    step waits on the host, not on the GPU. A parameter that got no gradient on a rank counts as zeros there, as with DDP's
-    ``find_unused_parameters``. Like DDP, the constructor copies rank 0's values to every rank, so
-    replicas start equal whatever each rank's initialisation."""
+    step waits on the host, not on the GPU. A parameter that got no gradient on a rank counts as
+    zeros there, as with DDP's ``find_unused_parameters``. Like DDP, the constructor copies rank
+    0's values to every rank, so replicas start equal whatever each rank's initialisation."""
 
     def __init__(self, params: Sequence[torch.nn.Parameter], pg: dist.ProcessGroup) -> None:
         self.pg = pg
