@@ -360,8 +360,8 @@ def main(argv=None) -> None:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--sharding", default="table_wise", help="as the training job's --sharding (auto: the planner picks)")
     p.add_argument("--gradient-sync", default="allreduce", choices=GRADIENT_SYNCS,
-                   help="as the training job's --gradient-sync (several processes: how the towers' gradients "
-                        "are averaged)")
+                   help="as the training job's --gradient-sync (several processes: how the gradients of the towers "
+                        "and replicated tables are averaged)")
     p.add_argument("--modes", default="lightning,lightning_pipeline,lightning_multistep,eager,pipeline,plain")
     p.add_argument("--steps-per-execution", type=int, default=8, help="K of the lightning_multistep mode")
     p.add_argument("--matmul-precision", default="high", choices=("highest", "high", "medium"),

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Type, TypeVar
 
 DATASETS = ("ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-32m", "ml-latest", "ml-latest-small")
-# how several processes average the gradients of the unsharded towers (strategy.DataParallelAcrossRanks)
+# how several processes average the gradients of the towers and replicated tables (strategy.DataParallelAcrossRanks)
 GRADIENT_SYNCS = ("allreduce", "ddp")
 
 T = TypeVar("T")
