@@ -11,6 +11,8 @@ Modes (all in one invocation, so their ratio holds on a noisy machine):
   lightning_multistep  the same with --steps-per-execution K (MultiStepTwoTowerModule: K steps per
              Lightning training_step call; K from this script's --steps-per-execution)
   eager      the same DMP model and optimizers in a hand-written loop (Lightning's overhead = the gap)
+  compiled   eager with the DMP model under torch.compile, with TorchRec's PT2 settings (those of its
+             TrainPipelinePT2: TorchRec's modules traced, the batch's jagged sizes as unbacked symbols)
   pipeline   TorchRec's TrainPipelineSparseDist (overlaps copy + input distribution with compute)
   plain      plain PyTorch: nn.EmbeddingBag tables + MLP towers + Adam, data parallel via DDP
 Batches are built by the product's KJTBuilder from synthetic feature tables and kept in pinned
@@ -204,17 +206,36 @@ def build_dmp(specs, args, device):
     return lm, lm.configure_optimizers()["optimizer"]
 
 
-def run_eager(specs, batches, args, device) -> float:
+def run_eager(specs, batches, args, device, mode: str = "eager") -> float:
+    from twotower_lit.layers import logits
+
     lm, opt = build_dmp(specs, args, device)
+    model, prepare = lm.model, (lambda kjt: kjt)
+    if mode == "compiled":
+        from torchrec.pt2.utils import kjt_for_pt2_tracing
+
+        torch._dynamo.config.capture_scalar_outputs = True
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        torch._dynamo.config.force_unspec_int_unbacked_size_like_on_torchrec_kjt = True
+        torch._dynamo.config.skip_torchrec = False
+        torch.ops.import_module("fbgemm_gpu.sparse_ops")
+        model, prepare = torch.compile(model), kjt_for_pt2_tracing
 
     def step(b):
         b = b.to(device, non_blocking=True)
-        loss = F.binary_cross_entropy_with_logits(lm(b), b.labels)
+        # zero_grad before the forward pass: TorchRec's fused optimizers write the learning rate
+        # into a tensor there, which a compiled forward pass saves for its backward pass
         opt.zero_grad()
+        user, item = model(prepare(b.features))
+        loss = F.binary_cross_entropy_with_logits(logits(user, item, lm.model_cfg.exposure_dims), b.labels)
         loss.backward()
         opt.step()
 
-    return timed(step, batches, args.steps, args.warmup, device, args.profile_steps, "eager")
+    return timed(step, batches, args.steps, args.warmup, device, args.profile_steps, mode)
+
+
+def run_compiled(specs, batches, args, device) -> float:
+    return run_eager(specs, batches, args, device, mode="compiled")
 
 
 class _Task(nn.Module):
@@ -346,8 +367,8 @@ def run_lightning_multistep(specs, batches, args, device) -> float:
 
 
 MODES = {"lightning": run_lightning, "lightning_pipeline": run_lightning_pipeline,
-         "lightning_multistep": run_lightning_multistep, "eager": run_eager, "pipeline": run_pipeline,
-         "plain": run_plain}
+         "lightning_multistep": run_lightning_multistep, "eager": run_eager, "compiled": run_compiled,
+         "pipeline": run_pipeline, "plain": run_plain}
 
 
 def main(argv=None) -> None:
@@ -406,6 +427,14 @@ def main(argv=None) -> None:
             seconds = MODES[mode](specs, batches, timing, device)
             rate = args.steps * args.batch * world / seconds
             results[mode] = {"samples_per_s": rate, "ms_per_step": seconds / args.steps * 1e3}
+            if mode == "compiled":  # how much of the step the compiler took: graphs and graph breaks
+                from torch._dynamo.utils import counters
+
+                results[mode]["graphs"] = counters["stats"]["unique_graphs"]
+                results[mode]["graph_breaks"] = sum(counters["graph_break"].values())
+                if rank == 0:
+                    for reason, n in counters["graph_break"].items():
+                        print(f"[compiled] graph break x{n}: {reason.splitlines()[0][:200]}")
         except Exception as e:  # a mode that fails is reported, the others still run
             results[mode] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         if cuda:
@@ -429,6 +458,8 @@ def main(argv=None) -> None:
                 syncs = f", {r['syncs_per_step']:.1f} host syncs" if "syncs_per_step" in r else ""
                 work = (f"  (GPU busy {r['gpu_ms_per_step']:.2f} ms/step, {r['launches_per_step']:.0f} launches{syncs})"
                         if "gpu_ms_per_step" in r else "")
+                if "graphs" in r:
+                    work += f"  ({r['graphs']} compiled graphs, {r['graph_breaks']} graph breaks)"
                 print(f"  {mode:20s} {r['samples_per_s'] / 1e6:8.3f} M samples/s  {r['ms_per_step']:7.2f} ms/step{work}")
         if args.json:
             with open(args.json, "a") as f:
