@@ -56,7 +56,8 @@ def main(argv=None) -> None:
     throughput.unlink(missing_ok=True)
     sections = []
 
-    sections.append(("Data preparation", run([py, "-m", "benchmarks.prepare_bench"] + (["--skip-32m"] if args.quick else []))))
+    sections.append(("Data preparation",
+                     run([py, "-m", "benchmarks.prepare_bench"] + (["--skip-32m"] if args.quick else []))))
     sections.append(("Shard loader (one worker)", run([py, "-m", "benchmarks.loader_bench"])))
     steps = "10" if args.quick else "30"
     text = []
@@ -95,8 +96,9 @@ def main(argv=None) -> None:
                      table_lines(run([py, "-m", "benchmarks.tracking_bench"]))))
 
     load = os.getloadavg()
-    header = (f"# CPU benchmark suite\n\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-              f"Python {platform.python_version()}; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+    header = (f"# CPU benchmark suite\n\nMachine: {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores, Python {platform.python_version()}; "
+              f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
               f"(other work on the machine inflates every figure).\n")
     body = "\n\n".join(f"## {title}\n\n```\n{text}\n```" if not text.startswith("|") else f"## {title}\n\n{text}"
                        for title, text in sections)

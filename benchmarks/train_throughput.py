@@ -379,7 +379,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--sharding", default="table_wise", help="as the training job's --sharding (auto: the planner picks)")
+    p.add_argument("--sharding", default="table_wise",
+                   help="as the training job's --sharding (auto: the planner picks)")
     p.add_argument("--gradient-sync", default="allreduce", choices=GRADIENT_SYNCS,
                    help="as the training job's --gradient-sync (several processes: how the gradients of the towers "
                         "and replicated tables are averaged)")
@@ -460,7 +461,8 @@ def main(argv=None) -> None:
                         if "gpu_ms_per_step" in r else "")
                 if "graphs" in r:
                     work += f"  ({r['graphs']} compiled graphs, {r['graph_breaks']} graph breaks)"
-                print(f"  {mode:20s} {r['samples_per_s'] / 1e6:8.3f} M samples/s  {r['ms_per_step']:7.2f} ms/step{work}")
+                print(f"  {mode:20s} {r['samples_per_s'] / 1e6:8.3f} M samples/s  "
+                      f"{r['ms_per_step']:7.2f} ms/step{work}")
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"shape": args.shape, "batch": args.batch, "world": world, "device": name,

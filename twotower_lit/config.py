@@ -123,7 +123,8 @@ class TrainConfig:
     sharding: str = _opt("table_wise", "embedding sharding ('auto': the TorchRec planner picks per table, never "
                                        "data_parallel; data_parallel: every table replicated on every rank)",
                          ("auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"))
-    table_sharding: Optional[str] = _opt(None, "per-table overrides of --sharding, e.g. 'user:row_wise,genres:table_wise'")
+    table_sharding: Optional[str] = _opt(None, "per-table overrides of --sharding, e.g. "
+                                               "'user:row_wise,genres:table_wise'")
     # On 2 H200s (ML-32M shape, 65,536 rows per GPU) replicating its tables (74 MB together) trained
     # 16-46% faster end to end than table_wise (two machines); on one GPU replication was slower,
     # and on CPU processes (gloo) it is not measured, so the rule needs more than one GPU
@@ -146,9 +147,9 @@ class TrainConfig:
     registered_model_name: Optional[str] = _opt("twotower-movielens", "MLflow registered model name ('' = none)")
     checkpoint_dir: Optional[str] = _opt(None, "sharded checkpoints (default OUTPUT/checkpoints)")
     checkpoint_every_n_steps: int = _opt(0, "also checkpoint every N steps (0 = epoch ends only)")
-    train_pipeline: str = _opt("off", "sparse_dist: train through TorchRec's TrainPipelineSparseDist (the next batches' "
-                               "copy to the device and embedding all-to-all overlap this one's compute); off: "
-                               "Lightning's own loop", ("off", "sparse_dist"))
+    train_pipeline: str = _opt("off", "sparse_dist: train through TorchRec's TrainPipelineSparseDist (the next "
+                               "batches' copy to the device and embedding all-to-all overlap this one's compute); "
+                               "off: Lightning's own loop", ("off", "sparse_dist"))
     # Keras' steps_per_execution: on a GPU a 64k-row step is a few milliseconds of host work, of
     # which Lightning's per-batch loop (hooks, progress, logging) is a fixed share; K steps per call
     # pay it once. 16 on GPUs: end to end on H200s it was faster in five of six interleaved pairs

@@ -8,7 +8,6 @@ figures equal a single-process evaluation of the same model.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import lightning as L
 import numpy as np

@@ -301,7 +301,8 @@ class TwoTowerModule(L.LightningModule):
         one_kernel = {"fused": True} if cfg.dense_optimizer in ("adam", "adamw") and all(
             p.is_cuda for p in dense_params.values()) else {}
         dense = KeyedOptimizerWrapper(
-            dense_params, lambda params: dense_cls(params, lr=cfg.dense_lr, weight_decay=cfg.weight_decay, **one_kernel))
+            dense_params,
+            lambda params: dense_cls(params, lr=cfg.dense_lr, weight_decay=cfg.weight_decay, **one_kernel))
         parts: List = [("dense", dense)]
         if replicated:
             cls, extra = EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Dict, Mapping, Optional
+from typing import Mapping, Optional
 
 from twotower_lit.evaluation import metric_key
 

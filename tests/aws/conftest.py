@@ -118,7 +118,8 @@ def have(module: str) -> bool:
 
 def pytest_collection_modifyitems(session, config, items):
     """Run the request-coverage check last, after every request of the suite was recorded."""
-    last = [i for i in items if i.nodeid.endswith("test_zz_request_coverage.py::test_every_library_request_was_sent_and_validated")]
+    last = [i for i in items
+            if i.nodeid.endswith("test_zz_request_coverage.py::test_every_library_request_was_sent_and_validated")]
     items[:] = [i for i in items if i not in last] + last
 
 

@@ -30,7 +30,8 @@ def real_answer(model_dir, user_id: int, k: int = 5) -> dict:
 
 
 def test_deploy_packages_uploads_creates_and_smoke_tests(ctx, exported, moto_server, request_log, tmp_path):
-    queue_endpoint_results(moto_server, [{"Body": json.dumps(real_answer(exported, 3)), "ContentType": "application/json",
+    queue_endpoint_results(moto_server, [{"Body": json.dumps(real_answer(exported, 3)),
+                                          "ContentType": "application/json",
                                           "InvokedProductionVariant": "production"}])
     cfg = DeployConfig(model=str(exported), endpoint_name=f"ep-{ctx.cfg.project}", capture=True, smoke_user=3,
                        serving_env="TWOTOWER_MAX_K=50")
@@ -92,7 +93,8 @@ def test_model_from_a_training_job_uses_its_artifacts(ctx):
 def test_existing_endpoint_is_moved_to_the_new_config(stubbed):
     """update_endpoint (not in moto): an existing endpoint gets the new config, blue/green."""
     ctx, stub = stubbed
-    stub.add_response("describe_endpoint", {"EndpointName": "ep", "EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/ep",
+    stub.add_response("describe_endpoint", {"EndpointName": "ep",
+                                            "EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/ep",
                                             "EndpointStatus": "InService", "CreationTime": "2026-01-01",
                                             "LastModifiedTime": "2026-01-01"}, {"EndpointName": "ep"})
     stub.add_response("update_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/ep"},
@@ -102,7 +104,8 @@ def test_existing_endpoint_is_moved_to_the_new_config(stubbed):
 
 def test_wait_reports_the_failure_reason(stubbed):
     ctx, stub = stubbed
-    stub.add_response("describe_endpoint", {"EndpointName": "ep", "EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/ep",
+    stub.add_response("describe_endpoint", {"EndpointName": "ep",
+                                            "EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/ep",
                                             "EndpointStatus": "Failed", "FailureReason": "model_fn raised",
                                             "CreationTime": "2026-01-01", "LastModifiedTime": "2026-01-01"})
     with pytest.raises(RuntimeError, match="model_fn raised"):

@@ -108,7 +108,8 @@ def test_train_py_under_sagemaker_environment_with_torchrun(synthetic_movielens,
     package_model(str(out / "model"), str(packaged))
     with tarfile.open(packaged) as tar:
         expected = {m.name for m in tar.getmembers() if m.isfile()}
-    published = {str(p.relative_to(ml / "model")).replace(os.sep, "/") for p in (ml / "model").rglob("*") if p.is_file()}
+    published = {str(p.relative_to(ml / "model")).replace(os.sep, "/")
+                 for p in (ml / "model").rglob("*") if p.is_file()}
     assert published == expected
     assert {"manifest.json", "code/inference.py", "code/requirements.txt"} <= published
 

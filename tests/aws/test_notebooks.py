@@ -17,7 +17,8 @@ def test_notebooks_are_committed_without_outputs():
     for name in ORDER:
         nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
         nbformat.validate(nb)
-        assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code"), name
+        assert all(not c.get("outputs") and c.get("execution_count") is None
+                   for c in nb.cells if c.cell_type == "code"), name
         assert 'STACK = os.environ.get("TWOTOWER_STACK", "local")' in nb.cells[1].source, name
 
 
@@ -33,7 +34,8 @@ def test_notebooks_run_in_order_on_the_local_stack(tmp_path, monkeypatch):
     images = {}
     for name in ORDER:
         nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+        NotebookClient(nb, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
         images[name] = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
         nbformat.write(nb, tmp_path / f"{name}.executed.ipynb")
     state = json.loads((tmp_path / "work" / "state.json").read_text())

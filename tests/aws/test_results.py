@@ -121,7 +121,8 @@ def test_error_payloads_keep_their_status_and_unparseable_ones_count_as_errors()
         "variant": "AllTraffic", "role": "production", "statusCode": 400, "sagemakerEventId": "e"}
     rec["captureData"]["endpointOutput"]["data"] = "<html>502</html>"
     rec["eventMetadata"]["customAttributes"] = None
-    assert results.normalise_record(rec, "AllTraffic", "production")["eventMetadata"]["customAttributes"]["statusCode"] == 0
+    attributes = results.normalise_record(rec, "AllTraffic", "production")["eventMetadata"]["customAttributes"]
+    assert attributes["statusCode"] == 0
 
 
 def test_percentile_metric_queries_have_the_real_api_shape(stubbed, request_log):
@@ -129,7 +130,8 @@ def test_percentile_metric_queries_have_the_real_api_shape(stubbed, request_log)
     cw = ctx.client("cloudwatch")
     from botocore.stub import Stubber
 
-    start, end = dt.datetime(2026, 11, 26, 12, tzinfo=dt.timezone.utc), dt.datetime(2026, 11, 26, 13, tzinfo=dt.timezone.utc)
+    start = dt.datetime(2026, 11, 26, 12, tzinfo=dt.timezone.utc)
+    end = dt.datetime(2026, 11, 26, 13, tzinfo=dt.timezone.utc)
     queries = results.metric_queries(ENDPOINT, ["AllTraffic", "ShadowTraffic"], 60)
     with Stubber(cw) as cws:
         cws.add_response("get_metric_data", {"MetricDataResults": [

@@ -55,7 +55,8 @@ def test_endpoint_config_request_exactly(stubbed):
     req = shadow.shadow_endpoint_config_request(ctx, c, "ep-shadow-1")
     stub.add_response("create_endpoint_config", {"EndpointConfigArn": f"{ARN}:endpoint-config/ep-shadow-1"}, req)
     ctx.sagemaker.create_endpoint_config(**req)
-    assert set(req) == {"EndpointConfigName", "ProductionVariants", "ShadowProductionVariants", "DataCaptureConfig", "Tags"}
+    assert set(req) == {"EndpointConfigName", "ProductionVariants", "ShadowProductionVariants",
+                        "DataCaptureConfig", "Tags"}
 
 
 @pytest.mark.parametrize("promote", [True, False])
@@ -70,7 +71,8 @@ def test_endpoint_config_route_promote_and_stop(stubbed, promote, request_log):
     assert [v["ModelName"] for v in config["ProductionVariants"]] == ["m-shadow" if promote else "m-prod"]
     assert [v["VariantName"] for v in config["ProductionVariants"]] == ["production"]
     assert "ShadowProductionVariants" not in config and config["DataCaptureConfig"]["EnableCapture"]
-    assert request_log.calls("UpdateEndpoint")[-1] == {"EndpointName": "ep", "EndpointConfigName": out["endpoint_config"]}
+    assert request_log.calls("UpdateEndpoint")[-1] == {"EndpointName": "ep",
+                                                       "EndpointConfigName": out["endpoint_config"]}
 
 
 def experiment(status):
@@ -113,7 +115,8 @@ def test_inference_experiment_create_start_promote(stubbed):
 
 def test_stop_without_promotion_retains_production(stubbed):
     ctx, stub = stubbed
-    stub.add_response("stop_inference_experiment", {"InferenceExperimentArn": f"{ARN}:inference-experiment/ep-shadow"}, {
+    arn = f"{ARN}:inference-experiment/ep-shadow"
+    stub.add_response("stop_inference_experiment", {"InferenceExperimentArn": arn}, {
         "Name": "ep-shadow", "ModelVariantActions": {"production": "Retain", "shadow": "Remove"},
         "DesiredState": "Cancelled", "Reason": "shadow test stopped"})
     assert shadow.stop_experiment(ctx, cfg(route="experiment"), wait=False) == {"Name": "ep-shadow"}

@@ -135,7 +135,7 @@ def test_neutral_drop_and_threshold(synthetic_movielens, tmp_path):
     assert sum(drop["counts"][s] for s in schema.SPLITS) == 3000 - threes
     assert all(3 not in split_table(tmp_path / "drop", s)["rating"].to_pylist() for s in schema.SPLITS)
     assert drop["positive_rate"]["train"] > keep["positive_rate"]["train"]
-    five = run(raw, tmp_path / "five", threshold=5.0)
+    run(raw, tmp_path / "five", threshold=5.0)
     t = split_table(tmp_path / "five", "train")
     assert np.array_equal(t["label"].to_numpy(), (t["rating"].to_numpy() == 5).astype(np.float32))
 

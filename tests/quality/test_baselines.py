@@ -46,7 +46,8 @@ def test_fit_keeps_the_best_validation_epoch(prepared):
     info = fit(model, dm.splits["train"], dm.splits["val"], FitConfig(epochs=6, patience=2, lr=0.05))
     val = dm.splits["val"]
     with torch.no_grad():
-        logits = model(torch.from_numpy(val["user"].astype(np.int64)), torch.from_numpy(val["item"].astype(np.int64)))[0]
+        logits = model(torch.from_numpy(val["user"].astype(np.int64)),
+                       torch.from_numpy(val["item"].astype(np.int64)))[0]
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(val["label"]))
     assert 1 <= info["best_epoch"] <= info["epochs"] <= 6
     assert float(loss) == pytest.approx(info["val_logloss"], rel=1e-5)  # the restored state is the best one

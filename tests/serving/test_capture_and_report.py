@@ -197,7 +197,8 @@ def test_two_worker_processes_serve_and_capture(model_dir, start_server, tmp_pat
     async def send():
         async def one_client(users):
             async with httpx.AsyncClient(timeout=30) as client:
-                return [(await client.post(server.url + "/invocations", json={"user_id": u})).status_code for u in users]
+                return [(await client.post(server.url + "/invocations", json={"user_id": u})).status_code
+                        for u in users]
 
         return await asyncio.gather(*(one_client(range(i, i + 5)) for i in (1, 11, 21, 31)))
 

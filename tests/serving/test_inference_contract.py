@@ -46,8 +46,10 @@ for body, headers in json.loads(sys.stdin.read()):
     out = out.decode() if isinstance(out, bytes) else out
     results.append({"status": ctx.status, "content_type": ctx.content_type, "body": out, "phrase": ctx.phrase})
 import twotower_lit
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torchrec", "pyarrow", "lightning", "pandas", "fbgemm_gpu"))
-files = sorted(m.__file__ for n, m in sys.modules.items() if n.split(".")[0] == "twotower_lit" and getattr(m, "__file__", None))
+heavy = sorted(m for m in sys.modules
+               if m.split(".")[0] in ("torchrec", "pyarrow", "lightning", "pandas", "fbgemm_gpu"))
+files = sorted(m.__file__ for n, m in sys.modules.items()
+               if n.split(".")[0] == "twotower_lit" and getattr(m, "__file__", None))
 print(json.dumps({"results": results, "heavy": heavy, "library": list(twotower_lit.__path__), "files": files,
                   "threads": __import__("torch").get_num_threads()}))
 '''
@@ -91,7 +93,8 @@ def test_toolkit_transformer_serves_the_packaged_handler(model_dir, tmp_path):
     assert [p["source"] for p in json.loads(r[1]["body"])["predictions"]] == ["model", "model", "popularity"]
     assert [p["user_id"] for p in json.loads(r[2]["body"])["predictions"]] == [5, 6]
     assert json.loads(r[3]["body"])["predictions"][0]["source"] == "cold_start"
-    for res, status, field in ((r[4], 400, "k"), (r[5], 400, "body"), (r[6], 406, "Accept"), (r[7], 415, "Content-Type")):
+    for res, status, field in ((r[4], 400, "k"), (r[5], 400, "body"), (r[6], 406, "Accept"),
+                               (r[7], 415, "Content-Type")):
         assert res["status"] == status, res
         error = json.loads(res["body"].split("\n", 1)[0])["error"]  # the toolkit appends a traceback
         assert error["field"] == field
@@ -100,15 +103,19 @@ def test_toolkit_transformer_serves_the_packaged_handler(model_dir, tmp_path):
 def test_inference_module_loads_from_the_repository_by_path(model_dir, tmp_path):
     """Imported by file path from another directory, it finds the library next to it."""
     code = ("import importlib.util, sys, json\n"
-            "sys.meta_path = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
-            f"spec = importlib.util.spec_from_file_location('inference', {str(REPO / 'entrypoints' / 'inference.py')!r})\n"
+            "sys.meta_path = [f for f in sys.meta_path "
+            "if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+            "spec = importlib.util.spec_from_file_location("
+            f"'inference', {str(REPO / 'entrypoints' / 'inference.py')!r})\n"
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
             f"model = m.model_fn({model_dir!r})\n"
-            "body, ct = m.output_fn(m.predict_fn(m.input_fn('{\"user_id\": 2, \"k\": 3}', 'application/json'), model), None)\n"
+            "body, ct = m.output_fn(m.predict_fn(m.input_fn('{\"user_id\": 2, \"k\": 3}', 'application/json'), "
+            "model), None)\n"
             "heavy = sorted(k for k in sys.modules if k.split('.')[0] in ('torchrec', 'pyarrow', 'lightning'))\n"
             "print(json.dumps({'ct': ct, 'n': len(json.loads(body)['predictions'][0]['items']), 'heavy': heavy}))\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"ct": "application/json", "n": 3, "heavy": []}
 

@@ -32,7 +32,8 @@ async def _send_all(url: str, n: int, concurrency: int = 4):
 def test_faulty_shadow_causes_no_production_errors(fault, model_dir, shadow_model_dir, start_server, tmp_path):
     capture = tmp_path / "capture"
     server = start_server(["--model-dir", model_dir, "--shadow-model-dir", shadow_model_dir,
-                           "--shadow-timeout", str(SHADOW_TIMEOUT), "--shadow-max-in-flight", "64", "--capture-dir", str(capture)],
+                           "--shadow-timeout", str(SHADOW_TIMEOUT), "--shadow-max-in-flight", "64",
+                           "--capture-dir", str(capture)],
                           env={"TWOTOWER_FAULT_INJECTION": f"shadow={fault}"})
     results = asyncio.run(_send_all(server.url, N_REQUESTS))
     statuses = [s for s, _, _ in results]
@@ -81,7 +82,8 @@ def test_timeouts_overload_and_graceful_shutdown(model_dir, start_server, tmp_pa
 
     async def burst(n):
         async with httpx.AsyncClient(timeout=30) as client:
-            rs = await asyncio.gather(*(client.post(server.url + "/invocations", json={"user_id": 1}) for _ in range(n)))
+            rs = await asyncio.gather(*(client.post(server.url + "/invocations", json={"user_id": 1})
+                                        for _ in range(n)))
         return rs
 
     responses = asyncio.run(burst(5))

@@ -13,7 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_cli(module: str, args: List[str], timeout: int = 600, env: Dict[str, str] = None) -> subprocess.CompletedProcess:
+def run_cli(module: str, args: List[str], timeout: int = 600,
+            env: Dict[str, str] = None) -> subprocess.CompletedProcess:
     """Run `python -m <module> args` from the repository root; fail with its output on error."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env, capture_output=True,

@@ -60,7 +60,9 @@ def test_each_cpu_embedding_optimizer_updates_tables_in_backward(process_group, 
     lm = _sharded_module(data, OptimConfig(embedding_optimizer=name, embedding_lr=0.1), process_group)
     config = lm.configure_optimizers()
     opt = config["optimizer"]
-    table = lambda: lm.model.state_dict()["ebc.embedding_bags.t_item.weight"].local_shards()[0].tensor.clone()
+    def table():
+        return lm.model.state_dict()["ebc.embedding_bags.t_item.weight"].local_shards()[0].tensor.clone()
+
     before = table()
     losses = []
     for batch in _batches(data, 20):
@@ -110,7 +112,9 @@ def test_data_parallel_tables_use_the_embedding_optimizer_and_one_closure_per_st
     assert all("embedding_bags." in k for k in tables.params) and len(tables.params) == len(lm.features)
     assert not any("embedding_bags." in k for k in parts["dense"].params)
 
-    weight = lambda: lm.model.state_dict()["ebc.embedding_bags.t_item.weight"].clone()
+    def weight():
+        return lm.model.state_dict()["ebc.embedding_bags.t_item.weight"].clone()
+
     before, calls = weight(), []
     for batch in _batches(data, 3):
         def closure():
@@ -198,8 +202,12 @@ def test_lightning_steps_every_optimizer_and_the_schedule_once_per_batch(process
 
     lm = _sharded_module(data, OptimConfig(lr_schedule="linear", embedding_lr=0.1, dense_lr=0.01), process_group,
                          total_steps=10)
-    local = lambda v: (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).clone()  # a table's shard
-    state = lambda: {k: local(v) for k, v in lm.model.state_dict().items()}
+    def local(v):  # a table's shard
+        return (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).clone()
+
+    def state():
+        return {k: local(v) for k, v in lm.model.state_dict().items()}
+
     before, backwards = state(), []
     towers = [p for k, p in lm.model.named_parameters() if "tower" in k]
     for p in towers:
@@ -234,7 +242,9 @@ def test_checkpoint_of_automatic_optimisation_keeps_its_step_count():
 
     lm = TwoTowerModule([FeatureSpec("user", 5, "user"), FeatureSpec("item", 5, "item")],
                         ModelConfig(embedding_dim=4, user_layers=[4], item_layers=[4], exposure_dims=0), OptimConfig())
-    progress = lambda n: {"total": {"ready": n, "completed": n}, "current": {"ready": n, "completed": n}}
+    def progress(n):
+        return {"total": {"ready": n, "completed": n}, "current": {"ready": n, "completed": n}}
+
     loop = {"epoch_loop.automatic_optimization.optim_progress": {"optimizer": {"step": progress(37)}},
             "epoch_loop.manual_optimization.optim_step_progress": progress(0)}
     lm.on_load_checkpoint({"loops": {"fit_loop": loop}})

@@ -74,7 +74,8 @@ def find_or_create_tracking_server(ctx: AwsContext, name: str, artifact_store_ur
         if desc["TrackingServerStatus"] in _FAILED:
             raise RuntimeError(f"MLflow tracking server {name} is {desc['TrackingServerStatus']}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"MLflow tracking server {name} still {desc['TrackingServerStatus']} after {timeout:.0f} s")
+            raise TimeoutError(f"MLflow tracking server {name} still {desc['TrackingServerStatus']} "
+                               f"after {timeout:.0f} s")
         time.sleep(poll)
         desc = sm.describe_mlflow_tracking_server(TrackingServerName=name)
     return desc["TrackingServerArn"]

@@ -152,7 +152,8 @@ def stop_experiment(ctx: AwsContext, cfg: ShadowTestConfig, promote: bool = Fals
     if promote:
         params["DesiredModelVariants"] = [_variant(cfg.shadow_model, cfg.shadow_variant, cfg)]
     ctx.sagemaker.stop_inference_experiment(**params)
-    return wait_for_experiment(ctx, name, _EXPERIMENT_DONE, cfg.wait_timeout, cfg.poll_seconds) if wait else {"Name": name}
+    return (wait_for_experiment(ctx, name, _EXPERIMENT_DONE, cfg.wait_timeout, cfg.poll_seconds)
+            if wait else {"Name": name})
 
 
 def wait_for_experiment(ctx: AwsContext, name: str, states, timeout: float = 1800.0, poll: float = 15.0) -> Dict:

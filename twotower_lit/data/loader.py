@@ -28,7 +28,6 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from twotower_lit.data.batches import Batch, KJTBuilder

@@ -331,7 +331,8 @@ class _SideFile:
     def keep(self, table: Dict[int, Any], key: int, value: Any, line: int) -> None:
         # A repeated id: the later line wins (like duplicate ratings), the earlier one is counted.
         if key in table:
-            self.report.add(self.kind, "duplicate_id", 1, (self.path, line, f"id {key} repeated; the later line is used"))
+            self.report.add(self.kind, "duplicate_id", 1,
+                            (self.path, line, f"id {key} repeated; the later line is used"))
         table[key] = value
 
 

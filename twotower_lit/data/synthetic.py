@@ -227,7 +227,8 @@ def _write_ratings(out_dir, lay, user_id, item_id, stars, timestamp, rng) -> Non
         rating = pa.array(stars)
     if lay.name == "ml-100k":  # u.data is in random order
         order = rng.permutation(n)
-        user_id, item_id, rating, timestamp = user_id[order], item_id[order], rating.take(pa.array(order)), timestamp[order]
+        user_id, item_id, rating, timestamp = (user_id[order], item_id[order], rating.take(pa.array(order)),
+                                               timestamp[order])
     if lay.delimiter == "::":
         gap = pa.nulls(n)  # ':' + empty column + ':' writes '::'
         table = pa.table({"u": user_id, "a": gap, "i": item_id, "b": gap, "r": rating, "c": gap, "t": timestamp})
@@ -306,6 +307,7 @@ def _write_users(out_dir, lay, genders, age_codes, rng) -> None:
             f.writelines(o + "\n" for o in ML100K_OCCUPATIONS)
     else:
         occupation = rng.integers(0, 21, n)
-        lines = (f"{u + 1}::{gender[u]}::{AGE_GROUPS[age_codes[u]]}::{occupation[u]}::{zips[u]:05d}\n" for u in range(n))
+        lines = (f"{u + 1}::{gender[u]}::{AGE_GROUPS[age_codes[u]]}::{occupation[u]}::{zips[u]:05d}\n"
+                 for u in range(n))
     with open(path, "w", encoding="latin-1", newline="\n") as f:
         f.writelines(lines)

@@ -28,7 +28,8 @@ class DataValidationError(ValueError):
 
     def __init__(self, file: str, line: int, problem: str, field: Optional[str] = None,
                  reason: Optional[str] = None, hint: str = SKIP_HINT):
-        self.file, self.line, self.field, self.problem, self.reason, self.hint = file, line, field, problem, reason, hint
+        self.file, self.line, self.field = file, line, field
+        self.problem, self.reason, self.hint = problem, reason, hint
         where = f"{file}:{line}: " if line else f"{file}: "
         what = f"field '{field}': {problem}" if field else problem
         super().__init__(f"{where}{what} ({hint})")

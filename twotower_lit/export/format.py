@@ -23,9 +23,8 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file

@@ -36,7 +36,8 @@ class Outcome:
 Sender = Callable[[bytes, str], Awaitable[Outcome]]
 
 
-def http_sender(url: str, timeout: float = 10.0, max_connections: int = 64) -> Tuple[Sender, Callable[[], Awaitable[None]]]:
+def http_sender(url: str, timeout: float = 10.0,
+                max_connections: int = 64) -> Tuple[Sender, Callable[[], Awaitable[None]]]:
     """(sender, close) posting to `url` over keep-alive connections.
 
     One client per connection, handed out through a queue: a single httpx client shared by many
@@ -145,7 +146,8 @@ class LoadResult:
         return {"server_ms": {"p50": float(np.percentile(server, 50)), "p99": float(np.percentile(server, 99))}
                 if len(server) else None, "error_samples": samples,
                 "requests": len(self.outcomes), "ok": ok, "errors": len(self.outcomes) - ok, "statuses": statuses,
-                "wall_s": round(self.wall_s, 3), "achieved_rps": round(len(self.outcomes) / self.wall_s, 2) if self.wall_s else 0.0,
+                "wall_s": round(self.wall_s, 3),
+                "achieved_rps": round(len(self.outcomes) / self.wall_s, 2) if self.wall_s else 0.0,
                 "latency_ms": {"mean": float(lat.mean()) if len(lat) else float("nan"), "p50": pct(50), "p90": pct(90),
                                "p99": pct(99), "max": float(lat.max()) if len(lat) else float("nan")}}
 

@@ -34,7 +34,8 @@ class ExactSearch:
     def __init__(self, item_vectors: torch.Tensor) -> None:
         self.item_t = item_vectors.t().contiguous()
 
-    def topk(self, user_vectors: torch.Tensor, k: int, exclude: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, user_vectors: torch.Tensor, k: int,
+             exclude: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """[B, k] scores and 0-based item columns, best first; excluded columns get -inf."""
         scores = user_vectors @ self.item_t
         _mask(scores, exclude)
@@ -62,7 +63,8 @@ class FaissSearch:
         self.index.add(vectors)
         self.ef_search = ef_search
 
-    def topk(self, user_vectors: torch.Tensor, k: int, exclude: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, user_vectors: torch.Tensor, k: int,
+             exclude: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         longest = max((len(e) for e in exclude), default=0)
         fetch = min(self.num_items, k + longest)
         self.index.hnsw.efSearch = max(self.ef_search, fetch)
@@ -160,7 +162,8 @@ class Recommender:
             scores, cols = self.search.topk(vectors, request.k, exclude)
             for (pos, source, _), s, c in zip(chunk, scores.tolist(), cols.tolist()):
                 keep = [j for j, v in enumerate(s) if v != -math.inf]  # a user who rated almost everything
-                out[pos] = Recommendation(request.users[pos].user_id, source, [c[j] for j in keep], [s[j] for j in keep])
+                out[pos] = Recommendation(request.users[pos].user_id, source,
+                                          [c[j] for j in keep], [s[j] for j in keep])
         return out  # type: ignore[return-value]
 
     def _seen_columns(self, query: UserQuery, exclude_seen: bool) -> torch.Tensor:

@@ -205,7 +205,8 @@ def _bootstrap(diff: np.ndarray, n: int, seed: int) -> Tuple[float, float]:
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def verdict(cfg: ShadowReportConfig, joined: int, prod: Dict, shad: Dict, quality: Optional[Dict]) -> Tuple[str, List[str]]:
+def verdict(cfg: ShadowReportConfig, joined: int, prod: Dict, shad: Dict,
+            quality: Optional[Dict]) -> Tuple[str, List[str]]:
     why: List[str] = []
     if joined < cfg.min_requests:
         return "inconclusive", [f"{joined} joined requests < min_requests {cfg.min_requests}"]
@@ -218,7 +219,8 @@ def verdict(cfg: ShadowReportConfig, joined: int, prod: Dict, shad: Dict, qualit
     if why:
         return "keep", why
     if quality is not None and quality["labelled_users"] < cfg.min_labelled_users:
-        return "inconclusive", [f"{quality['labelled_users']} labelled users < min_labelled_users {cfg.min_labelled_users}"]
+        return "inconclusive", [f"{quality['labelled_users']} labelled users "
+                                f"< min_labelled_users {cfg.min_labelled_users}"]
     if quality is None:
         return "inconclusive", ["no held-out labels (--data-dir) to judge quality by; guards passed"]
     lo, hi = quality["ndcg_diff_ci95"]
@@ -294,7 +296,8 @@ def markdown(report: Dict) -> str:
     if q:
         lines += [f"| Recall@{a['k']} | {num(q['production']['recall@k'])} | {num(q['shadow']['recall@k'])} |",
                   f"| NDCG@{a['k']} | {num(q['production']['ndcg@k'])} | {num(q['shadow']['ndcg@k'])} |"]
-    lines += ["", f"Agreement over {a['pairs']} user answers of {report['joined_requests']} joined requests (k = {a['k']}): "
+    lines += ["", f"Agreement over {a['pairs']} user answers of {report['joined_requests']} "
+              f"joined requests (k = {a['k']}): "
               f"overlap@k {num(a['mean_overlap'], '{:.3f}')}, Jaccard {num(a['mean_jaccard'], '{:.3f}')}, "
               f"RBO {num(a['mean_rbo'], '{:.3f}')}, score Spearman on shared items "
               f"{num(a['mean_score_spearman'], '{:.3f}')} ({a['score_spearman_users']} users)."]

@@ -9,9 +9,9 @@ Accepted bodies (``application/json``)::
 with optional ``"k"`` (1..max_k, default default_k) and ``"exclude_seen"`` (default true); a
 top-level ``"user_features"`` goes with the single-user form. A user_id the model knows is scored
 from its training features (``user_features`` are then ignored); an unknown one with
-``user_features`` is a cold start; an unknown one without them gets the popularity fallback. ``text/csv``: one raw user id per
-line (blank lines ignored). Every rejection names the field; nothing here raises anything but
-`RequestError`.
+``user_features`` is a cold start; an unknown one without them gets the popularity fallback.
+``text/csv``: one raw user id per line (blank lines ignored). Every rejection names the field;
+nothing here raises anything but `RequestError`.
 """
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def negotiate(accept: Optional[str]) -> str:
     raise RequestError(406, "Accept", f"cannot produce {accept[:100]!r}; this endpoint answers {JSON}")
 
 
-def parse_request(body: Union[bytes, str, bytearray], content_type: Optional[str], cfg: ServeConfig) -> RecommendRequest:
+def parse_request(body: Union[bytes, str, bytearray], content_type: Optional[str],
+                  cfg: ServeConfig) -> RecommendRequest:
     """Validate a request body of `content_type` against the limits in `cfg`."""
     size = len(body)
     if size > cfg.max_body_bytes:

@@ -65,7 +65,8 @@ def check(cfg: ServeConfig) -> None:
 
 
 def serve(cfg: ServeConfig) -> None:
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     check(cfg)
     cfg = dataclasses.replace(cfg, model_dir=cfg.model_dir or DEFAULT_MODEL_DIR)
     if not os.path.isdir(cfg.model_dir):

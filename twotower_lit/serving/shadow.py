@@ -59,7 +59,8 @@ class ShadowMirror:
         else:
             transport = httpx.AsyncHTTPTransport()
             self.url = target.rstrip("/") + "/invocations"
-        limits = httpx.Limits(max_connections=cfg.shadow_max_in_flight, max_keepalive_connections=cfg.shadow_max_in_flight)
+        limits = httpx.Limits(max_connections=cfg.shadow_max_in_flight,
+                              max_keepalive_connections=cfg.shadow_max_in_flight)
         self.client = httpx.AsyncClient(transport=transport, limits=limits, timeout=cfg.shadow_timeout)
         self.tasks: set = set()
         self.sent = self.skipped = self.failed = 0
@@ -91,7 +92,8 @@ class ShadowMirror:
             headers["Accept"] = accept
         t0 = time.perf_counter()
         try:
-            r = await asyncio.wait_for(self.client.post(self.url, content=body, headers=headers), self.cfg.shadow_timeout)
+            r = await asyncio.wait_for(self.client.post(self.url, content=body, headers=headers),
+                                       self.cfg.shadow_timeout)
             model_ms = r.headers.get(MODEL_LATENCY_HEADER)
             result = ShadowResult(r.status_code, r.content, r.headers.get("content-type", ""),
                                   (time.perf_counter() - t0) * 1000, float(model_ms) if model_ms else None,

@@ -44,7 +44,8 @@ def random_export(model_dir: str, num_users: int = 50, num_items: int = 200, emb
     tensors["seen.indptr"] = torch.from_numpy(indptr)
     tensors["seen.items"] = torch.from_numpy(np.concatenate(seen).astype(np.int64) if seen else np.zeros(0, np.int64))
     items = [{"id": first_item_id + 10 * j, "title": f"Movie {j} ({1950 + j % 70})",
-              "genres": [vocab["genres"][int(x)] for x in rng.choice(len(vocab["genres"]), size=1 + j % 3, replace=False)]}
+              "genres": [vocab["genres"][int(x)]
+                         for x in rng.choice(len(vocab["genres"]), size=1 + j % 3, replace=False)]}
              for j in range(num_items)]
     config = {"embedding_dim": embedding_dim, "user_features": list(USER_FEATURES), "user_layers": list(user_layers),
               "vocab_sizes": dict(rows, item=num_items + 1), "zip_prefix": 3}
