@@ -30,14 +30,14 @@ def data(prepared_synthetic):
     return dm
 
 
-def _sharded_module(dm, optim_cfg, pg, total_steps=10, sharding="table_wise"):
+def _sharded_module(dm, optim_cfg, pg, total_steps=10, sharding="table_wise", cls=None, **options):
     from twotower_lit.config import ModelConfig
     from twotower_lit.model import feature_specs
     from twotower_lit.module import TwoTowerModule
     from twotower_lit.strategy import build_sharding_plan, shard_model
 
     cfg = ModelConfig(embedding_dim=8, user_layers=[16, 8], item_layers=[16, 8], exposure_dims=0)
-    lm = TwoTowerModule(feature_specs(dm.manifest), cfg, optim_cfg, total_steps)
+    lm = (cls or TwoTowerModule)(feature_specs(dm.manifest), cfg, optim_cfg, total_steps, **options)
     plan = build_sharding_plan(lm.model, pg, "cpu", sharding)
     lm.model = shard_model(lm.model, plan, pg, torch.device("cpu"))
     return lm
@@ -231,6 +231,64 @@ def test_lightning_steps_every_optimizer_and_the_schedule_once_per_batch(process
     after = trained
     assert not torch.equal(before["ebc.embedding_bags.t_item.weight"], after["ebc.embedding_bags.t_item.weight"])
     assert all(not torch.equal(before[k], after[k]) for k in before if "tower" in k and k.endswith("weight"))
+
+
+def test_steps_after_a_calls_first_skip_lightnings_wrappers_only_where_nothing_observes_them(process_group, data):
+    """With several steps per call, the steps after each call's first call backward and the
+    optimizer directly (`lean_step_on`) and train exactly as Lightning's wrappers do: the same
+    weights, step count and learning-rate schedule as one step per call. A callback that
+    listens to the per-step hooks turns that off, and then hears every step."""
+    import lightning as L
+
+    from twotower_lit.config import OptimConfig
+    from twotower_lit.module import MultiStepTwoTowerModule
+
+    batches = list(_batches(data, 8))
+
+    class Heard(L.Callback):
+        def __init__(self):
+            self.steps = 0
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            self.steps += 1
+
+    def fit(k, callbacks=()):
+        torch.manual_seed(0)
+        options = {"cls": MultiStepTwoTowerModule, "steps_per_execution": k} if k > 1 else {}
+        lm = _sharded_module(data, OptimConfig(lr_schedule="linear", embedding_lr=0.1, dense_lr=0.01), process_group,
+                             total_steps=10, **options)
+        lean = []
+        if k > 1:
+            step = lm.lean_step_on
+            lm.lean_step_on = lambda *args: lean.append(1) or step(*args)
+        trained = {}
+
+        class Snapshot(L.Callback):
+            def on_train_end(self, trainer, module):
+                trained.update({k: v.local_shards()[0].tensor.clone() if hasattr(v, "local_shards") else v.clone()
+                                for k, v in module.model.state_dict().items()})
+
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=8, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[Snapshot(), *callbacks])
+        trainer.fit(lm, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        schedule = trainer.lr_scheduler_configs[0].scheduler
+        lrs = sorted(g["lr"] for g in trainer.optimizers[0].param_groups)
+        counted = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total
+        assert counted.ready == counted.completed == trainer.global_step  # as Lightning's wrapper counts
+        return trained, trainer.global_step, schedule.last_epoch, lrs, len(lean), lm
+
+    one = fit(1)
+    four = fit(4)
+    heard = Heard()
+    observed = fit(4, [heard])
+    assert four[4] == 6  # two calls of four steps: every step but each call's first is lean
+    assert four[5].lean_steps_allowed() and not observed[5].lean_steps_allowed()
+    assert observed[4] == 0 and heard.steps == 8
+    for run in (four, observed):
+        assert run[1:4] == one[1:4] == (8, 8, one[3])
+        assert run[0].keys() == one[0].keys()
+        for key in one[0]:
+            assert torch.equal(run[0][key], one[0][key]), key
 
 
 def test_checkpoint_of_automatic_optimisation_keeps_its_step_count():

@@ -201,6 +201,16 @@ def test_steps_per_execution_by_device_log_and_redraw_intervals_and_what_is_refu
     trainer = build_trainer(cfg, str(tmp_path), str(tmp_path / "checkpoints"), logger=False)
     assert trainer.log_every_n_steps == 12  # a multiple of 4: logged steps fall on call boundaries
     assert trainer.progress_bar_callback.refresh_rate == 1  # one redraw per call of 4 steps
+    # none of the job's callbacks listens to the per-step hooks: the steps after each call's first are lean
+    from twotower_lit.config import ModelConfig, OptimConfig
+    from twotower_lit.model import FeatureSpec
+    from twotower_lit.module import MultiStepTwoTowerModule
+
+    module = MultiStepTwoTowerModule([FeatureSpec("user", 10, "user"), FeatureSpec("item", 10, "item")],
+                                     ModelConfig(embedding_dim=4, user_layers=[4], item_layers=[4], exposure_dims=0),
+                                     OptimConfig(), steps_per_execution=4)
+    module.trainer = trainer
+    assert cfg.progress and module.lean_steps_allowed()
     # 0 (the default): several steps per call where the host's per-step work bounds a step
     assert TrainConfig().steps_per_execution == 0
     assert resolve_steps_per_execution(TrainConfig(), "cuda") == GPU_STEPS_PER_EXECUTION > 1
