@@ -175,9 +175,14 @@ class TwoTowerModule(L.LightningModule):
 
     def optimizer_step_on(self, batch: Batch, optimizer, schedule) -> torch.Tensor:
         """One training step on a device batch: loss, backward, optimizer and schedule step.
-        `optimizer` is Lightning's wrapper (``self.optimizers()``): its step() counts global_step."""
-        loss, _ = self.loss_and_output(batch)
+        `optimizer` is Lightning's wrapper (``self.optimizers()``): its step() counts global_step.
+
+        Gradients are zeroed before the forward pass: TorchRec's fused embedding optimizers write
+        the learning rate into a tensor in ``zero_grad()``, and a forward pass under
+        ``torch.compile`` saves that tensor for its backward pass, which then refuses to run if
+        it was written in between (`benchmarks/GPU_RESULTS.md`)."""
         optimizer.zero_grad()
+        loss, _ = self.loss_and_output(batch)
         self.manual_backward(loss)
         optimizer.step()
         schedule.step()
@@ -433,8 +438,8 @@ class MultiStepTwoTowerModule(TwoTowerModule):
         callback's hooks: skipping them took the training job's step from 2,458 to 1,987 Python
         calls (cProfile, one CPU process, 64-row batches; a hand-written DMP step makes 1,500), on a
         GPU step whose host time bounds it. Only when `lean_steps_allowed`."""
+        optimizer.zero_grad()  # before the forward pass, as in `optimizer_step_on`
         loss, _ = self.loss_and_output(batch)
-        optimizer.zero_grad()
         loss.backward()
         optimizer._on_before_step()
         optimizer.optimizer.step()
