@@ -173,18 +173,33 @@ class TwoTowerModule(L.LightningModule):
         self._log_train_loss(loss)
         return loss
 
-    def optimizer_step_on(self, batch: Batch, optimizer, schedule) -> torch.Tensor:
+    def optimizer_step_on(self, batch: Batch, optimizer, schedule, lean: bool = False) -> torch.Tensor:
         """One training step on a device batch: loss, backward, optimizer and schedule step.
         `optimizer` is Lightning's wrapper (``self.optimizers()``): its step() counts global_step.
 
         Gradients are zeroed before the forward pass: TorchRec's fused embedding optimizers write
         the learning rate into a tensor in ``zero_grad()``, and a forward pass under
         ``torch.compile`` saves that tensor for its backward pass, which then refuses to run if
-        it was written in between (`benchmarks/GPU_RESULTS.md`)."""
+        it was written in between (`benchmarks/GPU_RESULTS.md`).
+
+        `lean` (only where `MultiStepTwoTowerModule.lean_steps_allowed`): without Lightning's
+        per-step wrappers, backward and the optimizer step called directly and the step counted
+        as Lightning's manual loop counts it (`_on_before_step`/`_on_after_step` are what the
+        wrapper's ``step`` calls around the optimizer's). Why: ``manual_backward`` and
+        ``LightningOptimizer.step`` go through the strategy, the precision plugin and every
+        callback's hooks: skipping them took the training job's step from 2,458 to 1,987 Python
+        calls (cProfile, one CPU process, 64-row batches; a hand-written DMP step makes 1,500), on a
+        GPU step whose host time bounds it."""
         optimizer.zero_grad()
         loss, _ = self.loss_and_output(batch)
-        self.manual_backward(loss)
-        optimizer.step()
+        if lean:
+            loss.backward()
+            optimizer._on_before_step()
+            optimizer.optimizer.step()
+            optimizer._on_after_step()
+        else:
+            self.manual_backward(loss)
+            optimizer.step()
         schedule.step()
         return loss
 
@@ -363,8 +378,8 @@ class MultiStepTwoTowerModule(TwoTowerModule):
     epoch's end: step-interval checkpoints are written where they are with K = 1, and logging
     intervals that are multiples of K fall on call boundaries.
 
-    The steps after a call's first skip Lightning's per-step wrappers (`lean_step_on`) when
-    nothing would observe it (`lean_steps_allowed`).
+    The steps after a call's first skip Lightning's per-step wrappers (`optimizer_step_on`'s
+    ``lean``) when nothing would observe it (`lean_steps_allowed`).
     """
 
     def __init__(self, *args: Any, steps_per_execution: int = 1, checkpoint_every_n_steps: int = 0,
@@ -397,8 +412,7 @@ class MultiStepTwoTowerModule(TwoTowerModule):
                 break
             # with the iterator, moving the batch is the module's job (a no-op for --data-on-device batches)
             batch = self.transfer_batch_to_device(batch, device, 0)
-            step = self.lean_step_on if lean and losses else self.optimizer_step_on
-            losses.append(step(batch, optimizer, schedule))
+            losses.append(self.optimizer_step_on(batch, optimizer, schedule, lean=lean and bool(losses)))
         # Lightning counted this call as one batch: count the others too (before the logging
         # decision in `_log_train_loss`, which reads the logging step)
         loop = trainer.fit_loop.epoch_loop
@@ -408,7 +422,7 @@ class MultiStepTwoTowerModule(TwoTowerModule):
         return losses[-1]
 
     def lean_steps_allowed(self) -> bool:
-        """Whether `lean_step_on` does exactly what `optimizer_step_on` does in this run: plain
+        """Whether a lean `optimizer_step_on` does exactly what the full one does in this run: plain
         32-bit precision (no loss scaling or other precision-plugin work); the strategy's backward
         and optimizer-step hooks those of Lightning's `Strategy` or `DDPStrategy`, which do nothing
         here (the LightningModule is not wrapped in DDP: TorchRec's DMP averages gradients itself;
@@ -428,21 +442,3 @@ class MultiStepTwoTowerModule(TwoTowerModule):
             return False
         return not any(getattr(type(cb), hook) is not getattr(L.Callback, hook)
                        for cb in trainer.callbacks for hook in _CALLBACK_STEP_HOOKS)
-
-    def lean_step_on(self, batch: Batch, optimizer, schedule) -> torch.Tensor:
-        """`optimizer_step_on` without Lightning's per-step wrappers: backward and the optimizer
-        step called directly, and the optimizer step counted as Lightning's manual loop counts it
-        (`optimizer` is Lightning's wrapper; `_on_before_step`/`_on_after_step` are what its
-        ``step`` calls around the optimizer's). Why: ``manual_backward`` and
-        ``LightningOptimizer.step`` go through the strategy, the precision plugin and every
-        callback's hooks: skipping them took the training job's step from 2,458 to 1,987 Python
-        calls (cProfile, one CPU process, 64-row batches; a hand-written DMP step makes 1,500), on a
-        GPU step whose host time bounds it. Only when `lean_steps_allowed`."""
-        optimizer.zero_grad()  # before the forward pass, as in `optimizer_step_on`
-        loss, _ = self.loss_and_output(batch)
-        loss.backward()
-        optimizer._on_before_step()
-        optimizer.optimizer.step()
-        optimizer._on_after_step()
-        schedule.step()
-        return loss

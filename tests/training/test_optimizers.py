@@ -235,7 +235,7 @@ def test_lightning_steps_every_optimizer_and_the_schedule_once_per_batch(process
 
 def test_steps_after_a_calls_first_skip_lightnings_wrappers_only_where_nothing_observes_them(process_group, data):
     """With several steps per call, the steps after each call's first call backward and the
-    optimizer directly (`lean_step_on`) and train exactly as Lightning's wrappers do: the same
+    optimizer directly (`optimizer_step_on`'s ``lean``) and train exactly as Lightning's wrappers do: the same
     weights, step count and learning-rate schedule as one step per call. A callback that
     listens to the per-step hooks turns that off, and then hears every step."""
     import lightning as L
@@ -257,10 +257,9 @@ def test_steps_after_a_calls_first_skip_lightnings_wrappers_only_where_nothing_o
         options = {"cls": MultiStepTwoTowerModule, "steps_per_execution": k} if k > 1 else {}
         lm = _sharded_module(data, OptimConfig(lr_schedule="linear", embedding_lr=0.1, dense_lr=0.01), process_group,
                              total_steps=10, **options)
-        lean = []
-        if k > 1:
-            step = lm.lean_step_on
-            lm.lean_step_on = lambda *args: lean.append(1) or step(*args)
+        flags = []  # the `lean` flag of each optimizer step
+        step = lm.optimizer_step_on
+        lm.optimizer_step_on = lambda *args, lean=False: flags.append(lean) or step(*args, lean=lean)
         trained = {}
 
         class Snapshot(L.Callback):
@@ -275,7 +274,7 @@ def test_steps_after_a_calls_first_skip_lightnings_wrappers_only_where_nothing_o
         lrs = sorted(g["lr"] for g in trainer.optimizers[0].param_groups)
         counted = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total
         assert counted.ready == counted.completed == trainer.global_step  # as Lightning's wrapper counts
-        return trained, trainer.global_step, schedule.last_epoch, lrs, len(lean), lm
+        return trained, trainer.global_step, schedule.last_epoch, lrs, sum(flags), lm
 
     one = fit(1)
     four = fit(4)
