@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_e2e.sh WORKDIR [SIZES]     SIZES: space-separated rating counts (default "1000000")
 # Environment: BATCH, EPOCHS, WORKERS, EXTRA (more entrypoints.train options), GPU_COUNTS (default "1 2"),
 # REPEATS (default 1): rounds over GPU_COUNTS, interleaved so that a machine's drift hits every count;
-# with more than one GPU count a summary per size gives each count's mean and its ratio to the first's.
+# with more than one GPU count a summary per size gives each count's mean, its ratio to the first's, and the
+# ratio within each round (adjacent runs, less exposed to a machine's drift) with their median.
 # MLflow is switched off (--mlflow-uri none) so the run needs no tracking packages on the GPU box.
 set -euo pipefail
 work=${1:-/tmp/twotower-gpu}
@@ -46,8 +47,13 @@ for line in open(sys.argv[1]):
 if len(runs) > 1:
     base = statistics.mean(runs[min(runs)])
     for g, rates in sorted(runs.items()):
-        print(f"{int(sys.argv[2]):>11,} ratings {g} GPU(s), {len(rates)} run(s): mean {statistics.mean(rates):.2f} M "
-              f"samples/s (runs {', '.join(f'{r:.2f}' for r in rates)}), {statistics.mean(rates) / base:.2f}x "
-              f"the {min(runs)}-GPU mean")
+        line = (f"{int(sys.argv[2]):>11,} ratings {g} GPU(s), {len(rates)} run(s): mean {statistics.mean(rates):.2f} M "
+                f"samples/s (runs {', '.join(f'{r:.2f}' for r in rates)}), {statistics.mean(rates) / base:.2f}x "
+                f"the {min(runs)}-GPU mean")
+        if g != min(runs):  # each round's runs are adjacent in time: their ratio is less exposed to drift
+            ratios = [r / b for r, b in zip(rates, runs[min(runs)])]
+            line += (f"; per round {', '.join(f'{x:.2f}' for x in ratios)}x "
+                     f"(median {statistics.median(ratios):.2f}x)")
+        print(line)
 PY
 done
