@@ -27,6 +27,7 @@ import functools
 import logging
 import os
 import shutil
+import warnings
 import weakref
 from collections import deque
 from pathlib import Path
@@ -302,6 +303,12 @@ def shard_model(module: torch.nn.Module, plan: ShardingPlan, pg: dist.ProcessGro
     """`module` under DMP with `plan` (collective: every rank calls it); `gradient_sync` as
     `DataParallelAcrossRanks`'."""
     cache_input_dist_permutations()
+    # On CPU, the backward pass through the replicated (data_parallel) tables' dense fbgemm lookup
+    # warns that the op has no autograd kernel and "may lead to silently incorrect behavior". Its
+    # gradients are those of a sum-pooled nn.EmbeddingBag (checked by tests/training/
+    # test_optimizers.py), so the warning is only noise in every CPU run with replicated tables.
+    warnings.filterwarnings("ignore", category=UserWarning, message="fbgemm::dense_embedding_codegen_lookup_function: "
+                            "an autograd kernel was not registered")
     return DistributedModelParallel(module=module, device=device, plan=plan,
                                     sharders=[EmbeddingBagCollectionShardingOffer()],
                                     env=ShardingEnv.from_process_group(pg),

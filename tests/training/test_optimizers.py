@@ -130,6 +130,35 @@ def test_data_parallel_tables_use_the_embedding_optimizer_and_one_closure_per_st
     assert "ebc.embedding_bags.t_item.weight" in str(list(opt.state_dict()["state"]))
 
 
+def test_replicated_tables_on_cpu_get_the_gradients_of_a_sum_pooled_embedding_bag(process_group, data):
+    """On CPU, backpropagating through the replicated (data_parallel) tables' dense fbgemm lookup
+    warns that the op has no autograd kernel and "may lead to silently incorrect behavior". Each
+    table's gradient must be what a plain `nn.EmbeddingBag` (sum pooling, the same weights and
+    batch) gets for the same upstream gradient."""
+    from twotower_lit.config import OptimConfig
+
+    torch.manual_seed(0)
+    lm = _sharded_module(data, OptimConfig(), process_group, sharding="data_parallel")
+    weights = {name: p.detach().clone() for name, p in lm.model.named_parameters() if "embedding_bags." in name}
+    params = {name: p for name, p in lm.model.named_parameters() if "embedding_bags." in name}
+    assert len(weights) == len(lm.features)
+    features = next(_batches(data, 1)).features
+    pooled = lm.model.module.ebc(features)  # the sharded collection inside DistributedModelParallel
+    pooled = pooled.wait() if hasattr(pooled, "wait") else pooled
+    upstream = torch.randn_like(pooled.values())
+    (pooled.values() * upstream).sum().backward()
+    column = 0
+    for key, width in zip(pooled.keys(), pooled.length_per_key()):
+        name = next(n for n in weights if n.endswith(f".t_{key}.weight"))
+        reference = torch.nn.EmbeddingBag.from_pretrained(weights[name], freeze=False, mode="sum")
+        bags = features[key]
+        (reference(bags.values(), bags.offsets()[:-1]) * upstream[:, column:column + width]).sum().backward()
+        column += width
+        torch.testing.assert_close(params[name].grad, reference.weight.grad, msg=f"table t_{key}")
+        assert reference.weight.grad.abs().sum() > 0, key  # the batch touched the table
+    assert column == upstream.shape[1]
+
+
 def test_schedule_drives_both_learning_rates(process_group, data):
     from twotower_lit.config import OptimConfig
 
