@@ -43,6 +43,12 @@ def _sharded_module(dm, optim_cfg, pg, total_steps=10, sharding="table_wise", cl
     return lm
 
 
+def _local_state(model):
+    """A copy of `model`'s state dict, each sharded table as this rank's shard."""
+    return {k: (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).clone()
+            for k, v in model.state_dict().items()}
+
+
 def _batches(dm, n):
     train = dm.splits["train"]
     rng = np.random.default_rng(0)
@@ -231,13 +237,7 @@ def test_lightning_steps_every_optimizer_and_the_schedule_once_per_batch(process
 
     lm = _sharded_module(data, OptimConfig(lr_schedule="linear", embedding_lr=0.1, dense_lr=0.01), process_group,
                          total_steps=10)
-    def local(v):  # a table's shard
-        return (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).clone()
-
-    def state():
-        return {k: local(v) for k, v in lm.model.state_dict().items()}
-
-    before, backwards = state(), []
+    before, backwards = _local_state(lm.model), []
     towers = [p for k, p in lm.model.named_parameters() if "tower" in k]
     for p in towers:
         p.register_hook(lambda g: backwards.append(1) or g)
@@ -245,7 +245,7 @@ def test_lightning_steps_every_optimizer_and_the_schedule_once_per_batch(process
 
     class Snapshot(L.Callback):  # the weights as trained, before the trainer's teardown moves the module
         def on_train_end(self, trainer, module):
-            trained.update(state())
+            trained.update(_local_state(lm.model))
 
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Snapshot()])
@@ -293,8 +293,7 @@ def test_steps_after_a_calls_first_skip_lightnings_wrappers_only_where_nothing_o
 
         class Snapshot(L.Callback):
             def on_train_end(self, trainer, module):
-                trained.update({k: v.local_shards()[0].tensor.clone() if hasattr(v, "local_shards") else v.clone()
-                                for k, v in module.model.state_dict().items()})
+                trained.update(_local_state(module.model))
 
         trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=8, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, callbacks=[Snapshot(), *callbacks])
