@@ -75,3 +75,64 @@ def test_sparse_gradients_are_refused():
     p.grad = torch.zeros(4, 2).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         GroupedRowWiseAdagrad([p]).step()
+
+
+def _fused_tables(seed: int, shapes):
+    """Tables as a data_parallel lookup holds them: TorchRec slices of one flat fused weight."""
+    from torchrec.distributed.batched_embedding_kernel import TableBatchedEmbeddingSlice
+
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.Parameter(torch.randn(sum(r * d for r, d in shapes), generator=g))
+    tables, start = [], 0
+    for rows, dim in shapes:
+        tables.append(TableBatchedEmbeddingSlice(base, start, start + rows * dim, rows, dim))
+        start += rows * dim
+    return base, tables
+
+
+@pytest.mark.parametrize("shapes", [[(50, 8), (7, 8), (1, 8), (12, 8)], SHAPES])  # one width; mixed widths
+@pytest.mark.parametrize("options", [
+    {"lr": 0.1},
+    {"lr": 0.05, "weight_decay": 0.01, "eps": 1e-6},
+    {"lr": 0.2, "lr_decay": 0.1, "initial_accumulator_value": 0.5},
+    {"lr": 0.1, "maximize": True},
+])
+def test_slices_of_one_fused_weight_get_torchrecs_rowwise_adagrad_updates(shapes, options):
+    """Tables of a data_parallel lookup (views of one fused weight, whose gradient is one tensor)
+    are stepped on that weight: the same weights and state as TorchRec's optimizer on separate
+    tables, and a checkpoint of either class resumes in the other."""
+    base, ours = _fused_tables(0, shapes)
+    theirs = [torch.nn.Parameter(t.detach().clone()) for t in ours]
+    grouped, reference = GroupedRowWiseAdagrad(ours, **options), RowWiseAdagrad(theirs, **options)
+    g = torch.Generator().manual_seed(1)
+
+    def step(optimizers):
+        grad = torch.randn(base.shape, generator=g)
+        grad[torch.rand(base.shape, generator=g) < 0.5] = 0
+        base.grad = grad
+        for t, p in zip(ours, theirs):
+            p.grad = t.grad.clone()  # the table's slice of the fused gradient
+        for optimizer in optimizers:
+            optimizer.step()
+
+    for _ in range(4):
+        step((grouped, reference))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grouped.state[a]["sum"], reference.state[b]["sum"])
+        assert grouped.state[a]["step"].item() == reference.state[b]["step"].item() == 4
+    if len({d for _, d in shapes}) == 1:  # one block: the accumulators are views of one tensor
+        sums = [grouped.state[t]["sum"] for t in ours]
+        assert sums[0]._base is not None and all(s._base is sums[0]._base for s in sums)
+
+    # TorchRec's optimizer resumes from ours, and ours (new tensors per table) from TorchRec's
+    reference = RowWiseAdagrad(theirs, **options)
+    reference.load_state_dict(copy.deepcopy(grouped.state_dict()))
+    grouped = GroupedRowWiseAdagrad(ours, **options)
+    grouped.load_state_dict(copy.deepcopy(reference.state_dict()))
+    for _ in range(3):
+        step((grouped, reference))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grouped.state[a]["sum"], reference.state[b]["sum"])
+    assert grouped.state[ours[0]]["step"].item() == 7
