@@ -168,6 +168,27 @@ def test_vector_l2_adds_the_mean_squared_norm():
     assert loss.item() == pytest.approx(plain.item() + 0.1 * norm.item(), rel=1e-6)
 
 
+def test_the_vector_l2_terms_gradient_is_autograds_of_the_same_expression():
+    """`mean_squared_norm` writes its backward pass by hand (fewer operations per step)."""
+    from twotower_lit.losses import mean_squared_norm
+
+    g = torch.Generator().manual_seed(5)
+    u0, i0 = torch.randn(33, 6, generator=g), torch.randn(33, 6, generator=g)
+    upstream = torch.randn((), generator=g)
+    results = []
+    for fn in (lambda u, i: (u.pow(2).sum(1) + i.pow(2).sum(1)).mean(), mean_squared_norm):
+        u, i = u0.clone().requires_grad_(), i0.clone().requires_grad_()
+        value = fn(u, i)
+        value.backward(upstream)
+        results.append((value.detach(), u.grad, i.grad))
+    (v_ref, gu_ref, gi_ref), (v, gu, gi) = results
+    torch.testing.assert_close(v, v_ref)
+    torch.testing.assert_close(gu, gu_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gi, gi_ref, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="one of each per row"):
+        mean_squared_norm(u0, i0[:5])
+
+
 def test_bad_settings_and_layouts_are_refused():
     with pytest.raises(ValueError, match="loss must be one of"):
         TwoTowerLoss("hinge")
