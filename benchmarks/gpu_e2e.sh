@@ -22,7 +22,10 @@ for n in $sizes; do
     for g in ${GPU_COUNTS:-1 2}; do
       [ "$g" -le "$gpus" ] || continue
       out="$work/run-$n-${g}gpu-$r"
-      python3 -m entrypoints.train --data-dir "$work/data-$n" --output-dir "$out" --accelerator gpu --devices "$g" \
+      # several GPUs: torchrun starts every rank at once (with --devices alone, Lightning starts the
+      # others only when fit begins, after rank 0's start-up, which then counts in the fit's time)
+      launch="python3"; [ "$g" -gt 1 ] && launch="torchrun --standalone --nproc_per_node $g"
+      $launch -m entrypoints.train --data-dir "$work/data-$n" --output-dir "$out" --accelerator gpu --devices "$g" \
         --max-epochs "${EPOCHS:-1}" --batch-size "${BATCH:-16384}" --num-workers "${WORKERS:-6}" \
         --mlflow-uri none --progress false ${EXTRA:-} > "$out.log" 2>&1 || { tail -30 "$out.log"; exit 1; }
       python3 - "$out/metrics.json" "$n" "$g" "$rates" <<'PY'

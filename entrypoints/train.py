@@ -10,6 +10,7 @@ import importlib.util
 import os
 import sys
 import warnings
+from typing import List, Mapping, Optional
 
 if importlib.util.find_spec("twotower_lit") is None:  # run as a script (SageMaker: torchrun entrypoints/train.py)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,11 +26,48 @@ def parse_args(argv=None) -> TrainConfig:
     return from_namespace(TrainConfig, parser.parse_args(training_arguments(argv)))
 
 
+# set by a launcher that started this process as one rank of several (torchrun, SLURM's srun,
+# MPI, LSF): such a process must not start ranks of its own
+LAUNCHER_VARIABLES = ("LOCAL_RANK", "RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+                      "PMI_SIZE", "LSB_JOBID")
+
+
+def torchrun_command(cfg: TrainConfig, argv: List[str], environ: Mapping[str, str],
+                     gpus: int) -> Optional[List[str]]:
+    """The command that restarts this job under torchrun with one process per device, or None to
+    run it here (one device, several nodes, started by a launcher, or ``--launcher lightning``).
+
+    Why: with ``--devices N`` alone, Lightning starts the other N - 1 processes inside
+    ``Trainer.fit``, and each of them then goes through the job's whole start-up (imports, data
+    and model set-up) while the first waits. torchrun starts all of them at once. `gpus` is the
+    number of visible GPUs: ``--launcher auto`` uses torchrun for GPU jobs that have them."""
+    if cfg.devices <= 1 or cfg.launcher == "lightning" or any(v in environ for v in LAUNCHER_VARIABLES):
+        return None
+    if cfg.num_nodes > 1:
+        if cfg.launcher == "torchrun":
+            raise ValueError(f"--launcher torchrun starts the processes of one node; for --num-nodes {cfg.num_nodes} "
+                             f"start torchrun on every node (see the README) or use --launcher lightning")
+        return None
+    if cfg.launcher == "auto" and (cfg.accelerator == "cpu" or gpus < cfg.devices):
+        return None  # (too few GPUs: Lightning's own error names them)
+    script = os.path.abspath(__file__)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.devices}",
+            script, *argv]
+
+
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", module="torchrec")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = apply_sagemaker_environment(parse_args(argv))
+    import torch
+
+    command = torchrun_command(cfg, argv, os.environ, torch.cuda.device_count() if cfg.launcher == "auto" else 0)
+    if command is not None:
+        print(f"starting {cfg.devices} processes under torchrun: {' '.join(command)}", flush=True)
+        os.execv(command[0], command)  # replaced: signals reach torchrun, which passes them to the ranks
+
     from twotower_lit.training import run
 
-    cfg = apply_sagemaker_environment(parse_args(argv))
     if run(cfg) is not None:
         publish_model(cfg)
     return 0

@@ -112,6 +112,13 @@ class TrainConfig:
     accelerator: str = _opt("auto", "cpu, gpu or auto")
     devices: int = _opt(1, "processes (CPU) or GPUs per node")
     num_nodes: int = _opt(1, "nodes")
+    # On a 2 x H200 machine (32M ratings, 3 epochs) Lightning's launcher started the second rank
+    # about 30 s after the first: 94 s of wall time against 63 s under torchrun (benchmarks/GPU_RESULTS.md)
+    launcher: str = _opt("auto", "how the processes of several --devices on one node start when no launcher "
+                                 "(torchrun, SLURM, MPI) started them: torchrun (this command restarts itself under "
+                                 "torchrun, every rank at once) or lightning (Lightning starts the other ranks when "
+                                 "training begins, after this one's start-up); auto: torchrun on GPUs, lightning on "
+                                 "CPUs", ("auto", "torchrun", "lightning"))
     num_workers: int = _opt(0, "data-loader worker processes per rank")
     data_on_device: bool = _opt(False, "keep the training split in accelerator memory and build batches there (no "
                                        "loader workers or copies; rated rows only, so --negatives 0)")

@@ -206,16 +206,41 @@ def test_checkpoint_of_one_rank_loads_on_two_ranks(small_prepared, tmp_path):
         assert b["test"][key] == pytest.approx(a["test"][key], abs=2e-4), key
 
 
-def test_torchrun_two_processes(small_prepared, tmp_path):
+def test_launcher_torchrun_restarts_the_job_under_torchrun(small_prepared, tmp_path):
+    """``--launcher torchrun`` (the default on GPUs): the command restarts itself under torchrun,
+    which starts both ranks at once, instead of Lightning starting the second inside fit."""
     out = tmp_path / "out"
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "entrypoints.train",
-                           "--data-dir", str(small_prepared), "--output-dir", str(out), "--accelerator", "cpu",
-                           "--devices", "2", "--max-epochs", "1", *ARGS], cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_cli("entrypoints.train", ["--data-dir", str(small_prepared), "--output-dir", str(out),
+                                         "--accelerator", "cpu", "--devices", "2", "--launcher", "torchrun",
+                                         "--max-epochs", "1", *ARGS])
+    assert "starting 2 processes under torchrun" in proc.stdout
     metrics = read_json(out / "metrics.json")
     assert metrics["train"]["world_size"] == 2 and metrics["test"]["auc"] > 0.5
+
+
+def test_which_jobs_restart_under_torchrun():
+    from entrypoints.train import parse_args, torchrun_command
+
+    def command(*args, environ=None, gpus=2):
+        return torchrun_command(parse_args(list(args)), list(args), environ or {}, gpus)
+
+    cmd = command("--devices", "2", "--accelerator", "gpu")
+    assert cmd[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert cmd[5].endswith(os.path.join("entrypoints", "train.py")) and cmd[6:] == ["--devices", "2", "--accelerator",
+                                                                                     "gpu"]
+    assert command("--devices", "2") is not None  # accelerator auto, GPUs present
+    assert command("--devices", "2", "--accelerator", "cpu", "--launcher", "torchrun") is not None
+    # run here: one device; CPUs or too few GPUs unless asked; Lightning's launcher asked for; already a rank
+    assert command("--accelerator", "gpu") is None
+    assert command("--devices", "2", "--accelerator", "cpu") is None
+    assert command("--devices", "4", "--accelerator", "gpu") is None
+    assert command("--devices", "2", gpus=0) is None
+    assert command("--devices", "2", "--launcher", "lightning") is None
+    assert command("--devices", "2", environ={"LOCAL_RANK": "0"}) is None
+    assert command("--devices", "2", environ={"SLURM_NTASKS": "2"}) is None
+    assert command("--devices", "2", "--num-nodes", "2") is None
+    with pytest.raises(ValueError, match="start torchrun on every node"):
+        command("--devices", "2", "--num-nodes", "2", "--launcher", "torchrun")
 
 
 def test_two_nodes_with_rendezvous_variables(small_prepared, tmp_path):
