@@ -90,7 +90,12 @@ def _fused_tables(seed: int, shapes):
     return base, tables
 
 
-@pytest.mark.parametrize("shapes", [[(50, 8), (7, 8), (1, 8), (12, 8)], SHAPES])  # one width; mixed widths
+@pytest.mark.parametrize("shapes", [
+    [(50, 8), (7, 8), (1, 8), (12, 8)],  # one width: one block, the whole fused weight
+    [(50, 8)],  # one table
+    [(30, 4), (50, 8), (7, 8)],  # the width-8 block starts inside the fused weight
+    SHAPES,  # a width's tables not adjacent: stepped table by table
+])
 @pytest.mark.parametrize("options", [
     {"lr": 0.1},
     {"lr": 0.05, "weight_decay": 0.01, "eps": 1e-6},
@@ -121,9 +126,10 @@ def test_slices_of_one_fused_weight_get_torchrecs_rowwise_adagrad_updates(shapes
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(grouped.state[a]["sum"], reference.state[b]["sum"])
         assert grouped.state[a]["step"].item() == reference.state[b]["step"].item() == 4
-    if len({d for _, d in shapes}) == 1:  # one block: the accumulators are views of one tensor
-        sums = [grouped.state[t]["sum"] for t in ours]
-        assert sums[0]._base is not None and all(s._base is sums[0]._base for s in sums)
+    if shapes != SHAPES:  # each width's tables adjacent: their accumulators are views of one tensor
+        for width in {d for _, d in shapes}:
+            sums = [grouped.state[t]["sum"] for t in ours if t.shape[1] == width]
+            assert all(s._base is not None and s._base is sums[0]._base for s in sums)
 
     # TorchRec's optimizer resumes from ours, and ours (new tensors per table) from TorchRec's
     reference = RowWiseAdagrad(theirs, **options)
