@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from twotower_lit.data.csr import Csr
@@ -23,6 +24,22 @@ def brute_force(user_vecs, users, item_vecs, seen, positives, k):
         ideal = sum(1 / math.log2(r + 2) for r in range(min(len(pos), k)))
         ndcgs.append(dcg / ideal)
     return np.mean(recalls), np.mean(ndcgs), len(recalls)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+def test_csr_from_pairs_lists_each_users_items_in_order(dtype):
+    """Per-user item lists built by sorting keys equal a plain Python grouping (duplicate pairs
+    kept, users without pairs empty), and no pairs give empty lists."""
+    rng = np.random.default_rng(3)
+    n_users = 50
+    users, items = rng.integers(1, n_users - 5, 2_000).astype(dtype), rng.integers(0, 300, 2_000).astype(dtype)
+    csr = Csr.from_pairs(users, items, n_users)
+    assert csr.indptr.shape == (n_users + 1,) and csr.indices.dtype == np.int64
+    for u in range(n_users):
+        expected = sorted(int(i) for uu, i in zip(users, items) if uu == u)
+        assert csr.indices[csr.indptr[u]:csr.indptr[u + 1]].tolist() == expected
+    empty = Csr.from_pairs(np.zeros(0, dtype=dtype), np.zeros(0, dtype=dtype), 4)
+    assert empty.indptr.tolist() == [0, 0, 0, 0, 0] and len(empty.indices) == 0
 
 
 def test_rank_users_equals_brute_force():

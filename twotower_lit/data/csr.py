@@ -25,11 +25,22 @@ class Csr:
 
     @classmethod
     def from_pairs(cls, users: np.ndarray, items: np.ndarray, num_users: int) -> "Csr":
-        order = np.lexsort((items, users))
+        """The item lists of (user, item) pairs, each list sorted (duplicates kept).
+
+        One sort of ``user * items + item`` keys instead of ``np.lexsort((items, users))``: the
+        same order, 5x faster (25.6 M pairs, the training split of 32 M ratings: 2.4 s against
+        12.4 s on a 2-core VM), and the training job builds this for its whole training split
+        before it starts."""
+        users, items = np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64)
         counts = np.bincount(users, minlength=num_users)
         indptr = np.zeros(num_users + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
-        return cls(indptr, items[order].astype(np.int64))
+        width = int(items.max()) + 1 if len(items) else 1
+        if num_users * width >= 2 ** 62:  # keys would overflow int64
+            return cls(indptr, items[np.lexsort((items, users))])
+        keys = users * width + items
+        keys.sort()
+        return cls(indptr, keys % width)
 
     def keys(self, num_items: int) -> np.ndarray:
         """Sorted ``user * num_items + item`` of every pair (for membership tests)."""
