@@ -69,9 +69,7 @@ class GroupedRowWiseAdagrad(RowWiseAdagrad):
         states = [self.state[p] for p in stepped]
         g = self._transformed(torch.cat(grads), torch.cat([p.detach() for p in stepped])
                               if group["weight_decay"] else None, group)
-        sums = [s["sum"] for s in states]
-        torch._foreach_add_(sums, g.square().mean(1, keepdim=True).split(rows))
-        scaled = g.div_(torch.cat(sums).sqrt_().add_(group["eps"]))
+        scaled = g.div_(self._denominator(states, g, group))
         rates = self._rates(states, group)
         updates = list(scaled.split(rows))
         if len(set(rates)) == 1:
@@ -91,9 +89,7 @@ class GroupedRowWiseAdagrad(RowWiseAdagrad):
         weight, grad = weight.view(-1, width), grad.view(-1, width)
         states = [self.state[p] for p in params]
         g = self._transformed(grad, weight, group)
-        total = self._joined_sums(states)
-        total.add_(g.square().mean(1, keepdim=True))
-        denominator = total.sqrt().add_(group["eps"])
+        denominator = self._denominator(states, g, group)
         rates = self._rates(states, group)
         if len(set(rates)) == 1:
             weight.addcdiv_(g, denominator, value=rates[0])
@@ -112,6 +108,14 @@ class GroupedRowWiseAdagrad(RowWiseAdagrad):
             g = g.neg()
         return g
 
+    @classmethod
+    def _denominator(cls, states: List[Dict[str, Any]], g: torch.Tensor, group: Dict[str, Any]) -> torch.Tensor:
+        """``sqrt(sum) + eps`` per row of the block `g` (the tables of `states`, in order), after adding
+        this step's mean squared gradient to each row's ``sum``."""
+        total = cls._joined_sums(states)
+        total.add_(g.square().mean(1, keepdim=True))
+        return total.sqrt().add_(group["eps"])
+
     @staticmethod
     def _rates(states: List[Dict[str, Any]], group: Dict[str, Any]) -> List[float]:
         """Count this step in each table's step count and return each table's signed learning rate.
@@ -128,7 +132,7 @@ class GroupedRowWiseAdagrad(RowWiseAdagrad):
     def _joined_sums(states: List[Dict[str, Any]]) -> torch.Tensor:
         """One accumulator for the tables of `states`, each table's ``sum`` a view of it. Made on
         the first step, and again after a state dict was loaded (which gives each table a tensor
-        of its own)."""
+        of its own) or when other tables than last time have gradients (`_step_tables`)."""
         sums = [s["sum"] for s in states]
         total, offset = sums[0]._base, 0
         if total is not None and total.is_contiguous():
