@@ -13,6 +13,8 @@ Modes (all in one invocation, so their ratio holds on a noisy machine):
   eager      the same DMP model and optimizers in a hand-written loop (Lightning's overhead = the gap)
   compiled   eager with the DMP model under torch.compile, with TorchRec's PT2 settings (those of its
              TrainPipelinePT2: TorchRec's modules traced, the batch's jagged sizes as unbacked symbols)
+  graphed    eager's step captured once as a CUDA graph and replayed (twotower_lit.graphs, the training
+             job's --cuda-graphs): each step copies its batch into the graph's input tensors
   pipeline   TorchRec's TrainPipelineSparseDist (overlaps copy + input distribution with compute)
   plain      plain PyTorch: nn.EmbeddingBag tables + MLP towers + Adam, data parallel via DDP
 Batches are built by the product's KJTBuilder from synthetic feature tables and kept in pinned
@@ -43,16 +45,14 @@ SHAPES = {  # users, items as in the GroupLens sets
 SIDE = {"gender": 3, "age": 8, "occupation": 22, "zip": 1000, "genres": 21, "year": 100}
 
 
-def feature_tables(users: int, items: int, seed: int = 0, genres_per_item: int = 0):
-    """Random side features; each movie has 1-3 genres, or exactly `genres_per_item` (every batch
-    then has the same shapes, as CUDA graphs need)."""
+def feature_tables(users: int, items: int, seed: int = 0):
     from twotower_lit.data.batches import FeatureTables
 
     rng = np.random.default_rng(seed)
     u = {"user": np.arange(users + 1)}
     for name in ("gender", "age", "occupation", "zip"):
         u[name] = rng.integers(1, SIDE[name], users + 1)
-    lengths = np.full(items + 1, genres_per_item) if genres_per_item else rng.integers(1, 4, items + 1)
+    lengths = rng.integers(1, 4, items + 1)
     lengths[0] = 0
     indptr = np.concatenate([[0], np.cumsum(lengths)])
     genres = rng.integers(1, SIDE["genres"], int(indptr[-1]))
@@ -240,99 +240,43 @@ def run_compiled(specs, batches, args, device) -> float:
     return run_eager(specs, batches, args, device, mode="compiled")
 
 
-class GraphedStep:
-    """eager's step (forward, BCE, backward, optimizers) captured once as a CUDA graph and replayed.
+def graphed_step(specs, batches, args, device):
+    """(model, the product's `GraphedTrainingStep` over eager's step: BCE, no L2)."""
+    from twotower_lit.graphs import GraphedTrainingStep, padding_rows
+    from twotower_lit.layers import logits
 
-    The batch's tensors are copied into the graph's input tensors before each replay, so every
-    batch must have the shapes of the captured one (`--genres-per-item N` gives every movie N
-    genres; the other features have one value per row). The KeyedJaggedTensor is built from those
-    tensors inside the capture, so whatever TorchRec derives from it (offsets, permutations) is
-    part of the graph. Recipe of PyTorch's whole-network capture: warm-up steps on the capture
-    stream, gradients set to None before the capture (the captured backward writes them), a
-    capturable dense optimizer. TorchRec's fused embedding optimizer reads its learning rate at
-    launch, so the rate is that of the capture (a constant schedule).
-    """
+    lm, opt = build_dmp(specs, args, device)
+    multi = [s for s in specs if s.pooling == "mean"]
 
-    def __init__(self, lm, opt, batch, device, warmup: int, capture_error_mode: str = "global",
-                 executed: Optional[List[str]] = None) -> None:
-        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    def loss_fn(user, item, items, labels):
+        return F.binary_cross_entropy_with_logits(logits(user, item, lm.model_cfg.exposure_dims), labels)
 
-        from twotower_lit.layers import logits
-
-        self.model, self.opt, self.device = lm.model, opt, device
-        kjt = batch.features
-        self.values = kjt.values().to(device).clone()
-        self.lengths = kjt.lengths().to(device).clone()
-        self.labels = batch.labels.to(device).clone()
-        layout = dict(keys=kjt.keys(), stride=kjt.stride(), length_per_key=kjt.length_per_key(),
-                      offset_per_key=kjt.offset_per_key())
-        self.layout = (kjt.values().shape, kjt.lengths().shape)
-        # names of the backward nodes run during the capture, in order: where a failed capture stopped
-        self.executed = [] if executed is None else executed
-        for group in opt.param_groups:
-            group["capturable"] = True  # the dense Adam's step counts stay on the GPU
-
-        def body() -> torch.Tensor:
-            user, item = self.model(KeyedJaggedTensor(values=self.values, lengths=self.lengths, **layout))
-            loss = F.binary_cross_entropy_with_logits(logits(user, item, lm.model_cfg.exposure_dims), self.labels)
-            if torch.cuda.is_current_stream_capturing():
-                self._trace_backward(loss)
-            loss.backward()
-            opt.step()
-            return loss.detach()
-
-        self.stream = torch.cuda.Stream(device)
-        self.stream.wait_stream(torch.cuda.current_stream(device))
-        self.losses: List[torch.Tensor] = []
-        with torch.cuda.stream(self.stream):
-            for _ in range(warmup):  # also fills lazily built state (fbgemm, cuBLAS, Adam's state) outside the graph
-                opt.zero_grad(set_to_none=True)
-                self.losses.append(body())
-        torch.cuda.current_stream(device).wait_stream(self.stream)
-        opt.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode=capture_error_mode):
-            self.loss = body()
-
-    def _trace_backward(self, loss: torch.Tensor) -> None:
-        seen, todo = set(), [loss.grad_fn]
-        while todo:
-            node = todo.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            node.register_prehook(lambda grads, name=node.name(): self.executed.append(name))
-            todo.extend(n for n, _ in node.next_functions)
-
-    def __call__(self, batch) -> torch.Tensor:
-        kjt = batch.features
-        if (kjt.values().shape, kjt.lengths().shape) != self.layout:
-            raise ValueError(f"a batch of shapes {(kjt.values().shape, kjt.lengths().shape)} after capturing "
-                             f"{self.layout}: CUDA graphs replay one shape (pass --genres-per-item)")
-        self.values.copy_(kjt.values(), non_blocking=True)
-        self.lengths.copy_(kjt.lengths(), non_blocking=True)
-        self.labels.copy_(batch.labels, non_blocking=True)
-        self.graph.replay()
-        return self.loss
+    return lm, GraphedTrainingStep(lm.model, loss_fn, opt, batches[0].to(device), multi[0].name if multi else None,
+                                   padding_rows(lm.model, [s.table for s in multi]))
 
 
 def run_graphed(specs, batches, args, device) -> float:
+    """eager's step captured once as a CUDA graph (after its warm-up steps) and replayed; each step
+    copies its batch into the graph's input tensors (genres padded to a fixed capacity)."""
     if device.type != "cuda":
         raise RuntimeError("the graphed mode needs a GPU (CUDA graphs)")
-    lm, opt = build_dmp(specs, args, device)
-    executed: List[str] = []
-    try:
-        step = GraphedStep(lm, opt, batches[0], device, args.warmup, args.capture_error_mode, executed)
-    except Exception:
-        print(f"[graphed] capture failed on rank {dist.get_rank()}; the last backward nodes it ran: {executed[-12:]}")
-        raise
-    return timed(step, batches, args.steps, 0, device, args.profile_steps, "graphed")
+    _, graphed = graphed_step(specs, batches, args, device)
+
+    def step(b):
+        reason = graphed.why_not(b)
+        if reason is not None:
+            raise ValueError(f"a batch the graph cannot take: {reason}")
+        graphed(b)
+
+    # the graph is captured on the step after its warm-up steps: all before the timed steps
+    return timed(step, batches, args.steps, max(args.warmup, graphed.warmup + 1), device, args.profile_steps,
+                 "graphed")
 
 
 def check_graphed(specs, batches, args, device, steps: int) -> Dict[str, float]:
-    """Train two models from the same initial weights on the same batches, eagerly and by graph
-    replays (`--warmup` eager steps on the first batch, then `steps` batches), and return how far
-    apart their losses and their final scores are."""
+    """Train two models from the same initial weights on the same `steps` batches, eagerly and by
+    the graphed step (its first steps eager warm-up, then replays), and return how far apart their
+    losses and their final scores are."""
     from twotower_lit.layers import logits
 
     def scores(lm):
@@ -343,9 +287,9 @@ def check_graphed(specs, batches, args, device, steps: int) -> Dict[str, float]:
     torch.manual_seed(0)
     lm_e, opt_e = build_dmp(specs, args, device)
     torch.manual_seed(0)
-    lm_g, opt_g = build_dmp(specs, args, device)
+    lm_g, step = graphed_step(specs, batches, args, device)
     start = (scores(lm_e) - scores(lm_g)).abs().max().item()
-    order = [batches[0]] * args.warmup + [batches[1 + k % (len(batches) - 1)] for k in range(steps)]
+    order = [batches[k % len(batches)] for k in range(steps)]
     eager = []
     for b in order:
         b = b.to(device)
@@ -355,13 +299,12 @@ def check_graphed(specs, batches, args, device, steps: int) -> Dict[str, float]:
         loss.backward()
         opt_e.step()
         eager.append(loss.detach())
-    step = GraphedStep(lm_g, opt_g, batches[0], device, args.warmup, args.capture_error_mode)
-    graphed = step.losses + [step(b).clone() for b in order[args.warmup:]]
+    graphed = [step(b) for b in order]
     eager_t, graphed_t = torch.stack(eager), torch.stack(graphed)
     return {"initial_score_diff": start, "loss_max_abs_diff": (eager_t - graphed_t).abs().max().item(),
             "final_score_max_abs_diff": (scores(lm_e) - scores(lm_g)).abs().max().item(),
             "loss_first": eager_t[0].item(), "loss_last_eager": eager_t[-1].item(),
-            "loss_last_graphed": graphed_t[-1].item()}
+            "loss_last_graphed": graphed_t[-1].item(), "replays": step.replays}
 
 
 class _Task(nn.Module):
@@ -521,11 +464,6 @@ def main(argv=None) -> None:
     p.add_argument("--trace", default=None, metavar="DIR",
                    help="with --profile-steps: also record host time, print the costliest ops and write "
                         "Chrome traces to DIR")
-    p.add_argument("--genres-per-item", type=int, default=0,
-                   help="every movie has this many genres (default: 1-3 at random); the graphed mode needs one "
-                        "batch shape")
-    p.add_argument("--capture-error-mode", default="global", choices=("global", "thread_local", "relaxed"),
-                   help="graphed mode: torch.cuda.graph's capture_error_mode")
     p.add_argument("--check-graphed", type=int, default=0, metavar="STEPS",
                    help="also train the same model eagerly and by graph replays for STEPS batches and print how "
                         "far apart their losses and scores are")
@@ -548,8 +486,7 @@ def main(argv=None) -> None:
 
     users, items = SHAPES[args.shape]
     specs = feature_specs(users, items)
-    tables = feature_tables(users, items, genres_per_item=args.genres_per_item)
-    builder = KJTBuilder(tables, [s.name for s in specs if s.tower == "user"],
+    builder = KJTBuilder(feature_tables(users, items), [s.name for s in specs if s.tower == "user"],
                          [s.name for s in specs if s.tower == "item"])
     batches = make_batches(builder, users, items, args.batch, 8, seed=rank, pin=cuda)
     results: Dict[str, Dict] = {}

@@ -96,16 +96,20 @@ class TwoTower(nn.Module):
         self.user_tower = mlp(embedding_dim * len(self.user_features), user_layers)
         self.item_tower = mlp(embedding_dim * len(self.item_features), item_layers)
 
-    def forward(self, features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: KeyedJaggedTensor, bag_lengths: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(user tower output, item tower output) per row. `bag_lengths` (keys x rows): what the
+        averaged features' sums are divided by, when not the features' own lengths (a batch padded
+        with zero-vector values, `twotower_lit.graphs`)."""
         user, item = tower_inputs(self.ebc(features), features, self.user_features, self.item_features,
-                                  self.mean_features)
+                                  self.mean_features, bag_lengths)
         return self.user_tower(user), self.item_tower(item)
 
 
 @torch.fx.wrap  # one opaque call for TorchRec's pipeline tracer (it reads keys and sizes on the host)
 def tower_inputs(pooled: KeyedTensor, features: Optional[KeyedJaggedTensor], user_features: Tuple[str, ...],
-                 item_features: Tuple[str, ...], mean_features: Tuple[str, ...] = ()
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+                 item_features: Tuple[str, ...], mean_features: Tuple[str, ...] = (),
+                 bag_lengths: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(user tower input, item tower input): each tower's features' pooled columns, in its feature
     order, without ``to_dict`` + two concatenations on every step.
 
@@ -115,7 +119,8 @@ def tower_inputs(pooled: KeyedTensor, features: Optional[KeyedJaggedTensor], use
     (a sharded collection may group its output by rank) each tower's columns are gathered.
 
     `pooled` holds sums; the columns of `mean_features` are divided by their bag lengths in
-    `features` (the batch that was pooled; an empty bag stays 0, as with mean pooling).
+    `features` (the batch that was pooled; an empty bag stays 0, as with mean pooling), or by
+    `bag_lengths` (keys x rows) when given.
     """
     values = pooled.values()
     layout = _tower_layout(tuple(pooled.keys()), tuple(pooled.length_per_key()), user_features, item_features,
@@ -130,7 +135,7 @@ def tower_inputs(pooled: KeyedTensor, features: Optional[KeyedJaggedTensor], use
         if features.variable_stride_per_key():
             raise ValueError("batches with a different number of rows per feature are not supported")
         keys = features.keys()
-        lengths = features.lengths().view(len(keys), -1)
+        lengths = features.lengths().view(len(keys), -1) if bag_lengths is None else bag_lengths
         user = _averaged(user, lengths, keys, user_features, layout.user_means)
         item = _averaged(item, lengths, keys, item_features, layout.item_means)
     return user, item

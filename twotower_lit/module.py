@@ -19,6 +19,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from twotower_lit.config import ModelConfig, OptimConfig
 from twotower_lit.data.batches import Batch
+from twotower_lit.graphs import GraphedTrainingStep, padding_rows
 from twotower_lit.layers import logits
 from twotower_lit.losses import TwoTowerLoss
 from twotower_lit.model import FeatureSpec, TwoTower
@@ -383,12 +384,17 @@ class MultiStepTwoTowerModule(TwoTowerModule):
     """
 
     def __init__(self, *args: Any, steps_per_execution: int = 1, checkpoint_every_n_steps: int = 0,
-                 **kwargs: Any) -> None:
+                 graphed_steps: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if steps_per_execution < 1:
             raise ValueError(f"steps_per_execution must be at least 1, got {steps_per_execution}")
         self.steps_per_execution = steps_per_execution
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
+        # --cuda-graphs: steps on fixed-shape input, replayed as one CUDA graph on a GPU (`twotower_lit.graphs`)
+        self.graphed_steps = graphed_steps
+        self._graphed: Optional[GraphedTrainingStep] = None
+        self.graph_skips = 0  # steps that ran eagerly because their batch did not fit the graph's shapes
+        self.graph_skip_reason: Optional[str] = None
 
     def steps_this_call(self, global_step: int) -> int:
         """Steps from `global_step` to the next multiple of K or of the checkpoint interval."""
@@ -402,6 +408,7 @@ class MultiStepTwoTowerModule(TwoTowerModule):
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         device = trainer.strategy.root_device
         lean = self.lean_steps_allowed()
+        graphed = self.graphed_steps and lean
         losses: List[torch.Tensor] = []
         for _ in range(self.steps_this_call(trainer.global_step)):
             try:
@@ -412,7 +419,10 @@ class MultiStepTwoTowerModule(TwoTowerModule):
                 break
             # with the iterator, moving the batch is the module's job (a no-op for --data-on-device batches)
             batch = self.transfer_batch_to_device(batch, device, 0)
-            losses.append(self.optimizer_step_on(batch, optimizer, schedule, lean=lean and bool(losses)))
+            loss = self.graphed_step_on(batch, optimizer, schedule) if graphed else None
+            if loss is None:
+                loss = self.optimizer_step_on(batch, optimizer, schedule, lean=lean and bool(losses))
+            losses.append(loss)
         # Lightning counted this call as one batch: count the others too (before the logging
         # decision in `_log_train_loss`, which reads the logging step)
         loop = trainer.fit_loop.epoch_loop
@@ -420,6 +430,39 @@ class MultiStepTwoTowerModule(TwoTowerModule):
         loop._batches_that_stepped += len(losses) - 1
         self._log_train_loss(*losses)
         return losses[-1]
+
+    def graphed_step_on(self, batch: Batch, optimizer, schedule) -> Optional[torch.Tensor]:
+        """`optimizer_step_on`'s lean step as a `GraphedTrainingStep` (captured as a CUDA graph on a
+        GPU), or None when the batch does not fit its shapes (a shorter last batch): then the
+        caller takes the eager step. Only where lean steps are allowed: the graph replays the whole
+        step, so nothing could run between its backward pass and its optimizer step."""
+        step = self._graphed
+        if step is None or step.optimizer is not optimizer.optimizer:  # (a new fit: new optimizers)
+            multi = [f for f in self.features if f.pooling == "mean"]
+
+            def loss_fn(user, item, items, labels):
+                return self.loss_fn(user, item, items, labels)[0]
+
+            step = self._graphed = GraphedTrainingStep(
+                self.model, loss_fn, optimizer.optimizer, batch, multi[0].name if multi else None,
+                padding_rows(self.model, [f.table for f in multi]), capture=batch.labels.is_cuda)
+        reason = step.why_not(batch)
+        if reason is not None:
+            self.graph_skips += 1
+            self.graph_skip_reason = self.graph_skip_reason or reason
+            return None
+        optimizer._on_before_step()
+        loss = step(batch)
+        optimizer._on_after_step()
+        schedule.step()
+        return loss
+
+    def graph_report(self) -> Optional[Dict[str, Any]]:
+        """How the training steps ran with graphed steps on (None when off or not started)."""
+        if self._graphed is None:
+            return None
+        return {**self._graphed.report(), "captured": self._graphed.graph is not None,
+                "other_shapes": self.graph_skips, "first_other_shape": self.graph_skip_reason}
 
     def lean_steps_allowed(self) -> bool:
         """Whether a lean `optimizer_step_on` does exactly what the full one does in this run: plain

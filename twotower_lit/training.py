@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from twotower_lit.config import TrainConfig, to_flat_dict
+from twotower_lit.data.batches import FeatureTables
 from twotower_lit.data.datamodule import MovieLensDataModule, load_manifest
 from twotower_lit.evaluation import RetrievalEvaluation
 from twotower_lit.losses import TwoTowerLoss
@@ -153,6 +154,34 @@ def resolve_steps_per_execution(cfg: TrainConfig, device_type: str) -> int:
     return k or (GPU_STEPS_PER_EXECUTION if device_type == "cuda" else 1)
 
 
+def resolve_cuda_graphs(cfg: TrainConfig, device_type: str, world: int, tables: Optional[FeatureTables]) -> bool:
+    """Whether this run's training steps are captured and replayed as CUDA graphs (--cuda-graphs):
+    ``on`` refuses a run that cannot, naming what to change; ``auto`` takes them where they can
+    run and have been measured, one-GPU jobs."""
+    if cfg.cuda_graphs == "off":
+        return False
+    needs = []
+    if device_type != "cuda":
+        needs.append("a GPU (--accelerator gpu)")
+    if world > 1:
+        needs.append("one process (--devices 1 --num-nodes 1): several processes' gradient all-reduce and "
+                     "replicated-table optimizer are not captured")
+    if cfg.optim.lr_schedule != "constant" or cfg.optim.warmup_steps:
+        needs.append("a constant learning rate (--lr-schedule constant --warmup-steps 0): TorchRec's fused "
+                     "embedding optimizers read the rate when their kernel is launched, so a graph keeps its "
+                     "capture's")
+    if cfg.train_pipeline != "off":
+        needs.append("--train-pipeline off (the pipeline runs its own steps)")
+    if tables is not None and tables.genres_values is not None and len(tables.genres_values) \
+            and int(tables.genres_values.min()) < 1:
+        needs.append("genre indices from 1 (this data uses index 0, the row that pads genres in a graph)")
+    if not needs:
+        return True
+    if cfg.cuda_graphs == "on":
+        raise ValueError(f"--cuda-graphs on needs {'; '.join(needs)}. Change that, or pass --cuda-graphs off")
+    return False
+
+
 def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger,
                   ckpt_path: Optional[str] = None) -> L.Trainer:
     strategy = TorchRecStrategy(sharding=cfg.sharding, table_sharding=parse_table_sharding(cfg.table_sharding),
@@ -246,12 +275,14 @@ def _train_test_export(cfg: TrainConfig) -> Optional[Dict]:
                         vector_l2=cfg.vector_l2, softmax_rows=cfg.softmax_rows,
                         exposure_dims=cfg.model.exposure_dims)
     loss.set_item_counts(dm.item_counts)
+    graphed = resolve_cuda_graphs(cfg, device_type, world, dm.tables)
     module_cls, options = TwoTowerModule, {}
     if cfg.train_pipeline == "sparse_dist":
         module_cls = PipelinedTwoTowerModule
-    elif cfg.steps_per_execution > 1:
+    elif cfg.steps_per_execution > 1 or graphed:
         module_cls, options = MultiStepTwoTowerModule, {"steps_per_execution": cfg.steps_per_execution,
-                                                        "checkpoint_every_n_steps": cfg.checkpoint_every_n_steps}
+                                                        "checkpoint_every_n_steps": cfg.checkpoint_every_n_steps,
+                                                        "graphed_steps": graphed}
     module = module_cls(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss, **options)
 
     uri = tracking.tracking_uri(cfg.mlflow_uri, output_dir)
@@ -304,7 +335,8 @@ def _train_test_export(cfg: TrainConfig) -> Optional[Dict]:
                   "samples_per_s": round(rows / max(loop_seconds, 1e-9)),
                   # the same per epoch of this run: the first also pays the one-off warm-up
                   "epoch_samples_per_s": [round(row_rate * steps / max(sec, 1e-9)) for sec, steps in clock.epochs],
-                  "fit_samples_per_s": round(rows / max(train_seconds, 1e-9))},
+                  "fit_samples_per_s": round(rows / max(train_seconds, 1e-9)),
+                  "cuda_graphs": module.graph_report() if isinstance(module, MultiStepTwoTowerModule) else None},
         "sharding_plan": trainer.strategy.plan_description,
         "data": {"dir": data_dir, "dataset": manifest.get("dataset"), "counts": manifest.get("counts")},
     }
@@ -406,6 +438,12 @@ def popularity_metrics(dm: MovieLensDataModule, split: str, k: int,
 
 
 def _print_summary(metrics: Dict, output_dir: str, k: int) -> None:
+    graphs = metrics["train"].get("cuda_graphs")
+    if graphs:
+        other = (f", {graphs['other_shapes']} eager for other shapes (first: {graphs['first_other_shape']})"
+                 if graphs["other_shapes"] else "")
+        print(f"\nCUDA graphs: {graphs['replays']} training steps replayed, {graphs['eager_steps']} eager "
+              f"(warm-up){other}")
     names = ("auc", "logloss", "accuracy", f"recall@{k}", f"ndcg@{k}")
     print("\n" + "metric".ljust(12) + "two-tower".rjust(12) + "popularity".rjust(12))
     for n in names:

@@ -1,0 +1,180 @@
+"""Training steps on fixed-shape input (`twotower_lit.graphs`), the form a CUDA graph replays.
+
+The capture itself needs a GPU (`benchmarks/train_throughput.py --modes graphed --check-graphed N`
+trains the same model eagerly and by replays side by side there); what is checked here, on CPU,
+is what the graph runs: the padded input and the step on it, which must train exactly as the
+eager step on the batch as it came."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def data(prepared_synthetic):
+    from twotower_lit.data.datamodule import MovieLensDataModule
+
+    dm = MovieLensDataModule(str(prepared_synthetic), batch_size=256)
+    dm.load()
+    return dm
+
+
+def _batch(dm, rows, seed):
+    train = dm.splits["train"]
+    idx = np.random.default_rng(seed).integers(0, len(train["user"]), rows)
+    return dm.builder.batch(train["user"][idx].astype(np.int64), train["item"][idx].astype(np.int64),
+                            train["label"][idx])
+
+
+def _sharded_module(dm, pg, sharding="table_wise", cls=None, **options):
+    from twotower_lit.config import ModelConfig, OptimConfig
+    from twotower_lit.model import feature_specs
+    from twotower_lit.module import TwoTowerModule
+    from twotower_lit.strategy import build_sharding_plan, shard_model
+
+    cfg = ModelConfig(embedding_dim=8, user_layers=[16, 8], item_layers=[16, 8], exposure_dims=0)
+    lm = (cls or TwoTowerModule)(feature_specs(dm.manifest), cfg, OptimConfig(embedding_lr=0.1, dense_lr=0.01),
+                                 100, **options)
+    lm.model = shard_model(lm.model, build_sharding_plan(lm.model, pg, "cpu", sharding), pg, torch.device("cpu"))
+    return lm
+
+
+def test_padded_input_gives_every_row_its_sums_and_bag_lengths(data):
+    """Batches with different genre counts copied into the same tensors: pooled with row 0 of the
+    genres table at zero, every feature's sums are those of the batch as it came, the bag lengths
+    are the real ones, the padding is spread at most one slot per row, and a batch that does not
+    fit is named, not copied."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from twotower_lit.graphs import FixedShapeInput
+
+    sizes = data.manifest["vocab_sizes"]
+    keys = data.builder.keys
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name=f"t_{k}", embedding_dim=4, num_embeddings=sizes[k],
+                                                            feature_names=[k]) for k in keys])
+    with torch.no_grad():
+        ebc.embedding_bags["t_genres"].weight[0].zero_()
+    batches = [_batch(data, 256, seed) for seed in range(6)]
+    totals = [b.features.length_per_key()[keys.index("genres")] for b in batches]
+    assert len(set(totals)) > 1, totals
+    fixed = FixedShapeInput(batches[0], "genres")
+    assert fixed.capacity >= max(totals[:1])
+    g = keys.index("genres")
+    for b in batches:
+        if fixed.why_not(b) is not None:
+            continue
+        fixed.load(b)
+        features, bag_lengths, items = fixed.build()
+        assert features.length_per_key() == fixed.per_key and len(features.values()) == len(fixed.values)
+        assert torch.equal(ebc(features).values(), ebc(b.features).values())
+        assert torch.equal(bag_lengths, b.features.lengths().view(len(keys), -1))
+        assert torch.equal(items, b.features["item"].values())
+        padded = features.lengths().view(len(keys), -1)[g] - b.features.lengths().view(len(keys), -1)[g]
+        assert int(padded.sum()) == fixed.capacity - b.features.length_per_key()[g] and int(padded.max()) <= 1
+        assert int((features["genres"].values() == 0).sum()) == int(padded.sum())  # the padding is genre 0
+    assert fixed.why_not(_batch(data, 100, 9)) == "100 rows, not 256"
+    crowded = _batch(data, 256, 1)
+    kjt = crowded.features
+    many = kjt.length_per_key()[g] + fixed.capacity
+    assert f"{many} genres values, over the {fixed.capacity}" in FixedShapeInput.why_not(
+        fixed, dataclasses.replace(crowded, features=type(kjt)(
+            keys=kjt.keys(), values=torch.zeros(len(kjt.values()) + fixed.capacity, dtype=torch.long),
+            lengths=kjt.lengths(), stride=kjt.stride(),
+            length_per_key=[n + (fixed.capacity if j == g else 0) for j, n in enumerate(kjt.length_per_key())])))
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "data_parallel"])
+def test_padding_rows_are_the_tables_own_row_zero(process_group, data, sharding):
+    """`padding_rows` returns views into the sharded collection's weights: zeroing them makes the
+    lookup of genre 0 a zero vector (fused table_wise tables and replicated ones)."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from twotower_lit.graphs import padding_rows
+
+    lm = _sharded_module(data, process_group, sharding)
+    keys = data.builder.keys
+    features = KeyedJaggedTensor(keys=keys, values=torch.zeros(len(keys), dtype=torch.long),
+                                 lengths=torch.ones(len(keys), dtype=torch.int32), stride=1)
+    ebc = lm.model.module.ebc if hasattr(lm.model, "module") else lm.model._dmp_wrapped_module.ebc
+
+    def genre_zero():
+        with torch.no_grad():
+            return ebc(features).to_dict()["genres"]
+
+    assert genre_zero().abs().sum() > 0  # initialised at random
+    rows = padding_rows(lm.model, ["t_genres"])
+    assert len(rows) == 1 and rows[0].shape == (8,)
+    with torch.no_grad():
+        rows[0].zero_()
+    assert torch.equal(genre_zero(), torch.zeros(1, 8))
+    with pytest.raises(KeyError, match="no table 't_nope'"):
+        padding_rows(lm.model, ["t_nope"])
+
+
+def test_fixed_shape_steps_train_exactly_as_eager_steps(process_group, data):
+    """Lightning fits of the same batches: graphed steps (here without capture: CPU) against one
+    eager step per call. Every weight ends equal, but genres row 0, which the padding keeps at
+    zero and no real genre reads; a shorter last batch runs eagerly and is counted."""
+    import lightning as L
+
+    from twotower_lit.module import MultiStepTwoTowerModule
+
+    batches = [_batch(data, 256, seed) for seed in range(7)] + [_batch(data, 100, 7)]
+
+    def fit(**options):
+        torch.manual_seed(0)
+        lm = _sharded_module(data, process_group, **options)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(lm, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        state = {k: (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).clone()
+                 for k, v in lm.model.state_dict().items()}
+        return state, trainer.global_step, lm
+
+    eager, eager_steps, _ = fit()
+    graphed, graphed_steps, lm = fit(cls=MultiStepTwoTowerModule, steps_per_execution=4, graphed_steps=True)
+    assert graphed_steps == eager_steps == len(batches)
+    report = lm.graph_report()
+    assert report["eager_steps"] == len(batches) - 1 and report["replays"] == 0 and not report["captured"]
+    assert report["other_shapes"] == 1 and report["first_other_shape"] == "100 rows, not 256"
+    genres = next(k for k in eager if "t_genres" in k)
+    assert torch.equal(graphed[genres][0], torch.zeros(8)) and eager[genres][0].abs().sum() > 0
+    assert eager.keys() == graphed.keys()
+    for key in eager:
+        a, b = (eager[key][1:], graphed[key][1:]) if key == genres else (eager[key], graphed[key])
+        assert torch.equal(a, b), key
+
+
+def test_cuda_graphs_option_takes_graphs_only_where_they_run():
+    from twotower_lit.config import OptimConfig, TrainConfig
+    from twotower_lit.training import resolve_cuda_graphs
+
+    auto = TrainConfig()
+    assert resolve_cuda_graphs(auto, "cuda", 1, None)
+    assert not resolve_cuda_graphs(auto, "cpu", 1, None)
+    assert not resolve_cuda_graphs(auto, "cuda", 2, None)
+    cosine = dataclasses.replace(auto, optim=OptimConfig(lr_schedule="cosine"))
+    assert not resolve_cuda_graphs(cosine, "cuda", 1, None)
+    assert not resolve_cuda_graphs(dataclasses.replace(auto, cuda_graphs="off"), "cuda", 1, None)
+    with pytest.raises(ValueError, match="--lr-schedule constant"):
+        resolve_cuda_graphs(dataclasses.replace(cosine, cuda_graphs="on"), "cuda", 1, None)
+    with pytest.raises(ValueError, match="a GPU"):
+        resolve_cuda_graphs(dataclasses.replace(auto, cuda_graphs="on"), "cpu", 1, None)
+    with pytest.raises(ValueError, match="one process"):
+        resolve_cuda_graphs(dataclasses.replace(auto, cuda_graphs="on"), "cuda", 2, None)
