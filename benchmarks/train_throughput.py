@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import time
+import traceback
 import warnings
 from typing import Dict, List, Optional
 
@@ -508,7 +509,8 @@ def main(argv=None) -> None:
                 if rank == 0:
                     for reason, n in counters["graph_break"].items():
                         print(f"[compiled] graph break x{n}: {reason.splitlines()[0][:200]}")
-        except Exception as e:  # a mode that fails is reported, the others still run
+        except Exception as e:  # a mode that fails is reported (its traceback on stderr), the others still run
+            traceback.print_exc()
             results[mode] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         if cuda:
             torch.cuda.empty_cache()

@@ -139,6 +139,7 @@ class TrainingClock(L.Callback):
 
 
 GPU_STEPS_PER_EXECUTION = 16  # --steps-per-execution 0 on GPUs (see TrainConfig.steps_per_execution)
+GRAPHED_EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "sgd")  # FBGEMM's fused ones that keep no host step count
 
 
 def resolve_steps_per_execution(cfg: TrainConfig, device_type: str) -> int:
@@ -157,15 +158,15 @@ def resolve_steps_per_execution(cfg: TrainConfig, device_type: str) -> int:
 def resolve_cuda_graphs(cfg: TrainConfig, device_type: str, world: int, tables: Optional[FeatureTables]) -> bool:
     """Whether this run's training steps are captured and replayed as CUDA graphs (--cuda-graphs):
     ``on`` refuses a run that cannot, naming what to change; ``auto`` takes them where they can
-    run and have been measured, one-GPU jobs."""
+    run and have been measured: one-GPU jobs."""
     if cfg.cuda_graphs == "off":
         return False
     needs = []
     if device_type != "cuda":
         needs.append("a GPU (--accelerator gpu)")
-    if world > 1:
-        needs.append("one process (--devices 1 --num-nodes 1): several processes' gradient all-reduce and "
-                     "replicated-table optimizer are not captured")
+    if cfg.optim.embedding_optimizer not in GRAPHED_EMBEDDING_OPTIMIZERS:
+        needs.append(f"--embedding-optimizer {' or '.join(GRAPHED_EMBEDDING_OPTIMIZERS)} (FBGEMM's fused "
+                     f"{cfg.optim.embedding_optimizer} passes its step count from the host at every launch)")
     if cfg.optim.lr_schedule != "constant" or cfg.optim.warmup_steps:
         needs.append("a constant learning rate (--lr-schedule constant --warmup-steps 0): TorchRec's fused "
                      "embedding optimizers read the rate when their kernel is launched, so a graph keeps its "
@@ -175,11 +176,9 @@ def resolve_cuda_graphs(cfg: TrainConfig, device_type: str, world: int, tables: 
     if tables is not None and tables.genres_values is not None and len(tables.genres_values) \
             and int(tables.genres_values.min()) < 1:
         needs.append("genre indices from 1 (this data uses index 0, the row that pads genres in a graph)")
-    if not needs:
-        return True
-    if cfg.cuda_graphs == "on":
+    if cfg.cuda_graphs == "on" and needs:
         raise ValueError(f"--cuda-graphs on needs {'; '.join(needs)}. Change that, or pass --cuda-graphs off")
-    return False
+    return not needs and (cfg.cuda_graphs == "on" or world == 1)
 
 
 def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger,

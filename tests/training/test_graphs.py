@@ -163,6 +163,7 @@ def test_fixed_shape_steps_train_exactly_as_eager_steps(process_group, data):
 
 def test_cuda_graphs_option_takes_graphs_only_where_they_run():
     from twotower_lit.config import OptimConfig, TrainConfig
+    from twotower_lit.data.batches import FeatureTables
     from twotower_lit.training import resolve_cuda_graphs
 
     auto = TrainConfig()
@@ -176,5 +177,31 @@ def test_cuda_graphs_option_takes_graphs_only_where_they_run():
         resolve_cuda_graphs(dataclasses.replace(cosine, cuda_graphs="on"), "cuda", 1, None)
     with pytest.raises(ValueError, match="a GPU"):
         resolve_cuda_graphs(dataclasses.replace(auto, cuda_graphs="on"), "cpu", 1, None)
-    with pytest.raises(ValueError, match="one process"):
-        resolve_cuda_graphs(dataclasses.replace(auto, cuda_graphs="on"), "cuda", 2, None)
+    assert resolve_cuda_graphs(dataclasses.replace(auto, cuda_graphs="on"), "cuda", 2, None)
+    adam = dataclasses.replace(auto, optim=OptimConfig(embedding_optimizer="adam"))
+    assert not resolve_cuda_graphs(adam, "cuda", 1, None)
+    with pytest.raises(ValueError, match="--embedding-optimizer rowwise_adagrad or sgd"):
+        resolve_cuda_graphs(dataclasses.replace(adam, cuda_graphs="on"), "cuda", 1, None)
+    tables = FeatureTables({"user": np.arange(3)}, {"item": np.arange(3)}, np.array([0, 0, 1, 2]), np.array([0, 2]))
+    assert not resolve_cuda_graphs(auto, "cuda", 1, tables)
+    with pytest.raises(ValueError, match="genre indices from 1"):
+        resolve_cuda_graphs(dataclasses.replace(auto, cuda_graphs="on"), "cuda", 1, tables)
+
+
+def test_host_work_of_a_captured_step_is_registered_for_every_replay(process_group, data):
+    """The replicated tables' optimizer counts its steps in host tensors: during a capture it
+    registers that count to run again after each replay; outside one it registers nothing."""
+    from twotower_lit.graphs import recording_host_work
+    from twotower_lit.optim import GroupedRowWiseAdagrad
+
+    table = torch.nn.Parameter(torch.randn(5, 4))
+    opt = GroupedRowWiseAdagrad([table], lr=0.1)
+    table.grad = torch.ones(5, 4)
+    with recording_host_work() as work:
+        opt.step()
+    assert int(opt.state[table]["step"]) == 1 and len(work) == 1
+    for replay in work * 3:
+        replay()
+    assert int(opt.state[table]["step"]) == 4
+    opt.step()  # not recording
+    assert int(opt.state[table]["step"]) == 5 and len(work) == 1
