@@ -250,10 +250,28 @@ def graphed_step(specs, batches, args, device):
     multi = [s for s in specs if s.pooling == "mean"]
 
     def loss_fn(user, item, items, labels):
-        return F.binary_cross_entropy_with_logits(logits(user, item, lm.model_cfg.exposure_dims), labels)
+        loss = F.binary_cross_entropy_with_logits(logits(user, item, lm.model_cfg.exposure_dims), labels)
+        if torch.cuda.is_current_stream_capturing():
+            trace_backward(loss, CAPTURED_BACKWARD)
+        return loss
 
     return lm, GraphedTrainingStep(lm.model, loss_fn, opt, batches[0].to(device), multi[0].name if multi else None,
                                    padding_rows(lm.model, [s.table for s in multi]))
+
+
+CAPTURED_BACKWARD: List[str] = []  # the backward nodes started during a capture, in order (where a failed one stopped)
+
+
+def trace_backward(loss: torch.Tensor, names: List[str]) -> None:
+    """Append the name of every node of `loss`'s backward graph to `names` as it starts."""
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        node.register_prehook(lambda grads, name=node.name(): names.append(name))
+        todo.extend(n for n, _ in node.next_functions)
 
 
 def run_graphed(specs, batches, args, device) -> float:
@@ -267,7 +285,12 @@ def run_graphed(specs, batches, args, device) -> float:
         reason = graphed.why_not(b)
         if reason is not None:
             raise ValueError(f"a batch the graph cannot take: {reason}")
-        graphed(b)
+        try:
+            graphed(b)
+        except Exception:
+            print(f"[graphed] rank {dist.get_rank()}: the last backward nodes started in the capture: "
+                  f"{CAPTURED_BACKWARD[-6:]} (of {len(CAPTURED_BACKWARD)})", flush=True)
+            raise
 
     # the graph is captured on the step after its warm-up steps: all before the timed steps
     return timed(step, batches, args.steps, max(args.warmup, graphed.warmup + 1), device, args.profile_steps,

@@ -212,7 +212,13 @@ class GraphedTrainingStep:
         features, bag_lengths, items = self.input.build()
         user, item = self.model(features, bag_lengths=bag_lengths)
         loss = self.loss_fn(user, item, items, self.input.labels)
-        loss.backward()
+        # several processes: the towers' and replicated tables' gradients averaged here, on this
+        # thread and stream, not in autograd's callback (`GradientAverager.deferred`)
+        averager = getattr(self.model, "gradient_averager", None)
+        with averager.deferred() if averager is not None else contextlib.nullcontext():
+            loss.backward()
+        if averager is not None:
+            averager.average()
         self.optimizer.step()
         with torch.no_grad():
             for row in self.padding:

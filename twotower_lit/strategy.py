@@ -23,7 +23,6 @@ What the hooks do (Lightning 2.6 + TorchRec 1.6-1.9):
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import functools
 import logging
@@ -159,7 +158,7 @@ class GradientAverager:
             groups.setdefault((p.device, p.dtype), []).append(p)
         self.groups = list(groups.values())
         self._queued_in: Optional[int] = None  # the backward pass (graph task) whose callback is queued
-        self._stream: Optional[torch.cuda.Stream] = None  # the stream of that pass's gradients
+        self._deferred = False  # (see `deferred`)
         with torch.no_grad():
             for group in self.groups:
                 flat = torch.cat([p.detach().reshape(-1) for p in group])
@@ -183,24 +182,33 @@ class GradientAverager:
     def _split(flat: torch.Tensor, group: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         return flat.split([p.numel() for p in group])
 
-    def _on_gradient(self, param: torch.Tensor) -> None:
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Within: backward passes leave the averaging to the caller, who calls `average` after
+        them. For a step captured as a CUDA graph (`twotower_lit.graphs`): autograd runs queued
+        callbacks on its device thread's default stream, and work on the default stream fails the
+        capture; `average` runs on the caller's thread and stream."""
+        self._deferred = True
+        try:
+            yield
+        finally:
+            self._deferred = False
+
+    def average(self) -> None:
+        """Average the gradients now (after a backward pass run under `deferred`)."""
+        self._average()
+
+    def _on_gradient(self, _param: torch.Tensor) -> None:
+        if self._deferred:
+            return
         # once per backward pass; keyed by the pass rather than a flag that the callback resets, so
         # that a pass that failed before its callback ran does not keep the next one from averaging
         task = torch._C._current_graph_task_id()
         if task != self._queued_in:
             self._queued_in = task
-            # Autograd runs this hook on the stream of the backward pass, but the callback on its
-            # device thread's default stream: the averaging is put on the backward pass's stream
-            # (a side stream when the step is captured as a CUDA graph, where work on the default
-            # stream fails the capture).
-            self._stream = torch.cuda.current_stream(param.device) if param.is_cuda else None
             torch.autograd.Variable._execution_engine.queue_callback(self._average)
 
     def _average(self) -> None:
-        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-            self._average_groups()
-
-    def _average_groups(self) -> None:
         for group in self.groups:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
             if self.average_in_collective:
