@@ -25,10 +25,9 @@ can step inside a capture (``capturable``, set here for those that have the opti
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -40,28 +39,6 @@ CAPACITY_SLACK = 0.05
 WARMUP_STEPS = 3  # eager steps on the capture stream before capturing (PyTorch's recipe: lazy state, cuBLAS)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-_host_work: Optional[List[Callable[[], None]]] = None  # host work of the step being captured (`on_every_replay`)
-
-
-def on_every_replay(work: Callable[[], None]) -> None:
-    """Register host work of the step being captured to run again after each later replay.
-
-    A graph replays the GPU work of its step; what the step did on the host during the capture
-    (CPU tensors such as an optimizer's step counts, Python state) happened once. Code that keeps
-    host state per step calls this after doing the work; outside a capture it does nothing."""
-    if _host_work is not None:
-        _host_work.append(work)
-
-
-@contextlib.contextmanager
-def recording_host_work() -> Iterator[List[Callable[[], None]]]:
-    """Collect what `on_every_replay` registers within (around a capture)."""
-    global _host_work
-    outer, _host_work = _host_work, []
-    try:
-        yield _host_work
-    finally:
-        _host_work = outer
 
 
 class FixedShapeInput:
@@ -194,7 +171,6 @@ class GraphedTrainingStep:
         self.eager_steps = self.replays = 0
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.loss: Optional[torch.Tensor] = None
-        self.host_work: List[Callable[[], None]] = []
         with torch.no_grad():
             for row in self.padding:
                 row.zero_()
@@ -212,13 +188,7 @@ class GraphedTrainingStep:
         features, bag_lengths, items = self.input.build()
         user, item = self.model(features, bag_lengths=bag_lengths)
         loss = self.loss_fn(user, item, items, self.input.labels)
-        # several processes: the towers' and replicated tables' gradients averaged here, on this
-        # thread and stream, not in autograd's callback (`GradientAverager.deferred`)
-        averager = getattr(self.model, "gradient_averager", None)
-        with averager.deferred() if averager is not None else contextlib.nullcontext():
-            loss.backward()
-        if averager is not None:
-            averager.average()
+        loss.backward()
         self.optimizer.step()
         with torch.no_grad():
             for row in self.padding:
@@ -245,15 +215,9 @@ class GraphedTrainingStep:
             # gradients unset: the captured backward pass writes them into the graph's own memory
             self.optimizer.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
-            # thread_local: with several processes, NCCL's watchdog thread queries its events while
-            # this thread captures, which the default ("global") mode counts as an error in the capture
-            with recording_host_work() as self.host_work, \
-                    torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, stream=self.stream):
                 self.loss = self._body()
-            self.graph = graph  # the capture recorded the step (its host work is done); the replay below runs it
-        else:
-            for work in self.host_work:
-                work()
+            self.graph = graph  # (capture records the step; the replay below runs it)
         self.graph.replay()
         self.replays += 1
         return self.loss.clone()

@@ -1,13 +1,10 @@
 """Optimizers of the replicated (data_parallel) embedding tables."""
 from __future__ import annotations
 
-import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torchrec.optim import RowWiseAdagrad
-
-from twotower_lit.graphs import on_every_replay
 
 
 class GroupedRowWiseAdagrad(RowWiseAdagrad):
@@ -35,8 +32,7 @@ class GroupedRowWiseAdagrad(RowWiseAdagrad):
     The update of each row is TorchRec's: ``sum += mean(g^2)``, ``w -= clr * g / (sqrt(sum) + eps)``
     with ``clr = lr / (1 + (step - 1) * lr_decay)`` (``g`` with weight decay and sign of
     ``maximize`` applied). Each table keeps its own ``sum`` and ``step`` under TorchRec's names, so
-    checkpoints load into either class. In a step captured as a CUDA graph (`twotower_lit.graphs`)
-    the step counts, host tensors, are counted after every replay."""
+    checkpoints load into either class."""
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -129,12 +125,7 @@ class GroupedRowWiseAdagrad(RowWiseAdagrad):
         torch._foreach_add_(steps, 1)
         lr, decay = group["lr"], group["lr_decay"]
         if decay == 0:
-            on_every_replay(functools.partial(torch._foreach_add_, steps, 1))  # (the counts are host tensors)
             return [-lr] * len(states)
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("a learning rate that decays with the step count is read on the host at every step "
-                               "and cannot be captured in a CUDA graph: set lr_decay 0, or train without CUDA "
-                               "graphs (--cuda-graphs off)")
         return [-lr / (1 + (float(s) - 1) * decay) for s in steps]
 
     @staticmethod

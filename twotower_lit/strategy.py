@@ -22,7 +22,6 @@ What the hooks do (Lightning 2.6 + TorchRec 1.6-1.9):
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -158,7 +157,6 @@ class GradientAverager:
             groups.setdefault((p.device, p.dtype), []).append(p)
         self.groups = list(groups.values())
         self._queued_in: Optional[int] = None  # the backward pass (graph task) whose callback is queued
-        self._deferred = False  # (see `deferred`)
         with torch.no_grad():
             for group in self.groups:
                 flat = torch.cat([p.detach().reshape(-1) for p in group])
@@ -182,25 +180,7 @@ class GradientAverager:
     def _split(flat: torch.Tensor, group: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         return flat.split([p.numel() for p in group])
 
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        """Within: backward passes leave the averaging to the caller, who calls `average` after
-        them. For a step captured as a CUDA graph (`twotower_lit.graphs`): autograd runs queued
-        callbacks on its device thread's default stream, and work on the default stream fails the
-        capture; `average` runs on the caller's thread and stream."""
-        self._deferred = True
-        try:
-            yield
-        finally:
-            self._deferred = False
-
-    def average(self) -> None:
-        """Average the gradients now (after a backward pass run under `deferred`)."""
-        self._average()
-
     def _on_gradient(self, _param: torch.Tensor) -> None:
-        if self._deferred:
-            return
         # once per backward pass; keyed by the pass rather than a flag that the callback resets, so
         # that a pass that failed before its callback ran does not keep the next one from averaging
         task = torch._C._current_graph_task_id()

@@ -157,13 +157,17 @@ def resolve_steps_per_execution(cfg: TrainConfig, device_type: str) -> int:
 
 def resolve_cuda_graphs(cfg: TrainConfig, device_type: str, world: int, tables: Optional[FeatureTables]) -> bool:
     """Whether this run's training steps are captured and replayed as CUDA graphs (--cuda-graphs):
-    ``on`` refuses a run that cannot, naming what to change; ``auto`` takes them where they can
-    run and have been measured: one-GPU jobs."""
+    ``on`` refuses a run that cannot, naming what to change; ``auto`` takes them wherever they can
+    run: one-process GPU jobs."""
     if cfg.cuda_graphs == "off":
         return False
     needs = []
     if device_type != "cuda":
         needs.append("a GPU (--accelerator gpu)")
+    if world > 1:
+        needs.append("one process (--devices 1 --num-nodes 1): with several, the replicated tables' lookup "
+                     "(FBGEMM's dense kernel) and the sharded tables' all-to-all synchronise with the host, which "
+                     "a capture refuses")
     if cfg.optim.embedding_optimizer not in GRAPHED_EMBEDDING_OPTIMIZERS:
         needs.append(f"--embedding-optimizer {' or '.join(GRAPHED_EMBEDDING_OPTIMIZERS)} (FBGEMM's fused "
                      f"{cfg.optim.embedding_optimizer} passes its step count from the host at every launch)")
@@ -178,7 +182,7 @@ def resolve_cuda_graphs(cfg: TrainConfig, device_type: str, world: int, tables: 
         needs.append("genre indices from 1 (this data uses index 0, the row that pads genres in a graph)")
     if cfg.cuda_graphs == "on" and needs:
         raise ValueError(f"--cuda-graphs on needs {'; '.join(needs)}. Change that, or pass --cuda-graphs off")
-    return not needs and (cfg.cuda_graphs == "on" or world == 1)
+    return not needs
 
 
 def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger,

@@ -1,7 +1,6 @@
 """How the replicated parameters (towers, data_parallel tables) stay equal across ranks: two gloo
-processes train the same sharded model with `GradientAverager` (``--gradient-sync allreduce``;
-also with its averaging deferred to the caller, as a CUDA-graph step does) and with TorchRec's
-DDP wrappers (``ddp``), and must end with the same weights."""
+processes train the same sharded model with `GradientAverager` (``--gradient-sync allreduce``)
+and with TorchRec's DDP wrappers (``ddp``), and must end with the same weights."""
 from __future__ import annotations
 
 import numpy as np
@@ -57,8 +56,7 @@ def _weights(lm):
     return out
 
 
-def _train(lm, opt, dm, rank, deferred=False):
-    """`deferred`: backward under `GradientAverager.deferred`, then `average` (a CUDA-graph step's way)."""
+def _train(lm, opt, dm, rank):
     train = dm.splits["train"]
     rng = np.random.default_rng(rank)  # each rank its own rows
     for _ in range(STEPS):
@@ -67,12 +65,7 @@ def _train(lm, opt, dm, rank, deferred=False):
                                  train["label"][idx])
         loss = F.binary_cross_entropy_with_logits(lm(batch), batch.labels)
         opt.zero_grad()
-        if deferred:
-            with lm.model.gradient_averager.deferred():
-                loss.backward()
-            lm.model.gradient_averager.average()
-        else:
-            loss.backward()
+        loss.backward()
         opt.step()
 
 
@@ -88,7 +81,6 @@ def _worker(rank: int, store_file: str, data_dir: str) -> None:
         # every rank seeds differently: the replicas start equal only because rank 0's values are copied
         averaged, averaged_opt = _build(dm, "allreduce", seed=10 + rank)
         reference, reference_opt = _build(dm, "ddp", seed=10 + rank)
-        deferred, deferred_opt = _build(dm, "allreduce", seed=10 + rank)
         averager = averaged.model.gradient_averager
         assert isinstance(averager, GradientAverager)
         # the averager covers the towers and the replicated tables' lookups, taken out of their DDP
@@ -109,12 +101,10 @@ def _worker(rank: int, store_file: str, data_dir: str) -> None:
 
         _train(averaged, averaged_opt, dm, rank)
         _train(reference, reference_opt, dm, rank)
-        _train(deferred, deferred_opt, dm, rank, deferred=True)
-        got, want, late = _weights(averaged), _weights(reference), _weights(deferred)
+        got, want = _weights(averaged), _weights(reference)
         moved = 0
         for name, value in want.items():
             torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
-            torch.testing.assert_close(late[name], got[name], rtol=0, atol=0, msg=name)  # the same averaging
             moved += not torch.equal(value, start[name])
         assert moved == len(want), "every tensor trained"
         # the replicated parameters are equal on both ranks, bit for bit
