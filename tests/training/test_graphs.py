@@ -99,6 +99,30 @@ def test_padded_input_gives_every_row_its_sums_and_bag_lengths(data):
             length_per_key=[n + (fixed.capacity if j == g else 0) for j, n in enumerate(kjt.length_per_key())])))
 
 
+def test_ids_only_batches_are_copied_as_they_are(data):
+    """Without a multi-valued feature (--side-features false) nothing is padded."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from twotower_lit.data.batches import KJTBuilder
+    from twotower_lit.graphs import FixedShapeInput
+
+    builder = KJTBuilder(data.tables, ["user"], ["item"])
+    train = data.splits["train"]
+    batches = [builder.batch(train["user"][lo:lo + 64].astype(np.int64), train["item"][lo:lo + 64].astype(np.int64),
+                             train["label"][lo:lo + 64]) for lo in (0, 64)]
+    ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name=f"t_{k}", embedding_dim=4, feature_names=[k],
+                                                            num_embeddings=data.manifest["vocab_sizes"][k])
+                                         for k in ("user", "item")])
+    fixed = FixedShapeInput(batches[0], None)
+    assert fixed.capacity == 0 and len(fixed.values) == 128
+    for b in batches:
+        fixed.load(b)
+        features, bag_lengths, items = fixed.build()
+        assert torch.equal(ebc(features).values(), ebc(b.features).values())
+        assert torch.equal(items, b.features["item"].values()) and torch.equal(fixed.labels, b.labels)
+
+
 @pytest.mark.parametrize("sharding", ["table_wise", "data_parallel"])
 def test_padding_rows_are_the_tables_own_row_zero(process_group, data, sharding):
     """`padding_rows` returns views into the sharded collection's weights: zeroing them makes the
