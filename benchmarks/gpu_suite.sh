@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU part of the benchmark suite: training throughput on 1 and 2 GPUs, ml-1m- and ML-32M-shaped
 # tables, batch 8k and 64k per GPU, each invocation timing the Lightning path, eager DMP, TorchRec's
-# pipeline and plain PyTorch side by side. Results: printed, and appended as JSON lines to $1.
+# pipeline, plain PyTorch and (one GPU) the step replayed as a CUDA graph side by side. Results:
+# printed, and appended as JSON lines to $1.
 # Several GPUs run each case twice: tables sharded table_wise, and replicated (data_parallel), which
 # is what the training job does with these tables on several GPUs (--data-parallel-below-mb).
 #   bash benchmarks/gpu_suite.sh results.jsonl [STEPS]
@@ -16,9 +17,11 @@ for n in ${GPU_COUNTS:-1 2}; do
     for batch in 8192 65536; do
       shardings=table_wise; [ "$n" -gt 1 ] && shardings="table_wise data_parallel"
       for sharding in $shardings; do
+        modes=lightning,lightning_pipeline,lightning_multistep,eager,pipeline,plain
+        [ "$n" -eq 1 ] && modes="$modes,graphed"  # CUDA graphs: one process (the training job's --cuda-graphs)
         CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) torchrun --standalone --nproc_per_node "$n" \
           -m benchmarks.train_throughput --shape "$shape" --batch "$batch" --steps "$steps" \
-          --sharding "$sharding" --json "$out"
+          --sharding "$sharding" --modes "$modes" --json "$out"
       done
     done
   done

@@ -277,8 +277,9 @@ def trace_backward(loss: torch.Tensor, names: List[str]) -> None:
 def run_graphed(specs, batches, args, device) -> float:
     """eager's step captured once as a CUDA graph (after its warm-up steps) and replayed; each step
     copies its batch into the graph's input tensors (genres padded to a fixed capacity)."""
-    if device.type != "cuda":
-        raise RuntimeError("the graphed mode needs a GPU (CUDA graphs)")
+    if device.type != "cuda" or dist.get_world_size() > 1:
+        raise RuntimeError("the graphed mode needs one process on a GPU (the training job's --cuda-graphs: several "
+                           "processes' replicated-table lookup cannot be captured)")
     _, graphed = graphed_step(specs, batches, args, device)
 
     def step(b):
