@@ -215,7 +215,10 @@ class GraphedTrainingStep:
             # gradients unset: the captured backward pass writes them into the graph's own memory
             self.optimizer.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream):
+            # thread_local: other threads may call CUDA while this one captures (the loader's
+            # pin-memory thread allocates and queries events; NCCL's watchdog queries its events),
+            # which the default "global" mode counts as an error in the capture
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 self.loss = self._body()
             self.graph = graph  # (capture records the step; the replay below runs it)
         self.graph.replay()
