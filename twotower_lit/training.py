@@ -441,7 +441,7 @@ def popularity_metrics(dm: MovieLensDataModule, split: str, k: int,
 
 
 def _print_summary(metrics: Dict, output_dir: str, k: int) -> None:
-    graphs = metrics["train"].get("cuda_graphs")
+    graphs = metrics.get("train", {}).get("cuda_graphs")
     if graphs:
         other = (f", {graphs['other_shapes']} eager for other shapes (first: {graphs['first_other_shape']})"
                  if graphs["other_shapes"] else "")
