@@ -393,6 +393,7 @@ class MultiStepTwoTowerModule(TwoTowerModule):
         # --cuda-graphs: steps on fixed-shape input, replayed as one CUDA graph on a GPU (`twotower_lit.graphs`)
         self.graphed_steps = graphed_steps
         self._graphed: Optional[GraphedTrainingStep] = None
+        self._earlier_eager_steps = 0  # eager steps of a step replaced before its capture (see graphed_step_on)
         self.graph_skips = 0  # steps that ran eagerly because their batch did not fit the graph's shapes
         self.graph_skip_reason: Optional[str] = None
 
@@ -437,7 +438,13 @@ class MultiStepTwoTowerModule(TwoTowerModule):
         caller takes the eager step. Only where lean steps are allowed: the graph replays the whole
         step, so nothing could run between its backward pass and its optimizer step."""
         step = self._graphed
-        if step is None or step.optimizer is not optimizer.optimizer:  # (a new fit: new optimizers)
+        # a new step: the first batch; a new fit (new optimizers); or, before the capture, a batch
+        # with more rows than the one the input was shaped on (a run resumed just before an
+        # epoch's shorter last batch would otherwise capture that shape)
+        if step is None or step.optimizer is not optimizer.optimizer or (
+                step.graph is None and len(batch.labels) > step.input.rows):
+            if step is not None and step.optimizer is optimizer.optimizer:
+                self._earlier_eager_steps += step.eager_steps
             multi = [f for f in self.features if f.pooling == "mean"]
 
             def loss_fn(user, item, items, labels):
@@ -461,7 +468,9 @@ class MultiStepTwoTowerModule(TwoTowerModule):
         """How the training steps ran with graphed steps on (None when off or not started)."""
         if self._graphed is None:
             return None
-        return {**self._graphed.report(), "captured": self._graphed.graph is not None,
+        report = self._graphed.report()
+        report["eager_steps"] += self._earlier_eager_steps
+        return {**report, "captured": self._graphed.graph is not None,
                 "other_shapes": self.graph_skips, "first_other_shape": self.graph_skip_reason}
 
     def lean_steps_allowed(self) -> bool:
