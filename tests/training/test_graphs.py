@@ -225,3 +225,17 @@ def test_cuda_graphs_option_takes_graphs_only_where_they_run():
     with pytest.raises(ValueError, match="genre indices from 1"):
         resolve_cuda_graphs(dataclasses.replace(auto, cuda_graphs="on"), "cuda", 1, tables)
 
+
+
+def test_the_summary_names_how_the_steps_ran(capsys):
+    from twotower_lit.training import _print_summary
+
+    test = {"auc": 0.8, "logloss": 0.5, "accuracy": 0.7, "recall@10": 0.2, "ndcg@10": 0.1}
+    graphs = {"replays": 1167, "eager_steps": 3, "other_shapes": 3, "first_other_shape": "19410 rows, not 65536",
+              "captured": True, "multi_valued_capacity": 152148}
+    _print_summary({"test": test, "baselines": {"popularity": test}, "train": {"cuda_graphs": graphs}}, "/out", 10)
+    out = capsys.readouterr().out
+    assert ("CUDA graphs: 1167 training steps replayed, 3 eager (warm-up), 3 eager for other shapes "
+            "(first: 19410 rows, not 65536)") in out
+    _print_summary({"test": test, "baselines": {"popularity": test}, "train": {"cuda_graphs": None}}, "/out", 10)
+    assert "CUDA graphs" not in capsys.readouterr().out
