@@ -43,3 +43,50 @@ def prepared_synthetic(synthetic_movielens, tmp_path_factory) -> Path:
 
 
 TRAIN_ARGS = ["--max-epochs", "2", "--batch-size", "512", "--progress", "false", "--negatives", "2"]
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """One gloo process (a real DistributedModelParallel in the test process). A TCP store on a
+    free port, passed explicitly: nothing leaks into the environment that the training
+    subprocesses of other tests inherit (an inherited MASTER_PORT would be taken)."""
+    import torch.distributed as dist
+
+    from tests.conftest import free_port
+
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def data(prepared_synthetic):
+    """The prepared synthetic set, loaded (feature tables, splits), batches of 256."""
+    from twotower_lit.data.datamodule import MovieLensDataModule
+
+    dm = MovieLensDataModule(str(prepared_synthetic), batch_size=256)
+    dm.load()
+    return dm
+
+
+def sharded_module(dm, optim_cfg, pg, total_steps=10, sharding="table_wise", cls=None, **options):
+    """A small TwoTowerModule (or `cls`) of `dm`'s features with its model under DMP on CPU."""
+    import torch
+
+    from twotower_lit.config import ModelConfig
+    from twotower_lit.model import feature_specs
+    from twotower_lit.module import TwoTowerModule
+    from twotower_lit.strategy import build_sharding_plan, shard_model
+
+    cfg = ModelConfig(embedding_dim=8, user_layers=[16, 8], item_layers=[16, 8], exposure_dims=0)
+    lm = (cls or TwoTowerModule)(feature_specs(dm.manifest), cfg, optim_cfg, total_steps, **options)
+    plan = build_sharding_plan(lm.model, pg, "cpu", sharding)
+    lm.model = shard_model(lm.model, plan, pg, torch.device("cpu"))
+    return lm
+
+
+def local_state(model):
+    """A copy of `model`'s state dict, each sharded table as this rank's shard."""
+    return {k: (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).clone()
+            for k, v in model.state_dict().items()}

@@ -11,26 +11,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
-from tests.conftest import free_port
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def data(prepared_synthetic):
-    from twotower_lit.data.datamodule import MovieLensDataModule
-
-    dm = MovieLensDataModule(str(prepared_synthetic), batch_size=256)
-    dm.load()
-    return dm
+from tests.training.conftest import local_state, sharded_module
 
 
 def _batch(dm, rows, seed):
@@ -41,16 +23,9 @@ def _batch(dm, rows, seed):
 
 
 def _sharded_module(dm, pg, sharding="table_wise", cls=None, **options):
-    from twotower_lit.config import ModelConfig, OptimConfig
-    from twotower_lit.model import feature_specs
-    from twotower_lit.module import TwoTowerModule
-    from twotower_lit.strategy import build_sharding_plan, shard_model
+    from twotower_lit.config import OptimConfig
 
-    cfg = ModelConfig(embedding_dim=8, user_layers=[16, 8], item_layers=[16, 8], exposure_dims=0)
-    lm = (cls or TwoTowerModule)(feature_specs(dm.manifest), cfg, OptimConfig(embedding_lr=0.1, dense_lr=0.01),
-                                 100, **options)
-    lm.model = shard_model(lm.model, build_sharding_plan(lm.model, pg, "cpu", sharding), pg, torch.device("cpu"))
-    return lm
+    return sharded_module(dm, OptimConfig(embedding_lr=0.1, dense_lr=0.01), pg, 100, sharding, cls, **options)
 
 
 def test_padded_input_gives_every_row_its_sums_and_bag_lengths(data):
@@ -167,9 +142,7 @@ def test_fixed_shape_steps_train_exactly_as_eager_steps(process_group, data):
         trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False)
         trainer.fit(lm, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-        state = {k: (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).clone()
-                 for k, v in lm.model.state_dict().items()}
-        return state, trainer.global_step, lm
+        return local_state(lm.model), trainer.global_step, lm
 
     def same_training(eager, graphed):
         genres = next(k for k in eager if "t_genres" in k)

@@ -5,48 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from tests.conftest import free_port
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    # a TCP store on a free port, passed explicitly: nothing leaks into the environment that the
-    # training subprocesses of other tests inherit (an inherited MASTER_PORT would be taken)
-    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def data(prepared_synthetic):
-    from twotower_lit.data.datamodule import MovieLensDataModule
-
-    dm = MovieLensDataModule(str(prepared_synthetic), batch_size=256)
-    dm.load()
-    return dm
-
-
-def _sharded_module(dm, optim_cfg, pg, total_steps=10, sharding="table_wise", cls=None, **options):
-    from twotower_lit.config import ModelConfig
-    from twotower_lit.model import feature_specs
-    from twotower_lit.module import TwoTowerModule
-    from twotower_lit.strategy import build_sharding_plan, shard_model
-
-    cfg = ModelConfig(embedding_dim=8, user_layers=[16, 8], item_layers=[16, 8], exposure_dims=0)
-    lm = (cls or TwoTowerModule)(feature_specs(dm.manifest), cfg, optim_cfg, total_steps, **options)
-    plan = build_sharding_plan(lm.model, pg, "cpu", sharding)
-    lm.model = shard_model(lm.model, plan, pg, torch.device("cpu"))
-    return lm
-
-
-def _local_state(model):
-    """A copy of `model`'s state dict, each sharded table as this rank's shard."""
-    return {k: (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).clone()
-            for k, v in model.state_dict().items()}
+from tests.training.conftest import local_state, sharded_module
 
 
 def _batches(dm, n):
@@ -63,7 +24,7 @@ def test_each_cpu_embedding_optimizer_updates_tables_in_backward(process_group, 
     """(Adam on the tables needs FBGEMM's CUDA kernels; it runs in the GPU benchmark.)"""
     from twotower_lit.config import OptimConfig
 
-    lm = _sharded_module(data, OptimConfig(embedding_optimizer=name, embedding_lr=0.1), process_group)
+    lm = sharded_module(data, OptimConfig(embedding_optimizer=name, embedding_lr=0.1), process_group)
     config = lm.configure_optimizers()
     opt = config["optimizer"]
     def table():
@@ -92,7 +53,7 @@ def test_one_process_keeps_the_dense_towers_out_of_ddp_with_the_same_parameter_n
 
     from twotower_lit.config import OptimConfig
 
-    lm = _sharded_module(data, OptimConfig(), process_group)
+    lm = sharded_module(data, OptimConfig(), process_group)
     assert not any(isinstance(m, DistributedDataParallel) for m in lm.model.modules())
     dense = {k for k in lm.model.state_dict() if not k.startswith("ebc.")}
     assert dense and all(k.startswith(("user_tower.", "item_tower.")) for k in dense), sorted(dense)
@@ -108,7 +69,7 @@ def test_data_parallel_tables_use_the_embedding_optimizer_and_one_closure_per_st
     from twotower_lit.config import OptimConfig
     from twotower_lit.optim import GroupedRowWiseAdagrad
 
-    lm = _sharded_module(data, OptimConfig(embedding_lr=0.1, dense_lr=0.01), process_group, sharding="data_parallel")
+    lm = sharded_module(data, OptimConfig(embedding_lr=0.1, dense_lr=0.01), process_group, sharding="data_parallel")
     opt = lm.configure_optimizers()["optimizer"]
     parts = dict(opt.optimizers)
     assert {"dense", "replicated_tables"} <= set(parts)  # (and an empty fused one)
@@ -144,7 +105,7 @@ def test_replicated_tables_on_cpu_get_the_gradients_of_a_sum_pooled_embedding_ba
     from twotower_lit.config import OptimConfig
 
     torch.manual_seed(0)
-    lm = _sharded_module(data, OptimConfig(), process_group, sharding="data_parallel")
+    lm = sharded_module(data, OptimConfig(), process_group, sharding="data_parallel")
     weights = {name: p.detach().clone() for name, p in lm.model.named_parameters() if "embedding_bags." in name}
     params = {name: p for name, p in lm.model.named_parameters() if "embedding_bags." in name}
     assert len(weights) == len(lm.features)
@@ -168,7 +129,7 @@ def test_replicated_tables_on_cpu_get_the_gradients_of_a_sum_pooled_embedding_ba
 def test_schedule_drives_both_learning_rates(process_group, data):
     from twotower_lit.config import OptimConfig
 
-    lm = _sharded_module(data, OptimConfig(lr_schedule="cosine", warmup_steps=2, embedding_lr=0.1, dense_lr=0.01),
+    lm = sharded_module(data, OptimConfig(lr_schedule="cosine", warmup_steps=2, embedding_lr=0.1, dense_lr=0.01),
                          process_group, total_steps=10)
     config = lm.configure_optimizers()
     opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
@@ -213,7 +174,7 @@ def test_train_loss_is_logged_as_the_mean_of_each_logging_interval(process_group
             value = trainer.progress_bar_metrics.get("train_loss")
             self.shown.append(None if value is None else float(value))
 
-    lm = _sharded_module(data, OptimConfig(), process_group)
+    lm = sharded_module(data, OptimConfig(), process_group)
     record = Record()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=25, log_every_n_steps=10, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -235,9 +196,9 @@ def test_lightning_steps_every_optimizer_and_the_schedule_once_per_batch(process
     from twotower_lit.config import OptimConfig
     from twotower_lit.module import lr_lambda
 
-    lm = _sharded_module(data, OptimConfig(lr_schedule="linear", embedding_lr=0.1, dense_lr=0.01), process_group,
+    lm = sharded_module(data, OptimConfig(lr_schedule="linear", embedding_lr=0.1, dense_lr=0.01), process_group,
                          total_steps=10)
-    before, backwards = _local_state(lm.model), []
+    before, backwards = local_state(lm.model), []
     towers = [p for k, p in lm.model.named_parameters() if "tower" in k]
     for p in towers:
         p.register_hook(lambda g: backwards.append(1) or g)
@@ -245,7 +206,7 @@ def test_lightning_steps_every_optimizer_and_the_schedule_once_per_batch(process
 
     class Snapshot(L.Callback):  # the weights as trained, before the trainer's teardown moves the module
         def on_train_end(self, trainer, module):
-            trained.update(_local_state(lm.model))
+            trained.update(local_state(lm.model))
 
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Snapshot()])
@@ -284,7 +245,7 @@ def test_steps_after_a_calls_first_skip_lightnings_wrappers_only_where_nothing_o
     def fit(k, callbacks=()):
         torch.manual_seed(0)
         options = {"cls": MultiStepTwoTowerModule, "steps_per_execution": k} if k > 1 else {}
-        lm = _sharded_module(data, OptimConfig(lr_schedule="linear", embedding_lr=0.1, dense_lr=0.01), process_group,
+        lm = sharded_module(data, OptimConfig(lr_schedule="linear", embedding_lr=0.1, dense_lr=0.01), process_group,
                              total_steps=10, **options)
         flags = []  # the `lean` flag of each optimizer step
         step = lm.optimizer_step_on
@@ -293,7 +254,7 @@ def test_steps_after_a_calls_first_skip_lightnings_wrappers_only_where_nothing_o
 
         class Snapshot(L.Callback):
             def on_train_end(self, trainer, module):
-                trained.update(_local_state(module.model))
+                trained.update(local_state(module.model))
 
         trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=8, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, callbacks=[Snapshot(), *callbacks])
