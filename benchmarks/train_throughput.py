@@ -209,9 +209,23 @@ def build_dmp(specs, args, device):
     return lm, lm.configure_optimizers()["optimizer"]
 
 
-def run_eager(specs, batches, args, device, mode: str = "eager") -> float:
+def eager_step(lm, opt, b, device, model=None, prepare=lambda kjt: kjt) -> torch.Tensor:
+    """One eager training step of `lm` (BCE, no L2) on batch `b`, through `model` (default
+    ``lm.model``) with its features passed through `prepare`; returns the loss."""
     from twotower_lit.layers import logits
 
+    b = b.to(device, non_blocking=True)
+    # zero_grad before the forward pass: TorchRec's fused optimizers write the learning rate
+    # into a tensor there, which a compiled forward pass saves for its backward pass
+    opt.zero_grad()
+    user, item = (lm.model if model is None else model)(prepare(b.features))
+    loss = F.binary_cross_entropy_with_logits(logits(user, item, lm.model_cfg.exposure_dims), b.labels)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def run_eager(specs, batches, args, device, mode: str = "eager") -> float:
     lm, opt = build_dmp(specs, args, device)
     model, prepare = lm.model, (lambda kjt: kjt)
     if mode == "compiled":
@@ -225,14 +239,7 @@ def run_eager(specs, batches, args, device, mode: str = "eager") -> float:
         model, prepare = torch.compile(model), kjt_for_pt2_tracing
 
     def step(b):
-        b = b.to(device, non_blocking=True)
-        # zero_grad before the forward pass: TorchRec's fused optimizers write the learning rate
-        # into a tensor there, which a compiled forward pass saves for its backward pass
-        opt.zero_grad()
-        user, item = model(prepare(b.features))
-        loss = F.binary_cross_entropy_with_logits(logits(user, item, lm.model_cfg.exposure_dims), b.labels)
-        loss.backward()
-        opt.step()
+        eager_step(lm, opt, b, device, model, prepare)
 
     return timed(step, batches, args.steps, args.warmup, device, args.profile_steps, mode)
 
@@ -315,15 +322,7 @@ def check_graphed(specs, batches, args, device, steps: int) -> Dict[str, float]:
     lm_g, step = graphed_step(specs, batches, args, device)
     start = (scores(lm_e) - scores(lm_g)).abs().max().item()
     order = [batches[k % len(batches)] for k in range(steps)]
-    eager = []
-    for b in order:
-        b = b.to(device)
-        opt_e.zero_grad(set_to_none=True)
-        user, item = lm_e.model(b.features)
-        loss = F.binary_cross_entropy_with_logits(logits(user, item, lm_e.model_cfg.exposure_dims), b.labels)
-        loss.backward()
-        opt_e.step()
-        eager.append(loss.detach())
+    eager = [eager_step(lm_e, opt_e, b, device).detach() for b in order]
     graphed = [step(b) for b in order]
     eager_t, graphed_t = torch.stack(eager), torch.stack(graphed)
     return {"initial_score_diff": start, "loss_max_abs_diff": (eager_t - graphed_t).abs().max().item(),
