@@ -438,12 +438,12 @@ class MultiStepTwoTowerModule(TwoTowerModule):
         caller takes the eager step. Only where lean steps are allowed: the graph replays the whole
         step, so nothing could run between its backward pass and its optimizer step."""
         step = self._graphed
-        # a new step: the first batch; a new fit (new optimizers); or, before the capture, a batch
-        # with more rows than the one the input was shaped on (a run resumed just before an
-        # epoch's shorter last batch would otherwise capture that shape)
-        if step is None or step.optimizer is not optimizer.optimizer or (
-                step.graph is None and len(batch.labels) > step.input.rows):
-            if step is not None and step.optimizer is optimizer.optimizer:
+        same_fit = step is not None and step.optimizer is optimizer.optimizer  # (a new fit: new optimizers)
+        # a new step: the first batch of a fit; or, before the capture, a batch with more rows than
+        # the one the input was shaped on (a run resumed just before an epoch's shorter last batch
+        # would otherwise capture that shape)
+        if not same_fit or (step.graph is None and len(batch.labels) > step.input.rows):
+            if same_fit:
                 self._earlier_eager_steps += step.eager_steps
             multi = [f for f in self.features if f.pooling == "mean"]
 
