@@ -194,7 +194,7 @@ def sync(device) -> None:
         dist.barrier()
 
 
-def build_dmp(specs, args, device):
+def build_dmp(specs, args, device, for_capture: bool = False):
     from twotower_lit.config import ModelConfig, OptimConfig
     from twotower_lit.module import TwoTowerModule
     from twotower_lit.strategy import build_sharding_plan, shard_model
@@ -204,7 +204,7 @@ def build_dmp(specs, args, device):
     pg = dist.group.WORLD
     plan = build_sharding_plan(lm.model, pg, device.type, args.sharding,
                                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
-    lm.model = shard_model(lm.model, plan, pg, device, args.gradient_sync)
+    lm.model = shard_model(lm.model, plan, pg, device, args.gradient_sync, for_capture=for_capture)
     lm.to(device)
     return lm, lm.configure_optimizers()["optimizer"]
 
@@ -253,7 +253,7 @@ def graphed_step(specs, batches, args, device):
     from twotower_lit.graphs import GraphedTrainingStep, padding_rows
     from twotower_lit.layers import logits
 
-    lm, opt = build_dmp(specs, args, device)
+    lm, opt = build_dmp(specs, args, device, for_capture=True)
     multi = [s for s in specs if s.pooling == "mean"]
 
     def loss_fn(user, item, items, labels):
@@ -284,9 +284,12 @@ def trace_backward(loss: torch.Tensor, names: List[str]) -> None:
 def run_graphed(specs, batches, args, device) -> float:
     """eager's step captured once as a CUDA graph (after its warm-up steps) and replayed; each step
     copies its batch into the graph's input tensors (genres padded to a fixed capacity)."""
-    if device.type != "cuda" or dist.get_world_size() > 1:
-        raise RuntimeError("the graphed mode needs one process on a GPU (the training job's --cuda-graphs: several "
-                           "processes' replicated-table lookup cannot be captured)")
+    if device.type != "cuda":
+        raise RuntimeError("the graphed mode needs a GPU")
+    if dist.get_world_size() > 1 and (args.sharding != "data_parallel" or args.gradient_sync != "allreduce"):
+        raise RuntimeError("the graphed mode of several processes needs --sharding data_parallel --gradient-sync "
+                           "allreduce (as the training job's --cuda-graphs: a sharded table's all-to-all reads its "
+                           "sizes on the host)")
     _, graphed = graphed_step(specs, batches, args, device)
 
     def step(b):

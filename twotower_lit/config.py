@@ -166,12 +166,15 @@ class TrainConfig:
                                        "multiple of it from 10); 0: 16 on GPUs, 1 on CPUs (where a step's compute "
                                        "dwarfs the loop's overhead)")
     # The eager GPU step is bound by the host launching ~100 kernels; replaying the captured step
-    # launches them at once: 1.51 against 3.3-3.9 ms per 64k-row step on one H200 (twotower_lit/graphs.py)
+    # launches them at once: 1.51 against 3.3-3.9 ms per 64k-row step on one H200, 2.00 against
+    # 3.4 ms per 64k-row step on each of two (twotower_lit/graphs.py)
     cuda_graphs: str = _opt("auto", "capture the training step as a CUDA graph and replay it for every batch of the "
-                                    "same shape (the same training; genres padded with a zero vector); needs one "
-                                    "process on a GPU, a constant learning rate (--lr-schedule constant, "
-                                    "--warmup-steps 0), --embedding-optimizer rowwise_adagrad or sgd and "
-                                    "--train-pipeline off; auto: on where these hold, off otherwise",
+                                    "same shape (the same training; genres padded with a zero vector); needs GPUs, "
+                                    "with several processes every table replicated (--data-parallel-below-mb, "
+                                    "--sharding data_parallel) and --gradient-sync allreduce, a constant learning "
+                                    "rate (--lr-schedule constant, --warmup-steps 0), --embedding-optimizer "
+                                    "rowwise_adagrad or sgd and --train-pipeline off; auto: on where these hold, "
+                                    "off otherwise",
                             ("auto", "on", "off"))
     resume: Optional[str] = _opt(None, "'auto' (latest checkpoint in the checkpoint dir) or a checkpoint path")
     package: bool = _opt(False, "also write OUTPUT/model.tar.gz in the SageMaker layout")

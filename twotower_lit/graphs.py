@@ -25,9 +25,10 @@ can step inside a capture (``capturable``, set here for those that have the opti
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -39,6 +40,61 @@ CAPACITY_SLACK = 0.05
 WARMUP_STEPS = 3  # eager steps on the capture stream before capturing (PyTorch's recipe: lazy state, cuBLAS)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+_capture_streams: Dict[int, "torch.cuda.Stream"] = {}  # per GPU index (`capture_stream`)
+_host_work: Optional[List[Callable[[], None]]] = None  # host work of the step being captured (`on_every_replay`)
+
+
+def capture_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The side stream that training steps on GPU `device` are captured on: one per GPU, made on first use."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _capture_streams:
+        _capture_streams[index] = torch.cuda.Stream(device=index)
+    return _capture_streams[index]
+
+
+@contextlib.contextmanager
+def on_capture_stream(device: torch.device) -> Iterator[None]:
+    """Run the block on `device`'s capture stream, ordered after and before the current stream's
+    work; on a CPU device, as it is. Build a model whose steps will be captured under this.
+
+    Why: autograd accumulates a parameter's gradient on the stream that was current when the
+    parameter's accumulator node was made, and keeps that node while anything references it.
+    TorchRec's replicated (data_parallel) tables are views of their lookup's fused weight
+    (``TableBatchedEmbeddingSlice``, TorchRec 1.6-1.9), made when the sharded collection is built,
+    and those views keep the weight's node alive. Built on the default stream, every backward pass
+    then hands the weight's gradient over to the default stream, which a capture on another stream
+    refuses (``cudaErrorStreamCaptureImplicit`` in the backward pass of FBGEMM's dense lookup).
+    Built on the capture stream, the node accumulates there; eager steps on the default stream
+    synchronise with it as autograd does between any two streams."""
+    if device.type != "cuda":
+        yield
+        return
+    current, stream = torch.cuda.current_stream(device), capture_stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        yield
+    current.wait_stream(stream)
+
+
+def on_every_replay(work: Callable[[], None]) -> None:
+    """Register host work of the step being captured, to run again after every later replay.
+
+    A graph replays the GPU work of its step; what the step did on the host during the capture
+    (host tensors such as an optimizer's step counts) happened once. Code that keeps host state per
+    step calls this after doing that work; outside a capture it does nothing."""
+    if _host_work is not None:
+        _host_work.append(work)
+
+
+@contextlib.contextmanager
+def recording_host_work() -> Iterator[List[Callable[[], None]]]:
+    """Collect what `on_every_replay` registers within (around a capture)."""
+    global _host_work
+    outer, _host_work = _host_work, []
+    try:
+        yield _host_work
+    finally:
+        _host_work = outer
 
 
 class FixedShapeInput:
@@ -171,6 +227,7 @@ class GraphedTrainingStep:
         self.eager_steps = self.replays = 0
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.loss: Optional[torch.Tensor] = None
+        self.host_work: List[Callable[[], None]] = []
         with torch.no_grad():
             for row in self.padding:
                 row.zero_()
@@ -179,7 +236,7 @@ class GraphedTrainingStep:
             for group in optimizer.param_groups:
                 if "capturable" in group:
                     group["capturable"] = True
-            self.stream = torch.cuda.Stream()
+            self.stream = capture_stream(self.input.labels.device)
 
     def why_not(self, batch: Batch) -> Optional[str]:
         return self.input.why_not(batch)
@@ -218,9 +275,13 @@ class GraphedTrainingStep:
             # thread_local: other threads may call CUDA while this one captures (the loader's
             # pin-memory thread allocates and queries events; NCCL's watchdog queries its events),
             # which the default "global" mode counts as an error in the capture
-            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            with recording_host_work() as self.host_work, \
+                    torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 self.loss = self._body()
-            self.graph = graph  # (capture records the step; the replay below runs it)
+            self.graph = graph  # the capture recorded the step (its host work is done); the replay below runs it
+        else:
+            for work in self.host_work:
+                work()
         self.graph.replay()
         self.replays += 1
         return self.loss.clone()

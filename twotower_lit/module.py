@@ -346,6 +346,24 @@ class TwoTowerModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+def graph_refusal_of(trainer: L.Trainer) -> Optional[str]:
+    """Why `trainer`'s training steps cannot be captured as CUDA graphs, known only once its
+    strategy has sharded the model (None when they can): with several processes, every table must
+    be replicated. A sharded table's all-to-all reads the split sizes of the exchanged ids on the
+    host at every step (TorchRec's KJT all-to-all), which a capture refuses; replicated tables
+    exchange nothing but one all-reduce of their gradients (`GradientAverager`), which NCCL captures."""
+    if trainer.world_size == 1:
+        return None
+    plan = getattr(trainer.strategy, "plan_description", {})
+    sharded = sorted(table for table, d in plan.items() if d["sharding_type"] != "data_parallel")
+    if not sharded:
+        return None
+    return (f"with several processes every table must be replicated, but {', '.join(sharded)} "
+            f"{'is' if len(sharded) == 1 else 'are'} sharded, and the ids' all-to-all of a sharded table reads its "
+            f"sizes on the host at every step, which a capture refuses: pass --sharding data_parallel, or a "
+            f"--data-parallel-below-mb above the tables' size")
+
+
 class PipelinedTwoTowerModule(TwoTowerModule):
     """`TwoTowerModule` trained through TorchRec's train pipeline (``--train-pipeline sparse_dist``).
 
@@ -384,14 +402,16 @@ class MultiStepTwoTowerModule(TwoTowerModule):
     """
 
     def __init__(self, *args: Any, steps_per_execution: int = 1, checkpoint_every_n_steps: int = 0,
-                 graphed_steps: bool = False, **kwargs: Any) -> None:
+                 graphed_steps: bool = False, graphs_required: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if steps_per_execution < 1:
             raise ValueError(f"steps_per_execution must be at least 1, got {steps_per_execution}")
         self.steps_per_execution = steps_per_execution
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
         # --cuda-graphs: steps on fixed-shape input, replayed as one CUDA graph on a GPU (`twotower_lit.graphs`)
-        self.graphed_steps = graphed_steps
+        # (``graphs_required``, --cuda-graphs on: a run whose sharding plan cannot be captured fails)
+        self.graphed_steps, self.graphs_required = graphed_steps, graphs_required
+        self.graph_refusal: Optional[str] = None  # why the steps were not captured after all (`graph_refusal_of`)
         self._graphed: Optional[GraphedTrainingStep] = None
         self._earlier_eager_steps = 0  # eager steps of a step replaced before its capture (see graphed_step_on)
         self.graph_skips = 0  # steps that ran eagerly because their batch did not fit the graph's shapes
@@ -443,6 +463,13 @@ class MultiStepTwoTowerModule(TwoTowerModule):
         # the one the input was shaped on (a run resumed just before an epoch's shorter last batch
         # would otherwise capture that shape)
         if not same_fit or (step.graph is None and len(batch.labels) > step.input.rows):
+            if step is None:
+                self.graph_refusal = graph_refusal_of(self.trainer)
+                if self.graph_refusal is not None:
+                    if self.graphs_required:
+                        raise ValueError(f"--cuda-graphs on: {self.graph_refusal}; or pass --cuda-graphs off")
+                    self.graphed_steps = False  # (auto) this run steps eagerly
+                    return None
             if same_fit:
                 self._earlier_eager_steps += step.eager_steps
             multi = [f for f in self.features if f.pooling == "mean"]
@@ -466,6 +493,8 @@ class MultiStepTwoTowerModule(TwoTowerModule):
 
     def graph_report(self) -> Optional[Dict[str, Any]]:
         """How the training steps ran with graphed steps on (None when off or not started)."""
+        if self.graph_refusal is not None:
+            return {"captured": False, "refused": self.graph_refusal}
         if self._graphed is None:
             return None
         report = self._graphed.report()

@@ -1,10 +1,13 @@
 """Optimizers of the replicated (data_parallel) embedding tables."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torchrec.optim import RowWiseAdagrad
+
+from twotower_lit.graphs import on_every_replay
 
 
 class GroupedRowWiseAdagrad(RowWiseAdagrad):
@@ -32,7 +35,8 @@ class GroupedRowWiseAdagrad(RowWiseAdagrad):
     The update of each row is TorchRec's: ``sum += mean(g^2)``, ``w -= clr * g / (sqrt(sum) + eps)``
     with ``clr = lr / (1 + (step - 1) * lr_decay)`` (``g`` with weight decay and sign of
     ``maximize`` applied). Each table keeps its own ``sum`` and ``step`` under TorchRec's names, so
-    checkpoints load into either class."""
+    checkpoints load into either class. In a step captured as a CUDA graph (`twotower_lit.graphs`)
+    the step counts, host tensors, are counted again after every replay."""
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -125,7 +129,12 @@ class GroupedRowWiseAdagrad(RowWiseAdagrad):
         torch._foreach_add_(steps, 1)
         lr, decay = group["lr"], group["lr_decay"]
         if decay == 0:
+            on_every_replay(functools.partial(torch._foreach_add_, steps, 1))
             return [-lr] * len(states)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("a learning rate that decays with the step count is computed on the host at every "
+                               "step, which a CUDA graph cannot replay: set lr_decay 0, or train without CUDA graphs "
+                               "(--cuda-graphs off)")
         return [-lr / (1 + (float(s) - 1) * decay) for s in steps]
 
     @staticmethod

@@ -22,6 +22,7 @@ What the hooks do (Lightning 2.6 + TorchRec 1.6-1.9):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -47,6 +48,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from twotower_lit.config import GRADIENT_SYNCS
+from twotower_lit.graphs import on_capture_stream
 
 log = logging.getLogger(__name__)
 
@@ -299,9 +301,11 @@ def cache_input_dist_permutations() -> None:
 
 
 def shard_model(module: torch.nn.Module, plan: ShardingPlan, pg: dist.ProcessGroup,
-                device: torch.device, gradient_sync: str = "allreduce") -> DistributedModelParallel:
+                device: torch.device, gradient_sync: str = "allreduce",
+                for_capture: bool = False) -> DistributedModelParallel:
     """`module` under DMP with `plan` (collective: every rank calls it); `gradient_sync` as
-    `DataParallelAcrossRanks`'."""
+    `DataParallelAcrossRanks`'. `for_capture`: built on the stream its training steps will be
+    captured on as CUDA graphs (`twotower_lit.graphs.on_capture_stream` says why)."""
     cache_input_dist_permutations()
     # On CPU, the backward pass through the replicated (data_parallel) tables' dense fbgemm lookup
     # warns that the op has no autograd kernel and "may lead to silently incorrect behavior". Its
@@ -309,10 +313,11 @@ def shard_model(module: torch.nn.Module, plan: ShardingPlan, pg: dist.ProcessGro
     # test_optimizers.py), so the warning is only noise in every CPU run with replicated tables.
     warnings.filterwarnings("ignore", category=UserWarning, message="fbgemm::dense_embedding_codegen_lookup_function: "
                             "an autograd kernel was not registered")
-    return DistributedModelParallel(module=module, device=device, plan=plan,
-                                    sharders=[EmbeddingBagCollectionShardingOffer()],
-                                    env=ShardingEnv.from_process_group(pg),
-                                    data_parallel_wrapper=DataParallelAcrossRanks(gradient_sync))
+    with on_capture_stream(device) if for_capture else contextlib.nullcontext():
+        return DistributedModelParallel(module=module, device=device, plan=plan,
+                                        sharders=[EmbeddingBagCollectionShardingOffer()],
+                                        env=ShardingEnv.from_process_group(pg),
+                                        data_parallel_wrapper=DataParallelAcrossRanks(gradient_sync))
 
 
 def describe_plan(plan: ShardingPlan) -> Dict[str, Dict[str, Any]]:
@@ -400,14 +405,16 @@ class TorchRecStrategy(DDPStrategy):
     def __init__(self, sharding: str = "table_wise", table_sharding: Optional[Mapping[str, str]] = None,
                  module_attr: str = "model", sigterm_check_every_n_steps: int = 50,
                  data_parallel_below_mb: float = 0.0, resumed_data_parallel_tables: Optional[List[str]] = None,
-                 gradient_sync: str = "allreduce", **kwargs: Any) -> None:
+                 gradient_sync: str = "allreduce", cuda_graphs: bool = False, **kwargs: Any) -> None:
         """`sharding`/`table_sharding` as `build_sharding_plan`'s. With more than one GPU, tables of
         at most `data_parallel_below_mb` MB that `table_sharding` does not name are replicated
         (data_parallel); 0 turns that off. `resumed_data_parallel_tables`: the data_parallel tables
         of the checkpoint the run resumes (`replicated_tables_of`), which then stay replicated
         instead, and no other table is replicated by size. `gradient_sync`: how the unsharded
-        parameters' gradients are averaged across ranks (`DataParallelAcrossRanks`)."""
+        parameters' gradients are averaged across ranks (`DataParallelAcrossRanks`). `cuda_graphs`:
+        the model is built for steps captured as CUDA graphs (`shard_model`'s ``for_capture``)."""
         super().__init__(**kwargs)
+        self.cuda_graphs = cuda_graphs
         self.gradient_sync = check_gradient_sync(gradient_sync)  # before any process starts
         self.sigterm_check_every_n_steps = sigterm_check_every_n_steps
         self.sharding = sharding
@@ -444,7 +451,8 @@ class TorchRecStrategy(DDPStrategy):
                 for table, d in self.plan_description.items():
                     print(f"sharding plan: {table}: {d['sharding_type']} ({d['compute_kernel']}) on ranks {d['ranks']}",
                           flush=True)
-            setattr(lm, self.module_attr, shard_model(inner, plan, pg, self.root_device, self.gradient_sync))
+            setattr(lm, self.module_attr, shard_model(inner, plan, pg, self.root_device, self.gradient_sync,
+                                                          for_capture=self.cuda_graphs))
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)  # after the wrap: optimizers must see the sharded parameters

@@ -158,16 +158,17 @@ def resolve_steps_per_execution(cfg: TrainConfig, device_type: str) -> int:
 def resolve_cuda_graphs(cfg: TrainConfig, device_type: str, world: int, tables: Optional[FeatureTables]) -> bool:
     """Whether this run's training steps are captured and replayed as CUDA graphs (--cuda-graphs):
     ``on`` refuses a run that cannot, naming what to change; ``auto`` takes them wherever they can
-    run: one-process GPU jobs."""
+    run: GPU jobs of one process, or of several with every table replicated. (The sharding plan
+    is known only once the strategy has sharded the model: `twotower_lit.module.graph_refusal_of`
+    checks it then.)"""
     if cfg.cuda_graphs == "off":
         return False
     needs = []
     if device_type != "cuda":
         needs.append("a GPU (--accelerator gpu)")
-    if world > 1:
-        needs.append("one process (--devices 1 --num-nodes 1): with several, the replicated tables' lookup "
-                     "(FBGEMM's dense kernel) and the sharded tables' all-to-all synchronise with the host, which "
-                     "a capture refuses")
+    if world > 1 and cfg.gradient_sync != "allreduce":
+        needs.append("--gradient-sync allreduce with several processes (DDP's reducer works on the host in "
+                     "every backward pass)")
     if cfg.optim.embedding_optimizer not in GRAPHED_EMBEDDING_OPTIMIZERS:
         needs.append(f"--embedding-optimizer {' or '.join(GRAPHED_EMBEDDING_OPTIMIZERS)} (FBGEMM's fused "
                      f"{cfg.optim.embedding_optimizer} passes its step count from the host at every launch)")
@@ -186,11 +187,11 @@ def resolve_cuda_graphs(cfg: TrainConfig, device_type: str, world: int, tables: 
 
 
 def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger,
-                  ckpt_path: Optional[str] = None) -> L.Trainer:
+                  ckpt_path: Optional[str] = None, graphed: bool = False) -> L.Trainer:
     strategy = TorchRecStrategy(sharding=cfg.sharding, table_sharding=parse_table_sharding(cfg.table_sharding),
                                 data_parallel_below_mb=cfg.data_parallel_below_mb, gradient_sync=cfg.gradient_sync,
                                 resumed_data_parallel_tables=replicated_tables_of(ckpt_path) if ckpt_path else None,
-                                timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
+                                timeout=datetime.timedelta(seconds=cfg.collective_timeout_s), cuda_graphs=graphed)
     # one callback per trigger: Lightning's ModelCheckpoint takes either a step or an epoch interval
     checkpoints = [L.pytorch.callbacks.ModelCheckpoint(
         dirpath=checkpoint_dir, filename="epoch{epoch}-end-step{step}", auto_insert_metric_name=False,
@@ -285,7 +286,8 @@ def _train_test_export(cfg: TrainConfig) -> Optional[Dict]:
     elif cfg.steps_per_execution > 1 or graphed:
         module_cls, options = MultiStepTwoTowerModule, {"steps_per_execution": cfg.steps_per_execution,
                                                         "checkpoint_every_n_steps": cfg.checkpoint_every_n_steps,
-                                                        "graphed_steps": graphed}
+                                                        "graphed_steps": graphed,
+                                                        "graphs_required": cfg.cuda_graphs == "on"}
     module = module_cls(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss, **options)
 
     uri = tracking.tracking_uri(cfg.mlflow_uri, output_dir)
@@ -305,7 +307,7 @@ def _train_test_export(cfg: TrainConfig) -> Optional[Dict]:
         ckpt_path = latest_checkpoint(checkpoint_dir) if cfg.resume == "auto" else cfg.resume
         if ckpt_path is None:
             print(f"--resume auto: no checkpoint in {checkpoint_dir}; starting from scratch", flush=True)
-    trainer = build_trainer(cfg, output_dir, checkpoint_dir, logger, ckpt_path)
+    trainer = build_trainer(cfg, output_dir, checkpoint_dir, logger, ckpt_path, graphed)
     if logger:
         logger.log_hyperparams({k: str(v) for k, v in to_flat_dict(cfg).items()})
 
@@ -442,7 +444,9 @@ def popularity_metrics(dm: MovieLensDataModule, split: str, k: int,
 
 def _print_summary(metrics: Dict, output_dir: str, k: int) -> None:
     graphs = metrics.get("train", {}).get("cuda_graphs")
-    if graphs:
+    if graphs and "refused" in graphs:
+        print(f"\nCUDA graphs: off, {graphs['refused']}")
+    elif graphs:
         other = (f", {graphs['other_shapes']} eager for other shapes (first: {graphs['first_other_shape']})"
                  if graphs["other_shapes"] else "")
         print(f"\nCUDA graphs: {graphs['replays']} training steps replayed, {graphs['eager_steps']} eager "

@@ -179,7 +179,7 @@ def test_cuda_graphs_option_takes_graphs_only_where_they_run():
     auto = TrainConfig()
     assert resolve_cuda_graphs(auto, "cuda", 1, None)
     assert not resolve_cuda_graphs(auto, "cpu", 1, None)
-    assert not resolve_cuda_graphs(auto, "cuda", 2, None)
+    assert resolve_cuda_graphs(auto, "cuda", 2, None)  # several processes: see below
     cosine = dataclasses.replace(auto, optim=OptimConfig(lr_schedule="cosine"))
     assert not resolve_cuda_graphs(cosine, "cuda", 1, None)
     assert not resolve_cuda_graphs(dataclasses.replace(auto, cuda_graphs="off"), "cuda", 1, None)
@@ -187,8 +187,13 @@ def test_cuda_graphs_option_takes_graphs_only_where_they_run():
         resolve_cuda_graphs(dataclasses.replace(cosine, cuda_graphs="on"), "cuda", 1, None)
     with pytest.raises(ValueError, match="a GPU"):
         resolve_cuda_graphs(dataclasses.replace(auto, cuda_graphs="on"), "cpu", 1, None)
-    with pytest.raises(ValueError, match="one process"):
-        resolve_cuda_graphs(dataclasses.replace(auto, cuda_graphs="on"), "cuda", 2, None)
+    # several processes: graphs where every table is replicated (the sharding plan is checked once
+    # the model is sharded: test_several_processes_need_every_table_replicated)
+    assert resolve_cuda_graphs(dataclasses.replace(auto, cuda_graphs="on"), "cuda", 2, None)
+    ddp = dataclasses.replace(auto, gradient_sync="ddp")
+    assert resolve_cuda_graphs(ddp, "cuda", 1, None) and not resolve_cuda_graphs(ddp, "cuda", 2, None)
+    with pytest.raises(ValueError, match="--gradient-sync allreduce"):
+        resolve_cuda_graphs(dataclasses.replace(ddp, cuda_graphs="on"), "cuda", 2, None)
     adam = dataclasses.replace(auto, optim=OptimConfig(embedding_optimizer="adam"))
     assert not resolve_cuda_graphs(adam, "cuda", 1, None)
     with pytest.raises(ValueError, match="--embedding-optimizer rowwise_adagrad or sgd"):
@@ -198,6 +203,100 @@ def test_cuda_graphs_option_takes_graphs_only_where_they_run():
     with pytest.raises(ValueError, match="genre indices from 1"):
         resolve_cuda_graphs(dataclasses.replace(auto, cuda_graphs="on"), "cuda", 1, tables)
 
+
+
+def test_several_processes_need_every_table_replicated():
+    """Known once the strategy has sharded the model: a table sharded across ranks is named."""
+    from types import SimpleNamespace
+
+    from twotower_lit.module import graph_refusal_of
+
+    def trainer(world, **kinds):
+        plan = {table: {"sharding_type": kind, "compute_kernel": "dense", "ranks": [0]}
+                for table, kind in kinds.items()}
+        return SimpleNamespace(world_size=world, strategy=SimpleNamespace(plan_description=plan))
+
+    assert graph_refusal_of(trainer(1, t_user="table_wise")) is None
+    assert graph_refusal_of(trainer(2, t_user="data_parallel", t_item="data_parallel")) is None
+    why = graph_refusal_of(trainer(2, t_user="row_wise", t_item="data_parallel", t_genres="table_wise"))
+    assert "t_genres, t_user are sharded" in why and "--sharding data_parallel" in why
+
+
+def _two_rank_graphed_worker(rank: int, store_file: str, data_dir: str) -> None:
+    import torch.distributed as dist
+
+    from twotower_lit.data.datamodule import MovieLensDataModule
+    from twotower_lit.graphs import GraphedTrainingStep, padding_rows
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_file, 2), rank=rank, world_size=2)
+    try:
+        dm = MovieLensDataModule(data_dir, batch_size=256)
+        dm.load()
+        pg = dist.group.WORLD
+        # every table replicated, as a job of several GPUs has them; each rank its own batches, so
+        # each pads a different genre count
+        batches = [_batch(dm, 256, 100 * rank + s) for s in range(5)]
+        torch.manual_seed(10 + rank)  # (replicas start equal: rank 0's values are copied to rank 1)
+        eager = _sharded_module(dm, pg, "data_parallel")
+        eager_opt = eager.configure_optimizers()["optimizer"]
+        torch.manual_seed(10 + rank)
+        graphed = _sharded_module(dm, pg, "data_parallel")
+        opt = graphed.configure_optimizers()["optimizer"]
+
+        def loss_fn(user, item, items, labels):
+            return graphed.loss_fn(user, item, items, labels)[0]
+
+        step = GraphedTrainingStep(graphed.model, loss_fn, opt, batches[0], "genres",
+                                   padding_rows(graphed.model, ["t_genres"]), capture=False)
+        assert step.input.capacity > 0
+        for b in batches:
+            eager_opt.zero_grad()
+            eager.loss_and_output(b)[0].backward()
+            eager_opt.step()
+            step(b)
+        want, got = local_state(eager.model), local_state(graphed.model)
+        genres = next(k for k in want if "t_genres" in k)
+        assert torch.equal(got[genres][0], torch.zeros(8))
+        for key in want:
+            a, b = (want[key][1:], got[key][1:]) if key == genres else (want[key], got[key])
+            assert torch.equal(a, b), key
+        # the replicas stayed equal, and the replicated tables' optimizer counted every step
+        for key, value in got.items():
+            gathered = [torch.empty_like(value) for _ in range(2)]
+            dist.all_gather(gathered, value)
+            assert torch.equal(gathered[0], gathered[1]), key
+        tables = dict(opt.optimizers)["replicated_tables"]
+        assert {int(s["step"]) for s in tables.state.values()} == {len(batches)}
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_with_replicated_tables_train_on_fixed_shapes_as_eagerly(prepared_synthetic, tmp_path):
+    """What several GPUs capture (here without capture, on two gloo processes): every table
+    replicated, gradients averaged by one all-reduce; both ranks end as eager training does."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_rank_graphed_worker, args=(str(tmp_path / "store"), str(prepared_synthetic)), nprocs=2, join=True)
+
+
+def test_host_work_of_a_captured_step_is_registered_for_every_replay():
+    """The replicated tables' optimizer counts its steps in host tensors: during a capture it
+    registers that count to run again after each replay; outside one it registers nothing."""
+    from twotower_lit.graphs import recording_host_work
+    from twotower_lit.optim import GroupedRowWiseAdagrad
+
+    table = torch.nn.Parameter(torch.randn(5, 4))
+    opt = GroupedRowWiseAdagrad([table], lr=0.1)
+    table.grad = torch.ones(5, 4)
+    with recording_host_work() as work:
+        opt.step()
+    assert int(opt.state[table]["step"]) == 1 and len(work) == 1
+    for replay in work * 3:
+        replay()
+    assert int(opt.state[table]["step"]) == 4
+    opt.step()  # not recording
+    assert int(opt.state[table]["step"]) == 5 and len(work) == 1
 
 
 def test_the_summary_names_how_the_steps_ran(capsys):
@@ -212,3 +311,7 @@ def test_the_summary_names_how_the_steps_ran(capsys):
             "(first: 19410 rows, not 65536)") in out
     _print_summary({"test": test, "baselines": {"popularity": test}, "train": {"cuda_graphs": None}}, "/out", 10)
     assert "CUDA graphs" not in capsys.readouterr().out
+    why = "with several processes every table must be replicated, but t_user is sharded"
+    refused = {"captured": False, "refused": why}
+    _print_summary({"test": test, "baselines": {"popularity": test}, "train": {"cuda_graphs": refused}}, "/out", 10)
+    assert f"CUDA graphs: off, {why}" in capsys.readouterr().out
