@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from twotower_lit.config import GRADIENT_SYNCS
+from twotower_lit.config import ALLREDUCE_PRECISIONS, GRADIENT_SYNCS
 
 SHAPES = {  # users, items as in the GroupLens sets
     "ml-1m": (6_040, 3_706),
@@ -204,7 +204,8 @@ def build_dmp(specs, args, device, for_capture: bool = False):
     pg = dist.group.WORLD
     plan = build_sharding_plan(lm.model, pg, device.type, args.sharding,
                                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
-    lm.model = shard_model(lm.model, plan, pg, device, args.gradient_sync, for_capture=for_capture)
+    lm.model = shard_model(lm.model, plan, pg, device, args.gradient_sync, for_capture=for_capture,
+                           allreduce_precision=args.allreduce_precision)
     lm.to(device)
     return lm, lm.configure_optimizers()["optimizer"]
 
@@ -360,7 +361,7 @@ def run_pipeline(specs, batches, args, device) -> float:
     pg = dist.group.WORLD
     plan = build_sharding_plan(task, pg, device.type, args.sharding,
                                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
-    lm.model = shard_model(task, plan, pg, device, args.gradient_sync)
+    lm.model = shard_model(task, plan, pg, device, args.gradient_sync, allreduce_precision=args.allreduce_precision)
     opt = lm.configure_optimizers()["optimizer"]
     pipe = TrainPipelineSparseDist(lm.model, opt, device)
 
@@ -444,7 +445,8 @@ def run_lightning(specs, batches, args, device, mode: str = "lightning") -> floa
         lm = (PipelinedTwoTowerModule if mode == "lightning_pipeline" else TwoTowerModule)(specs, model_cfg,
                                                                                            OptimConfig())
     timer = Timer()
-    strategy = TorchRecStrategy(sharding=args.sharding, gradient_sync=args.gradient_sync)
+    strategy = TorchRecStrategy(sharding=args.sharding, gradient_sync=args.gradient_sync,
+                                allreduce_precision=args.allreduce_precision)
     trainer = L.Trainer(accelerator=device.type if device.type == "cuda" else "cpu", devices=dist.get_world_size(),
                         strategy=strategy, max_steps=total, logger=False,
                         callbacks=[timer], enable_progress_bar=False, enable_checkpointing=False,
@@ -480,6 +482,8 @@ def main(argv=None) -> None:
     p.add_argument("--gradient-sync", default="allreduce", choices=GRADIENT_SYNCS,
                    help="as the training job's --gradient-sync (several processes: how the gradients of the towers "
                         "and replicated tables are averaged)")
+    p.add_argument("--allreduce-precision", default="fp32", choices=ALLREDUCE_PRECISIONS,
+                   help="as the training job's --allreduce-precision (what those gradients are sent as)")
     p.add_argument("--modes", default="lightning,lightning_pipeline,lightning_multistep,eager,pipeline,plain")
     p.add_argument("--steps-per-execution", type=int, default=8, help="K of the lightning_multistep mode")
     p.add_argument("--matmul-precision", default="high", choices=("highest", "high", "medium"),
@@ -556,7 +560,7 @@ def main(argv=None) -> None:
     if rank == 0:
         name = torch.cuda.get_device_name(device) if cuda else f"CPU x{os.cpu_count()}"
         print(f"\n{args.shape} batch/rank={args.batch:,} ranks={world} device={name} sharding={args.sharding}"
-              + (f" gradient-sync={args.gradient_sync}" if world > 1 else ""))
+              + (f" gradient-sync={args.gradient_sync} allreduce={args.allreduce_precision}" if world > 1 else ""))
         for mode, r in results.items():
             if mode == "graphed_check":
                 print(f"  graphed against eager: {r}")
@@ -574,6 +578,7 @@ def main(argv=None) -> None:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"shape": args.shape, "batch": args.batch, "world": world, "device": name,
                                     "sharding": args.sharding, "gradient_sync": args.gradient_sync,
+                                    "allreduce_precision": args.allreduce_precision,
                                     "results": results}) + "\n")
     dist.barrier()
     dist.destroy_process_group()

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Type, TypeVar
 DATASETS = ("ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-32m", "ml-latest", "ml-latest-small")
 # how several processes average the gradients of the towers and replicated tables (strategy.DataParallelAcrossRanks)
 GRADIENT_SYNCS = ("allreduce", "ddp")
+ALLREDUCE_PRECISIONS = ("fp32", "bf16")  # what those gradients travel as
 
 T = TypeVar("T")
 
@@ -146,6 +147,9 @@ class TrainConfig:
                                            "all-reduce per step) or ddp (TorchRec's DDP wrappers: overlap the "
                                            "backward pass, for large dense towers)",
                               GRADIENT_SYNCS)
+    allreduce_precision: str = _opt("fp32", "with several processes, what those gradients are all-reduced as: fp32, "
+                                            "or bf16 (half the bytes, summed in bfloat16; TorchRec's "
+                                            "allreduce_comm_precision)", ALLREDUCE_PRECISIONS)
     collective_timeout_s: int = _opt(600, "seconds a rank waits in a collective before failing (a lost peer)")
     eval_k: int = _opt(10, "cut-off of Recall@k / NDCG@k")
     mlflow_uri: Optional[str] = _opt(None, "MLflow tracking URI (default: sqlite database in the output dir; "

@@ -117,7 +117,10 @@ class GroupedRowWiseAdagrad(RowWiseAdagrad):
         """``sqrt(sum) + eps`` per row of the block `g` (the tables of `states`, in order), after adding
         this step's mean squared gradient to each row's ``sum``."""
         total = cls._joined_sums(states)
-        total.add_(g.square().mean(1, keepdim=True))
+        # mean(g^2) per row as norm^2 / width: one pass over `g` (a replicated table's gradient is
+        # dense, every row of the table), where square().mean() writes and reads a squared copy
+        norm = torch.linalg.vector_norm(g, dim=1, keepdim=True)
+        total.addcmul_(norm, norm, value=1.0 / g.shape[1])
         return total.sqrt().add_(group["eps"])
 
     @staticmethod

@@ -47,7 +47,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from twotower_lit.config import GRADIENT_SYNCS
+from twotower_lit.config import ALLREDUCE_PRECISIONS, GRADIENT_SYNCS
 from twotower_lit.graphs import on_capture_stream
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,9 @@ def check_gradient_sync(name: str) -> str:
 
 
 class GradientAverager:
-    """Averages the gradients of replicated parameters over a process group: one all-reduce of one
-    flat buffer after each backward pass (per device and dtype), nothing in the forward pass.
+    """Averages the gradients of replicated parameters over a process group after each backward
+    pass: one all-reduce of one flat buffer (per device and dtype), plus one in place for each
+    parameter of at least `IN_PLACE_NUMEL` elements; nothing in the forward pass.
 
     What DDP does for these parameters, without its per-step host work. A host-bound GPU step pays
     for DDP's forward wrapper (it walks the inputs and outputs), its per-parameter autograd hooks
@@ -144,20 +145,32 @@ class GradientAverager:
     of the end-to-end rate on two (`benchmarks/GPU_RESULTS.md`). Here a hook on each parameter only
     queues one callback per backward pass, which runs when the pass has finished: it concatenates
     the gradients (one kernel), all-reduces them (one collective; NCCL averages in it, gloo sums and
-    a division follows) and sets each ``.grad`` to its slice of the result. Nothing overlaps the
+    a division follows) and sets each ``.grad`` to its slice of the result. A large gradient (the
+    fused weight of the replicated tables: 74 MB for ML-32M's) is all-reduced where it is instead:
+    copying it into the buffer and out cost 0.04 ms of a 2.0 ms step replayed on each of two H200s.
+    `comm_dtype` (``--allreduce-precision bf16``): the gradients travel as bfloat16 and are summed
+    in it, as DDP's bf16 compression hook and TorchRec's ``allreduce_comm_precision`` do: half the
+    bytes. Nothing overlaps the
     backward pass as DDP's buckets do: the towers and replicated tables here are small, and the
     step waits on the host, not on the GPU. A parameter that got no gradient on a rank counts as
     zeros there, as with DDP's ``find_unused_parameters``. Like DDP, the constructor copies rank
     0's values to every rank, so replicas start equal whatever each rank's initialisation."""
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], pg: dist.ProcessGroup) -> None:
+    IN_PLACE_NUMEL = 1 << 20
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], pg: dist.ProcessGroup,
+                 comm_dtype: Optional[torch.dtype] = None) -> None:
         self.pg = pg
         self.world = pg.size()
+        self.comm_dtype = comm_dtype
         self.average_in_collective = dist.get_backend(pg) == dist.Backend.NCCL
         groups: Dict[Tuple[torch.device, torch.dtype], List[torch.nn.Parameter]] = {}
         for p in params:
             groups.setdefault((p.device, p.dtype), []).append(p)
-        self.groups = list(groups.values())
+        self.groups = list(groups.values())  # (broadcast flat at construction)
+        self.large = [p for p in params if p.numel() >= self.IN_PLACE_NUMEL]  # all-reduced in place
+        self.flat_groups = [[p for p in group if p.numel() < self.IN_PLACE_NUMEL] for group in self.groups]
+        self.flat_groups = [group for group in self.flat_groups if group]
         self._queued_in: Optional[int] = None  # the backward pass (graph task) whose callback is queued
         with torch.no_grad():
             for group in self.groups:
@@ -191,15 +204,26 @@ class GradientAverager:
             torch.autograd.Variable._execution_engine.queue_callback(self._average)
 
     def _average(self) -> None:
-        for group in self.groups:
+        for p in self.large:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            self._all_reduce(p.grad)
+        for group in self.flat_groups:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
-            if self.average_in_collective:
-                dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.pg)
-            else:
-                dist.all_reduce(flat, group=self.pg)
-                flat.div_(self.world)
+            self._all_reduce(flat)
             for p, g in zip(group, self._split(flat, group)):
                 p.grad = g.view_as(p)
+
+    def _all_reduce(self, tensor: torch.Tensor) -> None:
+        """Average `tensor` over the group, in place (sent as `comm_dtype` when one is set)."""
+        sent = tensor if self.comm_dtype in (None, tensor.dtype) else tensor.to(self.comm_dtype)
+        if self.average_in_collective:
+            dist.all_reduce(sent, op=dist.ReduceOp.AVG, group=self.pg)
+        else:
+            dist.all_reduce(sent, group=self.pg)
+            sent.div_(self.world)
+        if sent is not tensor:
+            tensor.copy_(sent)
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -217,11 +241,16 @@ class DataParallelAcrossRanks(DefaultDataParallelWrapper):
     DDP (`unwrap_replicated_lookups`). ``ddp``: TorchRec's wrappers, DDP around the module and
     around each replicated lookup, which overlap the gradients' all-reduce with the backward pass:
     worth it for dense towers large enough that the all-reduce, not the host, bounds a step. A
-    one-process job has nothing to average and gets neither."""
+    one-process job has nothing to average and gets neither. `allreduce_precision`: fp32, or bf16
+    (gradients sent as bfloat16, in either mode)."""
 
-    def __init__(self, gradient_sync: str = "allreduce") -> None:
-        super().__init__()
+    def __init__(self, gradient_sync: str = "allreduce", allreduce_precision: str = "fp32") -> None:
+        if allreduce_precision not in ALLREDUCE_PRECISIONS:
+            raise ValueError(f"--allreduce-precision {allreduce_precision!r}: choose one of "
+                             f"{', '.join(ALLREDUCE_PRECISIONS)}")
+        super().__init__(allreduce_comm_precision=None if allreduce_precision == "fp32" else allreduce_precision)
         self.gradient_sync = check_gradient_sync(gradient_sync)
+        self.comm_dtype = None if allreduce_precision == "fp32" else torch.bfloat16
 
     def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
         if env.world_size == 1:
@@ -237,7 +266,7 @@ class DataParallelAcrossRanks(DefaultDataParallelWrapper):
         replicated += [p for lookup in unwrap_replicated_lookups(module) for p in lookup.parameters()
                        if p.requires_grad]
         if replicated:
-            dmp.gradient_averager = GradientAverager(replicated, env.process_group)
+            dmp.gradient_averager = GradientAverager(replicated, env.process_group, self.comm_dtype)
 
 
 def unwrap_replicated_lookups(module: torch.nn.Module) -> List[torch.nn.Module]:
@@ -302,9 +331,9 @@ def cache_input_dist_permutations() -> None:
 
 def shard_model(module: torch.nn.Module, plan: ShardingPlan, pg: dist.ProcessGroup,
                 device: torch.device, gradient_sync: str = "allreduce",
-                for_capture: bool = False) -> DistributedModelParallel:
-    """`module` under DMP with `plan` (collective: every rank calls it); `gradient_sync` as
-    `DataParallelAcrossRanks`'. `for_capture`: built on the stream its training steps will be
+                for_capture: bool = False, allreduce_precision: str = "fp32") -> DistributedModelParallel:
+    """`module` under DMP with `plan` (collective: every rank calls it); `gradient_sync` and
+    `allreduce_precision` as `DataParallelAcrossRanks`'. `for_capture`: built on the stream its training steps will be
     captured on as CUDA graphs (`twotower_lit.graphs.on_capture_stream` says why)."""
     cache_input_dist_permutations()
     # On CPU, the backward pass through the replicated (data_parallel) tables' dense fbgemm lookup
@@ -317,7 +346,8 @@ def shard_model(module: torch.nn.Module, plan: ShardingPlan, pg: dist.ProcessGro
         return DistributedModelParallel(module=module, device=device, plan=plan,
                                         sharders=[EmbeddingBagCollectionShardingOffer()],
                                         env=ShardingEnv.from_process_group(pg),
-                                        data_parallel_wrapper=DataParallelAcrossRanks(gradient_sync))
+                                        data_parallel_wrapper=DataParallelAcrossRanks(gradient_sync,
+                                                                                             allreduce_precision))
 
 
 def describe_plan(plan: ShardingPlan) -> Dict[str, Dict[str, Any]]:
@@ -405,16 +435,19 @@ class TorchRecStrategy(DDPStrategy):
     def __init__(self, sharding: str = "table_wise", table_sharding: Optional[Mapping[str, str]] = None,
                  module_attr: str = "model", sigterm_check_every_n_steps: int = 50,
                  data_parallel_below_mb: float = 0.0, resumed_data_parallel_tables: Optional[List[str]] = None,
-                 gradient_sync: str = "allreduce", cuda_graphs: bool = False, **kwargs: Any) -> None:
+                 gradient_sync: str = "allreduce", cuda_graphs: bool = False, allreduce_precision: str = "fp32",
+                 **kwargs: Any) -> None:
         """`sharding`/`table_sharding` as `build_sharding_plan`'s. With more than one GPU, tables of
         at most `data_parallel_below_mb` MB that `table_sharding` does not name are replicated
         (data_parallel); 0 turns that off. `resumed_data_parallel_tables`: the data_parallel tables
         of the checkpoint the run resumes (`replicated_tables_of`), which then stay replicated
         instead, and no other table is replicated by size. `gradient_sync`: how the unsharded
-        parameters' gradients are averaged across ranks (`DataParallelAcrossRanks`). `cuda_graphs`:
+        parameters' gradients are averaged across ranks, and `allreduce_precision` what they are sent
+        as (`DataParallelAcrossRanks`). `cuda_graphs`:
         the model is built for steps captured as CUDA graphs (`shard_model`'s ``for_capture``)."""
         super().__init__(**kwargs)
         self.cuda_graphs = cuda_graphs
+        self.allreduce_precision = allreduce_precision
         self.gradient_sync = check_gradient_sync(gradient_sync)  # before any process starts
         self.sigterm_check_every_n_steps = sigterm_check_every_n_steps
         self.sharding = sharding
@@ -452,7 +485,8 @@ class TorchRecStrategy(DDPStrategy):
                     print(f"sharding plan: {table}: {d['sharding_type']} ({d['compute_kernel']}) on ranks {d['ranks']}",
                           flush=True)
             setattr(lm, self.module_attr, shard_model(inner, plan, pg, self.root_device, self.gradient_sync,
-                                                          for_capture=self.cuda_graphs))
+                                                          for_capture=self.cuda_graphs,
+                                                          allreduce_precision=self.allreduce_precision))
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)  # after the wrap: optimizers must see the sharded parameters

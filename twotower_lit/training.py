@@ -191,7 +191,8 @@ def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger
     strategy = TorchRecStrategy(sharding=cfg.sharding, table_sharding=parse_table_sharding(cfg.table_sharding),
                                 data_parallel_below_mb=cfg.data_parallel_below_mb, gradient_sync=cfg.gradient_sync,
                                 resumed_data_parallel_tables=replicated_tables_of(ckpt_path) if ckpt_path else None,
-                                timeout=datetime.timedelta(seconds=cfg.collective_timeout_s), cuda_graphs=graphed)
+                                timeout=datetime.timedelta(seconds=cfg.collective_timeout_s), cuda_graphs=graphed,
+                                allreduce_precision=cfg.allreduce_precision)
     # one callback per trigger: Lightning's ModelCheckpoint takes either a step or an epoch interval
     checkpoints = [L.pytorch.callbacks.ModelCheckpoint(
         dirpath=checkpoint_dir, filename="epoch{epoch}-end-step{step}", auto_insert_metric_name=False,

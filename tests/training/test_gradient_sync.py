@@ -167,3 +167,43 @@ def test_a_parameter_without_gradient_counts_as_zeros():
         assert all(p.grad is None for p in unused.parameters())  # hooks removed: no callback
     finally:
         dist.destroy_process_group()
+
+
+def _precision_worker(rank: int, store_file: str) -> None:
+    from twotower_lit.strategy import GradientAverager
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_file, WORLD), rank=rank, world_size=WORLD)
+    try:
+        base = torch.randn(GradientAverager.IN_PLACE_NUMEL + 5, generator=torch.Generator().manual_seed(0))
+        large, small = torch.nn.Parameter(torch.zeros_like(base)), torch.nn.Parameter(torch.zeros(3))
+        for dtype in (None, torch.bfloat16):
+            averager = GradientAverager([large, small], dist.group.WORLD, dtype)
+            produced = []  # the tensor autograd accumulated, seen before the averager's callback
+            hook = large.register_post_accumulate_grad_hook(lambda p: produced.append(p.grad.data_ptr()))
+            # rank r's gradients are (r + 1) x base: their mean is 1.5 x base
+            ((large * base).sum() * (rank + 1) + (small * base[:3]).sum() * (rank + 1)).backward()
+            want = 1.5 * base if dtype is None else \
+                (base.to(dtype) + (2 * base).to(dtype)).to(torch.float32) / 2  # sent and summed as bf16
+            tol = {} if dtype is None else {"rtol": 1e-2, "atol": 1e-2}
+            torch.testing.assert_close(large.grad, want, **tol)
+            torch.testing.assert_close(small.grad, want[:3], **tol)
+            assert large.grad.data_ptr() == produced[0], "the large gradient is averaged where it is"
+            as_bf16 = large.grad.to(torch.bfloat16).to(torch.float32)
+            assert torch.equal(as_bf16, large.grad) == (dtype is not None), "averaged in bf16 only when asked"
+            for grad in (large.grad, small.grad):
+                gathered = [torch.empty_like(grad) for _ in range(WORLD)]
+                dist.all_gather(gathered, grad)
+                assert torch.equal(gathered[0], gathered[1])
+            hook.remove()
+            averager.remove()
+            large.grad = small.grad = None
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_large_gradients_are_averaged_in_place_and_bf16_sends_half_the_bytes(tmp_path):
+    """A gradient of at least IN_PLACE_NUMEL elements (the replicated tables' fused weight) is
+    all-reduced where autograd left it; the others through one flat buffer. With bf16 both are
+    sent and summed as bfloat16: the result is that sum's, equal on both ranks."""
+    mp.spawn(_precision_worker, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True)
