@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU part of the benchmark suite: training throughput on 1 and 2 GPUs, ml-1m- and ML-32M-shaped
 # tables, batch 8k and 64k per GPU, each invocation timing the Lightning path, eager DMP, TorchRec's
-# pipeline, plain PyTorch and (one GPU) the step replayed as a CUDA graph side by side. Results:
+# pipeline, plain PyTorch and the step replayed as a CUDA graph (one GPU, or replicated tables) side by side. Results:
 # printed, and appended as JSON lines to $1.
 # Several GPUs run each case twice: tables sharded table_wise, and replicated (data_parallel), which
 # is what the training job does with these tables on several GPUs (--data-parallel-below-mb).
@@ -18,7 +18,8 @@ for n in ${GPU_COUNTS:-1 2}; do
       shardings=table_wise; [ "$n" -gt 1 ] && shardings="table_wise data_parallel"
       for sharding in $shardings; do
         modes=lightning,lightning_pipeline,lightning_multistep,eager,pipeline,plain
-        [ "$n" -eq 1 ] && modes="$modes,graphed"  # CUDA graphs: one process (the training job's --cuda-graphs)
+        # CUDA graphs (the training job's --cuda-graphs): one GPU, or several with every table replicated
+        { [ "$n" -eq 1 ] || [ "$sharding" = data_parallel ]; } && modes="$modes,graphed"
         CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) torchrun --standalone --nproc_per_node "$n" \
           -m benchmarks.train_throughput --shape "$shape" --batch "$batch" --steps "$steps" \
           --sharding "$sharding" --modes "$modes" --json "$out"

@@ -18,6 +18,13 @@ the padding adds exactly zero to every sum, and each row's mean divides by its r
 (`twotower_lit.model.TwoTower.forward`'s ``bag_lengths``). The model trains exactly as without
 padding (tests/training/test_graphs.py compares the weights).
 
+Several processes capture the same step, all-reduce of the replicated parameters' gradients
+included (NCCL records it in the graph; a rank that steps a batch eagerly makes the same
+all-reduces, so the ranks stay paired), when every table is replicated: a sharded table's
+all-to-all reads its sizes on the host. Their model is built on the
+capture stream (`on_capture_stream` says why). On two H200s a replayed 65,536-row step took 1.93
+ms per GPU against 3.4-3.6 ms eager (68 against 36-39 M samples/s).
+
 The step's other conditions: a constant learning rate (TorchRec's fused embedding optimizers read
 it when the kernel is launched, so the graph keeps the one of its capture), no host
 synchronisation inside the step (the loss builds no data-dependent shapes), and optimizers that

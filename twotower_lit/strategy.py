@@ -150,11 +150,11 @@ class GradientAverager:
     copying it into the buffer and out cost 0.04 ms of a 2.0 ms step replayed on each of two H200s.
     `comm_dtype` (``--allreduce-precision bf16``): the gradients travel as bfloat16 and are summed
     in it, as DDP's bf16 compression hook and TorchRec's ``allreduce_comm_precision`` do: half the
-    bytes. Nothing overlaps the
-    backward pass as DDP's buckets do: the towers and replicated tables here are small, and the
-    step waits on the host, not on the GPU. A parameter that got no gradient on a rank counts as
-    zeros there, as with DDP's ``find_unused_parameters``. Like DDP, the constructor copies rank
-    0's values to every rank, so replicas start equal whatever each rank's initialisation."""
+    bytes. Nothing overlaps the backward pass as DDP's buckets do: the largest gradient, the
+    replicated tables', is the backward pass's last (their lookup is the forward pass's first op),
+    and the towers' are small. A parameter that got no gradient on a rank counts as zeros there, as
+    with DDP's ``find_unused_parameters``. Like DDP, the constructor copies rank 0's values to every
+    rank, so replicas start equal whatever each rank's initialisation."""
 
     IN_PLACE_NUMEL = 1 << 20
 
@@ -242,7 +242,8 @@ class DataParallelAcrossRanks(DefaultDataParallelWrapper):
     around each replicated lookup, which overlap the gradients' all-reduce with the backward pass:
     worth it for dense towers large enough that the all-reduce, not the host, bounds a step. A
     one-process job has nothing to average and gets neither. `allreduce_precision`: fp32, or bf16
-    (gradients sent as bfloat16, in either mode)."""
+    (gradients sent as bfloat16: the averager's, or with ``ddp`` TorchRec's compression hook on the
+    DDP around the module; the replicated lookups' own DDPs stay fp32)."""
 
     def __init__(self, gradient_sync: str = "allreduce", allreduce_precision: str = "fp32") -> None:
         if allreduce_precision not in ALLREDUCE_PRECISIONS:
