@@ -272,6 +272,30 @@ def _two_rank_graphed_worker(rank: int, store_file: str, data_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def test_replicated_tables_keep_their_weights_gradient_accumulator_from_construction(process_group, data):
+    """Why a model whose steps several GPUs capture is built on the capture stream
+    (`twotower_lit.graphs.on_capture_stream`): autograd accumulates a weight's gradient on the stream
+    current when its accumulator node was made, and TorchRec's replicated tables (views of their
+    lookup's fused weight) keep that node from construction on. A hook put on the node before
+    training fires in the first backward pass only if the same node is used there; a tower
+    weight's node, which nothing keeps, is made anew by the forward pass."""
+    from twotower_lit.strategy import unwrap_replicated_lookups
+
+    lm = _sharded_module(data, process_group, "data_parallel")
+    lookups = unwrap_replicated_lookups(lm.model) or [m.module for m in lm.model.modules()
+                                                     if isinstance(m, torch.nn.parallel.DistributedDataParallel)]
+    fused = [p for lookup in lookups for p in lookup.parameters()]
+    tower = next(p for name, p in lm.model.named_parameters() if "tower" in name)
+    assert fused
+    fired = []
+    for name, p in [("fused", w) for w in fused] + [("tower", tower)]:
+        node = p.view_as(p).grad_fn.next_functions[0][0]  # the parameter's accumulator (made if none is kept)
+        node.register_prehook(lambda grads, name=name: fired.append(name))
+        del node
+    lm.loss_and_output(_batch(data, 64, 0))[0].backward()
+    assert set(fired) == {"fused"}
+
+
 def test_two_ranks_with_replicated_tables_train_on_fixed_shapes_as_eagerly(prepared_synthetic, tmp_path):
     """What several GPUs capture (here without capture, on two gloo processes): every table
     replicated, gradients averaged by one all-reduce; both ranks end as eager training does."""
