@@ -83,6 +83,24 @@ def on_capture_stream(device: torch.device) -> Iterator[None]:
     current.wait_stream(stream)
 
 
+def plan_refusal(world: int, plan: Dict[str, Dict]) -> Optional[str]:
+    """Why a job of `world` processes with sharding `plan` ({table: {"sharding_type": ...}}, as
+    `twotower_lit.strategy.describe_plan` gives) cannot capture its steps (None when it can): with
+    several processes, every table must be replicated. A sharded table's all-to-all reads the split
+    sizes of the exchanged ids on the host at every step (TorchRec's KJT all-to-all), which a
+    capture refuses; replicated tables exchange nothing but the all-reduce of their gradients
+    (`twotower_lit.strategy.GradientAverager`), which NCCL captures."""
+    if world == 1:
+        return None
+    sharded = sorted(table for table, d in plan.items() if d["sharding_type"] != "data_parallel")
+    if not sharded:
+        return None
+    return (f"with several processes every table must be replicated, but {', '.join(sharded)} "
+            f"{'is' if len(sharded) == 1 else 'are'} sharded, and the ids' all-to-all of a sharded table reads its "
+            f"sizes on the host at every step, which a capture refuses: pass --sharding data_parallel, or a "
+            f"--data-parallel-below-mb above the tables' size")
+
+
 def on_every_replay(work: Callable[[], None]) -> None:
     """Register host work of the step being captured, to run again after every later replay.
 

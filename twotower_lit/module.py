@@ -19,7 +19,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from twotower_lit.config import ModelConfig, OptimConfig
 from twotower_lit.data.batches import Batch
-from twotower_lit.graphs import GraphedTrainingStep, padding_rows
+from twotower_lit.graphs import GraphedTrainingStep, padding_rows, plan_refusal
 from twotower_lit.layers import logits
 from twotower_lit.losses import TwoTowerLoss
 from twotower_lit.model import FeatureSpec, TwoTower
@@ -348,20 +348,8 @@ class TwoTowerModule(L.LightningModule):
 
 def graph_refusal_of(trainer: L.Trainer) -> Optional[str]:
     """Why `trainer`'s training steps cannot be captured as CUDA graphs, known only once its
-    strategy has sharded the model (None when they can): with several processes, every table must
-    be replicated. A sharded table's all-to-all reads the split sizes of the exchanged ids on the
-    host at every step (TorchRec's KJT all-to-all), which a capture refuses; replicated tables
-    exchange nothing but one all-reduce of their gradients (`GradientAverager`), which NCCL captures."""
-    if trainer.world_size == 1:
-        return None
-    plan = getattr(trainer.strategy, "plan_description", {})
-    sharded = sorted(table for table, d in plan.items() if d["sharding_type"] != "data_parallel")
-    if not sharded:
-        return None
-    return (f"with several processes every table must be replicated, but {', '.join(sharded)} "
-            f"{'is' if len(sharded) == 1 else 'are'} sharded, and the ids' all-to-all of a sharded table reads its "
-            f"sizes on the host at every step, which a capture refuses: pass --sharding data_parallel, or a "
-            f"--data-parallel-below-mb above the tables' size")
+    strategy has sharded the model (None when they can): `twotower_lit.graphs.plan_refusal`."""
+    return plan_refusal(trainer.world_size, getattr(trainer.strategy, "plan_description", {}))
 
 
 class PipelinedTwoTowerModule(TwoTowerModule):

@@ -48,7 +48,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from twotower_lit.config import ALLREDUCE_PRECISIONS, GRADIENT_SYNCS
-from twotower_lit.graphs import on_capture_stream
+from twotower_lit.graphs import on_capture_stream, plan_refusal
 
 log = logging.getLogger(__name__)
 
@@ -485,8 +485,10 @@ class TorchRecStrategy(DDPStrategy):
                 for table, d in self.plan_description.items():
                     print(f"sharding plan: {table}: {d['sharding_type']} ({d['compute_kernel']}) on ranks {d['ranks']}",
                           flush=True)
+            # built for capture only where this plan can be captured (`plan_refusal`)
+            capture = self.cuda_graphs and plan_refusal(pg.size(), self.plan_description) is None
             setattr(lm, self.module_attr, shard_model(inner, plan, pg, self.root_device, self.gradient_sync,
-                                                          for_capture=self.cuda_graphs,
+                                                          for_capture=capture,
                                                           allreduce_precision=self.allreduce_precision))
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:

@@ -207,19 +207,17 @@ def test_cuda_graphs_option_takes_graphs_only_where_they_run():
 
 def test_several_processes_need_every_table_replicated():
     """Known once the strategy has sharded the model: a table sharded across ranks is named."""
-    from types import SimpleNamespace
+    from twotower_lit.graphs import plan_refusal
 
-    from twotower_lit.module import graph_refusal_of
-
-    def trainer(world, **kinds):
-        plan = {table: {"sharding_type": kind, "compute_kernel": "dense", "ranks": [0]}
+    def plan(**kinds):
+        return {table: {"sharding_type": kind, "compute_kernel": "dense", "ranks": [0]}
                 for table, kind in kinds.items()}
-        return SimpleNamespace(world_size=world, strategy=SimpleNamespace(plan_description=plan))
 
-    assert graph_refusal_of(trainer(1, t_user="table_wise")) is None
-    assert graph_refusal_of(trainer(2, t_user="data_parallel", t_item="data_parallel")) is None
-    why = graph_refusal_of(trainer(2, t_user="row_wise", t_item="data_parallel", t_genres="table_wise"))
+    assert plan_refusal(1, plan(t_user="table_wise")) is None
+    assert plan_refusal(2, plan(t_user="data_parallel", t_item="data_parallel")) is None
+    why = plan_refusal(2, plan(t_user="row_wise", t_item="data_parallel", t_genres="table_wise"))
     assert "t_genres, t_user are sharded" in why and "--sharding data_parallel" in why
+    assert "t_user is sharded" in plan_refusal(4, plan(t_user="column_wise"))
 
 
 def _two_rank_graphed_worker(rank: int, store_file: str, data_dir: str) -> None:
