@@ -346,12 +346,6 @@ class TwoTowerModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def graph_refusal_of(trainer: L.Trainer) -> Optional[str]:
-    """Why `trainer`'s training steps cannot be captured as CUDA graphs, known only once its
-    strategy has sharded the model (None when they can): `twotower_lit.graphs.plan_refusal`."""
-    return plan_refusal(trainer.world_size, getattr(trainer.strategy, "plan_description", {}))
-
-
 class PipelinedTwoTowerModule(TwoTowerModule):
     """`TwoTowerModule` trained through TorchRec's train pipeline (``--train-pipeline sparse_dist``).
 
@@ -399,7 +393,7 @@ class MultiStepTwoTowerModule(TwoTowerModule):
         # --cuda-graphs: steps on fixed-shape input, replayed as one CUDA graph on a GPU (`twotower_lit.graphs`)
         # (``graphs_required``, --cuda-graphs on: a run whose sharding plan cannot be captured fails)
         self.graphed_steps, self.graphs_required = graphed_steps, graphs_required
-        self.graph_refusal: Optional[str] = None  # why the steps were not captured after all (`graph_refusal_of`)
+        self.graph_refusal: Optional[str] = None  # why the steps were not captured after all (`plan_refusal`)
         self._graphed: Optional[GraphedTrainingStep] = None
         self._earlier_eager_steps = 0  # eager steps of a step replaced before its capture (see graphed_step_on)
         self.graph_skips = 0  # steps that ran eagerly because their batch did not fit the graph's shapes
@@ -452,7 +446,9 @@ class MultiStepTwoTowerModule(TwoTowerModule):
         # would otherwise capture that shape)
         if not same_fit or (step.graph is None and len(batch.labels) > step.input.rows):
             if step is None:
-                self.graph_refusal = graph_refusal_of(self.trainer)
+                # the plan is known once the strategy has sharded the model
+                self.graph_refusal = plan_refusal(self.trainer.world_size,
+                                                  getattr(self.trainer.strategy, "plan_description", {}))
                 if self.graph_refusal is not None:
                     if self.graphs_required:
                         raise ValueError(f"--cuda-graphs on: {self.graph_refusal}; or pass --cuda-graphs off")

@@ -169,8 +169,8 @@ class GradientAverager:
             groups.setdefault((p.device, p.dtype), []).append(p)
         self.groups = list(groups.values())  # (broadcast flat at construction)
         self.large = [p for p in params if p.numel() >= self.IN_PLACE_NUMEL]  # all-reduced in place
-        self.flat_groups = [[p for p in group if p.numel() < self.IN_PLACE_NUMEL] for group in self.groups]
-        self.flat_groups = [group for group in self.flat_groups if group]
+        self.flat_groups = [small for small in ([p for p in group if p.numel() < self.IN_PLACE_NUMEL]
+                                                for group in self.groups) if small]
         self._queued_in: Optional[int] = None  # the backward pass (graph task) whose callback is queued
         with torch.no_grad():
             for group in self.groups:
@@ -334,8 +334,9 @@ def shard_model(module: torch.nn.Module, plan: ShardingPlan, pg: dist.ProcessGro
                 device: torch.device, gradient_sync: str = "allreduce",
                 for_capture: bool = False, allreduce_precision: str = "fp32") -> DistributedModelParallel:
     """`module` under DMP with `plan` (collective: every rank calls it); `gradient_sync` and
-    `allreduce_precision` as `DataParallelAcrossRanks`'. `for_capture`: built on the stream its training steps will be
-    captured on as CUDA graphs (`twotower_lit.graphs.on_capture_stream` says why)."""
+    `allreduce_precision` as `DataParallelAcrossRanks`'. `for_capture`: built on the stream its
+    training steps will be captured on as CUDA graphs (`twotower_lit.graphs.on_capture_stream`
+    says why)."""
     cache_input_dist_permutations()
     # On CPU, the backward pass through the replicated (data_parallel) tables' dense fbgemm lookup
     # warns that the op has no autograd kernel and "may lead to silently incorrect behavior". Its
@@ -344,11 +345,10 @@ def shard_model(module: torch.nn.Module, plan: ShardingPlan, pg: dist.ProcessGro
     warnings.filterwarnings("ignore", category=UserWarning, message="fbgemm::dense_embedding_codegen_lookup_function: "
                             "an autograd kernel was not registered")
     with on_capture_stream(device) if for_capture else contextlib.nullcontext():
+        wrapper = DataParallelAcrossRanks(gradient_sync, allreduce_precision)
         return DistributedModelParallel(module=module, device=device, plan=plan,
                                         sharders=[EmbeddingBagCollectionShardingOffer()],
-                                        env=ShardingEnv.from_process_group(pg),
-                                        data_parallel_wrapper=DataParallelAcrossRanks(gradient_sync,
-                                                                                             allreduce_precision))
+                                        env=ShardingEnv.from_process_group(pg), data_parallel_wrapper=wrapper)
 
 
 def describe_plan(plan: ShardingPlan) -> Dict[str, Dict[str, Any]]:
@@ -444,8 +444,8 @@ class TorchRecStrategy(DDPStrategy):
         of the checkpoint the run resumes (`replicated_tables_of`), which then stay replicated
         instead, and no other table is replicated by size. `gradient_sync`: how the unsharded
         parameters' gradients are averaged across ranks, and `allreduce_precision` what they are sent
-        as (`DataParallelAcrossRanks`). `cuda_graphs`:
-        the model is built for steps captured as CUDA graphs (`shard_model`'s ``for_capture``)."""
+        as (`DataParallelAcrossRanks`). `cuda_graphs`: the model is built for steps captured as CUDA
+        graphs where the plan allows it (`shard_model`'s ``for_capture``)."""
         super().__init__(**kwargs)
         self.cuda_graphs = cuda_graphs
         self.allreduce_precision = allreduce_precision

@@ -159,7 +159,7 @@ def resolve_cuda_graphs(cfg: TrainConfig, device_type: str, world: int, tables: 
     """Whether this run's training steps are captured and replayed as CUDA graphs (--cuda-graphs):
     ``on`` refuses a run that cannot, naming what to change; ``auto`` takes them wherever they can
     run: GPU jobs of one process, or of several with every table replicated. (The sharding plan
-    is known only once the strategy has sharded the model: `twotower_lit.module.graph_refusal_of`
+    is known only once the strategy has sharded the model: `twotower_lit.graphs.plan_refusal`
     checks it then.)"""
     if cfg.cuda_graphs == "off":
         return False
