@@ -5,7 +5,8 @@ Runs, each in its own process so one's memory and threads do not disturb the nex
   2. the shard loader alone,
   3. training throughput with data in memory (ml-1m- and ML-32M-shaped tables, batch 8k and 64k):
      the Lightning/TorchRec path with and without TorchRec's pipeline, eager DMP, TorchRec's
-     pipeline alone and plain PyTorch, on 1 and 2 gloo processes,
+     pipeline alone and plain PyTorch, on 1 and 2 gloo processes; and the in-batch softmax of
+     the default objective, the job's implementation against the same terms written plainly,
   4. training end to end from Parquet shards (`entrypoints.train`, 1 and 2 processes, batch 8k and 64k),
   5. serving latency and throughput,
   6. what logging a metric to MLflow costs the training loop (synchronous and asynchronous).
@@ -68,6 +69,9 @@ def main(argv=None) -> None:
                                  "benchmarks.train_throughput", "--shape", shape, "--batch", batch, "--steps", steps,
                                  "--warmup", "3", "--json", str(throughput)]))
     sections.append(("Training throughput, data in memory (CPU, gloo)", "\n".join(table_lines(t) for t in text)))
+    sections.append(("In-batch sampled softmax of `--loss softmax|both`, forward and backward",
+                     run([py, "-m", "benchmarks.loss_bench", "--device", "cpu"] +
+                         (["--rows", "16384", "--repeats", "3"] if args.quick else []))))
 
     data = out / "synthetic-1m"
     run([py, "-m", "entrypoints.prepare", "--synthetic", "1000000", "--output-dir", str(data)])

@@ -2,7 +2,8 @@
 # GPU part of the benchmark suite: training throughput on 1 and 2 GPUs, ml-1m- and ML-32M-shaped
 # tables, batch 8k and 64k per GPU, each invocation timing the Lightning path, eager DMP, TorchRec's
 # pipeline, plain PyTorch and the step replayed as a CUDA graph (one GPU, or replicated tables) side by side. Results:
-# printed, and appended as JSON lines to $1.
+# printed, and appended as JSON lines to $1. Then the in-batch softmax of the default objective on one GPU
+# (`benchmarks/loss_bench.py`: the job's implementation against the same terms written plainly).
 # Several GPUs run each case twice: tables sharded table_wise, and replicated (data_parallel), which
 # is what the training job does with these tables on several GPUs (--data-parallel-below-mb).
 #   bash benchmarks/gpu_suite.sh results.jsonl [STEPS]
@@ -27,3 +28,4 @@ for n in ${GPU_COUNTS:-1 2}; do
     done
   done
 done
+CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.loss_bench

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from twotower_lit.layers import logits as liking_logits
 
@@ -59,7 +60,23 @@ def sampled_softmax_loss(queries: torch.Tensor, candidates: torch.Tensor, positi
 def sampled_softmax_terms(queries: torch.Tensor, candidates: torch.Tensor, positive: torch.Tensor,
                           candidate_items: torch.Tensor, log_q: torch.Tensor, temperature: float = 1.0,
                           weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the queries' weighted cross-entropies, sum of their weights) of `sampled_softmax_loss`."""
+    """(sum of the queries' weighted cross-entropies, sum of their weights) of `sampled_softmax_loss`:
+    the terms of `plain_sampled_softmax_terms`, computed by `_SampledSoftmaxCrossEntropy`."""
+    if weights is None:
+        weights = queries.new_ones(positive.shape)
+    if log_q.requires_grad or weights.requires_grad:
+        raise ValueError("the sampled softmax takes gradients for the queries and candidates only: pass log_q and "
+                         "weights detached")
+    total = _SampledSoftmaxCrossEntropy.apply(queries / temperature, candidates, log_q, positive, candidate_items,
+                                              weights)
+    return total, weights.sum()
+
+
+def plain_sampled_softmax_terms(queries: torch.Tensor, candidates: torch.Tensor, positive: torch.Tensor,
+                                candidate_items: torch.Tensor, log_q: torch.Tensor, temperature: float = 1.0,
+                                weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`sampled_softmax_terms` written with autograd's operations: its definition, which the tests
+    and `benchmarks/loss_bench.py` compare it with."""
     scores = queries @ candidates.transpose(-1, -2) / temperature  # (..., Q, C)
     column = positive.unsqueeze(-1)  # (..., Q, 1)
     own = scores.gather(-1, column)
@@ -72,6 +89,54 @@ def sampled_softmax_terms(queries: torch.Tensor, candidates: torch.Tensor, posit
     if weights is None:
         weights = torch.ones_like(cross_entropy)
     return (cross_entropy * weights).sum(), weights.sum()
+
+
+class _SampledSoftmaxCrossEntropy(torch.autograd.Function):
+    """``sum(weights * cross-entropy)`` of `plain_sampled_softmax_terms`, from queries already
+    divided by the temperature, with its backward pass written out.
+
+    Why by hand: the score matrix (queries x candidates per block: 67 M scores for a 65,536-row
+    batch in blocks of 1,024) is the largest tensor of the training step, and every elementwise
+    operation over it is a pass through GPU memory. Written plainly, autograd makes about 25 such
+    passes forward and backward (the division by the temperature, the correction, the scatter of
+    the positive's column, the mask and its scatter, the cross-entropy, and each one's backward
+    pass). Here: the temperature is applied to the queries (Q x d, not Q x C), the correction and
+    the mask are applied in place, the positive's column is restored after masking (so the mask
+    needs no scatter of its own), and the backward pass needs no elementwise pass but one
+    exponential: the gradient of the scores is ``weight x (softmax - one-hot)`` per row, and the
+    per-row weight is applied to the (small) operands of the two products instead of the matrix.
+    Masked columns have probability 0, so they get no gradient, as their constant -inf gets none.
+    The values are the plain expression's (tests/quality/test_losses.py compares them, gradients
+    included); `benchmarks/loss_bench.py` times both."""
+
+    @staticmethod
+    def forward(ctx: Any, queries: torch.Tensor, candidates: torch.Tensor, log_q: torch.Tensor,
+                positive: torch.Tensor, candidate_items: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        column = positive.unsqueeze(-1)  # (..., Q, 1)
+        logits = queries @ candidates.transpose(-1, -2)  # (..., Q, C)
+        own = logits.gather(-1, column)
+        logits.sub_(log_q.unsqueeze(-2))
+        # every column holding the query's own item, its own column included: that one gets its
+        # uncorrected score back next
+        logits.masked_fill_(candidate_items.unsqueeze(-2) == candidate_items.gather(-1, positive).unsqueeze(-1),
+                            float("-inf"))
+        logits.scatter_(-1, column, own)
+        log_p = torch.log_softmax(logits, dim=-1)
+        del logits
+        ctx.save_for_backward(queries, candidates, log_p, column, weights)
+        return -(log_p.gather(-1, column).squeeze(-1) * weights).sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        queries, candidates, log_p, column, weights = ctx.saved_tensors
+        scale = (grad * weights).unsqueeze(-1)  # (..., Q, 1): each row's factor
+        d_logits = log_p.exp()
+        d_logits.scatter_add_(-1, column, torch.full(column.shape, -1.0, dtype=d_logits.dtype,
+                                                     device=d_logits.device))
+        d_queries = (d_logits @ candidates) * scale if ctx.needs_input_grad[0] else None
+        d_candidates = d_logits.transpose(-1, -2) @ (queries * scale) if ctx.needs_input_grad[1] else None
+        return d_queries, d_candidates, None, None, None, None
 
 
 class _MeanSquaredNorm(torch.autograd.Function):

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from twotower_lit.losses import TwoTowerLoss, sampled_softmax_loss
+from twotower_lit.losses import (TwoTowerLoss, plain_sampled_softmax_terms, sampled_softmax_loss,
+                                 sampled_softmax_terms)
 
 
 def _batch(n_rated: int, negatives: int, dim: int = 4, num_items: int = 20, seed: int = 0):
@@ -244,3 +245,51 @@ def test_softmax_over_blocks_is_each_blocks_own_in_batch_softmax():
 def test_negative_softmax_rows_is_refused():
     with pytest.raises(ValueError, match="softmax_rows"):
         TwoTowerLoss("softmax", num_items=5, softmax_rows=-1)
+
+
+@pytest.mark.parametrize("blocks", [(), (3,)])
+def test_the_softmax_terms_are_their_plain_definition_gradients_included(blocks):
+    """`sampled_softmax_terms` (its backward pass written out) gives the loss and gradients of
+    `plain_sampled_softmax_terms` (autograd's operations): with accidental hits, weights 0 and 1,
+    a temperature, more candidates than queries, positives anywhere among them, and blocks."""
+    g = torch.Generator().manual_seed(5)
+    q_rows, c_rows, dim = 6, 14, 3
+    queries = torch.randn(*blocks, q_rows, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    candidates = torch.randn(*blocks, c_rows, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    items = torch.randint(1, 5, (*blocks, c_rows), generator=g)  # 4 items among 14 columns: many hits
+    positive = torch.stack([torch.randperm(c_rows, generator=g)[:q_rows] for _ in range(math.prod(blocks))])
+    positive = positive.view(*blocks, q_rows)
+    log_q = torch.randn(*blocks, c_rows, generator=g, dtype=torch.float64)
+    weights = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0], dtype=torch.float64).expand(*blocks, q_rows)
+    found = {}
+    for name, fn in (("written out", sampled_softmax_terms), ("plain", plain_sampled_softmax_terms)):
+        total, weight = fn(queries, candidates, positive, items, log_q, 0.7, weights)
+        found[name] = (total, weight, *torch.autograd.grad(total * 1.5, (queries, candidates)))
+    for mine, plain in zip(found["written out"], found["plain"]):
+        torch.testing.assert_close(mine, plain, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(found["plain"][0]) and found["plain"][2].abs().sum() > 0
+    # accidental hits were there to mask, and they got no gradient through the mask
+    own = items.gather(-1, positive)
+    assert ((items.unsqueeze(-2) == own.unsqueeze(-1)).sum(-1) > 1).any()
+    assert torch.autograd.gradcheck(
+        lambda q, c: sampled_softmax_terms(q, c, positive, items, log_q, 0.7, weights)[0], (queries, candidates))
+
+
+def test_the_softmax_takes_no_gradient_for_the_correction_or_the_weights():
+    queries, candidates = torch.randn(2, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="log_q and weights detached"):
+        sampled_softmax_terms(queries, candidates, torch.tensor([0, 1]), torch.arange(4),
+                              torch.zeros(4, requires_grad=True))
+
+
+def test_the_softmax_benchmark_times_both_and_finds_them_equal(capsys):
+    from benchmarks.loss_bench import main
+
+    main(["--device", "cpu", "--rows", "256", "--block", "64", "--items", "50", "--dim", "8", "--steps", "1",
+          "--repeats", "1"])
+    out = capsys.readouterr().out
+    timed = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "implementation" not in line]
+    assert [cells[1].strip() for cells in timed] == ["autograd's operations (plain)",
+                                                     "backward written out (the job's)"]
+    assert all(float(cells[2]) > 0 for cells in timed)
+    assert float(out.rsplit("gradients: ", 1)[1]) < 1e-5
