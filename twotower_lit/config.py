@@ -121,8 +121,12 @@ class TrainConfig:
                                  "training begins, after this one's start-up); auto: torchrun on GPUs, lightning on "
                                  "CPUs", ("auto", "torchrun", "lightning"))
     num_workers: int = _opt(0, "data-loader worker processes per rank")
-    data_on_device: bool = _opt(False, "keep the training split in accelerator memory and build batches there (no "
-                                       "loader workers or copies; rated rows only, so --negatives 0)")
+    # auto: a GPU steps 65,536 rows in 1.4-2.7 ms (24-43 M rows/s), which the streaming loader
+    # does not feed (about 4 M rows/s with 12 workers on an H200 machine; benchmarks/GPU_RESULTS.md)
+    data_on_device: str = _opt("auto", "keep the training split in accelerator memory and build batches there (no "
+                                       "loader workers or copies; rated rows only, so --negatives 0); auto: on GPUs "
+                                       "when --negatives is 0 and the split takes at most a quarter of the GPU's "
+                                       "memory", ("auto", "true", "false"))
     tf32: bool = _opt(True, "on GPUs: float32 matmuls (the towers) on TF32 tensor cores, "
                             "torch.set_float32_matmul_precision('high'); false: full float32")
     # table_wise: each table whole on one rank, the tables balanced over ranks by the planner. On 2

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from twotower_lit.config import TrainConfig, to_flat_dict
+from twotower_lit.config import TrainConfig, parse_bool, to_flat_dict
 from twotower_lit.data.batches import FeatureTables
-from twotower_lit.data.datamodule import MovieLensDataModule, load_manifest
+from twotower_lit.data.datamodule import MovieLensDataModule, load_manifest, split_source
 from twotower_lit.evaluation import RetrievalEvaluation
 from twotower_lit.losses import TwoTowerLoss
 from twotower_lit.metrics import PopularityBaseline
@@ -186,6 +186,31 @@ def resolve_cuda_graphs(cfg: TrainConfig, device_type: str, world: int, tables: 
     return not needs
 
 
+# GPU memory per training row that `--data-on-device` takes, with margin: the resident split (user
+# and item ids as int64, the label as float32: 20 bytes) plus an epoch's order and its gathers
+DEVICE_BYTES_PER_ROW = 64
+
+
+def resolve_data_on_device(cfg: TrainConfig, device_type: str, train_rows: int,
+                           device_memory: Optional[int] = None) -> bool:
+    """Whether the training batches are built on the training device from a copy of the split
+    kept there (--data-on-device; `twotower_lit.data.device_batches`). ``auto`` takes it on GPUs
+    when the run samples no negatives (that reader builds rated rows only) and `train_rows` take at
+    most a quarter of the GPU's memory (`device_memory`, bytes; read from this process's GPU when not
+    given). The GPU's total memory, not its free memory, so that every rank decides alike."""
+    choice = str(cfg.data_on_device).strip().lower()
+    if choice != "auto":
+        try:
+            return parse_bool(choice)
+        except Exception:  # argparse's error type; the option may come from a SageMaker hyperparameter
+            raise ValueError(f"--data-on-device {cfg.data_on_device!r}: choose auto, true or false") from None
+    if device_type != "cuda" or cfg.negatives:
+        return False
+    if device_memory is None:
+        device_memory = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory
+    return train_rows * DEVICE_BYTES_PER_ROW <= device_memory // 4
+
+
 def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger,
                   ckpt_path: Optional[str] = None, graphed: bool = False) -> L.Trainer:
     strategy = TorchRecStrategy(sharding=cfg.sharding, table_sharding=parse_table_sharding(cfg.table_sharding),
@@ -267,10 +292,12 @@ def _train_test_export(cfg: TrainConfig) -> Optional[Dict]:
     manifest = load_manifest(data_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    on_device = resolve_data_on_device(cfg, device_type, int(split_source(data_dir, manifest, "train").total_rows))
+    cfg = dataclasses.replace(cfg, data_on_device=str(on_device).lower())
     dm = MovieLensDataModule(data_dir, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
                              negatives=cfg.negatives, negative_sampling=cfg.negative_sampling, seed=cfg.seed,
                              num_workers=cfg.num_workers, side_features=cfg.model.side_features,
-                             data_on_device=cfg.data_on_device)
+                             data_on_device=on_device)
     features = feature_specs(manifest, cfg.model.side_features)
     world = cfg.devices * cfg.num_nodes
     total_steps = dm.steps_per_epoch(world) * cfg.max_epochs
@@ -335,6 +362,7 @@ def _train_test_export(cfg: TrainConfig) -> Optional[Dict]:
         "baselines": {"popularity": popularity_metrics(dm, "test", k, trainer.strategy.root_device)},
         "train": {"epochs": trainer.current_epoch, "steps": trainer.global_step, "seconds": round(train_seconds, 2),
                   "world_size": trainer.world_size, "loop_seconds": round(loop_seconds, 2),
+                  "data_on_device": dm.data_on_device,
                   # rows through the model (rated + sampled negatives), all ranks, per second of the
                   # training loop; fit_samples_per_s divides by the whole fit instead (validation,
                   # checkpoints and, with several processes, their start-up included)
@@ -444,6 +472,9 @@ def popularity_metrics(dm: MovieLensDataModule, split: str, k: int,
 
 
 def _print_summary(metrics: Dict, output_dir: str, k: int) -> None:
+    if metrics.get("train", {}).get("data_on_device"):
+        print("\ntraining batches: built on the device from a copy of the training split kept there "
+              "(--data-on-device)")
     graphs = metrics.get("train", {}).get("cuda_graphs")
     if graphs and "refused" in graphs:
         print(f"\nCUDA graphs: off, {graphs['refused']}")

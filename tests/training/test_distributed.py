@@ -51,6 +51,7 @@ def test_two_ranks_metrics_equal_single_process_evaluation_of_the_export(two_ran
     single-process evaluation of the exported artifact."""
     metrics = read_json(two_rank_run / "metrics.json")
     assert metrics["train"]["world_size"] == 2
+    assert metrics["train"]["data_on_device"] is False  # --data-on-device auto streams on CPUs
     assert {d["sharding_type"] for d in metrics["sharding_plan"].values()} == {"row_wise"}
     assert all(len(d["ranks"]) == 2 for d in metrics["sharding_plan"].values())
     proc = run_cli("entrypoints.evaluate", ["--model-dir", str(two_rank_run / "model"), "--data-dir",
@@ -153,6 +154,7 @@ def test_data_on_device_with_several_steps_per_call_trains_every_step_and_resume
     resumed = tmp_path / "resumed"
     train(small_prepared, resumed, *extra, "--steps-per-execution", "3", "--resume", str(max(mid, key=_step)))
     a, b = read_json(full / "metrics.json"), read_json(resumed / "metrics.json")
+    assert a["train"]["data_on_device"] is b["train"]["data_on_device"] is True
     assert a["train"]["steps"] == b["train"]["steps"] == steps_per_epoch
     assert a["test"]["auc"] > a["baselines"]["popularity"]["auc"]
     for key in KEYS:

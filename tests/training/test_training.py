@@ -223,6 +223,29 @@ def test_steps_per_execution_by_device_log_and_redraw_intervals_and_what_is_refu
         resolve_steps_per_execution(TrainConfig(steps_per_execution=-1), "cpu")
 
 
+def test_data_on_device_auto_takes_gpus_that_hold_the_split_and_runs_without_negatives():
+    from dataclasses import replace
+
+    from twotower_lit.config import TrainConfig
+    from twotower_lit.training import DEVICE_BYTES_PER_ROW, resolve_data_on_device
+
+    cfg = TrainConfig()
+    gib = 2**30
+    assert cfg.data_on_device == "auto"
+    # ML-32M's training split (25.6 M rows) on a 16 GiB GPU; rows for a quarter of its memory fit, for all of it not
+    assert resolve_data_on_device(cfg, "cuda", 25_600_000, device_memory=16 * gib)
+    assert not resolve_data_on_device(cfg, "cuda", 16 * gib // DEVICE_BYTES_PER_ROW, device_memory=16 * gib)
+    assert resolve_data_on_device(cfg, "cuda", 4 * gib // DEVICE_BYTES_PER_ROW, device_memory=16 * gib)
+    assert not resolve_data_on_device(cfg, "cpu", 1000, device_memory=16 * gib)
+    assert not resolve_data_on_device(replace(cfg, negatives=2), "cuda", 1000, device_memory=16 * gib)
+    # explicit choices win; a boolean from a SageMaker hyperparameter is read as one
+    assert resolve_data_on_device(replace(cfg, data_on_device="true"), "cpu", 10**12, device_memory=1)
+    assert not resolve_data_on_device(replace(cfg, data_on_device="false"), "cuda", 1, device_memory=16 * gib)
+    assert resolve_data_on_device(replace(cfg, data_on_device=True), "cpu", 1)
+    with pytest.raises(ValueError, match="--data-on-device 'maybe': choose auto, true or false"):
+        resolve_data_on_device(replace(cfg, data_on_device="maybe"), "cuda", 1, device_memory=16 * gib)
+
+
 def test_a_call_of_several_steps_ends_at_the_next_multiple_of_k_or_of_the_checkpoint_interval():
     from twotower_lit.config import ModelConfig, OptimConfig
     from twotower_lit.model import FeatureSpec
