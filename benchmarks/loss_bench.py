@@ -7,7 +7,8 @@ terms written with autograd's operations (`plain_sampled_softmax_terms`), in one
 The shapes are the training job's on ML-32M-sized batches: `--rows` rated rows per rank scored in
 blocks of `--block` (`--softmax-rows`), tower outputs of `--dim`, items drawn from a Zipf-like
 popularity so that blocks hold accidental hits. The two run alternately; each figure is the median
-over `--repeats` timed rounds of `--steps` forward-and-backward passes. Prints a Markdown table
+over `--repeats` timed rounds of `--steps` forward-and-backward passes; matmuls on TF32 tensor
+cores as in the training job unless `--tf32 false` (a GPU setting). Prints a Markdown table
 (milliseconds per pass, samples/s, peak memory on a GPU) and the largest difference of their
 losses and gradients.
 """
@@ -64,7 +65,10 @@ def main(argv=None) -> None:
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--steps", type=int, default=0, help="passes per timed round (0: 20 on a GPU, 2 on a CPU)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tf32", choices=("true", "false"), default="true",
+                   help="float32 matmuls on TF32 tensor cores, as the training job does on GPUs (its --tf32)")
     args = p.parse_args(argv)
+    torch.set_float32_matmul_precision("high" if args.tf32 == "true" else "highest")
     if args.rows % args.block:
         p.error(f"--rows {args.rows} must be a multiple of --block {args.block}")
     device = torch.device(args.device)
@@ -92,7 +96,8 @@ def main(argv=None) -> None:
                 peaks[name] = torch.cuda.max_memory_allocated(device) - base
     scores = args.rows * args.block * (1 + args.negatives)
     print(f"sampled softmax, forward + backward: {args.rows:,} rated rows in blocks of {args.block:,} "
-          f"({scores / 1e6:.0f} M scores), {args.negatives} negatives per row, dim {args.dim}, on {device} "
+          f"({scores / 1e6:.0f} M scores), {args.negatives} negatives per row, dim {args.dim}, TF32 {args.tf32}, "
+          f"on {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}); median of {args.repeats} "
           f"rounds of {steps} passes")
     print("| implementation | ms per pass | rows/s (M) | peak memory above inputs (MB) |")
