@@ -121,7 +121,7 @@ class TrainConfig:
                                  "training begins, after this one's start-up); auto: torchrun on GPUs, lightning on "
                                  "CPUs", ("auto", "torchrun", "lightning"))
     num_workers: int = _opt(0, "data-loader worker processes per rank")
-    # auto: a GPU steps 65,536 rows in 1.4-2.7 ms (24-43 M rows/s), which the streaming loader
+    # auto: a GPU steps 65,536 rows in 1.4-2.7 ms (24-47 M rows/s), which the streaming loader
     # does not feed (about 4 M rows/s with 12 workers on an H200 machine; benchmarks/GPU_RESULTS.md)
     data_on_device: str = _opt("auto", "keep the training split in accelerator memory and build batches there (no "
                                        "loader workers or copies; rated rows only, so --negatives 0); auto: on GPUs "

@@ -108,8 +108,9 @@ class _SampledSoftmaxCrossEntropy(torch.autograd.Function):
     Masked columns have probability 0, so they get no gradient, as their constant -inf gets none.
     The values are the plain expression's (tests/quality/test_losses.py compares them, gradients
     included). On one H200 a 65,536-row batch's pass took 1.27 ms against 2.50 with TF32 matmuls
-    (1.66 against 2.96 in float32), with half the memory (`benchmarks/loss_bench.py`), and the training job's default objective ran 44-48% faster
-    end to end on one GPU (24.1-24.3 against 16.3 M samples/s; `benchmarks/GPU_RESULTS.md`)."""
+    (1.66 against 2.96 in float32), with half the memory (`benchmarks/loss_bench.py`), and the
+    training job's default objective ran 44-48% faster end to end on one GPU (24.1-24.3 against
+    16.3 M samples/s; `benchmarks/GPU_RESULTS.md`)."""
 
     @staticmethod
     def forward(ctx: Any, queries: torch.Tensor, candidates: torch.Tensor, log_q: torch.Tensor,

@@ -5,6 +5,7 @@ training job) executes on every rank; rank 0 alone writes metrics, MLflow record
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -200,14 +201,15 @@ def resolve_data_on_device(cfg: TrainConfig, device_type: str, train_rows: int,
     given). The GPU's total memory, not its free memory, so that every rank decides alike."""
     choice = str(cfg.data_on_device).strip().lower()
     if choice != "auto":
-        try:
+        try:  # (leniently: the option may come from a SageMaker hyperparameter)
             return parse_bool(choice)
-        except Exception:  # argparse's error type; the option may come from a SageMaker hyperparameter
+        except argparse.ArgumentTypeError:
             raise ValueError(f"--data-on-device {cfg.data_on_device!r}: choose auto, true or false") from None
     if device_type != "cuda" or cfg.negatives:
         return False
-    if device_memory is None:
-        device_memory = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory
+    if device_memory is None:  # (a launcher may show each process one GPU: then it is device 0)
+        index = min(int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count() - 1)
+        device_memory = torch.cuda.get_device_properties(index).total_memory
     return train_rows * DEVICE_BYTES_PER_ROW <= device_memory // 4
 
 
