@@ -171,9 +171,24 @@ class MovieLensDataModule(L.LightningDataModule):
         # `ready` counts batches handed to training_step so far this epoch; checkpoints are written
         # after the step (on_train_batch_end) or at the epoch end
         return {"epoch": trainer.current_epoch,
-                "train_batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.ready}
+                "train_batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.ready,
+                "data_on_device": self.data_on_device}
 
     def load_state_dict(self, state: Dict) -> None:
+        """Refuse to resume mid-epoch with the other training reader: the streaming loader and the
+        device-resident reader visit an epoch's rows in different orders, so skipping the batches
+        already trained would repeat some rows and leave out others for the rest of that epoch.
+        (Checkpoints from before the reader was recorded are not checked.)"""
+        saved, done = state.get("data_on_device"), int(state.get("train_batches_done", 0))
+        if saved is not None and bool(saved) != self.data_on_device and done:
+            def reader(on_device: bool) -> str:
+                return "built on the device" if on_device else "streamed from the shards"
+
+            raise ValueError(
+                f"the checkpoint stopped {done} batches into epoch {state.get('epoch')} with its training batches "
+                f"{reader(bool(saved))}, and this run's are {reader(self.data_on_device)}: their row orders differ, "
+                f"so the rest of the epoch would repeat some rows and skip others. Resume with --data-on-device "
+                f"{str(bool(saved)).lower()}, or from an epoch-end checkpoint")
         self._resume_state = dict(state)
 
     def _take_resume_skip(self, epoch: int) -> int:
