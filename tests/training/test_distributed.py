@@ -161,6 +161,26 @@ def test_data_on_device_with_several_steps_per_call_trains_every_step_and_resume
         assert b["test"][key] == pytest.approx(a["test"][key], abs=1e-6), key
 
 
+def test_a_mid_epoch_checkpoint_refuses_the_other_training_reader(two_rank_run, small_prepared, tmp_path):
+    """A checkpoint written mid-epoch by the streaming loader, resumed with the device-resident
+    reader (which orders the epoch's rows otherwise): the job stops before training, naming the
+    option that resumes it."""
+    steps_per_epoch = read_json(two_rank_run / "metrics.json")["train"]["steps"] // 2
+    mid = max(_mid_epoch_checkpoints(two_rank_run, steps_per_epoch), key=_step)
+    out = tmp_path / "resumed"
+    proc = subprocess.run(
+        [sys.executable, "-m", "entrypoints.train", "--data-dir", str(small_prepared), "--output-dir", str(out),
+         "--accelerator", "cpu", "--devices", "1", *ARGS, "--sharding", "row_wise", "--negatives", "0",
+         "--data-on-device", "true", "--resume", str(mid)],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert (f"stopped {_step(mid)} batches into epoch 0 with its training batches streamed from the shards, and "
+            f"this run's are built on the device") in output, output[-3000:]
+    assert "Resume with --data-on-device false, or from an epoch-end checkpoint" in output
+    assert not (out / "metrics.json").exists()
+
+
 def test_epoch_end_checkpoint_resumes_the_remaining_epochs(two_rank_run, small_prepared, tmp_path):
     """A checkpoint written at the end of the first epoch trains the second one when resumed
     (Lightning's loop state of an end-of-epoch checkpoint would otherwise end the run untrained)."""

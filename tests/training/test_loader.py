@@ -272,19 +272,25 @@ def test_device_resident_data_refuses_negatives():
 
 def test_a_mid_epoch_checkpoint_resumes_only_with_the_training_reader_that_wrote_it(prepared_synthetic):
     """The streaming and the device-resident readers order an epoch's rows differently: skipping
-    a mid-epoch checkpoint's batches with the other one would repeat rows and leave out others."""
+    a mid-epoch checkpoint's batches with the other one would repeat rows and leave out others.
+    A checkpoint of a finished epoch (resumed at the next) or of an epoch's start resumes with either."""
     from twotower_lit.data.datamodule import MovieLensDataModule
 
     dm = MovieLensDataModule(str(prepared_synthetic), data_on_device=True)
+    dm.load_state_dict({"epoch": 1, "train_batches_done": 5, "data_on_device": False})
     with pytest.raises(ValueError, match=r"5 batches into epoch 1 with its training batches streamed from the "
                                          r"shards, and this run's are built on the device.*--data-on-device false"):
-        dm.load_state_dict({"epoch": 1, "train_batches_done": 5, "data_on_device": False})
-    dm.load_state_dict({"epoch": 1, "train_batches_done": 0, "data_on_device": False})  # an epoch's start: either
-    assert dm._take_resume_skip(1) == 0
+        dm._take_resume_skip(1)
+    for state, epoch in (({"epoch": 1, "train_batches_done": 9, "data_on_device": False}, 2),  # epoch 1 finished
+                         ({"epoch": 1, "train_batches_done": 0, "data_on_device": False}, 1)):  # epoch 1 not begun
+        dm.load_state_dict(state)
+        assert dm._take_resume_skip(epoch) == 0
     dm.load_state_dict({"epoch": 1, "train_batches_done": 5, "data_on_device": True})
     assert dm._take_resume_skip(1) == 5
+    assert dm._take_resume_skip(1) == 0  # taken once
     dm.load_state_dict({"epoch": 1, "train_batches_done": 5})  # written before the reader was recorded
     assert dm._take_resume_skip(1) == 5
     streaming = MovieLensDataModule(str(prepared_synthetic))
+    streaming.load_state_dict({"epoch": 0, "train_batches_done": 3, "data_on_device": True})
     with pytest.raises(ValueError, match="--data-on-device true, or from an epoch-end checkpoint"):
-        streaming.load_state_dict({"epoch": 0, "train_batches_done": 3, "data_on_device": True})
+        streaming._take_resume_skip(0)

@@ -175,27 +175,28 @@ class MovieLensDataModule(L.LightningDataModule):
                 "data_on_device": self.data_on_device}
 
     def load_state_dict(self, state: Dict) -> None:
-        """Refuse to resume mid-epoch with the other training reader: the streaming loader and the
-        device-resident reader visit an epoch's rows in different orders, so skipping the batches
-        already trained would repeat some rows and leave out others for the rest of that epoch.
-        (Checkpoints from before the reader was recorded are not checked.)"""
-        saved, done = state.get("data_on_device"), int(state.get("train_batches_done", 0))
-        if saved is not None and bool(saved) != self.data_on_device and done:
+        self._resume_state = dict(state)
+
+    def _take_resume_skip(self, epoch: int) -> int:
+        """Batches of `epoch` that the resumed checkpoint had trained (0 unless it stopped within
+        this epoch). Refuses the other training reader than the checkpoint's: the streaming
+        loader and the device-resident reader order an epoch's rows differently, so skipping the
+        trained batches with the other one would repeat some rows and leave out others for the
+        rest of the epoch. (Checkpoints from before the reader was recorded are not checked.)"""
+        state, self._resume_state = getattr(self, "_resume_state", None), None
+        if not state or state.get("epoch") != epoch:
+            return 0
+        done, saved = int(state.get("train_batches_done", 0)), state.get("data_on_device")
+        if done and saved is not None and bool(saved) != self.data_on_device:
             def reader(on_device: bool) -> str:
                 return "built on the device" if on_device else "streamed from the shards"
 
             raise ValueError(
-                f"the checkpoint stopped {done} batches into epoch {state.get('epoch')} with its training batches "
+                f"the checkpoint stopped {done} batches into epoch {epoch} with its training batches "
                 f"{reader(bool(saved))}, and this run's are {reader(self.data_on_device)}: their row orders differ, "
                 f"so the rest of the epoch would repeat some rows and skip others. Resume with --data-on-device "
                 f"{str(bool(saved)).lower()}, or from an epoch-end checkpoint")
-        self._resume_state = dict(state)
-
-    def _take_resume_skip(self, epoch: int) -> int:
-        state, self._resume_state = getattr(self, "_resume_state", None), None
-        if state and state.get("epoch") == epoch:
-            return int(state.get("train_batches_done", 0))
-        return 0
+        return done
 
     def steps_per_epoch(self, world: int) -> int:
         return num_batches(self.source("train").total_rows, world, self.batch_size)
