@@ -251,10 +251,14 @@ def run_compiled(specs, batches, args, device) -> float:
 
 def graphed_step(specs, batches, args, device):
     """(model, the product's `GraphedTrainingStep` over eager's step: BCE, no L2)."""
-    from twotower_lit.graphs import GraphedTrainingStep, padding_rows
+    from twotower_lit.graphs import GraphedTrainingStep, padding_rows, plan_refusal
     from twotower_lit.layers import logits
+    from twotower_lit.strategy import describe_plan
 
     lm, opt = build_dmp(specs, args, device, for_capture=True)
+    refusal = plan_refusal(dist.get_world_size(), describe_plan(lm.model.plan))  # the training job's rule
+    if refusal is not None:
+        raise RuntimeError(f"the graphed mode: {refusal}")
     multi = [s for s in specs if s.pooling == "mean"]
 
     def loss_fn(user, item, items, labels):
@@ -287,10 +291,9 @@ def run_graphed(specs, batches, args, device) -> float:
     copies its batch into the graph's input tensors (genres padded to a fixed capacity)."""
     if device.type != "cuda":
         raise RuntimeError("the graphed mode needs a GPU")
-    if dist.get_world_size() > 1 and (args.sharding != "data_parallel" or args.gradient_sync != "allreduce"):
-        raise RuntimeError("the graphed mode of several processes needs --sharding data_parallel --gradient-sync "
-                           "allreduce (as the training job's --cuda-graphs: a sharded table's all-to-all reads its "
-                           "sizes on the host)")
+    if dist.get_world_size() > 1 and args.gradient_sync != "allreduce":
+        raise RuntimeError("the graphed mode of several processes needs --gradient-sync allreduce (as the training "
+                           "job's --cuda-graphs: DDP's reducer works on the host in every backward pass)")
     _, graphed = graphed_step(specs, batches, args, device)
 
     def step(b):
