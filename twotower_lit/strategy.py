@@ -18,7 +18,8 @@ What the hooks do (Lightning 2.6 + TorchRec 1.6-1.9):
   with manual optimisation hands it Lightning's batch iterator; see ``PipelinedTwoTowerModule``).
 * checkpoints: every rank holds different shards, so every rank writes with
   ``torch.distributed.checkpoint`` (DCP). DCP also reshards on load (saved by 2 ranks, loaded
-  by 1, or with another plan). Non-tensor trainer state goes to one small file from rank 0.
+  by 1, or with another plan). Non-tensor trainer state goes to one small file from rank 0, and a
+  checksum manifest of every file is written last (`twotower_lit.checkpoint`).
 """
 from __future__ import annotations
 
@@ -47,12 +48,14 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from twotower_lit.checkpoint import (MANIFEST_FILE, TRAINER_STATE_FILE, AllowListFileSystemReader, CheckpointError,
+                                     WeightsOnlyLoadPlanner, checkpoint_entries, encode_trainer_state, hash_files,
+                                     is_checkpoint_dir, read_checkpoint, read_trainer_state, write_manifest)
 from twotower_lit.config import ALLREDUCE_PRECISIONS, GRADIENT_SYNCS
 from twotower_lit.graphs import on_capture_stream, plan_refusal
 
 log = logging.getLogger(__name__)
 
-TRAINER_STATE_FILE = "trainer_state.pt"
 REPLICATED_TABLES_KEY = "torchrec_data_parallel_tables"
 
 SHARDING_TYPES = {
@@ -363,11 +366,12 @@ def describe_plan(plan: ShardingPlan) -> Dict[str, Dict[str, Any]]:
 
 def replicated_tables_of(checkpoint_path) -> Optional[List[str]]:
     """The data_parallel tables a `TorchRecStrategy` checkpoint directory was trained with (None
-    if it has no trainer state file: `load_checkpoint` then explains)."""
-    state = Path(checkpoint_path) / TRAINER_STATE_FILE
-    if not state.is_file():
+    if it is no checkpoint directory: `load_checkpoint` then explains). Raises `CheckpointError`
+    if its trainer state does not verify or read safely."""
+    path = Path(checkpoint_path)
+    if not is_checkpoint_dir(path):
         return None
-    return list(torch.load(state, weights_only=False).get(REPLICATED_TABLES_KEY, []))  # our own file
+    return list(read_trainer_state(path).get(REPLICATED_TABLES_KEY, []))
 
 
 def _ebc(module: torch.nn.Module):
@@ -632,10 +636,14 @@ class TorchRecStrategy(DDPStrategy):
         return getattr(optimizer, "_optimizer", optimizer).state_dict()
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
+        """DCP shards from every rank, the trainer state from rank 0, then the checksum manifest
+        (`twotower_lit.checkpoint`): a directory without one was not completely written."""
         path = Path(self.broadcast(str(filepath)))
         if self.is_global_zero:
             if path.is_file():
                 path.unlink()
+            elif path.is_dir():  # an earlier, maybe partial, checkpoint of this name: none of its files stays
+                shutil.rmtree(path)
             path.mkdir(parents=True, exist_ok=True)
         self.barrier("torchrec_checkpoint_mkdir")
         sharded = {"state_dict": checkpoint.pop("state_dict")}
@@ -644,15 +652,49 @@ class TorchRecStrategy(DDPStrategy):
         dcp.save(sharded, checkpoint_id=str(path))  # collective: each rank writes its own shards
         if self.is_global_zero:
             checkpoint[REPLICATED_TABLES_KEY] = self.replicated_tables
-            torch.save(checkpoint, path / TRAINER_STATE_FILE)
+            (path / TRAINER_STATE_FILE).write_bytes(encode_trainer_state(checkpoint))
         self.barrier("torchrec_checkpoint_saved")
+        self._write_manifest(path)
+        self.barrier("torchrec_checkpoint_sealed")
+
+    def _write_manifest(self, path: Path) -> None:
+        """Hash the checkpoint's files and write the manifest from rank 0 (collective). Each node's
+        ranks share out the files that node sees, so the manifest covers every rank's shards both
+        on a shared file system and where each node has its own directory (synced to one place
+        later, as SageMaker does with checkpoints)."""
+        visible = checkpoint_entries(path)
+        digests = hash_files(path, visible[self.local_rank::max(1, self.num_processes)])
+        if self.world_size > 1:
+            gathered: List[Optional[Dict[str, Any]]] = [None] * self.world_size
+            dist.all_gather_object(gathered, digests)
+            digests = {name: entry for part in gathered for name, entry in (part or {}).items()}
+        if self.is_global_zero:
+            write_manifest(path, digests)
+
+    def _read_checkpoint(self, path: Path) -> Dict[str, Any]:
+        """`read_checkpoint` on every rank (each verifies the files it sees), and the same error on
+        every rank if any rank refuses the checkpoint, so that none goes on into DCP's collectives."""
+        checkpoint, error = None, None
+        try:
+            checkpoint = read_checkpoint(path)
+        except CheckpointError as e:
+            error = str(e)
+        if self.world_size > 1:
+            errors: List[Optional[str]] = [None] * self.world_size
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            raise CheckpointError(error)
+        assert checkpoint is not None
+        return checkpoint
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> Dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
-        if not (path / TRAINER_STATE_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint written by TorchRecStrategy "
-                                    f"(no {TRAINER_STATE_FILE}); pass a directory under the checkpoint dir")
-        checkpoint = torch.load(path / TRAINER_STATE_FILE, weights_only=False)  # our own file, not user input
+        if not is_checkpoint_dir(path):
+            raise FileNotFoundError(f"{path} is not a checkpoint written by TorchRecStrategy (it has neither "
+                                    f"{MANIFEST_FILE} nor {TRAINER_STATE_FILE}); pass a directory under the "
+                                    f"checkpoint dir")
+        checkpoint = self._read_checkpoint(path)  # verified, and read without running code from it
         check = getattr(self.lightning_module, "check_resumable", None)
         if check is not None:
             check(checkpoint, str(path))
@@ -671,7 +713,8 @@ class TorchRecStrategy(DDPStrategy):
                 # silently skips the saved Adam moments (the resumed run would diverge)
                 opt.init_state()
             target[f"optimizer_{i}"] = opt.state_dict()
-        dcp.load(target, checkpoint_id=str(path))
+        dcp.load(target, checkpoint_id=str(path), storage_reader=AllowListFileSystemReader(str(path)),
+                 planner=WeightsOnlyLoadPlanner())
         # LightningModule.load_state_dict would bypass DMP's key rewriting: give the DMP its sub-dict
         prefix = self.module_attr + "."
         state = target["state_dict"]

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import glob
 import json
 import math
 import os
@@ -33,7 +32,8 @@ from twotower_lit.metrics import PopularityBaseline
 from twotower_lit.model import feature_specs
 from twotower_lit.module import (MultiStepTwoTowerModule, PipelinedTwoTowerModule, TwoTowerModule,
                                  check_embedding_optimizer)
-from twotower_lit.strategy import TRAINER_STATE_FILE, TorchRecStrategy, parse_table_sharding, replicated_tables_of
+from twotower_lit.checkpoint import newest_intact_checkpoint
+from twotower_lit.strategy import TorchRecStrategy, parse_table_sharding, replicated_tables_of
 from twotower_lit import tracking
 
 DEFAULT_SYNTHETIC_RATINGS = 100_000
@@ -85,12 +85,12 @@ def resolve_data(cfg: TrainConfig, output_dir: str) -> str:
 
 
 def latest_checkpoint(checkpoint_dir: str) -> Optional[str]:
-    """The newest complete checkpoint under `checkpoint_dir` (by global step), or None."""
-    found = []
-    for state in glob.glob(os.path.join(checkpoint_dir, "*", TRAINER_STATE_FILE)):
-        meta = torch.load(state, map_location="cpu", weights_only=False)
-        found.append((meta.get("global_step", 0), os.path.getmtime(state), os.path.dirname(state)))
-    return max(found)[2] if found else None
+    """The newest intact checkpoint under `checkpoint_dir` (by global step), or None if it holds
+    none. Checkpoints that are incomplete, damaged or unsafe to read are passed over, each with a
+    printed line saying why, and so is the fallback to an older one
+    (`twotower_lit.checkpoint.newest_intact_checkpoint`)."""
+    found = newest_intact_checkpoint(checkpoint_dir, report=lambda line: print(line, flush=True))
+    return str(found) if found is not None else None
 
 
 def launch_rank(cfg: TrainConfig) -> int:
