@@ -18,7 +18,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from twotower_lit.export.evaluate import evaluate_model_dir
 
-    metrics = evaluate_model_dir(args.model_dir, args.data_dir, args.split, args.k)
+    try:
+        metrics = evaluate_model_dir(args.model_dir, args.data_dir, args.split, args.k)
+    except (ValueError, OSError) as e:  # ArtifactError is a ValueError: a bad artifact is one line, not a traceback
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({args.split: metrics}, indent=1, sort_keys=True))
     return 0
 

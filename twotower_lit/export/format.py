@@ -13,7 +13,8 @@ Layout of ``MODEL_DIR``::
     items.json          raw id, title and genre names of every real item, in index order
     vocab.json          categorical vocabularies (for cold-start users' raw features)
     metrics.json        the training run's metrics
-    manifest.json       sha256 of every other file (checked on load)
+    manifest.json       sha256 of every other file; the loader reads only files listed here whose
+                        bytes match (the set it needs comes from this format, not from the manifest)
 
 score(user, item) = <user tower(user features), item vector>: the logit the model was trained on.
 """
@@ -27,7 +28,7 @@ from typing import Dict, List, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
+from safetensors.torch import load as load_tensors
 
 from twotower_lit.layers import mlp
 
@@ -126,47 +127,103 @@ def write_manifest(model_dir: str, model_version: str) -> Dict:
     return manifest
 
 
-def verify(model_dir: str) -> Dict:
-    """Check the manifest's checksums; raise `ArtifactError` naming the first bad file."""
+_REEXPORT = "export the model again (python -m entrypoints.train writes OUTPUT/model)"
+
+
+def read_manifest(model_dir: str) -> Dict:
+    """The manifest of a model directory, checked for shape: raises `ArtifactError` naming the
+    file and what to do when it is missing, not JSON, of another format version or without the
+    checksum of every file the loader reads (`FILES`: the format decides, not the manifest)."""
     path = os.path.join(model_dir, MANIFEST)
     if not os.path.isfile(path):
         raise ArtifactError(f"{model_dir}: no {MANIFEST}; is this a twotower_lit model directory?")
-    with open(path) as f:
-        manifest = json.load(f)
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ArtifactError(f"{path}: not valid JSON ({e}); the manifest is corrupted: {_REEXPORT}") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, found {type(manifest).__name__}; {_REEXPORT}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: format_version {manifest.get('format_version')!r}, this code reads "
                             f"{FORMAT_VERSION}; export the model again with this version")
-    for name, digest in manifest["files"].items():
-        file = os.path.join(model_dir, name)
-        if not os.path.isfile(file):
-            raise ArtifactError(f"{file} is missing (listed in {MANIFEST})")
-        if sha256_file(file) != digest:
-            raise ArtifactError(f"{file}: sha256 does not match {MANIFEST}; the artifact is corrupted")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{path}: no 'files' object with the sha256 of each model file, so nothing can be "
+                            f"verified; {_REEXPORT}")
+    for name, digest in files.items():
+        if name != os.path.basename(name) or name in ("", ".", "..", MANIFEST):
+            raise ArtifactError(f"{path}: files lists {name!r}, not a file of the model directory; {_REEXPORT}")
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise ArtifactError(f"{path}: files[{name!r}] is {digest!r}, not a sha256 hex digest; {_REEXPORT}")
+    unlisted = [name for name in FILES if name not in files]
+    if unlisted:
+        raise ArtifactError(f"{path}: does not list {', '.join(unlisted)}, which the loader reads; every model file "
+                            f"must carry its sha256 here (the manifest was edited or is incomplete): {_REEXPORT}")
     return manifest
 
 
-def _json(model_dir: str, name: str):
-    with open(os.path.join(model_dir, name), encoding="utf-8") as f:
-        return json.load(f)
+def _verified_bytes(model_dir: str, name: str, manifest: Dict) -> bytes:
+    """The bytes of one model file, checked against the manifest's sha256. The loader parses these
+    very bytes, so a file swapped after the check is never the one loaded."""
+    path = os.path.join(model_dir, name)
+    if not os.path.isfile(path):
+        raise ArtifactError(f"{path} is missing (listed in {MANIFEST}); {_REEXPORT}")
+    with open(path, "rb") as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != manifest["files"][name]:
+        raise ArtifactError(f"{path}: sha256 does not match {MANIFEST}; the artifact is corrupted or was modified: "
+                            f"{_REEXPORT}, or copy it again from where it was written")
+    return data
+
+
+def verify(model_dir: str) -> Dict:
+    """Check the manifest and every file it lists; raise `ArtifactError` naming the first bad file."""
+    manifest = read_manifest(model_dir)
+    for name in manifest["files"]:
+        _verified_bytes(model_dir, name, manifest)
+    return manifest
 
 
 def load_export(model_dir: str, check: bool = True) -> ExportedModel:
-    """Load a model directory (weights through safetensors: no pickle is ever unpickled)."""
+    """Load a model directory (weights through safetensors: no pickle is ever unpickled). With
+    `check`, every file read is one the manifest lists, and its bytes match their sha256."""
     if check:
-        verify(model_dir)
-    config = _json(model_dir, CONFIG)
-    tensors = load_file(os.path.join(model_dir, WEIGHTS))
-    rows = {n: int(config["vocab_sizes"][n]) for n in config["user_features"]}
-    tower = UserTower(rows, int(config["embedding_dim"]), config["user_layers"])
-    state = {k[len("user."):]: v for k, v in tensors.items() if k.startswith("user.emb.") or k.startswith("user.mlp.")}
-    tower.load_state_dict(state, strict=True)
-    tower.eval()
-    return ExportedModel(
-        config=config, user_tower=tower, user_features=tensors["user.features"].long(),
-        item_vectors=tensors["item.vectors"].float(), popularity=tensors["item.popularity"].float(),
-        seen_indptr=tensors["seen.indptr"].long(), seen_items=tensors["seen.items"].long(),
-        user_ids=_json(model_dir, USERS), items=_json(model_dir, ITEMS), vocab=_json(model_dir, VOCAB),
-        metrics=_json(model_dir, METRICS))
+        manifest = verify(model_dir)
+
+        def read(name: str) -> bytes:
+            return _verified_bytes(model_dir, name, manifest)
+    else:
+        def read(name: str) -> bytes:
+            with open(os.path.join(model_dir, name), "rb") as f:
+                return f.read()
+
+    def parsed(name: str):
+        try:
+            return json.loads(read(name).decode("utf-8")) if name != WEIGHTS else load_tensors(read(name))
+        except ArtifactError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for a malformed header
+            raise ArtifactError(f"{os.path.join(model_dir, name)}: cannot be parsed ({e}); {_REEXPORT}") from None
+
+    config, tensors = parsed(CONFIG), parsed(WEIGHTS)
+    try:
+        rows = {n: int(config["vocab_sizes"][n]) for n in config["user_features"]}
+        tower = UserTower(rows, int(config["embedding_dim"]), config["user_layers"])
+        state = {k[len("user."):]: v for k, v in tensors.items()
+                 if k.startswith("user.emb.") or k.startswith("user.mlp.")}
+        tower.load_state_dict(state, strict=True)
+        tower.eval()
+        return ExportedModel(
+            config=config, user_tower=tower, user_features=tensors["user.features"].long(),
+            item_vectors=tensors["item.vectors"].float(), popularity=tensors["item.popularity"].float(),
+            seen_indptr=tensors["seen.indptr"].long(), seen_items=tensors["seen.items"].long(),
+            user_ids=parsed(USERS), items=parsed(ITEMS), vocab=parsed(VOCAB), metrics=parsed(METRICS))
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{model_dir}: {CONFIG} and {WEIGHTS} do not describe one model ({e}); "
+                            f"{_REEXPORT}") from None
 
 
 def save_export(model_dir: str, config: Dict, tensors: Mapping[str, torch.Tensor], user_ids: Sequence[int],
