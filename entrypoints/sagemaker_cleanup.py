@@ -40,4 +40,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from twotower_lit.aws.cli import run
+
+    sys.exit(run(main))

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from twotower_lit.aws.config import AwsConfig, split_namespace
+from twotower_lit.aws.mlflow import MLFLOW_SERVER_VERSION
 from twotower_lit.config import add_arguments
 
 
@@ -22,18 +23,23 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default="twotower", help="tracking server name (default: %(default)s)")
     parser.add_argument("--size", default="Small", choices=("Small", "Medium", "Large"))
     parser.add_argument("--artifact-store", default=None, help="S3 URI for artifacts (default s3://BUCKET/PREFIX/mlflow)")
+    parser.add_argument("--mlflow-version", default=MLFLOW_SERVER_VERSION,
+                        help="MLflow version of a server created here (3.x: the client is MLflow 3; default "
+                             "%(default)s)")
     ns = parser.parse_args(argv)
-    name, size, store = ns.name, ns.size, ns.artifact_store
-    for extra in ("name", "size", "artifact_store"):
+    name, size, store, version = ns.name, ns.size, ns.artifact_store, ns.mlflow_version
+    for extra in ("name", "size", "artifact_store", "mlflow_version"):
         delattr(ns, extra)
     (aws,) = split_namespace(ns, AwsConfig)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from twotower_lit.aws.mlflow import find_or_create_tracking_server
     from twotower_lit.aws.session import AwsContext
 
-    print(find_or_create_tracking_server(AwsContext(aws), name, store, size))
+    print(find_or_create_tracking_server(AwsContext(aws), name, store, size, mlflow_version=version))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from twotower_lit.aws.cli import run
+
+    sys.exit(run(main))

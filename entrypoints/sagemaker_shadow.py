@@ -6,7 +6,8 @@
     python -m entrypoints.sagemaker_shadow stop    --production-model M1 --shadow-model M2 [--route experiment]
     python -m entrypoints.sagemaker_shadow promote --production-model M1 --shadow-model M2 [--route experiment]
 
-Every subcommand takes the AWS options (--endpoint-url for a moto server, --role, --bucket ...).
+Every subcommand takes the AWS options (--endpoint-url for a moto server, --role, --bucket ...);
+--debug shows the traceback of a failure.
 Routes: endpoint-config (ShadowProductionVariants + DataCaptureConfig) or experiment (an inference
 experiment, Type=ShadowMode). Traffic goes through sagemaker-runtime with an inference id per
 request; the report is the local stack's shadow report computed from SageMaker's data capture,
@@ -61,7 +62,6 @@ def main(argv=None) -> int:
     experiment = cfg.route == "experiment"
     if command == "start":
         if experiment:
-            shadow.create_experiment(ctx, cfg)
             out = shadow.start_experiment(ctx, cfg, wait)
         else:
             out = shadow.start_shadow_endpoint(ctx, cfg, wait)
@@ -89,4 +89,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from twotower_lit.aws.cli import run
+
+    sys.exit(run(main))

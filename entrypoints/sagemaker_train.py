@@ -7,7 +7,8 @@
 Takes every training option of `python -m entrypoints.train` (the same TrainConfig; options that
 describe the container, like --output-dir and --devices, are decided inside the job), plus the job's
 options. A local --data-dir is uploaded to S3 first. SDK: v2 (PyTorch estimator) or v3 (ModelTrainer),
-whichever is installed.
+whichever is installed: run it with the interpreter of .venv-sagemaker-v2 or -v3 (scripts/setup.sh).
+--debug shows the traceback of a failure.
 """
 from __future__ import annotations
 
@@ -38,13 +39,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from twotower_lit.aws.mlflow import require_plugin
     from twotower_lit.aws.session import AwsContext
-    from twotower_lit.aws.training import describe_training_job, plan_training_job, start_training_job
+    from twotower_lit.aws.training import describe_training_job, plan_training_job, resolve_sdk, start_training_job
 
     cfg, job, aws, dry_run = parse_args(argv)
     require_plugin(cfg.mlflow_uri)
+    # a dry run needs no SDK; a launch finds out it has none before anything is uploaded
+    sdk = None if dry_run else resolve_sdk(job.sdk)
     ctx = AwsContext(aws)
     with tempfile.TemporaryDirectory() as workdir:
-        plan = plan_training_job(ctx, cfg, job, workdir, upload=not dry_run)
+        plan = plan_training_job(ctx, cfg, job, workdir, upload=not dry_run, sdk=sdk)
         print(json.dumps(plan.summary(), indent=1, default=str))
         if dry_run:
             return 0
@@ -54,4 +57,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from twotower_lit.aws.cli import run
+
+    sys.exit(run(main))

@@ -1,5 +1,7 @@
 """Cleanup by tag: on moto for models / endpoint configs / endpoints / S3, and against a Stubber for
 inference experiments, running training jobs and MLflow servers (not in moto)."""
+import pytest
+
 from tests.aws.conftest import ROLE
 from twotower_lit.aws import cleanup, deploy
 from twotower_lit.aws.config import AwsConfig
@@ -66,14 +68,35 @@ def test_experiments_jobs_and_mlflow_servers(stubbed):
     stub.add_response("list_mlflow_tracking_servers", {"TrackingServerSummaries": [
         {"TrackingServerName": "mlf", "TrackingServerArn": f"{ARN}:mlflow-tracking-server/mlf"}]}, {})
     stub.add_response("list_tags", tag, {"ResourceArn": f"{ARN}:mlflow-tracking-server/mlf"})
+    # stopping is asynchronous: the experiment is deleted only once it has ended (AWS answers a
+    # delete of a Stopping experiment, and of its endpoint, with a ConflictException)
     stub.add_response("describe_inference_experiment", experiment, {"Name": "ie-1"})
     stub.add_response("stop_inference_experiment", {"InferenceExperimentArn": f"{ARN}:inference-experiment/ie-1"},
                       {"Name": "ie-1", "ModelVariantActions": {"production": "Retain", "shadow": "Remove"},
                        "DesiredState": "Cancelled", "Reason": "project cleanup"})
+    for status in ("Stopping", "Stopping", "Cancelled"):
+        stub.add_response("describe_inference_experiment", {**experiment, "Status": status}, {"Name": "ie-1"})
     stub.add_response("delete_inference_experiment", {"InferenceExperimentArn": f"{ARN}:inference-experiment/ie-1"},
                       {"Name": "ie-1"})
     stub.add_response("stop_training_job", {}, {"TrainingJobName": "job-1"})
     stub.add_response("delete_mlflow_tracking_server", {"TrackingServerArn": f"{ARN}:mlflow-tracking-server/mlf"},
                       {"TrackingServerName": "mlf"})
-    found = cleanup.cleanup(ctx, ("mlflow-tracking-server", "training-job", "inference-experiment"))
+    found = cleanup.cleanup(ctx, ("mlflow-tracking-server", "training-job", "inference-experiment"), poll=0.0)
     assert found == {"inference-experiment": ["ie-1"], "training-job": ["job-1"], "mlflow-tracking-server": ["mlf"]}
+
+
+def test_an_experiment_that_does_not_stop_in_time_is_reported_not_deleted(stubbed):
+    ctx, stub = stubbed
+    t = "2026-01-01"
+    experiment = {"Arn": f"{ARN}:inference-experiment/ie-2", "Name": "ie-2", "Type": "ShadowMode",
+                  "Status": "Stopping", "EndpointMetadata": {"EndpointName": "ep"}, "ModelVariants": []}
+    stub.add_response("list_inference_experiments", {"InferenceExperiments": [
+        {"Name": "ie-2", "Type": "ShadowMode", "Status": "Stopping", "CreationTime": t, "LastModifiedTime": t}]}, {})
+    stub.add_response("describe_inference_experiment", experiment, {"Name": "ie-2"})
+    stub.add_response("list_tags", {"Tags": [{"Key": "project", "Value": ctx.cfg.project}]},
+                      {"ResourceArn": f"{ARN}:inference-experiment/ie-2"})
+    # already Stopping: no second stop, one look while waiting (the time limit is 0), and no delete
+    stub.add_response("describe_inference_experiment", experiment, {"Name": "ie-2"})
+    stub.add_response("describe_inference_experiment", experiment, {"Name": "ie-2"})
+    with pytest.raises(TimeoutError, match="inference experiment ie-2 still Stopping after 0 s"):
+        cleanup.cleanup(ctx, ("inference-experiment",), wait_timeout=0, poll=0.0)

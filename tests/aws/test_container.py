@@ -56,6 +56,34 @@ def torchrec_closure() -> set:
     return seen
 
 
+def test_the_default_training_image_keeps_its_own_torch():
+    """The job's requirements pin the default image's own torch (pip finds it installed and
+    downloads nothing) and the fbgemm-gpu/torchrec builds for exactly that torch."""
+    image, torch = container.training_image("us-east-1", "ml.g5.2xlarge")
+    assert image == ("763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-training:"
+                     "2.11.0-transformers5.13.1-cu130-amzn2023")
+    assert image.split(":")[-1].startswith(torch + "-")  # AWS's tags start with the image's torch
+    p = pins(container.training_requirements("ml.g5.2xlarge", torch))
+    assert p["torch"] == f"=={torch}"
+    assert (p["fbgemm-gpu"], p["torchrec"]) == tuple("==" + v for v in container.torchrec_stack(torch))
+    # the installed build string of the image's torch satisfies the pin: pip keeps it
+    from packaging.specifiers import SpecifierSet
+
+    assert "2.11.0+cu130" in SpecifierSet(p["torch"])
+    assert "2.13.0" not in SpecifierSet(p["torch"])
+
+
+def test_a_given_image_needs_its_torch_and_cpu_instances_need_an_image():
+    with pytest.raises(ValueError, match="--image-torch"):
+        container.training_image("us-east-1", "ml.g5.2xlarge", "123.dkr.ecr.us-east-1.amazonaws.com/mine:1")
+    with pytest.raises(ValueError, match="no GPU.*--image-uri"):
+        container.training_image("us-east-1", "ml.m5.xlarge")
+    with pytest.raises(ValueError, match="default training image has torch 2.11.0"):
+        container.training_image("us-east-1", "ml.g5.2xlarge", image_torch="2.13.0")
+    assert container.training_image("us-east-1", "ml.m5.xlarge", "mine:1", "2.13.0+cpu") == ("mine:1", "2.13.0+cpu")
+    assert pins(container.training_requirements("ml.m5.xlarge", "2.13.0+cpu"))["torch"] == "==2.13.0"
+
+
 @pytest.mark.parametrize("instance_type,gpu", [("ml.g5.12xlarge", True), ("ml.p4d.24xlarge", True),
                                                ("ml.m5.xlarge", False), ("ml.c5.2xlarge", False)])
 def test_requirements_pin_the_torch_stack_so_pip_cannot_replace_torch(instance_type, gpu, monkeypatch):
@@ -84,9 +112,9 @@ def test_runtime_pins_are_base_txt_and_mlflow_plugin_only_for_an_arn():
     assert "sagemaker-mlflow" in pins(container.training_requirements("ml.g5.xlarge", "2.13.0", mlflow_plugin=True))
 
 
-def test_image_torch_means_install_no_torch_stack_and_unknown_torch_is_refused():
-    p = pins(container.training_requirements("ml.g5.xlarge", "image"))
-    assert not {"torch", "fbgemm-gpu", "torchrec"} & set(p) and "lightning" in p
+def test_an_image_with_torchrec_gets_neither_and_unknown_torch_is_refused():
+    p = pins(container.training_requirements("ml.g5.xlarge", "2.13.0", image_has_torchrec=True))
+    assert p["torch"] == "==2.13.0" and not {"fbgemm-gpu", "torchrec"} & set(p) and "lightning" in p
     with pytest.raises(ValueError, match="supported: 2.11, 2.13"):
         container.training_requirements("ml.g5.xlarge", "2.8.0")
 

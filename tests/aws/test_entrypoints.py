@@ -43,15 +43,55 @@ def test_train_dry_run_prints_the_job(ctx, tmp_path):
     plan = json.loads(out[out.index("{"):])
     assert plan["hyperparameters"] == {"max_epochs": "2", "resume": "auto"}
     assert plan["channels"] == {"data": f"s3://{ctx.cfg.bucket}/twotower/data/prepared"}
-    assert plan["image_uri"].endswith("pytorch-training:2.8.0-gpu-py312")
+    assert plan["image_uri"].endswith("/huggingface-pytorch-training:2.11.0-transformers5.13.1-cu130-amzn2023")
+    assert plan["image_torch"] == "2.11.0"
     assert plan["checkpoint_s3_uri"].startswith(f"s3://{ctx.cfg.bucket}/twotower/checkpoints/")
     assert ctx.s3.list_objects_v2(Bucket=ctx.cfg.bucket).get("KeyCount", 0) == 0  # a dry run uploads nothing
 
 
 @pytest.mark.skipif(have("sagemaker"), reason="a SageMaker SDK is installed here")
-def test_train_without_an_sdk_says_what_to_install(ctx):
-    proc = cli("entrypoints.sagemaker_train", *aws_args(ctx), check=False)
-    assert proc.returncode != 0 and "pip install -r requirements/aws.txt" in proc.stderr
+def test_train_without_an_sdk_says_which_environment_before_uploading_anything(ctx, tmp_path):
+    data = tmp_path / "prepared"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    proc = cli("entrypoints.sagemaker_train", *aws_args(ctx), "--data-dir", str(data), check=False)
+    assert proc.returncode == 1 and ".venv-sagemaker-v2/bin/python" in proc.stderr
+    assert "pip install -r requirements/aws.txt" in proc.stderr and "Traceback" not in proc.stderr
+    assert ctx.s3.list_objects_v2(Bucket=ctx.cfg.bucket).get("KeyCount", 0) == 0  # nothing uploaded
+
+
+def test_train_limits_are_checked_before_anything_is_sent(ctx, request_log, tmp_path):
+    from twotower_lit.aws.config import SageMakerTrainConfig
+    from twotower_lit.aws.training import plan_training_job
+    from twotower_lit.config import TrainConfig
+
+    data = tmp_path / "prepared"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    before = len(request_log.requests)
+    for job, message in ((SageMakerTrainConfig(max_run=29 * 24 * 3600), "SageMaker allows 1 to 2419200 seconds"),
+                         (SageMakerTrainConfig(spot=True, max_run=7200, max_wait=3600), "shorter than --max-run"),
+                         (SageMakerTrainConfig(processes_per_host=0), "at least 1")):
+        with pytest.raises(ValueError, match=message):
+            plan_training_job(ctx, TrainConfig(data_dir=str(data)), job, str(tmp_path / "work"))
+    assert len(request_log.requests) == before  # nothing uploaded, nothing asked
+    proc = cli("entrypoints.sagemaker_train", *aws_args(ctx), "--max-run", str(29 * 24 * 3600), "--dry-run",
+               check=False)
+    assert proc.returncode == 1 and "--max-run 2505600: SageMaker allows 1 to 2419200 seconds" in proc.stderr
+
+
+def test_a_failed_aws_call_is_one_actionable_line_and_debug_shows_the_traceback(ctx):
+    args = [*aws_args(ctx), "--model", "job:no-such-job", "--endpoint-name", f"{ctx.cfg.project}-ep"]
+    proc = cli("entrypoints.sagemaker_deploy", *args, check=False)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "AWS DescribeTrainingJob failed (ValidationException)" in errors[0] and "no-such-job" in errors[0]
+    assert "run with --debug for the traceback" in errors[0]
+    assert len(proc.stderr.splitlines()) <= 3, proc.stderr  # the error line (plus at most a log line or two)
+    debug = cli("entrypoints.sagemaker_deploy", *args, "--debug", check=False)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert "botocore.exceptions.ClientError" in debug.stderr
 
 
 def test_deploy_and_cleanup_commands(ctx, moto_server, tmp_path):

@@ -1,6 +1,7 @@
 """MLflow tracking URI kinds and the SageMaker managed tracking server helper (not in moto: Stubber)."""
 import pytest
 
+from twotower_lit.aws import container
 from twotower_lit.aws import mlflow as aws_mlflow
 
 ARN = "arn:aws:sagemaker:eu-west-1:123456789012:mlflow-tracking-server/twotower"
@@ -39,6 +40,21 @@ def test_creates_a_missing_server_and_waits_until_it_is_ready(stubbed, request_l
     create = request_log.calls("CreateMlflowTrackingServer")[-1]
     assert create["ArtifactStoreUri"] == ctx.s3_uri("mlflow") and create["RoleArn"] == ctx.role
     assert {"Key": "project", "Value": ctx.cfg.project} in create["Tags"]
+    # a server version that serves the MLflow 3 client of requirements/base.txt
+    assert create["MlflowVersion"] == aws_mlflow.MLFLOW_SERVER_VERSION
+    from importlib import metadata
+
+    client_major = metadata.version("mlflow").split(".")[0]
+    base_pin = container.read_pins(container.BASE_REQUIREMENTS)["mlflow"]
+    assert client_major == create["MlflowVersion"].split(".")[0] == base_pin.split("==")[1].split(".")[0]
+
+
+@pytest.mark.parametrize("version,message", [("2.16", "needs a 3.x tracking server"),
+                                             ("latest", "expected a version like")])
+def test_a_server_version_the_client_cannot_use_is_refused_before_sending(stubbed, version, message):
+    ctx, _ = stubbed  # no queued answer: any request would fail the test
+    with pytest.raises(ValueError, match=message):
+        aws_mlflow.find_or_create_tracking_server(ctx, "twotower", mlflow_version=version)
 
 
 def test_starts_a_stopped_server(stubbed):

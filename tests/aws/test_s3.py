@@ -1,5 +1,22 @@
 """Folders to and from S3 (moto)."""
+import logging
+
 from twotower_lit.aws.s3 import delete_prefix, download_prefix, list_objects, upload_directory
+
+
+def test_upload_summary_counts_local_files_not_objects_already_there(ctx, tmp_path, caplog):
+    src = tmp_path / "prepared"
+    src.mkdir()
+    for i in range(3):
+        (src / f"part-{i}.parquet").write_bytes(b"x" * (i + 1))
+    uri = ctx.s3_uri("data", "summary")
+    with caplog.at_level(logging.INFO, logger="twotower_lit.aws.s3"):
+        upload_directory(ctx.s3, str(src), uri)
+        (src / "part-0.parquet").write_bytes(b"changed")
+        ctx.s3.put_object(Bucket=ctx.cfg.bucket, Key=f"{ctx.cfg.prefix}/data/summary/stale.bin", Body=b"s")
+        upload_directory(ctx.s3, str(src), uri)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("uploaded")]
+    assert lines == [f"uploaded 3 files to {uri} (0 unchanged)", f"uploaded 1 files to {uri} (2 unchanged)"]
 
 
 def test_upload_skips_unchanged_files_and_download_restores_the_tree(ctx, tmp_path):

@@ -3,12 +3,14 @@ and lacks update_endpoint and the inference-experiment calls: the requests are c
 are made (recorded and validated against botocore's model) and, for the calls moto lacks, answered
 by a Stubber that also checks the responses' shapes."""
 import datetime as dt
+import re
 
 import pytest
 
 from tests.aws.conftest import ROLE
 from twotower_lit.aws import shadow
 from twotower_lit.aws.config import ShadowTestConfig
+from twotower_lit.aws.session import check_request
 
 ARN = "arn:aws:sagemaker:us-east-1:123456789012"
 
@@ -75,18 +77,18 @@ def test_endpoint_config_route_promote_and_stop(stubbed, promote, request_log):
                                                        "EndpointConfigName": out["endpoint_config"]}
 
 
-def experiment(status):
-    return {"Arn": f"{ARN}:inference-experiment/ep-shadow", "Name": "ep-shadow", "Type": "ShadowMode",
-            "Status": status, "EndpointMetadata": {"EndpointName": "ep"},
+def experiment(status, name="ep-shadow", endpoint="ep"):
+    return {"Arn": f"{ARN}:inference-experiment/{name}", "Name": name, "Type": "ShadowMode",
+            "Status": status, "EndpointMetadata": {"EndpointName": endpoint},
             "ModelVariants": [{"ModelName": "m-prod", "VariantName": "production", "Status": "InService",
                                "InfrastructureConfig": variant("m-prod", "production")["InfrastructureConfig"]}]}
 
 
-def test_inference_experiment_create_start_promote(stubbed):
-    ctx, stub = stubbed
+def test_inference_experiment_request_exactly(stubbed):
+    ctx, _ = stubbed
     c = cfg(route="experiment", sampling_percent=30, duration_hours=2)
     start = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.timezone.utc)
-    req = shadow.inference_experiment_request(ctx, c, start=start)
+    req = shadow.inference_experiment_request(ctx, c, start=start, name="ep-shadow")
     assert req == {
         "Name": "ep-shadow", "Type": "ShadowMode", "RoleArn": ROLE, "EndpointName": "ep",
         "Description": "shadow test of m-shadow against m-prod",
@@ -97,20 +99,77 @@ def test_inference_experiment_create_start_promote(stubbed):
         "DataStorageConfig": {"Destination": ctx.s3_uri("capture"),
                               "ContentType": {"JsonContentTypes": ["application/json"]}},
         "Tags": [{"Key": "project", "Value": ctx.cfg.project}]}
-    arn = f"{ARN}:inference-experiment/ep-shadow"
-    stub.add_response("create_inference_experiment", {"InferenceExperimentArn": arn})
-    stub.add_response("describe_inference_experiment", experiment("Creating"), {"Name": "ep-shadow"})
-    stub.add_response("describe_inference_experiment", experiment("Created"), {"Name": "ep-shadow"})
-    stub.add_response("start_inference_experiment", {"InferenceExperimentArn": arn}, {"Name": "ep-shadow"})
-    stub.add_response("describe_inference_experiment", experiment("Running"), {"Name": "ep-shadow"})
+
+
+def test_scheduled_experiment_is_started_by_sagemaker_not_by_a_start_call(stubbed, request_log):
+    """The documented lifecycle: CreateInferenceExperiment with a schedule starting now; SageMaker
+    moves it Creating -> Created -> Starting -> Running at the scheduled time by itself. The stub
+    answers exactly these calls, in this order: a StartInferenceExperiment (ConflictException on
+    AWS for a scheduled experiment) would find no queued answer and fail the test."""
+    ctx, stub = stubbed
+    c = cfg(route="experiment", duration_hours=3)
+    before = dt.datetime.now(dt.timezone.utc)
+    stub.add_response("create_inference_experiment", {"InferenceExperimentArn": f"{ARN}:inference-experiment/x"})
+    for status in ("Creating", "Created", "Starting", "Running"):
+        stub.add_response("describe_inference_experiment", experiment(status))
+    out = shadow.start_experiment(ctx, c)
+    assert out["Status"] == "Running"
+    sent = request_log.calls("CreateInferenceExperiment")[-1]
+    schedule = sent["Schedule"]
+    assert before <= schedule["StartTime"] <= dt.datetime.now(dt.timezone.utc)
+    assert schedule["EndTime"] - schedule["StartTime"] == dt.timedelta(hours=3)
+    described = {p["Name"] for p in request_log.calls("DescribeInferenceExperiment")[-4:]}
+    assert described == {sent["Name"]}
+    assert not request_log.calls("StartInferenceExperiment")
+
+
+def test_each_experiment_gets_its_own_name(stubbed):
+    """``<endpoint>-shadow-<UTC timestamp>``, within the 120 characters an experiment name may have
+    (a second test on the same endpoint must not collide with the first)."""
+    ctx, _ = stubbed
+    c = cfg(route="experiment", endpoint_name="e" * 63)
+    req = shadow.inference_experiment_request(ctx, c)
+    name = req["Name"]
+    assert re.fullmatch("e" * 63 + r"-shadow-\d{8}-\d{6}", name), name
+    stamp = dt.datetime.strptime(name[-15:], "%Y%m%d-%H%M%S").replace(tzinfo=dt.timezone.utc)
+    assert abs(dt.datetime.now(dt.timezone.utc) - stamp) < dt.timedelta(seconds=30)
+    check_request("sagemaker", "CreateInferenceExperiment", req)  # name length and pattern of botocore's model
+    assert shadow.inference_experiment_request(ctx, cfg(route="experiment", experiment_name="mine"))["Name"] == "mine"
+
+
+@pytest.mark.parametrize("hours", [0, 721])
+def test_experiment_duration_within_sagemakers_30_days(stubbed, hours):
+    ctx, _ = stubbed
+    with pytest.raises(ValueError, match="--duration-hours .*720"):
+        shadow.inference_experiment_request(ctx, cfg(route="experiment", duration_hours=hours))
+    assert shadow.inference_experiment_request(ctx, cfg(route="experiment", duration_hours=720))
+
+
+def test_promote_finds_the_endpoints_active_experiment_and_waits_for_completion(stubbed):
+    ctx, stub = stubbed
+    t = "2026-01-01"
+    arn = f"{ARN}:inference-experiment/ep-shadow-2"
+    stub.add_response("list_inference_experiments", {"InferenceExperiments": [
+        {"Name": n, "Type": "ShadowMode", "Status": st, "CreationTime": t, "LastModifiedTime": t}
+        for n, st in (("ep-shadow-1", "Cancelled"), ("other-shadow", "Running"), ("ep-shadow-2", "Running"))]},
+        {"Type": "ShadowMode"})
+    stub.add_response("describe_inference_experiment", experiment("Running", "other-shadow", "other"),
+                      {"Name": "other-shadow"})
+    stub.add_response("describe_inference_experiment", experiment("Running", "ep-shadow-2"), {"Name": "ep-shadow-2"})
     stub.add_response("stop_inference_experiment", {"InferenceExperimentArn": arn}, {
-        "Name": "ep-shadow", "ModelVariantActions": {"shadow": "Promote", "production": "Remove"},
+        "Name": "ep-shadow-2", "ModelVariantActions": {"shadow": "Promote", "production": "Remove"},
         "DesiredModelVariants": [variant("m-shadow", "shadow")], "DesiredState": "Completed",
         "Reason": "shadow promoted"})
-    stub.add_response("describe_inference_experiment", experiment("Completed"), {"Name": "ep-shadow"})
-    assert shadow.create_experiment(ctx, c) == arn
-    assert shadow.start_experiment(ctx, c)["Status"] == "Running"
-    assert shadow.stop_experiment(ctx, c, promote=True)["Status"] == "Completed"
+    stub.add_response("describe_inference_experiment", experiment("Stopping", "ep-shadow-2"), {"Name": "ep-shadow-2"})
+    stub.add_response("describe_inference_experiment", experiment("Completed", "ep-shadow-2"), {"Name": "ep-shadow-2"})
+    assert shadow.stop_experiment(ctx, cfg(route="experiment"), promote=True)["Status"] == "Completed"
+
+
+def test_stop_without_an_active_experiment_says_so(stubbed):
+    ctx, stub = stubbed
+    stub.add_response("list_inference_experiments", {"InferenceExperiments": []}, {"Type": "ShadowMode"})
+    with pytest.raises(ValueError, match="no inference experiment.* active on endpoint ep.*--experiment-name"):
+        shadow.stop_experiment(ctx, cfg(route="experiment"))
 
 
 def test_stop_without_promotion_retains_production(stubbed):
@@ -119,7 +178,8 @@ def test_stop_without_promotion_retains_production(stubbed):
     stub.add_response("stop_inference_experiment", {"InferenceExperimentArn": arn}, {
         "Name": "ep-shadow", "ModelVariantActions": {"production": "Retain", "shadow": "Remove"},
         "DesiredState": "Cancelled", "Reason": "shadow test stopped"})
-    assert shadow.stop_experiment(ctx, cfg(route="experiment"), wait=False) == {"Name": "ep-shadow"}
+    assert shadow.stop_experiment(ctx, cfg(route="experiment", experiment_name="ep-shadow"), wait=False) == \
+        {"Name": "ep-shadow"}
 
 
 def test_missing_models_are_named():

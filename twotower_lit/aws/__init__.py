@@ -15,4 +15,5 @@ training container and the local stack import `environment` without either):
     shadow          shadow variants (endpoint config) and inference experiments; promotion
     results         data capture from S3 and CloudWatch metrics per variant -> the shadow report
     cleanup         delete everything carrying the project tag
+    cli             how the sagemaker_* commands report a failure (one line; --debug: the traceback)
 """

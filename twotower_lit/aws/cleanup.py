@@ -2,8 +2,10 @@
 
 SageMaker resources carry the tag (every create call here passes ``Tags=ctx.tags()``); they are
 listed per kind and kept only when ``list_tags`` shows the project's value. Order matters:
-running inference experiments are stopped (production retained) before their endpoint goes,
-endpoints before their configs, configs before their models. Training jobs cannot be deleted:
+running inference experiments are stopped (production retained) and, since stopping takes a
+while (Stopping -> Cancelled), waited for, with backoff and a time limit, before they are deleted
+and their endpoint goes (SageMaker refuses both with a ConflictException meanwhile); endpoints go
+before their configs, configs before their models. Training jobs cannot be deleted:
 those still running are stopped. S3 objects are not tagged; ``s3=True`` empties the project's
 prefix (``s3://BUCKET/PREFIX/``), never the bucket.
 """
@@ -14,6 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from twotower_lit.aws.s3 import delete_prefix, list_objects
 from twotower_lit.aws.session import PROJECT_TAG, AwsContext
+from twotower_lit.aws.shadow import EXPERIMENT_ENDED, wait_for_experiment
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +68,13 @@ def _experiment_arn(ctx: AwsContext, name: str) -> str:
     return ctx.sagemaker.describe_inference_experiment(Name=name)["Arn"]
 
 
-def _stop_experiment(ctx: AwsContext, name: str) -> None:
+def _stop_experiment(ctx: AwsContext, name: str, timeout: float = 1800.0, poll: float = 15.0) -> None:
+    """Stop an experiment that has not ended (production retained, shadow removed), wait until it
+    has ended, then delete it."""
     sm = ctx.sagemaker
     desc = sm.describe_inference_experiment(Name=name)
+    if desc["Status"] == "Creating":
+        desc = wait_for_experiment(ctx, name, ("Created", "Starting", "Running", *EXPERIMENT_ENDED), timeout, poll)
     if desc["Status"] in ("Running", "Starting", "Created", "Updating"):
         source = next((v["VariantName"] for v in desc.get("ModelVariants", [])
                        if v["VariantName"] == desc.get("ShadowModeConfig", {}).get("SourceModelVariantName")), None)
@@ -75,11 +82,12 @@ def _stop_experiment(ctx: AwsContext, name: str) -> None:
                    for v in desc.get("ModelVariants", [])}
         sm.stop_inference_experiment(Name=name, ModelVariantActions=actions, DesiredState="Cancelled",
                                      Reason="project cleanup")
+    if desc["Status"] not in EXPERIMENT_ENDED:
+        wait_for_experiment(ctx, name, EXPERIMENT_ENDED, timeout, poll)
     sm.delete_inference_experiment(Name=name)
 
 
 _DELETE: Dict[str, Callable[[AwsContext, str], None]] = {
-    "inference-experiment": _stop_experiment,
     "endpoint": lambda ctx, n: ctx.sagemaker.delete_endpoint(EndpointName=n),
     "endpoint-config": lambda ctx, n: ctx.sagemaker.delete_endpoint_config(EndpointConfigName=n),
     "model": lambda ctx, n: ctx.sagemaker.delete_model(ModelName=n),
@@ -89,9 +97,11 @@ _DELETE: Dict[str, Callable[[AwsContext, str], None]] = {
 
 
 def cleanup(ctx: AwsContext, kinds: Iterable[str] = DEFAULT_KINDS, s3: bool = False,
-            dry_run: bool = False) -> Dict[str, List[str]]:
+            dry_run: bool = False, wait_timeout: float = 1800.0, poll: float = 15.0) -> Dict[str, List[str]]:
     """Delete (or stop) every tagged resource of `kinds`, in dependency order, and with `s3` the
-    objects under the project's prefix. Returns what was (or, with `dry_run`, would be) removed."""
+    objects under the project's prefix. Returns what was (or, with `dry_run`, would be) removed.
+    An inference experiment is waited for (`poll` seconds at first, growing; at most
+    `wait_timeout` each) until its stop has finished."""
     kinds = [k for k in KINDS if k in set(kinds)]  # dependency order
     found = find_resources(ctx, kinds)
     if s3:
@@ -102,7 +112,10 @@ def cleanup(ctx: AwsContext, kinds: Iterable[str] = DEFAULT_KINDS, s3: bool = Fa
     for kind in kinds:
         for name in found[kind]:
             log.info("removing %s %s", kind, name)
-            _DELETE[kind](ctx, name)
+            if kind == "inference-experiment":
+                _stop_experiment(ctx, name, wait_timeout, poll)
+            else:
+                _DELETE[kind](ctx, name)
     if s3 and found["s3"]:
         delete_prefix(ctx.s3, ctx.s3_uri())
     return found

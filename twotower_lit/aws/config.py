@@ -16,10 +16,12 @@ from typing import Any, Optional, Tuple, Type
 
 from twotower_lit.config import _opt, from_dict, iter_fields
 
-# The newest AWS PyTorch images the SDKs know (November 2026): training 2.8.0, inference 2.6.0.
-DEFAULT_TRAINING_FRAMEWORK = "2.8.0"
+# The newest AWS PyTorch inference image the SDKs know (November 2026). The training image is
+# chosen in twotower_lit/aws/container.py (it must carry the torch that TorchRec needs).
 DEFAULT_INFERENCE_FRAMEWORK = "2.6.0"
-DEFAULT_PY_VERSION = "py312"
+# SageMaker's limits, checked before a request is sent
+MAX_TRAINING_RUNTIME = 28 * 24 * 3600  # MaxRuntimeInSeconds of a training job
+MAX_EXPERIMENT_HOURS = 30 * 24  # an inference experiment's schedule
 
 
 @dataclass
@@ -49,16 +51,13 @@ class SageMakerTrainConfig:
     instance_type: str = _opt("ml.g5.2xlarge", "training instance type")
     instance_count: int = _opt(1, "training instances (nodes)")
     processes_per_host: Optional[int] = _opt(None, "processes per instance (default: its GPUs, or 1 on CPU)")
-    image_uri: Optional[str] = _opt(None, "training image; default: AWS's PyTorch training image of "
-                                          "--framework-version for the instance's CPU/GPU kind")
-    framework_version: str = _opt(DEFAULT_TRAINING_FRAMEWORK, "PyTorch version of AWS's training image "
-                                                              "(when --image-uri is not given)")
-    py_version: str = _opt(DEFAULT_PY_VERSION, "Python of AWS's training image")
-    container_torch: str = _opt("2.13.0", "torch the job runs on: the job's requirements.txt installs it with "
-                                          "the matching fbgemm-gpu and torchrec; 'image' keeps the image's own "
-                                          "torch and installs nothing (an image with torchrec already in it)")
+    image_uri: Optional[str] = _opt(None, "training image (default, GPU instances: AWS's Hugging Face PyTorch "
+                                          "training image with torch 2.11.0); give its torch with --image-torch")
+    image_torch: Optional[str] = _opt(None, "torch version inside --image-uri (2.11.x or 2.13.x): the job installs "
+                                            "the fbgemm-gpu and torchrec built for it, and never torch itself")
+    image_has_torchrec: bool = _opt(False, "the image already has fbgemm-gpu and torchrec: install neither")
     volume_size: int = _opt(50, "GB of disk per instance")
-    max_run: int = _opt(24 * 3600, "seconds the job may run")
+    max_run: int = _opt(24 * 3600, "seconds the job may run (SageMaker's limit: 28 days)")
     spot: bool = _opt(False, "managed spot training (resumes from --checkpoint-s3-uri after an interruption)")
     max_wait: Optional[int] = _opt(None, "spot: seconds to wait for capacity plus run (default 2 x --max-run)")
     checkpoint_s3_uri: Optional[str] = _opt(None, "S3 prefix SageMaker syncs /opt/ml/checkpoints with; the job "
@@ -111,8 +110,11 @@ class ShadowTestConfig:
     instance_count: int = _opt(1, "instances per variant")
     capture_percent: int = _opt(100, "share of requests captured")
     capture_s3_uri: Optional[str] = _opt(None, "data capture destination (default s3://BUCKET/PREFIX/capture)")
-    experiment_name: Optional[str] = _opt(None, "inference experiment name (default <endpoint>-shadow)")
-    duration_hours: int = _opt(24, "experiment schedule: it ends this many hours after it starts")
+    experiment_name: Optional[str] = _opt(None, "inference experiment name (start: default "
+                                                "<endpoint>-shadow-<UTC timestamp>; stop/promote: default the "
+                                                "endpoint's one active experiment)")
+    duration_hours: int = _opt(24, "experiment schedule: it ends this many hours after it starts (at most 720, "
+                                   "SageMaker's 30 days)")
     wait_timeout: int = _opt(1800, "seconds to wait for the endpoint / experiment state changes")
     poll_seconds: float = _opt(15.0, "seconds between status checks while waiting")
     metrics_period: int = _opt(60, "CloudWatch period (seconds) of the per-variant metrics")

@@ -1,28 +1,30 @@
 """What runs inside the SageMaker containers: the image, the training job's requirements.txt and
 the source directory shipped with the job.
 
-Images. AWS's PyTorch training images known to the SDKs stop at torch 2.8 (v2 2.257.7; v3 3.27.0
-knows 2.10) and the inference images at 2.6 (November 2026), while TorchRec 1.6-1.9 needs torch
-2.11-2.14. So the training job either
+Images. TorchRec 1.6-1.9 needs torch 2.11-2.14, and fbgemm-gpu must be the build made for the
+exact torch it runs on. AWS's PyTorch training images stop at torch 2.10 (``pytorch-training``,
+December 2026; the SDKs know 2.8 (v2 2.257.7) and 2.10 (v3 3.27.0)), so the default training image
+is AWS's Hugging Face PyTorch training image, the newest AWS training image with a torch TorchRec
+runs on: torch 2.11.0 with CUDA 13.0, the torch that fbgemm-gpu 1.6.0 (CUDA 13 build) and
+torchrec 1.6.1 were verified with on GPUs. It has the SageMaker training toolkit both SDKs'
+launchers need. It is a GPU image; AWS has no CPU training image with such a torch, so CPU jobs
+take ``image_uri`` (an image of one's own with torch, e.g. ``python:3.12`` plus
+``pip install sagemaker-training torch==2.13.0``) and its ``image_torch``.
 
-* runs on AWS's training image and its requirements.txt installs a newer torch with the matching
-  fbgemm-gpu and torchrec (``container_torch``, default 2.13.0: slower start, nothing to build), or
-* runs on an image that already has them (``image_uri`` + ``container_torch="image"``).
+Requirements. The job's requirements.txt never installs torch: it pins the image's own torch
+version (which pip finds satisfied, so nothing is downloaded), the fbgemm-gpu and torchrec built
+for it (unless ``image_has_torchrec``), every package of torchrec's dependency closure that
+depends on torch (tensordict, torchmetrics), so pip's resolution of torchrec can neither replace
+torch nor pick another fbgemm-gpu build: what ``pip install --no-deps torchrec`` protects
+against, in a file format that has no per-package ``--no-deps``.
+GPU jobs get PyPI's fbgemm-gpu (the CUDA build, made for PyPI's torch of the same release);
+CPU jobs get the CPU build from PyTorch's CPU index when its URL is set in
+``TWOTOWER_TORCH_CPU_INDEX_URL`` (``fbgemm-gpu-cpu`` cannot be used: torchrec would still pull the
+CUDA ``fbgemm-gpu`` over it). The other pins come from ``requirements/base.txt``, the same file
+the local environment is built from.
 
 Serving needs torch only (the export is torch-only), so AWS's older inference image works as it
 is, and so does our own image (`Dockerfile`).
-
-Requirements. torchrec's metadata asks for an unpinned ``fbgemm-gpu`` (and tensordict, which
-asks for torch): left to pip that would pull the newest builds and replace the image's torch. The
-generated file pins torch, fbgemm-gpu, torchrec and every package of torchrec's dependency closure
-that depends on torch (tensordict, torchmetrics), so pip's resolution of torchrec can neither
-replace torch nor pick another fbgemm-gpu build: what ``pip install --no-deps torchrec`` protects
-against, in a file format that has no per-package ``--no-deps``.
-GPU jobs get PyPI's fbgemm-gpu (the CUDA build, made for PyPI's torch of the same release);
-CPU jobs get the CPU builds of both from PyTorch's CPU index when its URL is set in
-``TWOTOWER_TORCH_CPU_INDEX_URL`` (``fbgemm-gpu-cpu`` cannot be used: torchrec would still pull the
-CUDA ``fbgemm-gpu`` over it). The other pins come from
-``requirements/base.txt``, the same file the local environment is built from.
 """
 from __future__ import annotations
 
@@ -48,6 +50,11 @@ TORCHREC_STACK: Dict[str, Tuple[str, str]] = {
 # what the container needs beyond base.txt's runtime pins
 _NOT_IN_CONTAINER = {"torch", "fbgemm-gpu-cpu", "fbgemm-gpu", "torchrec"}
 
+# The default training image (GPU): repository, tag, and the torch inside it (see the module docstring)
+DEFAULT_TRAINING_REPOSITORY = "huggingface-pytorch-training"
+DEFAULT_TRAINING_TAG = "2.11.0-transformers5.13.1-cu130-amzn2023"
+DEFAULT_TRAINING_TORCH = "2.11.0"
+
 # AWS Deep Learning Containers: registry account per region (default 763104351884), from the
 # SageMaker SDKs' image_uri_config/pytorch.json, v2 2.257.7 and v3 3.27.0 (the tests compare with
 # each SDK's own lookup)
@@ -70,14 +77,38 @@ def is_gpu_instance(instance_type: str) -> bool:
     return family[:1] in ("g", "p")
 
 
+def ecr_image_uri(region: str, repository: str, tag: str) -> str:
+    """An AWS Deep Learning Container image URI: the region's DLC registry, repository and tag."""
+    account = _DLC_ACCOUNTS.get(region, _DLC_DEFAULT_ACCOUNT)
+    domain = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return f"{account}.dkr.ecr.{region}.{domain}/{repository}:{tag}"
+
+
 def dlc_image_uri(region: str, scope: str, framework_version: str, py_version: str, instance_type: str) -> str:
     """AWS's PyTorch image URI (``scope``: training or inference) for a region and instance type."""
     if scope not in ("training", "inference"):
         raise ValueError(f"scope must be training or inference, not {scope!r}")
-    account = _DLC_ACCOUNTS.get(region, _DLC_DEFAULT_ACCOUNT)
-    domain = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
     kind = "gpu" if is_gpu_instance(instance_type) else "cpu"
-    return f"{account}.dkr.ecr.{region}.{domain}/pytorch-{scope}:{framework_version}-{kind}-{py_version}"
+    return ecr_image_uri(region, f"pytorch-{scope}", f"{framework_version}-{kind}-{py_version}")
+
+
+def training_image(region: str, instance_type: str, image_uri: Optional[str] = None,
+                   image_torch: Optional[str] = None) -> Tuple[str, str]:
+    """``(image URI, the torch version inside it)`` of the training job: the default image for GPU
+    instances, or the given one, whose torch must be given too (it decides what the job installs)."""
+    if image_uri:
+        if not image_torch:
+            raise ValueError(f"--image-uri {image_uri}: give the torch version inside it with --image-torch "
+                             f"(e.g. 2.11.0): the job installs the fbgemm-gpu and torchrec built for that torch")
+        return image_uri, image_torch
+    if not is_gpu_instance(instance_type):
+        raise ValueError(f"--instance-type {instance_type} has no GPU, and AWS has no CPU training image with torch "
+                         f"2.11-2.14 (what TorchRec 1.6-1.9 needs): pass --image-uri (an image with torch and the "
+                         f"sagemaker-training toolkit, see README 'SageMaker') and --image-torch")
+    if image_torch and image_torch.split("+")[0] != DEFAULT_TRAINING_TORCH:
+        raise ValueError(f"--image-torch {image_torch} without --image-uri: the default training image has torch "
+                         f"{DEFAULT_TRAINING_TORCH}")
+    return ecr_image_uri(region, DEFAULT_TRAINING_REPOSITORY, DEFAULT_TRAINING_TAG), DEFAULT_TRAINING_TORCH
 
 
 def torchrec_stack(torch_version: str) -> Tuple[str, str]:
@@ -85,8 +116,8 @@ def torchrec_stack(torch_version: str) -> Tuple[str, str]:
     minor = ".".join(torch_version.split("+")[0].split(".")[:2])
     if minor not in TORCHREC_STACK:
         raise ValueError(f"no verified fbgemm-gpu/torchrec pairing for torch {torch_version}; "
-                         f"supported: {', '.join(sorted(TORCHREC_STACK))} (or --container-torch image with an "
-                         "image that has torchrec installed)")
+                         f"supported: {', '.join(sorted(TORCHREC_STACK))} (or --image-has-torchrec true with an "
+                         "image that has them installed)")
     return TORCHREC_STACK[minor]
 
 
@@ -107,22 +138,25 @@ def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def training_requirements(instance_type: str, container_torch: str, mlflow_plugin: bool = False) -> str:
-    """The training job's requirements.txt (see the module docstring for why it looks like this)."""
+def training_requirements(instance_type: str, image_torch: str, mlflow_plugin: bool = False,
+                          image_has_torchrec: bool = False) -> str:
+    """The training job's requirements.txt for an image whose torch is `image_torch` (see the
+    module docstring for why it looks like this): it never installs torch."""
     runtime = {n: line for n, line in read_pins(BASE_REQUIREMENTS).items() if n not in _NOT_IN_CONTAINER}
-    lines = ["# twotower_lit training job requirements (twotower_lit/aws/container.py)"]
-    if container_torch != "image":
-        fbgemm, torchrec = torchrec_stack(container_torch)
+    torch_release = image_torch.split("+")[0]  # 2.11.0+cu130 -> 2.11.0: pip matches the local build
+    lines = ["# twotower_lit training job requirements (twotower_lit/aws/container.py)",
+             f"# torch {torch_release} is the image's own: pinned so that nothing pip resolves replaces it"]
+    if not image_has_torchrec:
+        fbgemm, torchrec = torchrec_stack(torch_release)
         gpu = is_gpu_instance(instance_type)
-        lines += [f"# torch {container_torch} with its fbgemm-gpu {fbgemm} ({'CUDA' if gpu else 'CPU'} build) and "
-                  f"torchrec {torchrec}; torch and everything of torchrec's that needs torch are pinned, so pip "
-                  "can neither replace torch nor pick another fbgemm-gpu"]
+        lines.append(f"# fbgemm-gpu {fbgemm} ({'CUDA' if gpu else 'CPU'} build) and torchrec {torchrec} are the "
+                     f"builds for torch {torch_release}; everything of torchrec's that needs torch is pinned too")
         cpu_index = os.environ.get(CPU_INDEX_ENV)
         if not gpu and cpu_index:
             lines.append(f"--extra-index-url {cpu_index}")
-        lines += [f"torch=={container_torch}", f"fbgemm-gpu=={fbgemm}", f"torchrec=={torchrec}"]
+        lines += [f"torch=={torch_release}", f"fbgemm-gpu=={fbgemm}", f"torchrec=={torchrec}"]
     else:
-        lines.append("# the image provides torch, fbgemm-gpu and torchrec")
+        lines += ["# the image provides fbgemm-gpu and torchrec", f"torch=={torch_release}"]
     lines += sorted(runtime.values(), key=str.lower)
     if mlflow_plugin:
         lines.append(read_pins(AWS_REQUIREMENTS)["sagemaker-mlflow"])

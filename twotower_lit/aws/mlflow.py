@@ -18,6 +18,10 @@ from twotower_lit.aws.session import AwsContext
 
 log = logging.getLogger(__name__)
 
+# The MLflow version of a tracking server created here: the newest MLflow 3 release SageMaker's
+# managed servers offer (its documented versions: 2.13, 2.16, 3.0). The client is MLflow 3
+# (requirements/base.txt); left unset, SageMaker picks its default, which may be a 2.x server.
+MLFLOW_SERVER_VERSION = "3.0"
 _ARN = re.compile(r"^arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:\d{12}:(mlflow-tracking-server|mlflow-app)/[\w-]+$")
 _READY = ("Created", "Started", "Updated", "MaintenanceComplete")
 _FAILED = ("CreateFailed", "UpdateFailed", "StartFailed", "DeleteFailed", "StopFailed", "MaintenanceFailed")
@@ -51,11 +55,22 @@ def require_plugin(uri: Optional[str]) -> None:
                            "sagemaker-mlflow (requirements/aws.txt) so MLflow can reach it")
 
 
+def check_server_version(version: str) -> None:
+    """A tracking server's MLflow version must serve this project's MLflow 3 client."""
+    if not re.fullmatch(r"\d+\.\d+(\.\d+)?", version or ""):
+        raise ValueError(f"--mlflow-version {version!r}: expected a version like {MLFLOW_SERVER_VERSION}")
+    if int(version.split(".")[0]) < 3:
+        raise ValueError(f"--mlflow-version {version}: the project's MLflow client is 3.x, which needs a 3.x "
+                         f"tracking server (e.g. {MLFLOW_SERVER_VERSION})")
+
+
 def find_or_create_tracking_server(ctx: AwsContext, name: str, artifact_store_uri: Optional[str] = None,
                                    size: str = "Small", wait: bool = True, timeout: float = 3600.0,
-                                   poll: float = 30.0) -> str:
-    """The ARN of the managed MLflow tracking server `name`: started if stopped, created (with the
-    project tag, artifacts under s3://BUCKET/PREFIX/mlflow) if missing; waits until it is ready."""
+                                   poll: float = 30.0, mlflow_version: str = MLFLOW_SERVER_VERSION) -> str:
+    """The ARN of the managed MLflow tracking server `name`: started if stopped, created (MLflow
+    `mlflow_version`, with the project tag, artifacts under s3://BUCKET/PREFIX/mlflow) if missing;
+    waits until it is ready."""
+    check_server_version(mlflow_version)
     sm = ctx.sagemaker
     try:
         desc = sm.describe_mlflow_tracking_server(TrackingServerName=name)
@@ -63,8 +78,13 @@ def find_or_create_tracking_server(ctx: AwsContext, name: str, artifact_store_ur
         log.info("creating SageMaker MLflow tracking server %s (takes ~20 min)", name)
         sm.create_mlflow_tracking_server(
             TrackingServerName=name, ArtifactStoreUri=artifact_store_uri or ctx.s3_uri("mlflow"),
-            TrackingServerSize=size, RoleArn=ctx.role, AutomaticModelRegistration=False, Tags=ctx.tags())
+            TrackingServerSize=size, MlflowVersion=mlflow_version, RoleArn=ctx.role,
+            AutomaticModelRegistration=False, Tags=ctx.tags())
         desc = sm.describe_mlflow_tracking_server(TrackingServerName=name)
+    else:
+        if not desc.get("MlflowVersion", "3").startswith("3"):
+            log.warning("MLflow tracking server %s runs MLflow %s; the project's MLflow 3 client may not work "
+                        "with it", name, desc["MlflowVersion"])
     if desc["TrackingServerStatus"] in ("Stopped", "Stopping"):
         if desc["TrackingServerStatus"] == "Stopped":
             sm.start_mlflow_tracking_server(TrackingServerName=name)

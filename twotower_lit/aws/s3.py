@@ -51,7 +51,8 @@ def upload_directory(s3, local_dir: str, uri: str, workers: int = 8) -> Dict[str
     prefix = prefix.rstrip("/")
     existing = list_objects(s3, uri)
     todo = []
-    for rel in _local_files(local_dir):
+    files = _local_files(local_dir)
+    for rel in files:
         path = os.path.join(local_dir, rel)
         key_rel = rel.replace(os.sep, "/")
         have = existing.get(key_rel)
@@ -64,8 +65,9 @@ def upload_directory(s3, local_dir: str, uri: str, workers: int = 8) -> Dict[str
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(put, todo))
-    log.info("uploaded %d files to %s (%d unchanged)", len(todo), uri, len(existing) - len(todo))
-    return {"uploaded": len(todo), "unchanged": len(_local_files(local_dir)) - len(todo)}
+    counts = {"uploaded": len(todo), "unchanged": len(files) - len(todo)}
+    log.info("uploaded %d files to %s (%d unchanged)", counts["uploaded"], uri, counts["unchanged"])
+    return counts
 
 
 def download_prefix(s3, uri: str, local_dir: str, keep: Optional[Callable[[str], bool]] = None,

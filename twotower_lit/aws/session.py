@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 PROJECT_TAG = "project"
 ROLE_ENV = "SAGEMAKER_ROLE_ARN"
-_NAME_OK = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+_NAME_OK = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
 
 
 def parse_key_values(spec: Optional[str]) -> Dict[str, str]:
@@ -44,15 +44,15 @@ def parse_key_values(spec: Optional[str]) -> Dict[str, str]:
 
 
 def resource_name(*parts: str, max_len: int = 63) -> str:
-    """A SageMaker resource name from parts: letters, digits and hyphens, at most 63 characters,
-    ending in a UTC timestamp when the parts end with ``"@time"``."""
+    """A SageMaker resource name from parts: letters, digits and hyphens, at most `max_len`
+    characters (63 for most resources), ending in a UTC timestamp when the parts end with ``"@time"``."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     words = [stamp if p == "@time" else p for p in parts if p]
     name = re.sub(r"[^a-zA-Z0-9-]+", "-", "-".join(words)).strip("-")
     name = re.sub(r"-{2,}", "-", name)
     if len(name) > max_len:  # keep the distinguishing tail (the timestamp)
         name = (name[: max_len - len(stamp) - 1].rstrip("-") + "-" + stamp) if parts[-1] == "@time" else name[:max_len]
-    if not _NAME_OK.match(name):
+    if not _NAME_OK.match(name) or len(name) > max_len:
         raise ValueError(f"cannot make a SageMaker name from {parts}")
     return name
 

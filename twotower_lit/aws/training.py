@@ -7,11 +7,17 @@ the only mapping), checkpoints, spot, tags. `start_training_job` hands the plan 
 SageMaker Python SDK is installed:
 
 * v2 (2.257.x): ``sagemaker.pytorch.PyTorch(..., distribution={"torch_distributed": ...})``,
-  as the workshop does. The default where it is installed.
-* v3 (3.x): ``sagemaker.train.ModelTrainer(..., distributed=Torchrun())``.
+  as the workshop does. The default where it is installed. Its torch_distributed option has no
+  processes-per-host setting: the training toolkit in the image starts torchrun with
+  ``--nproc_per_node`` from the ``sagemaker_mpi_num_of_processes_per_host`` hyperparameter (one
+  per GPU without it), so that is what carries ``processes_per_host``.
+* v3 (3.x): ``sagemaker.train.ModelTrainer(..., distributed=Torchrun(process_count_per_node))``.
+  It names the job itself (``<base_job_name>-<timestamp>``, decided inside ``train()``), so with
+  automatic checkpoints it is left to place them under that name too.
 
-The two SDKs cannot share one environment; both are imported only here, inside the function that
-uses them, so the rest of the project never needs either.
+Both use one job name for the job and its checkpoint prefix. The two SDKs cannot share one
+environment; both are imported only here, inside the function that uses them, so the rest of the
+project never needs either; `resolve_sdk` says which environment to use when none is installed.
 """
 from __future__ import annotations
 
@@ -19,12 +25,13 @@ import contextlib
 import importlib.util
 import logging
 import os
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, Iterator, List, Optional
 
 from twotower_lit.aws import container
-from twotower_lit.aws.config import SageMakerTrainConfig
+from twotower_lit.aws.config import MAX_TRAINING_RUNTIME, SageMakerTrainConfig
 from twotower_lit.aws.environment import CHECKPOINT_LOCAL_PATH, DATA_CHANNEL
 from twotower_lit.aws.hyperparameters import CONTAINER_FIELDS, metric_definitions, to_hyperparameters
 from twotower_lit.aws.mlflow import is_managed_mlflow_arn
@@ -39,9 +46,11 @@ log = logging.getLogger(__name__)
 class TrainingJobPlan:
     """One training job, decided once and launched by either SDK."""
 
-    job_name: str  # SDK v2 uses it as is
-    base_job_name: str  # SDK v3 appends a timestamp to it
+    sdk: str  # 'v2' or 'v3': what launches it
+    job_name: Optional[str]  # SDK v2 uses it as is; v3 names the job <base_job_name>-<timestamp> itself
+    base_job_name: str
     image_uri: str
+    image_torch: str
     role: str
     instance_type: str
     instance_count: int
@@ -53,7 +62,8 @@ class TrainingJobPlan:
     environment: Dict[str, str]
     output_path: str
     code_location: str
-    checkpoint_s3_uri: Optional[str]
+    checkpoints: bool  # SageMaker syncs /opt/ml/checkpoints with S3
+    checkpoint_s3_uri: Optional[str]  # None with checkpoints: v3 puts them under the job's own name
     spot: bool
     max_run: int
     max_wait: Optional[int]
@@ -69,6 +79,11 @@ class TrainingJobPlan:
         return out
 
 
+# SDK major -> the environment scripts/setup.sh builds for it
+SDK_ENVIRONMENTS = {"v2": ".venv-sagemaker-v2", "v3": ".venv-sagemaker-v3"}
+PROCESSES_PER_HOST_HYPERPARAMETER = "sagemaker_mpi_num_of_processes_per_host"
+
+
 def installed_sdk() -> Optional[str]:
     """'v2' or 'v3' for the SageMaker Python SDK in this environment, or None."""
     if importlib.util.find_spec("sagemaker") is None:
@@ -81,45 +96,65 @@ def installed_sdk() -> Optional[str]:
 
 
 def resolve_sdk(requested: str) -> str:
+    """The SDK that will launch the job; refuses (before anything is uploaded or created) when it
+    is not installed here, naming the environment that has it."""
     have = installed_sdk()
-    if requested == "auto":
-        if have is None:
-            raise RuntimeError("no SageMaker Python SDK installed: pip install -r requirements/aws.txt (v2, the "
-                               "default) or -r requirements/sdk-v3.txt (v3)")
-        return have
-    if have != requested:
-        raise RuntimeError(f"--sdk {requested} asked for, but the installed SageMaker SDK is {have or 'none'} "
-                           f"(the two cannot share one environment)")
-    return requested
+    want = "v2" if requested == "auto" else requested
+    if have is None or (requested != "auto" and have != requested):
+        env = SDK_ENVIRONMENTS[want]
+        raise RuntimeError(
+            f"{'no SageMaker Python SDK' if have is None else f'SageMaker SDK {have}, not {want},'} in this "
+            f"environment ({sys.executable}): run the launcher with {env}/bin/python (built by "
+            f"scripts/setup.sh), or pip install -r requirements/"
+            f"{'aws.txt' if want == 'v2' else 'sdk-v3.txt'} into an environment of its own "
+            f"(the two SDKs cannot share one)")
+    return have
+
+
+def check_limits(job: SageMakerTrainConfig) -> None:
+    """SageMaker's limits on the job, checked before anything is sent."""
+    if not 1 <= job.max_run <= MAX_TRAINING_RUNTIME:
+        raise ValueError(f"--max-run {job.max_run}: SageMaker allows 1 to {MAX_TRAINING_RUNTIME} seconds (28 days)")
+    if job.spot and job.max_wait is not None and job.max_wait < job.max_run:
+        raise ValueError(f"--max-wait {job.max_wait} is shorter than --max-run {job.max_run}: with spot, the wait "
+                         f"includes the run")
+    if job.processes_per_host is not None and job.processes_per_host < 1:
+        raise ValueError(f"--processes-per-host {job.processes_per_host}: must be at least 1")
 
 
 def plan_training_job(ctx: AwsContext, cfg: TrainConfig, job: SageMakerTrainConfig, workdir: str,
-                      upload: bool = True) -> TrainingJobPlan:
+                      upload: bool = True, sdk: Optional[str] = None) -> TrainingJobPlan:
     """Upload the data if it is local (unless `upload` is false: a dry run), stage the source dir
-    under `workdir`, and decide the job."""
+    under `workdir`, and decide the job for `sdk` ('v2' or 'v3'; default: the installed one, or
+    ``job.sdk``, or v2)."""
+    check_limits(job)
+    sdk = sdk or (job.sdk if job.sdk != "auto" else installed_sdk() or "v2")
     base_job_name = job.job_name or resource_name(ctx.cfg.project)
-    job_name = job.job_name or resource_name(ctx.cfg.project, "@time")
+    # one name for the job and its checkpoints: ours on v2; on v3 the SDK's (it always adds a timestamp)
+    job_name = (job.job_name or resource_name(ctx.cfg.project, "@time")) if sdk == "v2" else None
     checkpoint_uri = job.checkpoint_s3_uri or ("auto" if job.spot else None)
+    checkpoints = bool(checkpoint_uri)
     if checkpoint_uri == "auto":
-        checkpoint_uri = ctx.s3_uri("checkpoints", job_name)
-    if checkpoint_uri and not cfg.resume:
+        checkpoint_uri = ctx.s3_uri("checkpoints", job_name) if job_name else None
+    if checkpoints and not cfg.resume:
         cfg = replace(cfg, resume="auto")  # a restarted (spot) job continues from the synced checkpoints
+    image, image_torch = container.training_image(ctx.region, job.instance_type, job.image_uri, job.image_torch)
+    requirements = container.training_requirements(job.instance_type, image_torch,
+                                                   mlflow_plugin=is_managed_mlflow_arn(cfg.mlflow_uri),
+                                                   image_has_torchrec=job.image_has_torchrec)
     channels = {}
     if cfg.data_dir:
         channels[DATA_CHANNEL] = _data_uri(ctx, cfg.data_dir, job.data_s3_uri, upload)
     defaults = to_flat_dict(TrainConfig())
     not_sent = {k: v for k, v in to_flat_dict(cfg).items() if k in CONTAINER_FIELDS and v != defaults[k]}
-    image = job.image_uri or container.dlc_image_uri(ctx.region, "training", job.framework_version, job.py_version,
-                                                     job.instance_type)
-    requirements = container.training_requirements(job.instance_type, job.container_torch,
-                                                   mlflow_plugin=is_managed_mlflow_arn(cfg.mlflow_uri))
     source = container.stage_source_dir(os.path.join(workdir, "source"), requirements)
     return TrainingJobPlan(
-        job_name=job_name, base_job_name=base_job_name, image_uri=image, role=ctx.role, instance_type=job.instance_type,
-        instance_count=job.instance_count, processes_per_host=job.processes_per_host, source_dir=source.path,
-        entry_point=source.entry_point, hyperparameters=to_hyperparameters(cfg), channels=channels,
-        environment={"PYTHONUNBUFFERED": "1"}, output_path=job.output_path or ctx.s3_uri("training"),
-        code_location=ctx.s3_uri("code"), checkpoint_s3_uri=checkpoint_uri, spot=job.spot, max_run=job.max_run,
+        sdk=sdk, job_name=job_name, base_job_name=base_job_name, image_uri=image, image_torch=image_torch,
+        role=ctx.role, instance_type=job.instance_type, instance_count=job.instance_count,
+        processes_per_host=job.processes_per_host, source_dir=source.path, entry_point=source.entry_point,
+        hyperparameters=to_hyperparameters(cfg), channels=channels, environment={"PYTHONUNBUFFERED": "1"},
+        output_path=job.output_path or ctx.s3_uri("training"), code_location=ctx.s3_uri("code"),
+        checkpoints=checkpoints, checkpoint_s3_uri=checkpoint_uri, spot=job.spot, max_run=job.max_run,
         max_wait=(job.max_wait or 2 * job.max_run) if job.spot else None, volume_size=job.volume_size,
         tags=ctx.tags(), metric_definitions=metric_definitions(cfg.eval_k), not_sent=not_sent)
 
@@ -166,6 +201,8 @@ def start_training_job(ctx: AwsContext, plan: TrainingJobPlan, sdk: str = "auto"
                        logs: bool = True) -> str:
     """Create the job through SDK `sdk` ('auto', 'v2', 'v3'); returns the job's name."""
     sdk = resolve_sdk(sdk)
+    if sdk != plan.sdk:
+        raise ValueError(f"the job was planned for SDK {plan.sdk}, but SDK {sdk} would launch it")
     with _sdk_environment(ctx):
         if sdk == "v2":
             return _start_v2(ctx, plan, wait, logs)
@@ -179,10 +216,13 @@ def _start_v2(ctx: AwsContext, plan: TrainingJobPlan, wait: bool, logs: bool) ->
 
     session = sagemaker.Session(boto_session=ctx.session, sagemaker_client=ctx.sagemaker,
                                 sagemaker_runtime_client=ctx.client("sagemaker-runtime"), default_bucket=ctx.bucket)
+    hyperparameters: Dict[str, object] = dict(plan.hyperparameters)
+    if plan.processes_per_host:
+        hyperparameters[PROCESSES_PER_HOST_HYPERPARAMETER] = plan.processes_per_host
     estimator = PyTorch(
         entry_point=plan.entry_point, source_dir=plan.source_dir, image_uri=plan.image_uri, role=plan.role,
         instance_type=plan.instance_type, instance_count=plan.instance_count,
-        distribution={"torch_distributed": {"enabled": True}}, hyperparameters=dict(plan.hyperparameters),
+        distribution={"torch_distributed": {"enabled": True}}, hyperparameters=hyperparameters,
         environment=dict(plan.environment), output_path=plan.output_path, code_location=plan.code_location,
         checkpoint_s3_uri=plan.checkpoint_s3_uri,
         checkpoint_local_path=CHECKPOINT_LOCAL_PATH if plan.checkpoint_s3_uri else None,
@@ -215,7 +255,7 @@ def _start_v3(ctx: AwsContext, plan: TrainingJobPlan, wait: bool, logs: bool) ->
                                              max_wait_time_in_seconds=plan.max_wait),
         output_data_config=OutputDataConfig(s3_output_path=plan.output_path),
         checkpoint_config=(CheckpointConfig(s3_uri=plan.checkpoint_s3_uri, local_path=CHECKPOINT_LOCAL_PATH)
-                           if plan.checkpoint_s3_uri else None),
+                           if plan.checkpoints else None),
         hyperparameters=dict(plan.hyperparameters), environment=dict(plan.environment),
         tags=[Tag(key=t["Key"], value=t["Value"]) for t in plan.tags])
     trainer = trainer.with_metric_definitions([MetricDefinition(name=m["Name"], regex=m["Regex"])
