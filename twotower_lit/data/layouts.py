@@ -56,12 +56,30 @@ def layout_for(dataset: str) -> Layout:
     raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
 
 
+def _has_half_stars(path: str, block: int = 1 << 24) -> bool:
+    """True when a ``::`` ratings file holds a half-star rating (only ml-10m's have them). Only the
+    rating field can hold a '.', so a byte search suffices; it stops at the first hit."""
+    needle, tail = b".5::", b""
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block)
+            if not data:
+                return False
+            data = tail + data
+            if needle in data:
+                return True
+            tail = data[-(len(needle) - 1):]
+
+
 def detect_layout(data_dir: str) -> str:
     """Dataset name of a raw MovieLens directory, from the files it holds.
 
-    ``u.data`` -> ml-100k; ``ratings.dat`` with ``users.dat`` -> ml-1m, without -> ml-10m;
-    ``ratings.csv`` -> the directory's own name when it is one of the CSV sets (they share one
-    layout), else ``ml-latest``. Raises ``FileNotFoundError`` naming what was looked for.
+    ``u.data`` -> ml-100k; ``ratings.dat`` with ``users.dat`` -> ml-1m; ``ratings.dat`` with
+    half-star ratings -> ml-10m (which ships no users file); ``ratings.dat`` with whole stars only
+    and no ``users.dat`` is refused: it looks like ml-1m with its users file missing, and a missing
+    file is no evidence, so ``--dataset`` decides. ``ratings.csv`` -> the directory's own name when
+    it is one of the CSV sets (they share one layout), else ``ml-latest``. Raises
+    ``FileNotFoundError`` naming what was looked for or what is missing.
     """
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"{data_dir}: not a directory (pass --data-dir with a raw MovieLens directory)")
@@ -69,7 +87,16 @@ def detect_layout(data_dir: str) -> str:
     if "u.data" in names:
         return "ml-100k"
     if "ratings.dat" in names:
-        return "ml-1m" if "users.dat" in names else "ml-10m"
+        if "users.dat" in names:
+            return "ml-1m"
+        if _has_half_stars(os.path.join(data_dir, "ratings.dat")):
+            return "ml-10m"
+        raise FileNotFoundError(
+            f"{os.path.join(data_dir, 'users.dat')} is missing: {data_dir} holds ratings.dat with whole-star ratings "
+            "only, as ml-1m ships it, but not ml-1m's users.dat (ml-10m has half-star ratings and no users file). "
+            "Without users.dat the users' gender, age, occupation and zip code are absent and the model learns from "
+            "ratings alone. Restore users.dat (unzip ml-1m.zip again), or say which set this is: --dataset ml-1m "
+            "needs users.dat, --dataset ml-10m prepares the ratings without user features")
     if "ratings.csv" in names:
         base = os.path.basename(os.path.normpath(data_dir)).lower()
         return base if base in CSV_SETS else "ml-latest"

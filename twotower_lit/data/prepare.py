@@ -162,6 +162,10 @@ def _build(cfg: PrepareConfig, data_dir: str, layout: Layout, source: dict, opti
         user, item, rating, timestamp = user[live], item[live], rating[live], timestamp[live]
     elif cfg.neutral not in ("keep", "drop"):
         raise ValueError(f"neutral must be 'keep' or 'drop', got {cfg.neutral!r}")
+    if len(user) == 0:
+        raise ValueError(f"{os.path.join(data_dir, layout.ratings_file)}: every rating is neutral "
+                         f"({NEUTRAL_LOW:g} <= rating < --threshold {cfg.threshold:g}) and --neutral drop removed "
+                         "them all; nothing is left to train on (use --neutral keep or another --threshold)")
     label = (rating >= cfg.threshold).astype(np.float32)
 
     if cfg.split == "random":

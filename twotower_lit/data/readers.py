@@ -106,9 +106,21 @@ def read_ratings(data_dir: str, layout: Layout, on_bad_lines: str, report: BadLi
             raise DataValidationError(path, line, problem, field=field, reason=reason)
         for c in np.unique(bad_codes):
             report.add("ratings", _REASONS[c], int((bad_codes == c).sum()))
-        report.examples.append(f"{path}:{line}: {field + ': ' if field else ''}{problem}")
+        first_bad = f"{path}:{line}: {field + ': ' if field else ''}{problem}"
+        report.examples.append(first_bad)
         keep = code == 0
         user, item, rating, ts = user[keep], item[keep], rating[keep], ts[keep]
+    if lines_read == 0:
+        raise DataValidationError(path, 0, "holds no rating lines" + (" after its header" if layout.header else ""),
+                                  hint="pass the complete ratings file of a GroupLens set; was it truncated "
+                                       "while copying?")
+    if user.size == 0:
+        skipped = ", ".join(f"{k.split('.', 1)[1]} {v:,}" for k, v in report.as_dict().items()
+                            if k.startswith("ratings."))
+        raise DataValidationError(path, 0, f"every one of its {lines_read:,} rating lines is malformed and was "
+                                  f"skipped ({skipped}); the first: {first_bad}",
+                                  hint=f"check that the file is {layout.name}'s {layout.ratings_file} "
+                                       "(or pass the right --dataset)")
     return Ratings(user.astype(np.int64, copy=False), item.astype(np.int64, copy=False),
                    rating.astype(np.float32), ts.astype(np.int64, copy=False), lines_read)
 
@@ -349,7 +361,9 @@ def read_users(data_dir: str, layout: Layout, on_bad_lines: str, report: BadLine
         return None
     path = os.path.join(data_dir, layout.users_file)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: users file missing ({layout.name} ships {layout.users_file})")
+        raise FileNotFoundError(f"{path}: users file missing; {layout.name} ships {layout.users_file} with the users' "
+                                "side features (gender, age, occupation, zip code). Restore it (unzip the set "
+                                "again), or pass the --dataset of the set this directory really holds")
     side = _SideFile(path, "users", on_bad_lines, report)
     users: Dict[int, dict] = {}
     if layout.name == "ml-100k":  # user id | age | gender | occupation | zip code
