@@ -9,11 +9,16 @@ Works in three places:
 Settings come from ``TWOTOWER_<FIELD>`` environment variables of `ServeConfig` (e.g.
 ``TWOTOWER_NUM_THREADS``, default 1 compute thread per worker; ``TWOTOWER_MAX_K``).
 Client errors become 4xx: under the inference toolkit they are raised as its
-``BaseInferenceToolkitError`` (anything else would be answered with 500).
+``BaseInferenceToolkitError`` (anything else would be answered with 500). Every error body is our
+JSON error alone: the toolkit's own error answer (`Transformer.handle_error`) appends a Python
+traceback to it, and answers a body it cannot decode as UTF-8 (it decodes JSON and CSV before
+``input_fn``) with 500, so this module installs `answer_error` in its place.
 """
 from __future__ import annotations
 
+import http
 import importlib.util
+import logging
 import os
 import sys
 
@@ -25,8 +30,11 @@ from twotower_lit.serving.errors import RequestError  # noqa: E402
 
 try:
     from sagemaker_inference.errors import BaseInferenceToolkitError
+    from sagemaker_inference.transformer import Transformer
 except ImportError:  # our own server, or a container without the toolkit
-    BaseInferenceToolkitError = None
+    BaseInferenceToolkitError = Transformer = None
+
+log = logging.getLogger("twotower_lit.serving.inference")
 
 if BaseInferenceToolkitError is not None:
     class ToolkitRequestError(RequestError, BaseInferenceToolkitError):
@@ -36,6 +44,43 @@ if BaseInferenceToolkitError is not None:
             RequestError.__init__(self, err.status, err.field, err.detail)
             # what the toolkit answers with: this status, our JSON error as the body
             self.status_code, self.message, self.phrase = err.status, err.body().decode("utf-8"), str(err)
+
+
+
+def _undecodable_body(exc: BaseException) -> bool:
+    """A UnicodeDecodeError raised by the toolkit's own decoding of the request body."""
+    if not isinstance(exc, UnicodeDecodeError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "transform" and "sagemaker_inference" in \
+        tb.tb_frame.f_code.co_filename
+
+
+def answer_error(context, inference_exception, trace):
+    """`Transformer.handle_error` for this model: the status and our JSON error, no traceback (it
+    goes to the log for a server error)."""
+    exc = sys.exc_info()[1]
+    if isinstance(exc, RequestError):
+        err = exc
+    elif _undecodable_body(exc):
+        err = RequestError(400, "body", f"not valid UTF-8 (byte {exc.start})")
+    else:
+        log.error("invocation failed:\n%s", trace)
+        status = getattr(inference_exception, "status_code", 500)
+        err = RequestError(status, "server", "internal error while serving the request; see the endpoint's log")
+    try:
+        phrase = http.HTTPStatus(err.status).phrase
+    except ValueError:
+        phrase = "Error"
+    context.set_response_status(code=err.status, phrase=phrase)
+    context.set_response_content_type(0, "application/json")
+    return [err.body().decode("utf-8")]
+
+
+if Transformer is not None and hasattr(Transformer, "handle_error"):
+    Transformer.handle_error = staticmethod(answer_error)
 
 _CONFIG = None
 

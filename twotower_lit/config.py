@@ -198,13 +198,15 @@ class ServeConfig:
     functions; in a SageMaker container every field can also come from ``TWOTOWER_<FIELD>``."""
 
     model_dir: Optional[str] = _opt(None, "exported model directory (default: $SM_MODEL_DIR or /opt/ml/model)")
-    host: str = _opt("0.0.0.0", "interface to listen on")
+    host: str = _opt("127.0.0.1", "interface to listen on (the serving image sets TWOTOWER_HOST=0.0.0.0)")
     port: int = _opt(8080, "port to listen on (SageMaker's container contract: 8080)")
     uds: Optional[str] = _opt(None, "listen on this Unix socket instead of host:port")
     workers: int = _opt(1, "server processes, each with its own copy of the model")
     num_threads: int = _opt(1, "torch compute threads per worker (more threads on few cores raise tail latency)")
     max_concurrency: int = _opt(64, "invocations in flight per worker; beyond it, 503 at once")
     request_timeout: float = _opt(60.0, "seconds an invocation may take before a 504 (SageMaker allows 60)")
+    header_timeout: float = _opt(5.0, "seconds for a request line and headers, from their first byte; then 408")
+    body_timeout: float = _opt(5.0, "seconds for a request body, after its headers; then 408 (no compute slot held)")
     max_body_bytes: int = _opt(6 * 1024 * 1024, "largest request body; larger ones get 413 (SageMaker: 6 MB)")
     max_batch: int = _opt(1000, "most users in one request")
     max_k: int = _opt(100, "largest k a request may ask for")
@@ -221,6 +223,8 @@ class ServeConfig:
     shadow_max_in_flight: int = _opt(32, "shadow calls in flight; beyond it a request is not mirrored")
     capture_dir: Optional[str] = _opt(None, "write SageMaker-format data capture (JSON lines) under this folder")
     capture_sampling_percent: float = _opt(100.0, "share of requests captured (0-100)")
+    capture_max_payload_bytes: int = _opt(1024 * 1024, "larger request/response bodies are captured cut to this "
+                                          "size, the record saying so and the original size")
     graceful_timeout: float = _opt(30.0, "seconds to finish in-flight requests after SIGTERM")
     keep_alive: int = _opt(75, "idle keep-alive seconds (above the 60 s of SageMaker's front end)")
     log_level: str = _opt("info", "log level", ("critical", "error", "warning", "info", "debug"))

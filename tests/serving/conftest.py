@@ -113,7 +113,8 @@ def start_server(tmp_path):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     """One production-only server shared by a test module."""
-    s = ServerProcess(["--model-dir", model_dir, "--max-body-bytes", "65536", "--request-timeout", "2"],
+    s = ServerProcess(["--model-dir", model_dir, "--max-body-bytes", "65536", "--request-timeout", "2",
+                       "--body-timeout", "2"],
                       tmp_path_factory.mktemp("server") / "server.log")
     yield s
     s.stop()

@@ -42,7 +42,9 @@ transformer = Transformer()
 results = []
 for body, headers in json.loads(sys.stdin.read()):
     ctx = Context(model_dir, headers)
-    out = transformer.transform([{"body": body.encode()}], ctx)[0]
+    # a body is text, or {"hex": ...} for bytes that are not UTF-8
+    raw = bytes.fromhex(body["hex"]) if isinstance(body, dict) else body.encode()
+    out = transformer.transform([{"body": raw}], ctx)[0]
     out = out.decode() if isinstance(out, bytes) else out
     results.append({"status": ctx.status, "content_type": ctx.content_type, "body": out, "phrase": ctx.phrase})
 import twotower_lit
@@ -55,7 +57,8 @@ print(json.dumps({"results": results, "heavy": heavy, "library": list(twotower_l
 '''
 
 
-def test_toolkit_transformer_serves_the_packaged_handler(model_dir, tmp_path):
+def _package(model_dir, tmp_path) -> Path:
+    """A model.tar.gz's layout, unpacked: the model files, code/inference.py and the vendored library."""
     root = tmp_path / "model"
     shutil.copytree(model_dir, root)
     (root / "code").mkdir()
@@ -63,6 +66,24 @@ def test_toolkit_transformer_serves_the_packaged_handler(model_dir, tmp_path):
     for module in HANDLER_MODULES:
         (root / "code" / module).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / module, root / "code" / module)
+    return root
+
+
+def _transform(root, tmp_path, requests, env=None) -> dict:
+    """Run `requests` through the toolkit's Transformer in a fresh interpreter that sees only code/."""
+    full_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # the toolkit imports SAGEMAKER_PROGRAM's module from code/, which the model server puts on the path
+    full_env.update(PYTHONPATH=str(root / "code"), SAGEMAKER_PROGRAM="inference.py", **(env or {}))
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(root)], input=json.dumps(requests), env=full_env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["stderr"] = proc.stderr
+    return out
+
+
+def test_toolkit_transformer_serves_the_packaged_handler(model_dir, tmp_path):
+    root = _package(model_dir, tmp_path)
     requests = [
         ('{"user_id": 3, "k": 4}', {"Content-Type": "application/json", "Accept": "application/json"}),
         ('{"inputs": [1, 2, 12345]}', {"content-type": "application/json"}),
@@ -72,14 +93,11 @@ def test_toolkit_transformer_serves_the_packaged_handler(model_dir, tmp_path):
         ('{"user_id": ', {"Content-Type": "application/json"}),
         ('{"user_id": 3}', {"Content-Type": "application/json", "Accept": "text/csv"}),
         ('{"user_id": 3}', {"Content-Type": "application/x-npy"}),
+        ({"hex": "7b22757365725f6964223a20ff7d"}, {"Content-Type": "application/json"}),  # not UTF-8
+        ({"hex": "35fe0a"}, {"Content-Type": "text/csv"}),
+        ('{"user_features": {"age": "inf"}}', {"Content-Type": "application/json"}),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    # the toolkit imports SAGEMAKER_PROGRAM's module from code/, which the model server puts on the path
-    env.update(PYTHONPATH=str(root / "code"), SAGEMAKER_PROGRAM="inference.py")
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(root)], input=json.dumps(requests), env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _transform(root, tmp_path, requests)
     assert out["library"] == [str(root / "code" / "twotower_lit")], "the vendored copy must be the one imported"
     assert out["heavy"] == [], f"the handler imported {out['heavy']}"
     outside = [f for f in out["files"] if not f.startswith(str(root / "code") + os.sep)]
@@ -94,10 +112,25 @@ def test_toolkit_transformer_serves_the_packaged_handler(model_dir, tmp_path):
     assert [p["user_id"] for p in json.loads(r[2]["body"])["predictions"]] == [5, 6]
     assert json.loads(r[3]["body"])["predictions"][0]["source"] == "cold_start"
     for res, status, field in ((r[4], 400, "k"), (r[5], 400, "body"), (r[6], 406, "Accept"),
-                               (r[7], 415, "Content-Type")):
+                               (r[7], 415, "Content-Type"), (r[8], 400, "body"), (r[9], 400, "body"),
+                               (r[10], 400, "user_features.age")):
         assert res["status"] == status, res
-        error = json.loads(res["body"].split("\n", 1)[0])["error"]  # the toolkit appends a traceback
-        assert error["field"] == field
+        # the whole body is our JSON error: no traceback after it (nor paths of the container in it)
+        error = json.loads(res["body"])["error"]
+        assert error["field"] == field and error["status"] == status, res
+        assert res["content_type"] == "application/json" and "Traceback" not in res["body"]
+    assert "UTF-8" in json.loads(r[8]["body"])["error"]["message"]
+
+
+def test_toolkit_server_errors_are_json_with_the_traceback_in_the_log_only(model_dir, tmp_path):
+    root = _package(model_dir, tmp_path)
+    out = _transform(root, tmp_path, [('{"user_id": 3}', {"Content-Type": "application/json"})],
+                     env={"TWOTOWER_FAULT_INJECTION": "production=error"})
+    (res,) = out["results"]
+    assert res["status"] == 500 and res["content_type"] == "application/json", res
+    assert json.loads(res["body"])["error"]["field"] == "server"
+    assert "Traceback" not in res["body"] and str(root) not in res["body"]
+    assert "Traceback" in out["stderr"] and "injected fault" in out["stderr"]
 
 
 def test_inference_module_loads_from_the_repository_by_path(model_dir, tmp_path):

@@ -72,6 +72,18 @@ def test_seen_items_are_excluded(server, exported):
     assert {it["id"] for it in everything} & seen_ids, "without exclusion, top-100 of 200 includes seen items"
 
 
+@pytest.mark.parametrize("feature", ["age", "occupation"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "Infinity", "1e999", "nan", "NaN"])
+def test_non_finite_numbers_in_features_are_400_naming_the_field(server, feature, value):
+    for doc, field in (({"user_features": {feature: value}}, f"user_features.{feature}"),
+                       ({"inputs": [3, {"user_id": 777777, "user_features": {"gender": "F", feature: value}}]},
+                        f"inputs[1].user_features.{feature}")):
+        r = post(server, doc)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["field"] == field
+    assert post(server, {"user_features": {feature: "25"}}).status_code == 200
+
+
 def test_csv(server):
     r = post(server, "4\n8\n", {"Content-Type": "text/csv"})
     assert r.status_code == 200 and [p["user_id"] for p in r.json()["predictions"]] == [4, 8]
@@ -204,7 +216,7 @@ def test_sync_sender_drives_the_load_loop(server):
 
 
 def test_slow_body_upload_times_out_with_408(server):
-    """The module's server has a 2 s request timeout."""
+    """The module's server has a 2 s body timeout."""
 
     async def trickle():
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)

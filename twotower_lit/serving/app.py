@@ -1,11 +1,14 @@
 """The ASGI app with SageMaker's container contract: ``GET /ping``, ``POST /invocations``.
 
-An invocation reads the body (at most ``max_body_bytes``), then runs the handler functions
+An invocation reads the body (at most ``max_body_bytes``, within ``body_timeout``; a slow client
+holds no compute slot while it sends), then runs the handler functions
 (`twotower_lit.serving.handler`) in a worker thread, one request at a time per process (the
 model computes with ``num_threads`` torch threads; more processes = ``workers``), within
-``request_timeout``. Client errors are 4xx with a JSON body naming the field; only a failure of
-the server itself is a 5xx. After the response is ready, the request is mirrored to the shadow
-variant (if any) in the background, and both variants' records go to data capture (if enabled).
+``request_timeout``; at most ``max_concurrency`` requests wait for or hold the model. Client
+errors are 4xx with a JSON body naming the field; only a failure of the server itself is a 5xx.
+After the response is ready, the request is mirrored to the shadow variant (if any) in the
+background, and both variants' records go to data capture (if enabled). ``/ping`` answers for
+production alone and shows the shadow's state in its body.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ class InferenceService:
         self.capture: Optional[CaptureWriter] = None
         self.limiter = anyio.CapacityLimiter(COMPUTE_SLOTS)
         self.in_flight = 0
+        self.rejected_bodies = 0  # answered 408/413/400 before the body was whole: captured by neither variant
         self.computing = 0  # pipeline calls running in threads, abandoned ones included
         self._computing_lock = threading.Lock()
 
@@ -63,6 +67,7 @@ class InferenceService:
             self.capture = CaptureWriter(self.cfg.capture_dir, self.cfg.endpoint_name)
         if self.cfg.shadow_url:
             self.mirror = ShadowMirror(self.cfg.shadow_url, self.cfg)
+            self.mirror.start()
 
     async def shutdown(self) -> None:
         if self.mirror is not None:
@@ -70,13 +75,18 @@ class InferenceService:
         if self.capture is not None:
             await anyio.to_thread.run_sync(self.capture.close)
             log.info("data capture: %d records written under %s", self.capture.written, self.cfg.capture_dir)
+        if self.rejected_bodies:
+            log.info("%d requests answered before their body was whole (too large, too slow or the client gone); "
+                     "captured by neither variant", self.rejected_bodies)
 
     # endpoints -----------------------------------------------------------------------------
     async def ping(self, request: Request) -> Response:
         if self.model is None:
             return Response(b'{"status":"loading"}', 503, media_type=JSON)
-        body = json.dumps({"status": "healthy", "model_version": self.model.model_version})
-        return Response(body, 200, media_type=JSON)
+        status = {"status": "healthy", "model_version": self.model.model_version}
+        if self.mirror is not None:  # for whoever watches the shadow test; production is healthy either way
+            status["shadow"] = self.mirror.status()
+        return Response(json.dumps(status), 200, media_type=JSON)
 
     async def invocations(self, request: Request) -> Response:
         t0 = time.perf_counter()
@@ -85,32 +95,37 @@ class InferenceService:
         inference_id = request.headers.get(INFERENCE_ID_HEADER) or event_id
         content_type = request.headers.get("content-type")
         accept = request.headers.get("accept")
-        body: Optional[bytes] = None
+        headers = {INFERENCE_ID_HEADER: inference_id}
+        try:
+            body = await self._read_body(request)
+        except (RequestError, ClientDisconnect) as e:
+            # Answered as SageMaker's front end answers a body it cannot take: the request reaches
+            # neither variant, so neither captures it; the unread rest ends the connection.
+            self.rejected_bodies += 1
+            err = e if isinstance(e, RequestError) else RequestError(400, "body", "the client disconnected "
+                                                                                  "while sending the body")
+            return Response(err.body(), err.status, headers={**headers, "Connection": "close"}, media_type=JSON)
         model_ms: Optional[float] = None
         if self.in_flight >= self.cfg.max_concurrency:
             status, out, out_type = _error(503, "server", f"over {self.cfg.max_concurrency} requests in flight; retry")
         else:
             self.in_flight += 1
             try:
-                body = await self._read_body(request)
                 status, out, out_type, model_ms = await self._run(body, content_type, accept)
             except RequestError as e:
                 status, out, out_type = e.status, e.body(), JSON
-            except ClientDisconnect:
-                status, out, out_type = _error(400, "body", "the client disconnected while sending the body")
             finally:
                 self.in_flight -= 1
         latency_ms = (time.perf_counter() - t0) * 1000
         capture = self.capture is not None and random.random() * 100.0 < self.cfg.capture_sampling_percent
         if capture:
-            self._capture(self.cfg.variant_name, "production", event_id, inference_id, when, body or b"",
+            self._capture(self.cfg.variant_name, "production", event_id, inference_id, when, body,
                           content_type, out, out_type, status, latency_ms, model_ms,
                           self.model.model_version if self.model else None, None)
-        if self.mirror is not None and body is not None and self.mirror.sampled():
+        if self.mirror is not None and self.mirror.sampled():
             self.mirror.submit(body, content_type, accept, inference_id,
                                lambda r: capture and self._capture_shadow(r, event_id, inference_id, when, body,
                                                                          content_type))
-        headers = {INFERENCE_ID_HEADER: inference_id}
         if model_ms is not None:
             headers[MODEL_LATENCY_HEADER] = f"{model_ms:.3f}"
         if self.model is not None:
@@ -124,15 +139,15 @@ class InferenceService:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(413, "body", f"Content-Length {declared} is over the limit of {limit} bytes")
         chunks, size = [], 0
-        try:  # a client trickling its body must not hold a slot for ever
-            with anyio.fail_after(self.cfg.request_timeout):
+        try:  # a client trickling its body is bounded on its own, apart from the model's time
+            with anyio.fail_after(self.cfg.body_timeout):
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > limit:
                         raise RequestError(413, "body", f"over the limit of {limit} bytes")
                     chunks.append(chunk)
         except TimeoutError:
-            raise RequestError(408, "body", f"not received within {self.cfg.request_timeout} s") from None
+            raise RequestError(408, "body", f"not received within {self.cfg.body_timeout:g} s") from None
         return b"".join(chunks)
 
     async def _run(self, body: bytes, content_type: Optional[str], accept: Optional[str]):
@@ -175,7 +190,8 @@ class InferenceService:
                       "modelVersion": model_version}
         if error:
             attributes["error"] = error
-        record = capture_record(event_id, inference_id, when, body, content_type, out, out_type, attributes)
+        record = capture_record(event_id, inference_id, when, body, content_type, out, out_type, attributes,
+                                self.cfg.capture_max_payload_bytes)
         self.capture.write(variant, when, record)
 
     def _capture_shadow(self, r: ShadowResult, event_id: str, inference_id: str, when, body: bytes,

@@ -15,6 +15,11 @@ when the bytes are not UTF-8. The production and shadow records of one request s
 and ``inferenceId``. ``customAttributes`` is this project's addition (SageMaker keeps latency in
 CloudWatch, not in the capture): the shadow report reads latency and status from it.
 
+A payload over ``max_payload_bytes`` (the server's ``--capture-max-payload-bytes``) is captured
+cut to that size (at a character boundary when it is UTF-8 text), and
+``customAttributes.truncated`` maps each cut entry to its original size, e.g.
+``{"endpointInput": 6291456}``: one hostile request must not write megabytes per variant.
+
 Records are queued and written by one background thread, flushed about every 0.2 s, and all of
 them are on disk when `close()` returns (the server calls it at shutdown).
 """
@@ -57,11 +62,24 @@ def decode_data(entry: Dict) -> bytes:
     return entry.get("data", "").encode("utf-8")
 
 
+def _cut(data: bytes, limit: Optional[int], entry: str, truncated: Dict[str, int]) -> bytes:
+    if limit is None or len(data) <= limit:
+        return data
+    truncated[entry] = len(data)
+    cut = limit
+    while cut > 0 and limit - cut < 3 and (data[cut] & 0xC0) == 0x80:  # not inside a UTF-8 character
+        cut -= 1
+    return data[:cut]
+
+
 def capture_record(event_id: str, inference_id: str, when: dt.datetime, input_body: bytes,
                    input_type: Optional[str], output_body: bytes, output_type: Optional[str],
-                   attributes: Dict) -> Dict:
-    in_data, in_enc = encode_data(input_body, input_type)
-    out_data, out_enc = encode_data(output_body, output_type)
+                   attributes: Dict, max_payload_bytes: Optional[int] = None) -> Dict:
+    truncated: Dict[str, int] = {}
+    in_data, in_enc = encode_data(_cut(input_body, max_payload_bytes, "endpointInput", truncated), input_type)
+    out_data, out_enc = encode_data(_cut(output_body, max_payload_bytes, "endpointOutput", truncated), output_type)
+    if truncated:
+        attributes = {**attributes, "truncated": truncated}
     return {
         "captureData": {
             "endpointInput": {"observedContentType": input_type or "", "mode": "INPUT", "data": in_data,

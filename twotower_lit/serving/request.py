@@ -16,6 +16,7 @@ nothing here raises anything but `RequestError`.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -34,6 +35,9 @@ _MAX_FEATURE_CHARS = 100
 _TOP_LEVEL = ("user_id", "inputs", "user_features", "k", "exclude_seen")
 _INPUT_KEYS = ("user_id", "user_features")
 _CSV_ID = re.compile(r"^[+-]?[0-9]{1,19}$")
+# Features whose values are numbers (a string may carry one): "inf" or "1e999" would reach int()
+# as an infinite float, and "nan" would silently become "unknown".
+_NUMERIC_FEATURES = ("age", "occupation")
 
 
 @dataclass(frozen=True)
@@ -181,8 +185,23 @@ def _features(raw: Any, where: str) -> Dict[str, Union[str, int, None]]:
             raise bad_request(f"{where}.{key}", f"longer than {_MAX_FEATURE_CHARS} characters")
         if _is_int(value):
             value = _int64(value, f"{where}.{key}")
+        elif isinstance(value, str) and key in _NUMERIC_FEATURES:
+            _check_number_text(value, key, f"{where}.{key}")
         out[key] = value
     return out
+
+
+def _check_number_text(text: str, key: str, where: str) -> None:
+    """A numeric feature sent as a string: finite if it is a number; age must be one (an
+    occupation may also be a name, as in ml-100k)."""
+    try:
+        number = float(text)
+    except ValueError:
+        if key == "age":
+            raise bad_request(where, f"expected a number of years or an ml-1m age group, got {text[:50]!r}") from None
+        return
+    if not math.isfinite(number):
+        raise bad_request(where, f"{text[:50]!r} is not a finite number")
 
 
 def _name(key: str) -> str:

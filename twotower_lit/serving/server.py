@@ -1,8 +1,10 @@
 """The inference server: ``serve`` in the container, ``python -m entrypoints.serve`` locally.
 
-uvicorn runs `twotower_lit.serving.app` on port 8080 (or a Unix socket). With
-``--shadow-model-dir`` the shadow model runs in a supervised child process and production
-mirrors requests to it; ``--shadow-url`` mirrors to a shadow server that runs elsewhere.
+uvicorn runs `twotower_lit.serving.app` on 127.0.0.1:8080 (the serving image: 0.0.0.0:8080, as
+SageMaker requires; or a Unix socket), with deadlines for slow request heads
+(`twotower_lit.serving.protocol`) and bodies. With ``--shadow-model-dir`` the shadow model runs in
+a supervised child process and production mirrors requests to it; ``--shadow-url`` mirrors to a
+shadow server that runs elsewhere.
 SIGTERM (or SIGINT) stops accepting connections, lets in-flight requests and shadow calls finish
 (``--graceful-timeout``, ``--shadow-timeout``), flushes data capture, then stops the shadow child.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -24,6 +27,7 @@ import uvicorn
 from twotower_lit.config import ServeConfig, add_arguments, from_namespace
 from twotower_lit.serving.app import CONFIG_ENV, create_app
 from twotower_lit.serving.handler import DEFAULT_MODEL_DIR, config_from_env
+from twotower_lit.serving.protocol import HeaderTimeoutProtocol
 from twotower_lit.serving.shadow import ShadowProcess
 
 log = logging.getLogger("twotower_lit.serving")
@@ -45,10 +49,10 @@ def check(cfg: ServeConfig) -> None:
     """Reject settings that cannot work, naming the option."""
     problems = []
     for name in ("workers", "num_threads", "max_concurrency", "max_body_bytes", "max_batch", "max_k",
-                 "shadow_max_in_flight"):
+                 "shadow_max_in_flight", "capture_max_payload_bytes"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("request_timeout", "shadow_timeout"):
+    for name in ("request_timeout", "header_timeout", "body_timeout", "shadow_timeout"):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive")
     for name in ("shadow_sampling_percent", "capture_sampling_percent"):
@@ -76,7 +80,8 @@ def serve(cfg: ServeConfig) -> None:
         cfg = dataclasses.replace(cfg, shadow_url=shadow.target)
     where = {"uds": cfg.uds} if cfg.uds else {"host": cfg.host, "port": cfg.port}
     common = dict(**where, timeout_keep_alive=cfg.keep_alive, timeout_graceful_shutdown=int(cfg.graceful_timeout),
-                  log_level=cfg.log_level, access_log=cfg.log_level == "debug", lifespan="on")
+                  log_level=cfg.log_level, access_log=cfg.log_level == "debug", lifespan="on",
+                  http=functools.partial(HeaderTimeoutProtocol, header_timeout=cfg.header_timeout))
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to whatever handler
     # was installed before it; with these, that ends in the `finally` below (shadow child stopped)
     # and a clean exit, rather than a kill by the default handler.

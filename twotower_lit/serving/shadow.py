@@ -2,15 +2,18 @@
 
 `ShadowProcess` runs the shadow model as a second server on a Unix socket (as SageMaker runs a
 shadow variant on its own instances), so a shadow that crashes, hangs or burns CPU threads cannot
-take the production process with it; it is restarted with back-off when it dies.
+take the production process with it; it is restarted with back-off when it dies, and one that
+cannot start (a corrupt model, say) does not keep production from starting and serving.
 `ShadowMirror` lives in the production process: after production has answered, it sends a copy of
 the request to the shadow asynchronously, bounded in time (`shadow_timeout`) and in number
 (`shadow_max_in_flight`; beyond that a request is not mirrored), and writes the shadow's response,
-or its failure, to data capture under the production request's event id.
+or its failure, to data capture under the production request's event id. It also asks the
+shadow's ``/ping`` every second, for production's ``/ping`` to show the shadow's state.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -20,7 +23,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import httpx
 
@@ -47,6 +50,21 @@ class ShadowResult:
 
 OnResult = Callable[[ShadowResult], None]
 
+HEALTH_INTERVAL = 1.0  # seconds between two looks at the shadow's /ping
+
+
+def supervisor_status_path(target: str) -> Optional[str]:
+    """Where `ShadowProcess` writes its child's state, for a ``unix:`` target it started."""
+    if not target.startswith("unix:"):
+        return None
+    return os.path.join(os.path.dirname(target[len("unix:"):]), "status.json")
+
+
+def _latin1(value: str) -> bytes:
+    # Starlette decodes header values as latin-1, so this gives back the bytes the client sent;
+    # httpx would encode a str as ASCII and fail on anything else.
+    return value.encode("latin-1")
+
 
 class ShadowMirror:
     """Mirrors requests to a shadow server (``unix:/path.sock`` or ``http://host:port``)."""
@@ -62,8 +80,45 @@ class ShadowMirror:
         limits = httpx.Limits(max_connections=cfg.shadow_max_in_flight,
                               max_keepalive_connections=cfg.shadow_max_in_flight)
         self.client = httpx.AsyncClient(transport=transport, limits=limits, timeout=cfg.shadow_timeout)
+        self.ping_url = self.url[:-len("/invocations")] + "/ping"
+        self.status_path = supervisor_status_path(target)
         self.tasks: set = set()
         self.sent = self.skipped = self.failed = 0
+        self.health: Dict = {"status": "starting"}
+        self._health_task: Optional[asyncio.Task] = None
+
+    def start(self) -> None:
+        """Start watching the shadow's health (call from the running event loop)."""
+        self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
+
+    def status(self) -> Dict:
+        """The shadow's state for production's /ping: healthy (with its model version), or why not."""
+        return {"variant": self.cfg.shadow_variant_name, **self.health}
+
+    async def _watch_health(self) -> None:
+        while True:
+            self.health = await self._probe()
+            await asyncio.sleep(HEALTH_INTERVAL)
+
+    async def _probe(self) -> Dict:
+        try:
+            r = await self.client.get(self.ping_url, timeout=HEALTH_INTERVAL)
+            if r.status_code == 200:
+                return {"status": "healthy", "model_version": r.json().get("model_version")}
+            error = f"its /ping answered {r.status_code}"
+        except (httpx.HTTPError, ValueError, AttributeError) as e:
+            error = f"no answer to /ping ({type(e).__name__})"
+        supervisor = self._supervisor_message()
+        return {"status": "unavailable", "error": f"{supervisor}; {error}" if supervisor else error}
+
+    def _supervisor_message(self) -> Optional[str]:
+        if self.status_path is None:
+            return None
+        try:
+            with open(self.status_path, encoding="utf-8") as f:
+                return json.load(f).get("message")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def sampled(self) -> bool:
         return random.random() * 100.0 < self.cfg.shadow_sampling_percent
@@ -85,11 +140,11 @@ class ShadowMirror:
 
     async def _call(self, body: bytes, content_type: Optional[str], accept: Optional[str], inference_id: str,
                     on_result: OnResult) -> None:
-        headers = {INFERENCE_ID_HEADER: inference_id}
+        headers = {INFERENCE_ID_HEADER: _latin1(inference_id)}
         if content_type:
-            headers["Content-Type"] = content_type
+            headers["Content-Type"] = _latin1(content_type)
         if accept:
-            headers["Accept"] = accept
+            headers["Accept"] = _latin1(accept)
         t0 = time.perf_counter()
         try:
             r = await asyncio.wait_for(self.client.post(self.url, content=body, headers=headers),
@@ -101,11 +156,16 @@ class ShadowMirror:
         except (asyncio.TimeoutError, httpx.TimeoutException):
             result = self._failure(t0, f"timeout after {self.cfg.shadow_timeout} s")
         except httpx.HTTPError as e:
-            result = self._failure(t0, f"{type(e).__name__}: {e}"[:300])
+            unavailable = self.health.get("error") if self.health.get("status") == "unavailable" else None
+            error = f"{type(e).__name__}: {e}"[:300]
+            result = self._failure(t0, f"shadow unavailable: {unavailable} ({error})" if unavailable else error)
         except asyncio.CancelledError:
             result = self._failure(t0, "cancelled at shutdown")
             on_result(result)
             raise
+        except Exception as e:  # whatever went wrong, the shadow's record must still be written
+            log.exception("shadow call failed")
+            result = self._failure(t0, f"{type(e).__name__}: {e}"[:300])
         if result.status == 0 or result.status >= 500:
             self.failed += 1
         try:
@@ -118,6 +178,9 @@ class ShadowMirror:
 
     async def close(self, timeout: float) -> None:
         """Let in-flight calls finish (at most `timeout` s; the rest are cancelled and recorded)."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
         if self.tasks:
             done, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
             for task in pending:
@@ -156,11 +219,23 @@ class ShadowProcess:
     def target(self) -> str:
         return "unix:" + self.socket
 
+    def _status(self, state: str, message: Optional[str] = None) -> None:
+        """Tell the production workers (`ShadowMirror`) what happened to the child."""
+        path = supervisor_status_path(self.target)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"state": state, "message": message, "restarts": self.restarts}, f)
+            os.replace(tmp, path)
+        except OSError:
+            log.exception("could not write the shadow supervisor's status to %s", path)
+
     def command(self) -> list:
         c = self.cfg
         args = {"model-dir": c.shadow_model_dir, "uds": self.socket, "variant-name": c.shadow_variant_name,
                 "endpoint-name": c.endpoint_name, "num-threads": c.num_threads, "search": c.search,
                 "max-concurrency": c.max_concurrency, "request-timeout": c.request_timeout,
+                "body-timeout": c.body_timeout, "header-timeout": c.header_timeout,
                 "max-body-bytes": c.max_body_bytes, "max-batch": c.max_batch, "max-k": c.max_k,
                 "default-k": c.default_k, "graceful-timeout": min(c.graceful_timeout, 1.0), "log-level": c.log_level}
         cmd = [sys.executable, "-m", "twotower_lit.serving.server"]
@@ -174,28 +249,32 @@ class ShadowProcess:
         # its own session: a Ctrl+C or a group-wide SIGTERM reaches production only, which drains
         # its shadow calls before it stops the child; the child dies with its parent all the same
         self.proc = subprocess.Popen(self.command(), start_new_session=True, preexec_fn=_die_with_parent)
+        self._status("starting")
 
     def start(self) -> "ShadowProcess":
+        """Start the child and wait (at most `startup_timeout`) until it answers /ping. A shadow that
+        exits or does not answer is logged and left to the supervisor: production starts all the same."""
         self._spawn()
         deadline = time.monotonic() + self.startup_timeout
         with httpx.Client(transport=httpx.HTTPTransport(uds=self.socket), timeout=2.0) as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the shadow server ({self.cfg.shadow_model_dir}) exited with "
-                                       f"code {self.proc.returncode} while starting; see its log above")
+            while self.proc.poll() is None and time.monotonic() < deadline:
                 try:
                     if client.get("http://shadow/ping").status_code == 200:
+                        self._status("running")
+                        log.info("shadow variant %r (%s) ready on %s", self.cfg.shadow_variant_name,
+                                 self.cfg.shadow_model_dir, self.socket)
                         break
                 except httpx.HTTPError:
                     pass
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"the shadow server did not answer /ping within {self.startup_timeout} s")
                 time.sleep(0.1)
+            else:
+                if self.proc.poll() is None:
+                    message = (f"the shadow server ({self.cfg.shadow_model_dir}) did not answer /ping within "
+                               f"{self.startup_timeout:g} s")
+                    log.error("%s; production serves without it until it does", message)
+                    self._status("starting", message)
         self._watcher = threading.Thread(target=self._watch, name="shadow-watch", daemon=True)
         self._watcher.start()
-        log.info("shadow variant %r (%s) ready on %s", self.cfg.shadow_variant_name, self.cfg.shadow_model_dir,
-                 self.socket)
         return self
 
     def _watch(self) -> None:
@@ -203,8 +282,10 @@ class ShadowProcess:
         while not self._stopping.wait(0.5):
             if self.proc is None or self.proc.poll() is None:
                 continue
-            log.error("the shadow server exited with code %s; restarting in %.0f s (production is not affected)",
-                      self.proc.returncode, backoff)
+            message = (f"the shadow server ({self.cfg.shadow_model_dir}) exited with code {self.proc.returncode}; "
+                       f"restart {self.restarts + 1} in {backoff:.0f} s (its log says why)")
+            log.error("%s; production is not affected", message)
+            self._status("exited", message)
             self._reported = self.proc
             if self._stopping.wait(backoff):
                 return
@@ -229,8 +310,12 @@ class ShadowProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for path in (self.socket, os.path.dirname(self.socket)):
+        for path in (self.socket, supervisor_status_path(self.target)):
             try:
-                os.unlink(path) if path == self.socket else os.rmdir(path)
+                os.unlink(path)
             except OSError:
                 pass
+        try:
+            os.rmdir(os.path.dirname(self.socket))
+        except OSError:
+            pass
