@@ -38,6 +38,8 @@ class PrepareConfig:
     dataset: Optional[str] = _opt(None, "layout of --data-dir; detected from its files when omitted", DATASETS)
     download: Optional[str] = _opt(None, "download this GroupLens set (checksum verified, cached)", DATASETS)
     cache_dir: str = _opt("~/.cache/twotower_lit", "where downloads are cached")
+    sha256: Optional[str] = _opt(None, "SHA-256 of the --download zip you trust: required for ml-latest (re-issued "
+                                       "over time, so no digest is pinned); replaces the pinned one of other sets")
     synthetic: Optional[int] = _opt(None, "generate a synthetic MovieLens set with this many ratings")
     synthetic_layout: str = _opt("ml-1m", "file layout of the synthetic set", DATASETS)
     split: str = _opt("random", "random: per user 80/10/10; temporal: per user last -> test, second last -> val",

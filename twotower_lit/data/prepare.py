@@ -92,6 +92,8 @@ def resolve_source(cfg: PrepareConfig, output_dir: str, log: Log = print) -> Tup
                                   ("--data-dir", cfg.data_dir)) if v]
     if len(given) > 1:
         raise ValueError(f"choose one input, got {' and '.join(given)}")
+    if cfg.sha256 and not cfg.download:
+        raise ValueError("--sha256 is the digest of a --download zip; pass it with --download NAME")
     if cfg.synthetic:
         from twotower_lit.data.synthetic import generate_movielens, synthetic_dir
         raw = synthetic_dir(cfg, output_dir)
@@ -99,7 +101,7 @@ def resolve_source(cfg: PrepareConfig, output_dir: str, log: Log = print) -> Tup
         return raw, cfg.synthetic_layout, {"kind": "synthetic", "data_dir": raw, "synthetic": spec}
     if cfg.download:
         from twotower_lit.data.download import download_dataset
-        raw, info = download_dataset(cfg.download, cfg.cache_dir, log=log)
+        raw, info = download_dataset(cfg.download, cfg.cache_dir, log=log, sha256=cfg.sha256)
         return raw, cfg.download, {"kind": "download", "data_dir": raw, "download": info}
     if not cfg.data_dir:
         raise ValueError("no input: pass --data-dir RAW_DIR, --download NAME or --synthetic N_RATINGS")
