@@ -17,6 +17,7 @@ import io
 import json
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -77,7 +78,7 @@ def read_manifest(path: Path) -> Dict[str, Dict[str, Any]]:
         raise CheckpointError(
             f"{path} has no {MANIFEST_FILE}: it was not completely written (the job stopped while saving it), "
             f"or it was written by an older version of twotower_lit, whose checkpoints carry no checksums and "
-            f"whose trainer state is a pickle that loading would run; {START_ANEW}")
+            f"cannot be read safely; {START_ANEW}")
     try:
         with open(manifest) as f:
             files = json.load(f).get("files")
@@ -150,21 +151,24 @@ def encode_trainer_state(state: Dict[str, Any]) -> bytes:
         torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise TypeError(f"the trainer state holds an object other than tensors and plain Python values, which "
-                        f"a resume could not load safely: {_first_line(e)}. Keep callback and hyperparameter "
+                        f"a resume could not load safely: {_weights_only_reason(e)}. Keep callback and hyperparameter "
                         f"state to tensors, numbers, strings, lists and dicts") from None
     return buffer.getvalue()
 
 
 def decode_trainer_state(data: bytes, where: Path) -> Dict[str, Any]:
     """The trainer state saved in `where` (its bytes `data`), loaded without running code from it."""
+    if not zipfile.is_zipfile(io.BytesIO(data)):  # torch.save writes a zip archive
+        raise CheckpointError(f"{where} cannot be read: it is not a file written by torch.save (truncated or "
+                              f"garbled); {START_ANEW}")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{where} was refused: it holds objects that only a full unpickler can rebuild, and unpickling runs "
-            f"code the file names ({_first_line(e)}). Checkpoints of older versions of twotower_lit were written "
-            f"in that unsafe format, and a crafted file looks the same; {START_ANEW}") from None
-    except Exception as e:  # a truncated or garbled file: torch raises RuntimeError, EOFError, ...
+            f"code the file names ({_weights_only_reason(e)}). Checkpoints of older versions of twotower_lit were "
+            f"written in that unsafe format, and a crafted file looks the same; {START_ANEW}") from None
+    except Exception as e:  # a damaged archive: torch raises RuntimeError, EOFError, ...
         raise CheckpointError(f"{where} cannot be read ({type(e).__name__}: {_first_line(e)}); {START_ANEW}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{where} holds a {type(state).__name__}, not a trainer state; {START_ANEW}")
@@ -174,6 +178,17 @@ def decode_trainer_state(data: bytes, where: Path) -> Dict[str, Any]:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0][:300] if text else type(error).__name__
+
+
+_TORCH_ADVICE = ("Weights only load failed", "Check the documentation", "Please file an issue",
+                 "WeightsUnpickler error")
+
+
+def _weights_only_reason(error: BaseException) -> str:
+    """The line of torch's weights_only refusal that says what was refused (it surrounds it with advice)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    specific = [line for line in lines if not line.startswith(_TORCH_ADVICE)]
+    return (specific or lines or [type(error).__name__])[0][:300]
 
 
 def read_trainer_state(path: Path) -> Dict[str, Any]:
@@ -232,14 +247,18 @@ def newest_intact_checkpoint(checkpoint_dir: str,
     if not candidates:
         return None
     if chosen is None:
-        details = "\n".join(f"  {reason}" for _, reason in refused)
+        details = "\n".join(f"  {_without_advice(reason)}" for _, reason in refused)
         raise CheckpointError(f"--resume auto: no intact checkpoint in {root}:\n{details}\nStart a new run in another "
                               f"--output-dir (or --checkpoint-dir), or remove the damaged checkpoints")
     for path, reason in refused:
-        report(f"--resume auto: passing over {path.name}: {reason}")
+        report(f"--resume auto: passing over {path.name}: {_without_advice(reason)}")
     if refused:
         report(f"--resume auto: resuming from {chosen[1]} (step {chosen[0]}), the newest intact checkpoint")
     return chosen[1]
+
+
+def _without_advice(reason: str) -> str:
+    return reason.replace(f"; {START_ANEW}", "")
 
 
 # ------------------------------------------------------------------ DCP, read without running code
@@ -323,7 +342,8 @@ class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
             item = torch.load(value, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"checkpoint item {read_item.dest_index.fqn!r} was refused: it holds objects that "
-                                  f"only a full unpickler can rebuild ({_first_line(e)}); {START_ANEW}") from None
+                                  f"only a full unpickler can rebuild ({_weights_only_reason(e)}); "
+                                  f"{START_ANEW}") from None
         vetted = io.BytesIO()  # the base class loads it again: give it what was just read safely
         torch.save(item, vetted)
         vetted.seek(0)
