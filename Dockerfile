@@ -4,13 +4,16 @@
 # serves the same model.tar.gz (code/inference.py); this image is the alternative without TorchServe.
 #
 #   docker build -t twotower-serve .
-#   docker run -p 8080:8080 -v $PWD/outputs/RUN/model:/opt/ml/model twotower-serve serve
+#   docker run -p 8080:8080 -v $PWD/outputs/RUN/model:/opt/ml/model:ro twotower-serve serve
 #
-# Settings: TWOTOWER_<FIELD> environment variables of ServeConfig (e.g. TWOTOWER_WORKERS=2).
+# Settings: TWOTOWER_<FIELD> environment variables of ServeConfig (e.g. TWOTOWER_WORKERS=2). The
+# server binds 127.0.0.1 unless told otherwise; in the container it must answer on every interface
+# (SageMaker's contract), hence TWOTOWER_HOST. It runs as an unprivileged user: the model is only
+# read, and a --capture-dir must be writable by uid 1000.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONPATH=/opt/program OMP_NUM_THREADS=1
+    PYTHONPATH=/opt/program OMP_NUM_THREADS=1 TWOTOWER_HOST=0.0.0.0
 WORKDIR /opt/program
 
 # the serving code's runtime: torch and what twotower_lit.serving imports (faiss-cpu: only with
@@ -28,6 +31,9 @@ COPY entrypoints/__init__.py entrypoints/serve.py entrypoints/inference.py /opt/
 # SageMaker starts the container as `docker run <image> serve`
 RUN printf '#!/bin/sh\nexec python -m twotower_lit.serving.server "$@"\n' > /usr/local/bin/serve \
     && chmod +x /usr/local/bin/serve
+
+RUN groupadd --gid 1000 serving && useradd --uid 1000 --gid 1000 --create-home --shell /usr/sbin/nologin serving
+USER 1000:1000
 
 EXPOSE 8080
 CMD ["serve"]

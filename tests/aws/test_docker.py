@@ -45,6 +45,23 @@ print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))
         assert re.search(rf"^{name}==", (REPO / "requirements" / "base.txt").read_text(), re.M), name
 
 
+def test_binds_localhost_unless_told_and_the_image_binds_every_interface_as_an_unprivileged_user():
+    from twotower_lit.serving.handler import config_from_env
+    from twotower_lit.serving.server import parse_args
+
+    assert parse_args([]).host == "127.0.0.1" and parse_args(["serve"]).host == "127.0.0.1"
+    assert parse_args(["--host", "0.0.0.0"]).host == "0.0.0.0"
+    env = dict(re.findall(r"\b(TWOTOWER_\w+)=(\S+)", " ".join(re.findall(r"^ENV (.+?)(?<!\\)$", DOCKERFILE,
+                                                                            re.M | re.S))))
+    assert env.get("TWOTOWER_HOST") == "0.0.0.0", "SageMaker reaches the container on its network interface"
+    assert config_from_env(env).host == "0.0.0.0"
+    users = re.findall(r"^USER (\S+)$", DOCKERFILE, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0"), users
+    uid = users[-1].split(":")[0]
+    assert re.search(rf"useradd [^\n]*--uid {uid}\b", DOCKERFILE), "the user the image runs as is created in it"
+    assert DOCKERFILE.index("USER ") > DOCKERFILE.rindex("RUN "), "nothing is installed after dropping root"
+
+
 @pytest.mark.timeout(180)
 def test_the_serve_command_starts_the_server(tmp_path):
     from twotower_lit.serving.synthetic import random_export

@@ -208,3 +208,62 @@ def test_two_worker_processes_serve_and_capture(model_dir, start_server, tmp_pat
     records = [json.loads(line) for line in capture_lines(capture, "production")]
     assert sorted(json.loads(r["captureData"]["endpointInput"]["data"])["user_id"] for r in records) == \
         sorted(u for i in (1, 11, 21, 31) for u in range(i, i + 5))
+
+
+def test_capture_record_cuts_large_payloads_and_says_so():
+    when = cap.utc_now()
+    text = ("\u00e9" * 600).encode("utf-8")  # 1200 bytes of two-byte characters
+    rec = cap.capture_record("e", "i", when, text, "application/json", b"x" * 50, "application/json",
+                             {"statusCode": 400}, max_payload_bytes=1001)
+    entry = rec["captureData"]["endpointInput"]
+    assert entry["encoding"] == "JSON" and entry["data"] == "\u00e9" * 500  # cut at a character boundary
+    assert rec["eventMetadata"]["customAttributes"] == {"statusCode": 400, "truncated": {"endpointInput": 1200}}
+    assert rec["captureData"]["endpointOutput"]["data"] == "x" * 50
+    binary = cap.capture_record("e", "i", when, b"\xff" * 5000, "application/octet-stream", b"", "", {},
+                                max_payload_bytes=1000)
+    assert cap.decode_data(binary["captureData"]["endpointInput"]) == b"\xff" * 1000
+    assert binary["eventMetadata"]["customAttributes"] == {"truncated": {"endpointInput": 5000}}
+    whole = cap.capture_record("e", "i", when, b"{}", "application/json", b"{}", "application/json", {},
+                               max_payload_bytes=2)
+    assert "truncated" not in whole["eventMetadata"]["customAttributes"]
+
+
+def test_large_payloads_are_captured_cut_for_both_variants(model_dir, shadow_model_dir, start_server, tmp_path):
+    """A 5 MB garbage body (400) and a large answer (200) against a 64 KiB capture limit: every
+    record is written, cut, and says how large the payload was; small ones are whole."""
+    import httpx
+
+    limit = 65536
+    capture = tmp_path / "capture"
+    server = start_server(["--model-dir", model_dir, "--shadow-model-dir", shadow_model_dir,
+                           "--capture-dir", str(capture), "--shadow-timeout", "10"],
+                          env={"TWOTOWER_CAPTURE_MAX_PAYLOAD_BYTES": str(limit)})
+    garbage = b'{"user_id": "' + b"x" * (5 * 1024 * 1024) + b'"}'
+    big = httpx.post(server.url + "/invocations", content=garbage, headers={"Content-Type": "application/json"},
+                     timeout=30)
+    assert big.status_code == 400
+    answer = httpx.post(server.url + "/invocations", json={"inputs": list(range(1, 41)), "k": 100}, timeout=30)
+    assert answer.status_code == 200 and len(answer.content) > limit
+    small = httpx.post(server.url + "/invocations", json={"user_id": 3}, timeout=30)
+    assert small.status_code == 200
+    assert server.stop() == 0
+    for variant in ("production", "shadow"):
+        files = capture_files(capture, variant)
+        assert sum(f.stat().st_size for f in files) < 4 * limit + 20000, "captured whole"
+        records = [json.loads(line) for line in capture_lines(capture, variant)]
+        assert len(records) == 3, variant
+        # the shadow's calls may finish out of order: tell the three apart by what they hold
+        (cut_input,) = [r for r in records if r["eventMetadata"]["customAttributes"]["statusCode"] == 400]
+        (cut_output,) = [r for r in records if r["eventMetadata"]["customAttributes"]["statusCode"] == 200
+                         and "truncated" in r["eventMetadata"]["customAttributes"]]
+        (whole,) = [r for r in records if r is not cut_input and r is not cut_output]
+        attrs = cut_input["eventMetadata"]["customAttributes"]
+        assert attrs["statusCode"] == 400 and attrs["truncated"] == {"endpointInput": len(garbage)}
+        assert len(cap.decode_data(cut_input["captureData"]["endpointInput"])) == limit
+        out_attrs = cut_output["eventMetadata"]["customAttributes"]
+        assert out_attrs["statusCode"] == 200 and set(out_attrs["truncated"]) == {"endpointOutput"}
+        assert out_attrs["truncated"]["endpointOutput"] > limit
+        assert len(cap.decode_data(cut_output["captureData"]["endpointOutput"])) <= limit
+        assert json.loads(cap.decode_data(whole["captureData"]["endpointOutput"]))["predictions"]
+    assert build_report(ShadowReportConfig(capture_dir=str(capture), min_requests=1))["agreement"][
+        "truncated_requests"] == 1

@@ -124,3 +124,66 @@ def test_shadow_death_just_before_shutdown_is_still_reported_once(shadow_model_d
     exits = [r.getMessage() for r in caplog.records if "exited with code" in r.getMessage()]
     assert len(exits) == 1 and "-9" in exits[0], exits
     assert not os.path.exists(shadow.socket)  # and stop() still cleaned up
+
+
+def test_non_ascii_headers_reach_the_shadow_and_both_records_are_written(model_dir, shadow_model_dir, start_server,
+                                                                          tmp_path):
+    """Header values are bytes on the wire (latin-1 to Starlette): the mirror must send them on as
+    they came; a call that fails still leaves the shadow's record."""
+    capture = tmp_path / "capture"
+    server = start_server(["--model-dir", model_dir, "--shadow-model-dir", shadow_model_dir,
+                           "--capture-dir", str(capture)])
+    cases = [{"X-Amzn-SageMaker-Inference-Id": "caf\u00e9-\u2603".encode("utf-8")},
+             {"X-Amzn-SageMaker-Inference-Id": b"id-\xe9\xff"},
+             {"Content-Type": "application/json; charset=\u00e9".encode("utf-8")},
+             {"Accept": b"application/json, text/\xe9"}]
+    for headers in cases:
+        r = httpx.post(server.url + "/invocations", content=b'{"user_id": 4, "k": 2}',
+                       headers={"Content-Type": "application/json", **headers}, timeout=10)
+        assert r.status_code == 200, r.text
+    assert server.stop() == 0
+    production = [json.loads(line) for line in capture_lines(capture, "production")]
+    shadow = [json.loads(line) for line in capture_lines(capture, "shadow")]
+    assert len(production) == len(shadow) == len(cases), server.log()[-3000:]
+    assert {r["eventMetadata"]["eventId"] for r in production} == {r["eventMetadata"]["eventId"] for r in shadow}
+    assert [r["eventMetadata"]["customAttributes"]["statusCode"] for r in shadow] == [200] * len(cases)
+    ids = {r["eventMetadata"]["inferenceId"] for r in shadow}
+    assert "caf\u00e9-\u2603".encode("utf-8").decode("latin-1") in ids and "id-\xe9\xff" in ids
+    assert "Task exception was never retrieved" not in server.log()
+
+
+def test_a_shadow_that_cannot_start_leaves_production_serving(model_dir, shadow_model_dir, start_server, tmp_path):
+    """A corrupt shadow model: production starts and answers every request; the shadow's failure is
+    in the log, in /ping's body and in each shadow record of data capture."""
+    import shutil
+
+    broken = tmp_path / "broken-shadow"
+    shutil.copytree(shadow_model_dir, broken)
+    weights = broken / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    capture = tmp_path / "capture"
+    server = start_server(["--model-dir", model_dir, "--shadow-model-dir", str(broken), "--capture-dir", str(capture)])
+    deadline = time.monotonic() + 20
+    while True:
+        ping = httpx.get(server.url + "/ping", timeout=1)
+        assert ping.status_code == 200
+        shadow_state = ping.json()["shadow"]
+        if shadow_state["status"] == "unavailable" and "exited with code" in shadow_state.get("error", ""):
+            break
+        assert time.monotonic() < deadline, shadow_state
+        time.sleep(0.2)
+    assert ping.json()["status"] == "healthy" and str(broken) in shadow_state["error"]
+    results = asyncio.run(_send_all(server.url, 10))
+    assert [s for s, _, _ in results] == [200] * 10
+    assert server.stop() == 0
+    log = server.log()
+    assert "model.safetensors" in log and "exited with code" in log  # the child's reason, the supervisor's note
+    production = [json.loads(line) for line in capture_lines(capture, "production")]
+    shadow = [json.loads(line) for line in capture_lines(capture, "shadow")]
+    assert len(production) == len(shadow) == 10
+    for record in shadow:
+        attrs = record["eventMetadata"]["customAttributes"]
+        assert attrs["statusCode"] == 0 and attrs["error"].startswith("shadow unavailable: "), attrs
+        assert str(broken) in attrs["error"]

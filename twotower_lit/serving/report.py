@@ -170,9 +170,17 @@ def _by_user(preds: List[Dict]) -> Dict:
     return {p.get("user_id"): p for p in preds if p.get("user_id") is not None}
 
 
+def _output_truncated(rec: Dict) -> bool:
+    return "endpointOutput" in (_attrs(rec).get("truncated") or {})
+
+
 def compare(production: Dict[str, Dict], shadow: Dict[str, Dict], positives: Optional[Dict[int, set]]) -> Dict:
     rows = []  # per (event, user) with both answers
+    truncated = 0  # joined requests left out: an answer captured cut to the capture's size limit
     for event_id in sorted(set(production) & set(shadow)):
+        if _output_truncated(production[event_id]) or _output_truncated(shadow[event_id]):
+            truncated += 1
+            continue
         pp, sp = _predictions(production[event_id]), _predictions(shadow[event_id])
         if pp is None or sp is None:
             continue
@@ -196,7 +204,7 @@ def compare(production: Dict[str, Dict], shadow: Dict[str, Dict], positives: Opt
                 row["recall_p"], row["ndcg_p"] = recall_ndcg(a, pos, k)
                 row["recall_s"], row["ndcg_s"] = recall_ndcg(b, pos, k)
             rows.append(row)
-    return {"rows": rows}
+    return {"rows": rows, "truncated": truncated}
 
 
 def _bootstrap(diff: np.ndarray, n: int, seed: int) -> Tuple[float, float]:
@@ -244,9 +252,11 @@ def build_report(cfg: ShadowReportConfig) -> Dict:
     positives = test_positives(cfg.data_dir) if cfg.data_dir else None
     prod, shad = variant_stats(prod_recs), variant_stats(shad_recs)
     joined = len(set(prod_recs) & set(shad_recs))
-    rows = compare(prod_recs, shad_recs, positives)["rows"]
+    compared = compare(prod_recs, shad_recs, positives)
+    rows = compared["rows"]
     ks = Counter(r["k"] for r in rows)
-    agreement = {"pairs": len(rows), "k": ks.most_common(1)[0][0] if ks else None}
+    agreement = {"pairs": len(rows), "k": ks.most_common(1)[0][0] if ks else None,
+                 "truncated_requests": compared["truncated"]}
     for name in ("overlap", "jaccard", "rbo"):
         agreement[f"mean_{name}"] = float(np.mean([r[name] for r in rows])) if rows else None
     rhos = [r["spearman"] for r in rows if r["spearman"] is not None]
@@ -301,6 +311,9 @@ def markdown(report: Dict) -> str:
               f"overlap@k {num(a['mean_overlap'], '{:.3f}')}, Jaccard {num(a['mean_jaccard'], '{:.3f}')}, "
               f"RBO {num(a['mean_rbo'], '{:.3f}')}, score Spearman on shared items "
               f"{num(a['mean_score_spearman'], '{:.3f}')} ({a['score_spearman_users']} users)."]
+    if a.get("truncated_requests"):
+        lines += ["", f"{a['truncated_requests']} joined requests left out: an answer was captured cut to the "
+                  "capture's size limit (--capture-max-payload-bytes)."]
     if q:
         lo, hi = q["ndcg_diff_ci95"]
         lines += ["", f"NDCG@k difference (shadow - production) over {q['labelled_users']} labelled users: "
