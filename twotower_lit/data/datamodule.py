@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import lightning as L
 import numpy as np
@@ -13,8 +13,8 @@ import torch
 from twotower_lit.data.batches import FeatureTables, KJTBuilder
 from twotower_lit.data.csr import Csr
 from twotower_lit.data.device_batches import DeviceResidentBatches
-from twotower_lit.data.loader import (EpochAwareDataLoader, NegativeSampler, RatingsShardReader, ShardSource,
-                                      num_batches, read_columns)
+from twotower_lit.data.loader import (EpochAwareDataLoader, Layout, NegativeSampler, RatingsShardReader,
+                                      ResumableEpoch, ShardSource, num_batches, read_columns, resume_epoch)
 from twotower_lit.data.storage import Storage
 from twotower_lit.data.schema import ITEMS_FILE, MANIFEST, SCHEMA_VERSION, SPLITS, USERS_FILE
 from twotower_lit.metrics import positives_csr
@@ -137,7 +137,7 @@ class MovieLensDataModule(L.LightningDataModule):
         pin = bool(self.trainer is not None and self.trainer.strategy.root_device.type == "cuda")
         return EpochAwareDataLoader(
             reader, epoch_fn=self._current_epoch,
-            skip_fn=self._take_resume_skip if train else None,
+            resume_fn=self._resume if train else None,
             num_workers=self.num_workers, pin_memory=pin,
             prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
 
@@ -154,7 +154,7 @@ class MovieLensDataModule(L.LightningDataModule):
                                         self.batch_size, world=world, rank=rank, seed=self.seed, device=device)
         return EpochAwareDataLoader(
             batches, epoch_fn=self._current_epoch,
-            skip_fn=self._take_resume_skip, num_workers=0, pin_memory=False)
+            resume_fn=self._resume, num_workers=0, pin_memory=False)
 
     def val_dataloader(self):
         return self._loader("val", train=False)
@@ -163,40 +163,99 @@ class MovieLensDataModule(L.LightningDataModule):
         return self._loader("test", train=False)
 
     # ------------------------------------------------------------------ mid-epoch resume
+    def _layouts_before(self, epoch: int) -> List[Layout]:
+        """The layouts (world size, batch size, batches) that trained the first batches of `epoch`
+        before this run's: those of the checkpoint this run resumed within that epoch."""
+        resumed = getattr(self, "_resumed", None)
+        return list(resumed[1]) if resumed and resumed[0] == epoch else []
+
     def state_dict(self) -> Dict:
-        """Saved in every checkpoint: how far into the epoch training got."""
+        """Saved in every checkpoint: how far into the epoch training got, as what determines the
+        rows trained so far: the training reader, its seed (and for batches built on the device,
+        the device type, whose generator orders them) and the layouts that trained the epoch,
+        each as world size, per-rank batch size and batches (several after a resume on another
+        layout within the epoch; JSON values only)."""
         trainer = self.trainer
         if trainer is None:
             return {}
+        epoch = trainer.current_epoch
         # `ready` counts batches handed to training_step so far this epoch; checkpoints are written
         # after the step (on_train_batch_end) or at the epoch end
-        return {"epoch": trainer.current_epoch,
-                "train_batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.ready,
-                "data_on_device": self.data_on_device}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        resumed = getattr(self, "_resumed", None)
+        start = resumed[2] if resumed and resumed[0] == epoch else 0  # the count where this run's layout began
+        layouts = [*self._layouts_before(epoch), (trainer.world_size, self.batch_size, done - start)]
+        state = {"epoch": epoch, "train_batches_done": done, "data_on_device": self.data_on_device,
+                 "seed": self.seed, "layouts": [{"world": w, "batch_size": b, "batches": n} for w, b, n in layouts]}
+        if self.data_on_device:
+            state["device"] = trainer.strategy.root_device.type
+        return state
 
     def load_state_dict(self, state: Dict) -> None:
         self._resume_state = dict(state)
 
-    def _take_resume_skip(self, epoch: int) -> int:
-        """Batches of `epoch` that the resumed checkpoint had trained (0 unless it stopped within
-        this epoch). Refuses the other training reader than the checkpoint's: the streaming
-        loader and the device-resident reader order an epoch's rows differently, so skipping the
-        trained batches with the other one would repeat some rows and leave out others for the
-        rest of the epoch. (Checkpoints from before the reader was recorded are not checked.)"""
+    def _resume(self, reader: ResumableEpoch) -> None:
+        """Set the training reader to continue the epoch of the resumed checkpoint where it stopped
+        (once, and only in that epoch), and Lightning's count of the epoch's batches to match."""
+        epoch = reader.epoch
+        layouts = self._take_resume_layouts(epoch, reader)
+        if not layouts:
+            return
+        earlier, skip = resume_epoch(reader, layouts)
+        # Lightning ends the epoch when its count of batches reaches the loader's length, a whole
+        # epoch of this layout: start the count where the batches left end on exactly that
+        count = len(reader) - (reader.epoch_batches() - skip)
+        self._resumed = (epoch, earlier, count - skip)
+        if self.trainer is not None:
+            progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+            shift = count - progress.ready
+            for name in ("ready", "started", "processed", "completed"):
+                setattr(progress, name, getattr(progress, name) + shift)
+
+    def _take_resume_layouts(self, epoch: int, reader: ResumableEpoch) -> List[Layout]:
+        """The layouts that trained the first batches of `epoch` in the resumed checkpoint (none
+        unless it stopped within this epoch). Refuses what would repeat some rows and leave out
+        others for the rest of the epoch: the other training reader than the checkpoint's (the
+        two order an epoch's rows differently), another seed, batches built on another device
+        type, and a checkpoint written before layouts were recorded on another layout than it
+        must have had."""
         state, self._resume_state = getattr(self, "_resume_state", None), None
         if not state or state.get("epoch") != epoch:
-            return 0
-        done, saved = int(state.get("train_batches_done", 0)), state.get("data_on_device")
-        if done and saved is not None and bool(saved) != self.data_on_device:
-            def reader(on_device: bool) -> str:
+            return []
+        done = int(state.get("train_batches_done", 0))
+        if "layouts" in state:
+            layouts = [(int(p["world"]), int(p["batch_size"]), int(p["batches"])) for p in state["layouts"]]
+        else:  # written before layouts were recorded: only this run's layout can continue it
+            if done > len(reader):
+                raise ValueError(
+                    f"the checkpoint stopped {done} batches into epoch {epoch}, more than the {len(reader)} of an "
+                    f"epoch here ({reader.world} processes, --batch-size {reader.batch_size}), and it does not record "
+                    f"the process count and batch size it was written with (an earlier version): resume it with "
+                    f"those, or from an epoch-end checkpoint")
+            layouts = [(reader.world, reader.batch_size, done)]
+        if not any(n for _, _, n in layouts):
+            return []
+        saved = state.get("data_on_device")
+        if saved is not None and bool(saved) != self.data_on_device:
+            def how(on_device: bool) -> str:
                 return "built on the device" if on_device else "streamed from the shards"
 
             raise ValueError(
                 f"the checkpoint stopped {done} batches into epoch {epoch} with its training batches "
-                f"{reader(bool(saved))}, and this run's are {reader(self.data_on_device)}: their row orders differ, "
+                f"{how(bool(saved))}, and this run's are {how(self.data_on_device)}: their row orders differ, "
                 f"so the rest of the epoch would repeat some rows and skip others. Resume with --data-on-device "
                 f"{str(bool(saved)).lower()}, or from an epoch-end checkpoint")
-        return done
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"the checkpoint stopped {done} batches into epoch {epoch} with --seed {state['seed']}, "
+                             f"which orders the epoch's rows; resume it with --seed {state['seed']}, or from an "
+                             f"epoch-end checkpoint")
+        device = getattr(reader, "device", None)
+        if "device" in state and device is not None and state["device"] != device.type:
+            raise ValueError(f"the checkpoint stopped {done} batches into epoch {epoch} with training batches built "
+                             f"on {state['device']}, whose random generator orders the epoch's rows otherwise than "
+                             f"{device.type}'s: resume it on {state['device']}, or from an "
+                             f"epoch-end checkpoint")
+        return layouts
 
     def steps_per_epoch(self, world: int) -> int:
         return num_batches(self.source("train").total_rows, world, self.batch_size)

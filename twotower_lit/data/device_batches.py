@@ -11,7 +11,8 @@ on the device, many batches at a time: no workers, no copies, no host sync (each
 computed on the host for the whole epoch at once, on the device).
 
 Which rows a rank trains on is the streaming loader's policy (`assign_rows`: the same number of
-rows on every rank, the same wrap-around re-read, the same number of batches). Within the rank's
+rows on every rank, the same wrap-around re-read, the same number of batches, the same rule for
+resuming an epoch on another layout). Within the rank's
 rows the order is one seeded permutation per epoch (seed, epoch, rank; drawn by the device's own
 generator, so a CPU and a GPU run see different orders) instead of a shuffle buffer, so the
 batches are not those of the streaming loader. Sampled negatives are not built
@@ -20,7 +21,7 @@ here: use the streaming loader for ``--negatives N``.
 from __future__ import annotations
 
 import itertools
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -28,13 +29,20 @@ from torch.utils.data import IterableDataset
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from twotower_lit.data.batches import Batch, KJTBuilder
-from twotower_lit.data.loader import assign_rows, num_batches
+from twotower_lit.data.loader import EpochSequence, ResumableEpoch, num_batches
 from twotower_lit.data.schema import MULTI_VALUED
 
 CHUNK_ROWS = 1 << 20  # rows assembled at once (see DeviceResidentBatches)
 
 
-class DeviceResidentBatches(IterableDataset):
+def ranges(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """The concatenation of ``arange(start, start + length)`` for each pair (`total`: their sum),
+    in a few operations however many pairs there are."""
+    shift = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths, output_size=total)
+    return torch.arange(total, device=starts.device) + shift
+
+
+class DeviceResidentBatches(ResumableEpoch, IterableDataset):
     """This rank's training batches, assembled on `device` from the whole split held there.
 
     `rows` holds the split's ``user``, ``item`` and ``label`` columns in shard order (as
@@ -59,7 +67,6 @@ class DeviceResidentBatches(IterableDataset):
         self.world, self.rank, self.seed, self.shuffle = world, rank, seed, shuffle
         self.device = device
         self.epoch = 0
-        self.skip = 0  # batches of this epoch already trained on (resuming mid-epoch)
 
         def on_device(a: np.ndarray, dtype) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(device)
@@ -91,18 +98,32 @@ class DeviceResidentBatches(IterableDataset):
     def epoch_rows(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(row indices into the split, read-for-the-first-time flags) of this rank, in training
         order, on the device (permuting tens of millions of rows there takes milliseconds)."""
-        segments = assign_rows(self.shard_rows, self.world, self.rank, self.seed, self.epoch, self.shuffle)
-        dev = self.device
-        index = torch.cat([torch.arange(int(self.offsets[s] + lo), int(self.offsets[s] + hi), device=dev)
-                           for s, lo, hi, _ in segments] or [torch.zeros(0, dtype=torch.int64, device=dev)])
-        first = torch.cat([torch.full((hi - lo,), not wrapped, dtype=torch.bool, device=dev)
-                           for _, lo, hi, wrapped in segments] or [torch.zeros(0, dtype=torch.bool, device=dev)])
-        if self.shuffle:
-            generator = torch.Generator(device=dev)
-            generator.manual_seed(int(np.random.default_rng([self.seed, self.epoch, self.rank, 0xD0]).integers(2**62)))
-            order = torch.randperm(len(index), generator=generator, device=dev)
+        segments = self.segments(self.world, self.rank, self.remaining)
+        dev, total = self.device, segments.rows
+        lengths = torch.from_numpy(segments.hi - segments.lo).to(dev)
+        index = ranges(torch.from_numpy(self.offsets[segments.shard] + segments.lo).to(dev), lengths, total)
+        first = torch.repeat_interleave(torch.from_numpy(~segments.wrapped).to(dev), lengths, output_size=total)
+        order = self._order(total, self.rank)
+        if order is not None:
             index, first = index[order], first[order]
         return index, first
+
+    def _order(self, rows: int, rank: int) -> Optional[torch.Tensor]:
+        """The permutation of `rank`'s rows this epoch, drawn on the device (None without shuffling)."""
+        if not self.shuffle:
+            return None
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(int(np.random.default_rng([self.seed, self.epoch, rank, 0xD0]).integers(2**62)))
+        return torch.randperm(rows, generator=generator, device=self.device)
+
+    def trained_positions(self, remaining: Optional[np.ndarray], world: int, rank: int, batch_size: int,
+                          batches: int) -> np.ndarray:
+        positions = EpochSequence(self.shard_rows, self.seed, self.epoch, self.shuffle).positions(
+            self.segments(world, rank, remaining))
+        order = self._order(len(positions), rank)
+        if order is not None:
+            positions = positions[order.cpu().numpy()]
+        return positions[:batches * batch_size]
 
     def __iter__(self):
         index, first = self.epoch_rows()
@@ -141,9 +162,7 @@ class DeviceResidentBatches(IterableDataset):
             starts, lens = self.multi_indptr[flat], self.multi_lengths[flat]
             lengths[:, self.multi_key] = lens.view(count, size)
             total = sum(multi_totals)
-            # positions of every selected item's values: concat of arange(start, start + len)
-            shift = torch.repeat_interleave(starts - (torch.cumsum(lens, 0) - lens), lens, output_size=total)
-            multi = self.multi_values[torch.arange(total, device=self.device) + shift]
+            multi = self.multi_values[ranges(starts, lens, total)]  # every selected item's values
             bounds = [0, *itertools.accumulate(multi_totals)]
         for b in range(skip, count):
             if self.multi:
