@@ -113,8 +113,9 @@ def test_a_trainer_state_that_would_run_a_command_is_refused_and_the_command_nev
 
     from twotower_lit.training import latest_checkpoint
 
-    assert latest_checkpoint(str(ckpts)) == str(ckpts / "epoch0-step9.ckpt")
+    chosen = latest_checkpoint(str(ckpts))
     assert not marker.exists()
+    assert chosen == str(ckpts / "epoch0-step9.ckpt")
     # named on --resume PATH, the job stops before training, naming the file and why
     proc = train_cli(tiny_prepared, tmp_path / "out", "--resume", str(planted))
     assert proc.returncode != 0 and not marker.exists()
