@@ -32,10 +32,10 @@ def test_every_row_is_read_and_ranks_get_equal_rows(world):
 
 def test_shard_order_depends_on_seed_and_epoch_only():
     rows = [5] * 8
-    a = assign_rows(rows, 2, 0, seed=0, epoch=0)
-    assert a == assign_rows(rows, 2, 0, seed=0, epoch=0)
-    assert a != assign_rows(rows, 2, 0, seed=0, epoch=1)
-    assert a != assign_rows(rows, 2, 0, seed=1, epoch=0)
+    a = list(assign_rows(rows, 2, 0, seed=0, epoch=0))
+    assert a == list(assign_rows(rows, 2, 0, seed=0, epoch=0))
+    assert a != list(assign_rows(rows, 2, 0, seed=0, epoch=1))
+    assert a != list(assign_rows(rows, 2, 0, seed=1, epoch=0))
 
 
 def _write_split(tmp_path, n_rows, n_shards, n_users=30, n_items=40, seed=0):
@@ -140,7 +140,10 @@ def test_skip_resumes_exactly_where_the_epoch_stopped(tmp_path, workers):
     def run(skip):
         reader = RatingsShardReader(source, builder, batch_size=64, seed=5, buffer_rows=128, negatives=2,
                                     sampler=sampler)
-        loader = EpochAwareDataLoader(reader, epoch_fn=lambda: 3, skip_fn=lambda epoch: skip, num_workers=workers)
+        def resume(dataset):
+            dataset.skip = skip
+
+        loader = EpochAwareDataLoader(reader, epoch_fn=lambda: 3, resume_fn=resume, num_workers=workers)
         return [b.features.to_dict()["item"].values().tolist() for b in loader]
 
     full = run(0)
@@ -277,20 +280,23 @@ def test_a_mid_epoch_checkpoint_resumes_only_with_the_training_reader_that_wrote
     from twotower_lit.data.datamodule import MovieLensDataModule
 
     dm = MovieLensDataModule(str(prepared_synthetic), data_on_device=True)
+    dm.load()
+    reader = dm.train_dataloader().dataset  # one process, batch size 1024
     dm.load_state_dict({"epoch": 1, "train_batches_done": 5, "data_on_device": False})
     with pytest.raises(ValueError, match=r"5 batches into epoch 1 with its training batches streamed from the "
                                          r"shards, and this run's are built on the device.*--data-on-device false"):
-        dm._take_resume_skip(1)
+        dm._take_resume_layouts(1, reader)
     for state, epoch in (({"epoch": 1, "train_batches_done": 9, "data_on_device": False}, 2),  # epoch 1 finished
                          ({"epoch": 1, "train_batches_done": 0, "data_on_device": False}, 1)):  # epoch 1 not begun
         dm.load_state_dict(state)
-        assert dm._take_resume_skip(epoch) == 0
+        assert dm._take_resume_layouts(epoch, reader) == []
     dm.load_state_dict({"epoch": 1, "train_batches_done": 5, "data_on_device": True})
-    assert dm._take_resume_skip(1) == 5
-    assert dm._take_resume_skip(1) == 0  # taken once
+    assert dm._take_resume_layouts(1, reader) == [(1, 1024, 5)]
+    assert dm._take_resume_layouts(1, reader) == []  # taken once
     dm.load_state_dict({"epoch": 1, "train_batches_done": 5})  # written before the reader was recorded
-    assert dm._take_resume_skip(1) == 5
+    assert dm._take_resume_layouts(1, reader) == [(1, 1024, 5)]
     streaming = MovieLensDataModule(str(prepared_synthetic))
+    streaming.load()
     streaming.load_state_dict({"epoch": 0, "train_batches_done": 3, "data_on_device": True})
     with pytest.raises(ValueError, match="--data-on-device true, or from an epoch-end checkpoint"):
-        streaming._take_resume_skip(0)
+        streaming._take_resume_layouts(0, streaming.train_dataloader().dataset)
