@@ -42,12 +42,12 @@ def test_training_job_through_the_installed_sdk(ctx, request_log, tmp_path):
     req = request_log.calls("CreateTrainingJob")[-1]  # recorded and validated against botocore's model
     assert req["TrainingJobName"] == name and req["RoleArn"] == ctx.role
     assert req["AlgorithmSpecification"]["TrainingImage"] == plan.image_uri
-    assert plan.image_uri.endswith("/pytorch-training:2.8.0-gpu-py312")
+    assert plan.image_uri.endswith("/huggingface-pytorch-training:2.11.0-transformers5.13.1-cu130-amzn2023")
     assert req["ResourceConfig"]["InstanceType"] == "ml.g5.12xlarge" and req["ResourceConfig"]["InstanceCount"] == 2
     assert req["ResourceConfig"]["VolumeSizeInGB"] == 100
     assert req["EnableManagedSpotTraining"] is True
     assert req["StoppingCondition"] == {"MaxRuntimeInSeconds": 7200, "MaxWaitTimeInSeconds": 14400}
-    assert req["CheckpointConfig"] == {"S3Uri": plan.checkpoint_s3_uri, "LocalPath": CHECKPOINT_LOCAL_PATH}
+    assert req["CheckpointConfig"]["LocalPath"] == CHECKPOINT_LOCAL_PATH
     assert req["OutputDataConfig"]["S3OutputPath"].rstrip("/") == plan.output_path
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"].rstrip("/") for c in req["InputDataConfig"]}
     assert channels["data"] == plan.channels["data"] == ctx.s3_uri("data", "prepared")
@@ -66,6 +66,7 @@ def test_training_job_through_the_installed_sdk(ctx, request_log, tmp_path):
     if SDK == "v2":
         assert json.loads(hps["sagemaker_program"]) == "entrypoints/train.py"
         assert json.loads(hps["sagemaker_torch_distributed_enabled"]) is True
+        assert "sagemaker_mpi_num_of_processes_per_host" not in hps  # the toolkit's default: one per GPU
         code_uri = json.loads(hps["sagemaker_submit_directory"])
         bucket, key = parse_s3_uri(code_uri)
         with tarfile.open(fileobj=io.BytesIO(ctx.s3.get_object(Bucket=bucket, Key=key)["Body"].read())) as tar:
@@ -83,6 +84,31 @@ def test_training_job_through_the_installed_sdk(ctx, request_log, tmp_path):
             "twotower_lit/aws/environment.py", "twotower_lit/training.py"} <= shipped
 
     assert describe_training_job(ctx, name)["TrainingJobStatus"] == "Completed"
+
+
+def test_processes_per_host_and_the_checkpoint_prefix_reach_the_request(ctx, request_log, tmp_path):
+    """--processes-per-host reaches what starts torchrun in the container, and the job's
+    checkpoints live under the job's own name, with either SDK."""
+    job = SageMakerTrainConfig(sdk=SDK, instance_type="ml.g5.12xlarge", processes_per_host=2,
+                               checkpoint_s3_uri="auto", image_uri="123456789012.dkr.ecr.us-east-1.amazonaws.com/t:1",
+                               image_torch="2.13.0")
+    plan = plan_training_job(ctx, TrainConfig(max_epochs=1), job, str(tmp_path / "work"))
+    name = start_training_job(ctx, plan, wait=False)
+    req = request_log.calls("CreateTrainingJob")[-1]
+    assert req["TrainingJobName"] == name
+    checkpoint_uri = req["CheckpointConfig"]["S3Uri"].rstrip("/")
+    assert name in checkpoint_uri.split("/"), (name, checkpoint_uri)
+    assert checkpoint_uri.startswith(f"s3://{ctx.cfg.bucket}/{ctx.cfg.prefix}/")
+    if SDK == "v2":
+        assert checkpoint_uri == plan.checkpoint_s3_uri == ctx.s3_uri("checkpoints", name)
+        # the training toolkit starts torchrun with --nproc_per_node from this hyperparameter
+        assert json.loads(req["HyperParameters"]["sagemaker_mpi_num_of_processes_per_host"]) == 2
+    else:
+        channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in req["InputDataConfig"]}
+        drivers = objects(ctx, channels["sm_drivers"])
+        bucket, _ = parse_s3_uri(channels["sm_drivers"])
+        distributed = json.loads(ctx.s3.get_object(Bucket=bucket, Key=drivers["distributed.json"])["Body"].read())
+        assert distributed["process_count_per_node"] == 2
 
 
 def test_our_image_uris_match_the_sdks_lookup():

@@ -88,11 +88,19 @@ def installed_sdk() -> Optional[str]:
     """'v2' or 'v3' for the SageMaker Python SDK in this environment, or None."""
     if importlib.util.find_spec("sagemaker") is None:
         return None
-    if importlib.util.find_spec("sagemaker.pytorch") is not None:
+    if _has_module("sagemaker.pytorch"):
         return "v2"
-    if importlib.util.find_spec("sagemaker.train") is not None:
+    if _has_module("sagemaker.train"):
         return "v3"
     return None
+
+
+def _has_module(name: str) -> bool:
+    # once loaded, SDK v3 answers a lookup of a module it removed (sagemaker.pytorch) with an error
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
 
 
 def resolve_sdk(requested: str) -> str:
