@@ -47,7 +47,8 @@ class SageMakerTrainConfig:
 
     sdk: str = _opt("auto", "SageMaker Python SDK: v2 (PyTorch estimator, the workshop's), v3 (ModelTrainer + "
                             "Torchrun) or auto (whichever is installed; v2 if both could be)", ("auto", "v2", "v3"))
-    job_name: Optional[str] = _opt(None, "training job name (default: <project>-<UTC timestamp>)")
+    job_name: Optional[str] = _opt(None, "training job name (default: <project>-<UTC timestamp>; SDK v3 always "
+                                         "appends its own timestamp)")
     instance_type: str = _opt("ml.g5.2xlarge", "training instance type")
     instance_count: int = _opt(1, "training instances (nodes)")
     processes_per_host: Optional[int] = _opt(None, "processes per instance (default: its GPUs, or 1 on CPU)")
