@@ -81,9 +81,14 @@ def read_manifest(path: Path) -> Dict[str, Dict[str, Any]]:
             f"cannot be read safely; {START_ANEW}")
     try:
         with open(manifest) as f:
-            files = json.load(f).get("files")
-    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+            content = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{manifest} is not a valid checkpoint manifest ({e}); {START_ANEW}") from None
+    form = (content.get("format"), content.get("algorithm")) if isinstance(content, dict) else None
+    if form != (MANIFEST_FORMAT, "sha256"):
+        raise CheckpointError(f"{manifest} is not a checkpoint manifest of format {MANIFEST_FORMAT} with sha256 "
+                              f"digests (a newer version of twotower_lit, or another file); {START_ANEW}")
+    files = content.get("files")
     ok = isinstance(files, dict) and all(
         isinstance(name, str) and isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
         and isinstance(entry.get("bytes"), int) for name, entry in files.items())
@@ -280,7 +285,7 @@ def _allowed_globals() -> Dict[Tuple[str, str], Any]:
     allowed[("torch.serialization", "_get_layout")] = _get_layout
     allowed[("collections", "OrderedDict")] = __import__("collections").OrderedDict
     for module in ("pathlib", "pathlib._local"):  # (Python 3.13 moved the classes)
-        for name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"):
+        for name in ("PosixPath", "PurePosixPath"):
             allowed[(module, name)] = getattr(pathlib, name)
     for name, value in vars(torch).items():
         if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):

@@ -207,8 +207,9 @@ def test_flipped_bytes_in_a_shard_are_refused_on_resume_naming_the_file(referenc
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("change", ["missing", "extra", "resized"])
-def test_a_checkpoint_with_a_missing_extra_or_resized_file_is_refused(reference, tmp_path, change):
+@pytest.mark.parametrize("change", ["missing", "extra", "resized", "manifest"])
+def test_a_checkpoint_with_a_missing_extra_or_resized_file_or_a_garbled_manifest_is_refused(reference, tmp_path,
+                                                                                            change):
     from twotower_lit.checkpoint import CheckpointError
     from twotower_lit.strategy import TorchRecStrategy
 
@@ -220,10 +221,13 @@ def test_a_checkpoint_with_a_missing_extra_or_resized_file_is_refused(reference,
     elif change == "extra":
         (ckpt / "__1_0.distcp").write_bytes(b"\0" * 16)
         expected = r"holds __1_0.distcp, which its checksums.json does not list"
-    else:
+    elif change == "resized":
         with open(ckpt / "__0_0.distcp", "ab") as f:
             f.write(b"\0")
         expected = r"__0_0.distcp has \d+ bytes, its checkpoint's checksums.json says \d+"
+    else:
+        (ckpt / "checksums.json").write_text('{"files": {"__0_0.distcp": ')
+        expected = r"checksums.json is not a valid checkpoint manifest \(Expecting value: line 1"
     with pytest.raises(CheckpointError, match=expected):
         TorchRecStrategy().load_checkpoint(str(ckpt))
 
