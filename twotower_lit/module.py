@@ -106,14 +106,22 @@ def finish_epoch_of_epoch_end_checkpoint(checkpoint: Dict[str, Any]) -> None:
     Lightning 2.6 ends epoch N without a step and, still marked as restarting, finds epoch N+1's
     batch count already reached too, so the run stops without training any remaining epoch. The
     state is rewritten to the one the next epoch starts from: epoch N completed, no batch of
-    epoch N+1 done yet. A mid-epoch checkpoint is left as it is."""
+    epoch N+1 done yet. So is that of a step checkpoint written after the epoch's last batch
+    (before Lightning counts that batch complete), which Lightning would resume into epoch N+1
+    with the data iterator of the finished epoch N, training none of N+1's batches. A mid-epoch
+    checkpoint is left as it is."""
     loop = checkpoint.get("loops", {}).get("fit_loop", {})
     epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
     if not epochs or not batches or not batches.get("is_last_batch"):
         return
     current = batches["current"]
-    if epochs["current"]["started"] <= epochs["current"]["completed"] or current["completed"] < current["ready"]:
+    if epochs["current"]["started"] <= epochs["current"]["completed"] or current["completed"] < current["ready"] - 1:
         return
+    if current["completed"] < current["ready"]:  # the step checkpoint of the last batch: count it complete
+        batches["total"]["completed"] = batches["total"]["ready"]
+        stepped = loop.get("epoch_loop.state_dict", {})
+        if "_batches_that_stepped" in stepped:
+            stepped["_batches_that_stepped"] += 1
     for progress in (epochs["total"], epochs["current"]):
         progress["processed"] = progress["completed"] = progress["started"]
     for key in current:

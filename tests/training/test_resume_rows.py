@@ -217,54 +217,84 @@ def _recorded(directory: Path) -> List[Dict]:
     return lines
 
 
-def test_one_process_checkpoint_resumed_on_two_processes_trains_the_rest_of_the_epoch(
-        dm, prepared_synthetic, recorder_path, tmp_path):
-    from twotower_lit.data.loader import RatingsShardReader
+class Runs:
+    """Real training runs of the prepared set with a `RowRecorder` (small towers; `batch_size`
+    gives an even number of batches per epoch on one process)."""
 
-    n = len(dm.splits["train"]["user"])
-    step = 50
-    assert -(-n // B) > step  # the checkpoint is within the first epoch
-    args = ["--data-dir", str(prepared_synthetic), "--accelerator", "cpu", "--batch-size", str(B), "--progress",
-            "false", "--negatives", "0", "--registered-model-name", "", "--embedding-dim", "8", "--user-layers", "8",
-            "--item-layers", "8", "--exposure-dims", "4", "--mlflow-uri", ""]
+    def __init__(self, data: Path, recorder: Path, n_rows: int) -> None:
+        self.batch_size = next(b for b in range(B, 2 * B) if -(-n_rows // b) % 2 == 0)
+        self.one_epoch = -(-n_rows // self.batch_size)
+        self.two_epoch = -(-(-(-n_rows // 2)) // self.batch_size)
+        self.recorder = recorder
+        self.args = ["--data-dir", str(data), "--accelerator", "cpu", "--batch-size", str(self.batch_size),
+                     "--progress", "false", "--negatives", "0", "--registered-model-name", "", "--mlflow-uri", "",
+                     "--embedding-dim", "8", "--user-layers", "8", "--item-layers", "8", "--exposure-dims", "4"]
 
-    def train(out: Path, devices: int, *extra: str) -> Dict:
+    def train(self, out: Path, devices: int, *extra: str) -> Dict:
         (out / "rows").mkdir(parents=True)
-        env = dict(os.environ, ROW_RECORDER_DIR=str(out / "rows"), PYTHONPATH=os.pathsep.join([str(REPO),
-                                                                                                str(recorder_path)]))
-        proc = subprocess.run([sys.executable, "-m", "entrypoints.train", *args, "--output-dir", str(out), "--devices",
-                               str(devices), *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        env = dict(os.environ, ROW_RECORDER_DIR=str(out / "rows"),
+                   PYTHONPATH=os.pathsep.join([str(REPO), str(self.recorder)]))
+        proc = subprocess.run([sys.executable, "-m", "entrypoints.train", *self.args, "--output-dir", str(out),
+                               "--devices", str(devices), *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
         return read_json(out / "metrics.json")
 
-    first = tmp_path / "one"
-    train(first, 1, "--max-epochs", "1", "--checkpoint-every-n-steps", str(step))
-    checkpoint = next((first / "checkpoints").glob(f"epoch0-step{step}*"))
+    def epoch_rows(self, dm, world: int, rank: int, epoch: int) -> List[Tuple[List[int], List[int]]]:
+        """(users, items) of each batch of an epoch that no resume touched, from the reader itself."""
+        from twotower_lit.data.loader import RatingsShardReader
 
-    second = tmp_path / "two"
-    metrics = train(second, 2, "--max-epochs", "2", "--resume", str(checkpoint))
+        reader = RatingsShardReader(dm.source("train"), dm.builder, self.batch_size, world=world, rank=rank,
+                                    seed=dm.seed, buffer_rows=dm.buffer_rows)
+        reader.set_epoch(epoch)
+        return [(b.features.to_dict()["user"].values().tolist(), b.features.to_dict()["item"].values().tolist())
+                for b in reader]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(dm, prepared_synthetic, recorder_path, tmp_path_factory):
+    """One epoch on one process, a checkpoint in its middle and one after its last batch."""
+    runs = Runs(prepared_synthetic, recorder_path, len(dm.splits["train"]["user"]))
+    out = tmp_path_factory.mktemp("one-process")
+    runs.train(out, 1, "--max-epochs", "1", "--checkpoint-every-n-steps", str(runs.one_epoch // 2))
+    return runs, out
+
+
+def test_one_process_checkpoint_resumed_on_two_processes_trains_the_rest_of_the_epoch(dm, one_process_run, tmp_path):
+    runs, first = one_process_run
+    step = runs.one_epoch // 2
+    checkpoint = first / "checkpoints" / f"epoch0-step{step}.ckpt"
+    metrics = runs.train(tmp_path, 2, "--max-epochs", "2", "--resume", str(checkpoint))
     before = [r for r in _recorded(first / "rows") if r["batch_idx"] < step]
-    after = _recorded(second / "rows")
+    after = _recorded(tmp_path / "rows")
     assert len(before) == step and {r["world"] for r in after} == {2}
 
-    # epoch 0: the checkpoint's 50 batches and the 2 ranks' rest: every row once
+    # epoch 0: the checkpoint's batches and the 2 ranks' rest: every row once
     resumed = [r for r in after if r["epoch"] == 0]
     trained = [row for r in before + resumed for row in zip(r["users"], r["items"], r["rated"])]
     _check_every_row_once(dm, trained, extra_reads=1)
     # the same number of batches on both ranks, numbered by Lightning up to the end of a 2-process epoch
-    two_epoch = -(-(-(-n // 2)) // B)
     for rank in (0, 1):
         idx = [r["batch_idx"] for r in resumed if r["rank"] == rank]
-        assert idx == list(range(two_epoch - len(idx), two_epoch)), idx
+        assert idx == list(range(runs.two_epoch - len(idx), runs.two_epoch)), idx
     assert len([r for r in resumed if r["rank"] == 0]) == len([r for r in resumed if r["rank"] == 1])
 
     # epoch 1: a whole 2-process epoch, as a run that never stopped trains it
     for rank in (0, 1):
-        reader = RatingsShardReader(dm.source("train"), dm.builder, B, world=2, rank=rank, seed=0,
-                                    buffer_rows=dm.buffer_rows)
-        reader.set_epoch(1)
-        expected = [(b.features.to_dict()["user"].values().tolist(), b.features.to_dict()["item"].values().tolist())
-                    for b in reader]
         got = [(r["users"], r["items"]) for r in after if r["epoch"] == 1 and r["rank"] == rank]
-        assert got == expected
-    assert metrics["train"]["steps"] == step + len(resumed) // 2 + two_epoch
+        assert got == runs.epoch_rows(dm, 2, rank, 1)
+    assert metrics["train"]["steps"] == step + len(resumed) // 2 + runs.two_epoch
+
+
+def test_a_checkpoint_after_an_epochs_last_batch_resumes_at_the_next_epoch(dm, one_process_run, tmp_path):
+    """The step checkpoint written after the first epoch's last batch: the resumed run trains the
+    whole second epoch (Lightning, left to itself, would carry the finished epoch's data iterator
+    into it and train nothing)."""
+    runs, first = one_process_run
+    checkpoint = first / "checkpoints" / f"epoch0-step{runs.one_epoch}.ckpt"
+    metrics = runs.train(tmp_path, 1, "--max-epochs", "2", "--resume", str(checkpoint))
+    after = _recorded(tmp_path / "rows")
+    assert {r["epoch"] for r in after} == {1}
+    assert [r["batch_idx"] for r in after] == list(range(runs.one_epoch))
+    assert [(r["users"], r["items"]) for r in after] == runs.epoch_rows(dm, 1, 0, 1)
+    assert metrics["train"]["steps"] == 2 * runs.one_epoch
