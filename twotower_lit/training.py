@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from twotower_lit.checkpoint import newest_intact_checkpoint
 from twotower_lit.config import TrainConfig, parse_bool, to_flat_dict
 from twotower_lit.data.batches import FeatureTables
 from twotower_lit.data.datamodule import MovieLensDataModule, load_manifest, split_source
@@ -32,7 +33,6 @@ from twotower_lit.metrics import PopularityBaseline
 from twotower_lit.model import feature_specs
 from twotower_lit.module import (MultiStepTwoTowerModule, PipelinedTwoTowerModule, TwoTowerModule,
                                  check_embedding_optimizer)
-from twotower_lit.checkpoint import newest_intact_checkpoint
 from twotower_lit.strategy import TorchRecStrategy, parse_table_sharding, replicated_tables_of
 from twotower_lit import tracking
 
