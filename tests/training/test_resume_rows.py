@@ -169,6 +169,14 @@ def test_a_mid_epoch_checkpoint_refuses_another_seed_or_device_generator(modules
         list(_loader(dm, "device", 2, 0, B, 0))
 
 
+@pytest.mark.parametrize("layout", [{"world": 0, "batch_size": B, "batches": 3}, {"world": 1, "batches": 3},
+                                    {"world": 1, "batch_size": "256", "batches": 3}, [1, B, 3]])
+def test_a_malformed_layout_record_is_refused_naming_it(dm, layout):
+    dm.load_state_dict({**_state(0, [], False), "layouts": [layout]})
+    with pytest.raises(ValueError, match=r"records the layout .*expected \{'world': >= 1"):
+        list(_loader(dm, "streaming", 2, 0, B, 0))
+
+
 # ---------------------------------------------------------------------------------------------
 # a real run: 1 process to a mid-epoch checkpoint, resumed on 2 gloo processes
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import lightning as L
 import numpy as np
@@ -79,6 +79,10 @@ class MovieLensDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.buffer_rows = buffer_rows
+        self._resume_state: Optional[Dict] = None  # the data module state of the checkpoint resumed, until taken
+        # (epoch, layouts before this run's, Lightning's batch count where this run's began) when
+        # this run resumed within an epoch
+        self._resumed: Optional[Tuple[int, List[Layout], int]] = None
         self.manifest = load_manifest(data_dir)
         sizes = self.manifest["vocab_sizes"]
         self.num_users, self.num_items = int(sizes["user"]), int(sizes["item"])
@@ -163,12 +167,6 @@ class MovieLensDataModule(L.LightningDataModule):
         return self._loader("test", train=False)
 
     # ------------------------------------------------------------------ mid-epoch resume
-    def _layouts_before(self, epoch: int) -> List[Layout]:
-        """The layouts (world size, batch size, batches) that trained the first batches of `epoch`
-        before this run's: those of the checkpoint this run resumed within that epoch."""
-        resumed = getattr(self, "_resumed", None)
-        return list(resumed[1]) if resumed and resumed[0] == epoch else []
-
     def state_dict(self) -> Dict:
         """Saved in every checkpoint: how far into the epoch training got, as what determines the
         rows trained so far: the training reader, its seed (and for batches built on the device,
@@ -182,9 +180,9 @@ class MovieLensDataModule(L.LightningDataModule):
         # `ready` counts batches handed to training_step so far this epoch; checkpoints are written
         # after the step (on_train_batch_end) or at the epoch end
         done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        resumed = getattr(self, "_resumed", None)
-        start = resumed[2] if resumed and resumed[0] == epoch else 0  # the count where this run's layout began
-        layouts = [*self._layouts_before(epoch), (trainer.world_size, self.batch_size, done - start)]
+        # resumed within this epoch: the layouts before this run's, and the count where this run's began
+        earlier, start = self._resumed[1:] if self._resumed and self._resumed[0] == epoch else ([], 0)
+        layouts = [*earlier, (trainer.world_size, self.batch_size, done - start)]
         state = {"epoch": epoch, "train_batches_done": done, "data_on_device": self.data_on_device,
                  "seed": self.seed, "layouts": [{"world": w, "batch_size": b, "batches": n} for w, b, n in layouts]}
         if self.data_on_device:
@@ -203,7 +201,8 @@ class MovieLensDataModule(L.LightningDataModule):
             return
         earlier, skip = resume_epoch(reader, layouts)
         # Lightning ends the epoch when its count of batches reaches the loader's length, a whole
-        # epoch of this layout: start the count where the batches left end on exactly that
+        # epoch of this layout: start the count where the batches left end on exactly that (its
+        # counters move together, so its checks of where a checkpoint was written still hold)
         count = len(reader) - (reader.epoch_batches() - skip)
         self._resumed = (epoch, earlier, count - skip)
         if self.trainer is not None:
@@ -219,13 +218,13 @@ class MovieLensDataModule(L.LightningDataModule):
         two order an epoch's rows differently), another seed, batches built on another device
         type, and a checkpoint written before layouts were recorded on another layout than it
         must have had."""
-        state, self._resume_state = getattr(self, "_resume_state", None), None
+        state, self._resume_state = self._resume_state, None
         if not state or state.get("epoch") != epoch:
             return []
-        done = int(state.get("train_batches_done", 0))
         if "layouts" in state:
-            layouts = [(int(p["world"]), int(p["batch_size"]), int(p["batches"])) for p in state["layouts"]]
+            layouts = [self._layout(entry) for entry in state["layouts"]]
         else:  # written before layouts were recorded: only this run's layout can continue it
+            done = int(state.get("train_batches_done", 0))
             if done > len(reader):
                 raise ValueError(
                     f"the checkpoint stopped {done} batches into epoch {epoch}, more than the {len(reader)} of an "
@@ -233,7 +232,8 @@ class MovieLensDataModule(L.LightningDataModule):
                     f"the process count and batch size it was written with (an earlier version): resume it with "
                     f"those, or from an epoch-end checkpoint")
             layouts = [(reader.world, reader.batch_size, done)]
-        if not any(n for _, _, n in layouts):
+        done = sum(n for _, _, n in layouts)
+        if not done:
             return []
         saved = state.get("data_on_device")
         if saved is not None and bool(saved) != self.data_on_device:
@@ -256,6 +256,16 @@ class MovieLensDataModule(L.LightningDataModule):
                              f"{device.type}'s: resume it on {state['device']}, or from an "
                              f"epoch-end checkpoint")
         return layouts
+
+    @staticmethod
+    def _layout(entry) -> Layout:
+        """(world, batch size, batches) of one recorded layout, checked."""
+        keys = ("world", "batch_size", "batches")
+        if (not isinstance(entry, dict) or any(type(entry.get(k)) is not int for k in keys)
+                or entry["world"] < 1 or entry["batch_size"] < 1 or entry["batches"] < 0):
+            raise ValueError(f"the checkpoint's data module state records the layout {entry!r}; expected "
+                             f"{{'world': >= 1, 'batch_size': >= 1, 'batches': >= 0}}: resume from another checkpoint")
+        return entry["world"], entry["batch_size"], entry["batches"]
 
     def steps_per_epoch(self, world: int) -> int:
         return num_batches(self.source("train").total_rows, world, self.batch_size)
