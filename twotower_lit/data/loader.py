@@ -156,10 +156,10 @@ def assign_rows(shard_rows: Sequence[int], world: int, rank: int, seed: int, epo
 def spans_without(spans: np.ndarray, positions: np.ndarray, total: int) -> np.ndarray:
     """`spans` less the given positions (spans: rows of ``[start, end)`` positions of a sequence
     of `total`)."""
-    inside = np.zeros(total + 1, dtype=np.int64)
+    inside = np.zeros(total + 1, dtype=np.int8)
     np.add.at(inside, spans[:, 0], 1)
     np.add.at(inside, spans[:, 1], -1)
-    keep = np.cumsum(inside[:-1]) > 0
+    keep = np.cumsum(inside[:-1], dtype=np.int8) > 0
     keep[positions] = False
     edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.view(np.int8), [0]])))
     return edges.reshape(-1, 2).astype(np.int64)
@@ -183,11 +183,11 @@ def resume_epoch(reader, layouts: Sequence[Layout]) -> Tuple[List[Layout], int]:
     last layout continue it (its batches are skipped); another one starts a new layout over the
     rows left (rule 5). Returns the layouts before the one `reader` trains, and that one's
     batches already trained."""
-    layouts = [tuple(int(v) for v in layout) for layout in layouts if layout[2]]
+    layouts = [tuple(layout) for layout in layouts if layout[2]]
     same = bool(layouts) and layouts[-1][:2] == (reader.world, reader.batch_size)
     earlier, skip = (layouts[:-1], layouts[-1][2]) if same else (layouts, 0)
     reader.remaining = untrained_rows(reader, earlier) if earlier else None
-    reader.skip = skip
+    reader.skip, reader.layout = skip, len(earlier)
     return earlier, skip
 
 
@@ -279,6 +279,7 @@ class ResumableEpoch:
     shuffle: bool
     remaining: Optional[np.ndarray] = None  # spans of the epoch's sequence left to train (None: all of it)
     skip = 0  # batches of those this rank already trained
+    layout = 0  # layouts of this epoch before this one
 
     def segments(self, world: int, rank: int, remaining: Optional[np.ndarray]) -> Segments:
         return assign_rows(self.shard_rows, world, rank, self.seed, self.epoch, self.shuffle, remaining)
@@ -353,7 +354,8 @@ class RatingsShardReader(ResumableEpoch, IterableDataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        """Batches in a whole epoch (Lightning counts a resumed epoch's batches from where it stopped)."""
+        """Batches in a whole epoch (Lightning's epoch length; a resumed epoch's count starts where
+        the batches left end on it)."""
         return num_batches(self.source.total_rows, self.world, self.batch_size)
 
     def _buffer(self, batch_size: int) -> int:
@@ -402,7 +404,9 @@ class RatingsShardReader(ResumableEpoch, IterableDataset):
         batches) draws exactly the negatives an uninterrupted run would."""
         if not self.negatives:
             return self.builder.batch(users, items, labels, first_read)
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, index, 1])
+        # a later layout of a resumed epoch numbers its batches from 0 again: it draws its own
+        later = [self.layout] if self.layout else []
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, index, 1, *later])
         nu, ni = self.sampler.sample(users, self.negatives, rng)
         rated = np.zeros(len(users) + len(nu), dtype=bool)
         rated[: len(users)] = first_read
@@ -461,7 +465,7 @@ class EpochAwareDataLoader(DataLoader):
 
     def __iter__(self):
         self.dataset.set_epoch(self._epoch_fn())
-        self.dataset.remaining, self.dataset.skip = None, 0
+        self.dataset.remaining, self.dataset.skip, self.dataset.layout = None, 0, 0
         if self._resume_fn is not None:
             self._resume_fn(self.dataset)
         return super().__iter__()
