@@ -5,6 +5,7 @@ Fault injection for shadow tests goes through ``TWOTOWER_FAULT_INJECTION`` (see
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -126,3 +127,29 @@ def capture_files(capture_dir: Path, variant: str) -> List[Path]:
 
 def capture_lines(capture_dir: Path, variant: str) -> List[str]:
     return [line for f in capture_files(capture_dir, variant) for line in f.read_text().splitlines() if line.strip()]
+
+
+async def trickle(port: int, head: bytes, drip: bytes, interval: float = 0.2, give_up: float = 12.0):
+    """Send `head`, then `drip` every `interval` until the server closes the connection:
+    (status or None when closed without an answer, seconds, response bytes)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    t0 = time.perf_counter()
+    if head:
+        writer.write(head)
+    answer = asyncio.ensure_future(reader.read())  # all of it, until the server closes
+    try:
+        while time.perf_counter() - t0 < give_up:
+            done, _ = await asyncio.wait({answer}, timeout=interval)
+            if done:
+                data = answer.result() if not answer.exception() else b""
+                return (int(data.split()[1]) if data else None), time.perf_counter() - t0, data
+            if drip:
+                try:
+                    writer.write(drip)
+                    await writer.drain()
+                except ConnectionError:
+                    pass
+        return "still open", time.perf_counter() - t0, b""
+    finally:
+        answer.cancel()
+        writer.close()

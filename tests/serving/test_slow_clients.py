@@ -7,34 +7,10 @@ import time
 
 import httpx
 
+from tests.serving.conftest import trickle
+
 BODY_TIMEOUT = HEADER_TIMEOUT = KEEP_ALIVE = 2
 SLACK = 3.0  # seconds beyond a deadline that a loaded two-core CI machine may take
-
-
-async def trickle(port: int, head: bytes, drip: bytes, interval: float = 0.2, give_up: float = 12.0):
-    """Send `head`, then `drip` every `interval` until the server closes the connection:
-    (status or None when closed without an answer, seconds, response bytes)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    t0 = time.perf_counter()
-    if head:
-        writer.write(head)
-    answer = asyncio.ensure_future(reader.read())  # all of it, until the server closes
-    try:
-        while time.perf_counter() - t0 < give_up:
-            done, _ = await asyncio.wait({answer}, timeout=interval)
-            if done:
-                data = answer.result() if not answer.exception() else b""
-                return (int(data.split()[1]) if data else None), time.perf_counter() - t0, data
-            if drip:
-                try:
-                    writer.write(drip)
-                    await writer.drain()
-                except ConnectionError:
-                    pass
-        return "still open", time.perf_counter() - t0, b""
-    finally:
-        answer.cancel()
-        writer.close()
 
 
 def test_slow_clients_hold_no_slot_and_are_cut_off(model_dir, start_server):
