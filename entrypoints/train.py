@@ -66,10 +66,18 @@ def main(argv=None) -> int:
         print(f"starting {cfg.devices} processes under torchrun: {' '.join(command)}", flush=True)
         os.execv(command[0], command)  # replaced: signals reach torchrun, which passes them to the ranks
 
+    from twotower_lit.checkpoint import CheckpointError
+    from twotower_lit.data.download import DownloadError
+    from twotower_lit.data.validation import DataValidationError
     from twotower_lit.training import run
 
-    if run(cfg) is not None:
-        publish_model(cfg)
+    try:
+        if run(cfg) is not None:
+            publish_model(cfg)
+    except (DataValidationError, DownloadError, CheckpointError) as e:
+        # bad input data or a damaged checkpoint: one actionable line, not a traceback
+        print(f"train: error: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -62,8 +62,8 @@ def test_nothing_left_after_dropping_neutral_ratings_is_refused(movielens_copy, 
 
 
 def test_empty_ratings_through_the_entrypoints(movielens_copy, tmp_path):
-    """The prepare CLI says what is wrong in one line; train (which prepares first) no longer gets
-    as far as an IndexError."""
+    """The prepare and train CLIs (train prepares first; it got as far as an IndexError) say what
+    is wrong in one line."""
     raw = movielens_copy("ml-1m")
     (raw / "ratings.dat").write_bytes(b"")
     prep = subprocess.run([sys.executable, "-m", "entrypoints.prepare", "--data-dir", str(raw), "--output-dir",
@@ -74,8 +74,8 @@ def test_empty_ratings_through_the_entrypoints(movielens_copy, tmp_path):
     train = subprocess.run([sys.executable, "-m", "entrypoints.train", "--data-dir", str(raw), "--output-dir",
                             str(tmp_path / "run"), "--accelerator", "cpu", "--progress", "false"],
                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert train.returncode != 0
-    assert "IndexError" not in train.stderr and f"{raw / 'ratings.dat'}: holds no rating lines" in train.stderr
+    assert train.returncode == 2 and "Traceback" not in train.stderr
+    assert train.stderr.startswith("train: error: ") and f"{raw / 'ratings.dat'}: holds no rating lines" in train.stderr
 
 
 # ---------------------------------------------------------------------------------------------
