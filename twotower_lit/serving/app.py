@@ -98,13 +98,11 @@ class InferenceService:
         headers = {INFERENCE_ID_HEADER: inference_id}
         try:
             body = await self._read_body(request)
-        except (RequestError, ClientDisconnect) as e:
+        except RequestError as e:
             # Answered as SageMaker's front end answers a body it cannot take: the request reaches
             # neither variant, so neither captures it; the unread rest ends the connection.
             self.rejected_bodies += 1
-            err = e if isinstance(e, RequestError) else RequestError(400, "body", "the client disconnected "
-                                                                                  "while sending the body")
-            return Response(err.body(), err.status, headers={**headers, "Connection": "close"}, media_type=JSON)
+            return Response(e.body(), e.status, headers={**headers, "Connection": "close"}, media_type=JSON)
         model_ms: Optional[float] = None
         if self.in_flight >= self.cfg.max_concurrency:
             status, out, out_type = _error(503, "server", f"over {self.cfg.max_concurrency} requests in flight; retry")
@@ -148,6 +146,8 @@ class InferenceService:
                     chunks.append(chunk)
         except TimeoutError:
             raise RequestError(408, "body", f"not received within {self.cfg.body_timeout:g} s") from None
+        except ClientDisconnect:
+            raise RequestError(400, "body", "the client disconnected while sending the body") from None
         return b"".join(chunks)
 
     async def _run(self, body: bytes, content_type: Optional[str], accept: Optional[str]):
