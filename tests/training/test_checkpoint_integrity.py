@@ -273,3 +273,26 @@ def test_a_trainer_state_that_a_resume_could_not_read_safely_is_refused_when_sav
     assert back["callbacks"]["x"]["best"].item() == float("inf") and back["loops"] == state["loops"]
     with pytest.raises(TypeError, match="the trainer state holds an object other than tensors and plain Python"):
         encode_trainer_state({"hparams": Path("/tmp")})
+
+
+def test_two_ranks_write_one_manifest_of_both_ranks_shards_and_refuse_a_damaged_one_together(tiny_prepared, tmp_path):
+    """Each rank writes its own shards; the manifest lists them all. A damaged shard of rank 1
+    is refused on every rank alike (no rank goes on into DCP's collectives and waits there)."""
+    two = ["--accelerator", "cpu", "--devices", "2", "--sharding", "row_wise", "--collective-timeout-s", "60"]
+    out = tmp_path / "two"
+    run_cli("entrypoints.train", ["--data-dir", str(tiny_prepared), "--output-dir", str(out), "--max-epochs", "1",
+                                  "--checkpoint-every-n-steps", "3", *ARGS, *two])
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert len(checkpoints) == 2
+    for ckpt in checkpoints:
+        listed = set(json.loads((ckpt / "checksums.json").read_text())["files"])
+        assert listed == {p.name for p in ckpt.iterdir()} - {"checksums.json"}
+        assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "trainer_state.pt"} <= listed
+    shard = next(c for c in checkpoints if "-end-" in c.name) / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    proc = train_cli(tiny_prepared, tmp_path / "resumed", *two, "--resume", str(shard.parent))
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert f"{shard} does not match its checkpoint's checksums.json" in proc.stderr, proc.stderr[-3000:]
+    assert "lost contact with another rank" not in proc.stderr
