@@ -115,10 +115,11 @@ def verify_checkpoint(path: Path, names: Optional[Iterable[str]] = None) -> None
     path = Path(path)
     files = read_manifest(path)
     present = set(checkpoint_entries(path))
-    missing, extra = sorted(set(files) - present), sorted(present - set(files))
+    missing = sorted((set(files) | {TRAINER_STATE_FILE, DCP_METADATA_FILE}) - present)
+    extra = sorted(present - set(files))
     if missing:
-        raise CheckpointError(f"{path} is incomplete: {', '.join(missing)} listed in its {MANIFEST_FILE} "
-                              f"{'is' if len(missing) == 1 else 'are'} missing; {START_ANEW}")
+        raise CheckpointError(f"{path} is incomplete: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                              f"missing; {START_ANEW}")
     if extra:
         raise CheckpointError(f"{path} holds {', '.join(extra)}, which its {MANIFEST_FILE} does not list (a file "
                               f"added after the checkpoint was written); remove it if you know where it came "
