@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from twotower_lit.data.features import (AGE_GROUPS, UserFeatureEncoder, age_group, date_year, encode_user_features,
-                                        split_genres, title_year, zip_prefix)
+                                        normalise_occupation, split_genres, title_year, zip_prefix)
 
 
 @pytest.mark.parametrize("age,group", [(7, 1), (17, 1), (18, 18), (24, 18), (25, 25), (34, 25), (35, 35),
@@ -15,6 +15,12 @@ from twotower_lit.data.features import (AGE_GROUPS, UserFeatureEncoder, age_grou
                                        ("33", 25), (0, 0), (None, 0), ("n/a", 0)])
 def test_age_group_buckets_raw_ages_into_ml1m_groups(age, group):
     assert age_group(age) == group
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "Infinity", "1e999", float("inf"), "nan"])
+def test_non_finite_ages_and_occupations_are_unknown_not_a_crash(value):
+    assert age_group(value) == 0
+    assert normalise_occupation(value) == str(value).strip().lower()
 
 
 def test_ml1m_group_codes_are_fixed_points():

@@ -42,7 +42,7 @@ def age_group(age: Any) -> int:
     """
     try:
         years = int(float(age))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # "inf" and "1e999" are not ages
         return 0
     if years <= 0:
         return 0
@@ -75,7 +75,7 @@ def normalise_occupation(occupation: Any) -> str:
     text = str(occupation).strip().lower()
     try:
         return str(int(float(text)))  # 12, 12.0 and "12" are one code
-    except ValueError:
+    except (ValueError, OverflowError):  # "inf" names no code
         return text
 
 
