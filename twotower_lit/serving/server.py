@@ -25,6 +25,7 @@ from typing import List, Optional
 import uvicorn
 
 from twotower_lit.config import ServeConfig, add_arguments, from_namespace
+from twotower_lit.export.format import ArtifactError, verify as verify_export
 from twotower_lit.serving.app import CONFIG_ENV, create_app
 from twotower_lit.serving.handler import DEFAULT_MODEL_DIR, config_from_env
 from twotower_lit.serving.protocol import HeaderTimeoutProtocol
@@ -75,6 +76,10 @@ def serve(cfg: ServeConfig) -> None:
     cfg = dataclasses.replace(cfg, model_dir=cfg.model_dir or DEFAULT_MODEL_DIR)
     if not os.path.isdir(cfg.model_dir):
         raise SystemExit(f"serve: model directory {cfg.model_dir} does not exist (--model-dir or SM_MODEL_DIR)")
+    try:  # here, so that a damaged or altered model is one line, not a traceback from the app's start-up
+        verify_export(cfg.model_dir)
+    except ArtifactError as e:
+        raise SystemExit(f"serve: {e}") from None
     shadow = ShadowProcess(cfg).start() if cfg.shadow_model_dir else None
     if shadow is not None:
         cfg = dataclasses.replace(cfg, shadow_url=shadow.target)
