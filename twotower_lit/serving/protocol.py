@@ -12,6 +12,10 @@ malformed request) is closed the way nginx and Apache do it: the answer is sent 
 side shut, then what the client still sends is read and dropped for up to ``LINGER_SECONDS``.
 Closing at once would make the kernel answer the unread bytes with a reset, which can destroy
 the answer before the client reads it.
+
+This subclass uses `H11Protocol` internals (``conn``, ``cycle``, ``timeout_keep_alive_task``) of
+the uvicorn pinned in requirements/base.txt; tests/serving/test_slow_clients.py and
+test_adversarial.py fail if an upgrade changes them.
 """
 from __future__ import annotations
 
