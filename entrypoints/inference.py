@@ -46,7 +46,6 @@ if BaseInferenceToolkitError is not None:
             self.status_code, self.message, self.phrase = err.status, err.body().decode("utf-8"), str(err)
 
 
-
 def _undecodable_body(exc: BaseException) -> bool:
     """A UnicodeDecodeError raised by the toolkit's own decoding of the request body."""
     if not isinstance(exc, UnicodeDecodeError):
