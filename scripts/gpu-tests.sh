@@ -9,8 +9,9 @@
 # Then on the GPU machine, call after call while it stays up (each call carries at most 64 MiB):
 #   for each fbgemm part k = 00..09: here `cp .gpu/part/pk .gpu/cur`, there (carry .gpu/cur):
 #       mkdir -p /tmp/fb && cp .gpu/cur /tmp/fb/pk
-#   bash scripts/gpu-tests.sh stash-pyarrow    (carry .gpu/test-whl-pyarrow; ~40 MB, so a call of its own)
-#   bash scripts/gpu-tests.sh run [PYTEST ARGS] (carry .gpu/whl and .gpu/test-whl): installs, runs the suite
+#   bash scripts/gpu-tests.sh stash-pyarrow    (carry .gpu/test-whl-pyarrow; 48 MiB, so a call of its own)
+#   bash scripts/gpu-tests.sh install          (carry .gpu/whl and .gpu/test-whl): TorchRec, FBGEMM, the suite's wheels
+#   bash scripts/gpu-tests.sh run [PYTEST ARGS] (no carry after `install`): runs the suite (installs first if needed)
 #   bash scripts/gpu-tests.sh plant            (no carry; after `run`): the suite must catch a planted bug
 # `run` exits with pytest's status; `plant` exits 0 only when the planted bug made the suite fail.
 set -euo pipefail
@@ -41,9 +42,11 @@ env_for_tests() {
 # its own packages are kept, so that nothing it already runs on is shadowed by another version
 install_test_wheels() {
   local missing=() wheels=() name
-  python3 -c "import pytest, pytest_timeout" 2>/dev/null || missing+=(pytest pytest_timeout pluggy iniconfig packaging pygments)
+  # (what an earlier call installed into $SITE counts as there)
+  local check="env PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} python3 -c"
+  $check "import pytest, pytest_timeout" 2>/dev/null || missing+=(pytest pytest_timeout pluggy iniconfig packaging pygments)
   for name in safetensors filelock tqdm psutil pyarrow; do
-    python3 -c "import $name" 2>/dev/null || missing+=("$name")
+    $check "import $name" 2>/dev/null || missing+=("$name")
   done
   for name in "${missing[@]}"; do
     local pattern=${name//_/[-_]}
@@ -81,6 +84,10 @@ case "${1:-}" in
   stash-pyarrow)
     mkdir -p /tmp/pyarrow-whl && cp .gpu/test-whl-pyarrow/*.whl /tmp/pyarrow-whl/
     ;;
+  install)
+    install_torchrec
+    install_test_wheels
+    ;;
   run)
     shift
     install_torchrec
@@ -117,7 +124,7 @@ case "${1:-}" in
     exit 1
     ;;
   *)
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
     exit 2
     ;;
 esac

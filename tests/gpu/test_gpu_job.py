@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.training.conftest import REPO, read_json, run_cli
+from tests.training.conftest import REPO, read_json
 
 KEYS = ("auc", "logloss", "accuracy", "recall@10", "ndcg@10")
 EVERY = 5  # steps between step checkpoints
@@ -22,14 +22,23 @@ EVERY = 5  # steps between step checkpoints
 TF32_ABS = 2e-3
 
 
+def _env(**extra: str):
+    """This environment, the repository first on PYTHONPATH and what was there kept (on the GPU
+    machine TorchRec and FBGEMM are found through PYTHONPATH)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
 def _job(data: Path, out: Path, device, *extra: str, check: bool = True):
     args = ["--data-dir", str(data), "--output-dir", str(out), "--accelerator", "gpu" if device.type == "cuda"
             else "cpu", "--devices", "1", "--max-epochs", "2", "--batch-size", "1024", "--mlflow-uri", "none",
             "--progress", "false", *extra]
-    if check:
-        return run_cli("entrypoints.train", args)
-    return subprocess.run([sys.executable, "-m", "entrypoints.train", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    proc = subprocess.run([sys.executable, "-m", "entrypoints.train", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env=_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"entrypoints.train {' '.join(args)} exited {proc.returncode}\n--- stdout ---\n"
+                             f"{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
 
 
 def _step(checkpoint: Path) -> int:
@@ -151,9 +160,8 @@ def test_the_gpu_runs_export_scores_on_a_cpu_only_process(reference, gpu_prepare
 
     from twotower_lit.export.format import load_export
 
-    env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-c", _CPU_SCORES, str(reference / "model"), str(gpu_prepared)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["cuda"] is False and got["torchrec"] is False

@@ -175,8 +175,8 @@ def test_full_ranking_on_the_gpu_equals_the_cpu_computation(gpu_data, device_gro
     """The retrieval evaluation (`evaluate_retrieval`: tower vectors of every item and test user,
     then every unseen item ranked per user) of a model on the GPU against the same weights in a
     plain CPU model, as the export holds them: the vectors agree to float32 rounding (1e-5, TF32
-    off), the ranking of the same vectors gives identical totals on either device, and Recall@10 /
-    NDCG@10 of the two models differ by at most one user's near-tie (1 / ranked users)."""
+    off), and the ranking of the same vectors on either device, and Recall@10 / NDCG@10 of the two
+    models, differ by at most one user's near-tie at the cut-off (1 / ranked users)."""
     from twotower_lit.evaluation import evaluate_retrieval, tower_matrix
     from twotower_lit.export.writer import unsharded_model
     from twotower_lit.metrics import rank_users
@@ -205,7 +205,9 @@ def test_full_ranking_on_the_gpu_equals_the_cpu_computation(gpu_data, device_gro
     here = rank_users(user_vectors, users, item_vectors, dm.seen, positives, 10)
     there = rank_users(user_vectors.cpu(), users, item_vectors.cpu(), dm.seen, positives, 10)
     assert here.users == there.users == len(users)
-    assert here.recall == pytest.approx(there.recall, abs=1e-9) and here.ndcg == pytest.approx(there.ndcg, abs=1e-9)
+    # (the same vectors: only the scores' matmul rounds otherwise, which can reorder one near-tie)
+    assert here.recall == pytest.approx(there.recall, abs=1 / len(users))
+    assert here.ndcg == pytest.approx(there.ndcg, abs=1 / len(users))
 
     gpu = evaluate_retrieval(lm, dm.builder, dm.num_items, users, dm.seen, positives, 10, 4096, device).as_dict(10)
     ref = evaluate_retrieval(on_cpu, dm.builder, dm.num_items, users, dm.seen, positives, 10, 4096, cpu).as_dict(10)
