@@ -15,6 +15,8 @@ import pytest
 
 from tests.training.conftest import REPO, read_json
 
+pytestmark = pytest.mark.gpu
+
 KEYS = ("auc", "logloss", "accuracy", "recall@10", "ndcg@10")
 EVERY = 5  # steps between step checkpoints
 # the job's defaults train the towers with TF32 matmuls on GPUs: figures computed from the same

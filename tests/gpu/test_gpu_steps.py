@@ -10,7 +10,15 @@ import torch
 
 from tests.training.conftest import local_state
 
+pytestmark = pytest.mark.gpu
+
 ROWS = 1024  # rows per full batch; the genre counts then stay well inside the graph's capacity
+
+
+def _state(model):
+    """`local_state` of `model` on the host. (Lightning's teardown moves a fitted module to the CPU,
+    and whether a sharded table's views follow is TorchRec's business: compare host copies.)"""
+    return {k: v.detach().cpu() for k, v in local_state(model).items()}
 
 
 def _batch(dm, rows, seed):
@@ -86,10 +94,10 @@ def test_graphed_steps_train_as_eager_steps(gpu_data, device_group, device, matm
                             enable_model_summary=False, callbacks=[losses])
         trainer.fit(lm, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
         assert trainer.global_step == len(batches)
-        return local_state(lm.model), losses.values, lm
+        return _state(lm.model), losses.values, lm
 
     torch.manual_seed(0)
-    initial = local_state(_module(dm, device_group, device).model)
+    initial = _state(_module(dm, device_group, device).model)
     eager, eager_losses, _ = fit()
     graphed, graphed_losses, lm = fit(cls=MultiStepTwoTowerModule, for_capture=True, graphed_steps=True)
 
@@ -187,7 +195,7 @@ def test_full_ranking_on_the_gpu_equals_the_cpu_computation(gpu_data, device_gro
     torch.manual_seed(1)
     lm = _module(dm, device_group, device).eval()
     on_cpu = TwoTowerModule(lm.features, lm.model_cfg, lm.optim_cfg)
-    on_cpu.model = unsharded_model({k: v.cpu() for k, v in local_state(lm.model).items()}, lm.features, lm.model_cfg)
+    on_cpu.model = unsharded_model(_state(lm.model), lm.features, lm.model_cfg)
     positives = dm.positives["test"]
     users = np.flatnonzero(positives.lengths() > 0).astype(np.int64)
     assert len(users) > 100
