@@ -19,9 +19,13 @@ pytestmark = pytest.mark.gpu
 
 KEYS = ("auc", "logloss", "accuracy", "recall@10", "ndcg@10")
 EVERY = 5  # steps between step checkpoints
-# the job's defaults train the towers with TF32 matmuls on GPUs: figures computed from the same
-# weights elsewhere (CPU, float32) or by another mix of eager and replayed steps agree to this
+# the job's defaults run the towers' matmuls in TF32 on GPUs: metrics of the same weights computed
+# elsewhere (a CPU in float32) agree to this, or by one reordered near-tie per few hundred users
 TF32_ABS = 2e-3
+# a resumed run's weights against the uninterrupted run's: the same steps, the last ones eager
+# instead of replayed (the same kernels); a batch trained once more or less moves them by about a
+# learning rate (Adam's 1e-3 for the towers, 0.05 for the tables)
+RESUME_ABS = 1e-4
 
 
 def _env(**extra: str):
@@ -99,8 +103,8 @@ def test_default_job_on_the_gpu_beats_popularity_and_writes_complete_metrics(ref
 def test_a_mid_epoch_checkpoint_of_the_gpu_resumes_exactly(reference, gpu_prepared, device, tmp_path):
     """Resumed from a step checkpoint within the second epoch (batches built on the GPU, steps
     graphed: the resumed process warms up and captures anew), the run ends with the reference's
-    steps, weights and test metrics (within TF32_ABS: the reference's steps at that point were
-    replays, the resumed run's first ones eager)."""
+    steps, weights (within RESUME_ABS: the reference's steps at that point were replays, the
+    resumed run's first ones eager) and test metrics (within TF32_ABS)."""
     mid = _mid_epoch(reference, 1)
     out = tmp_path / "resumed"
     _job(gpu_prepared, out, device, "--resume", str(mid))
@@ -110,7 +114,7 @@ def test_a_mid_epoch_checkpoint_of_the_gpu_resumes_exactly(reference, gpu_prepar
     a, b = _weights(reference), _weights(out)
     assert a.keys() == b.keys()
     for key in a:
-        np.testing.assert_allclose(b[key].numpy(), a[key].numpy(), rtol=0, atol=TF32_ABS, err_msg=key)
+        np.testing.assert_allclose(b[key].numpy(), a[key].numpy(), rtol=0, atol=RESUME_ABS, err_msg=key)
     for key in KEYS:
         assert got["test"][key] == pytest.approx(want["test"][key], abs=TF32_ABS), key
 
@@ -156,8 +160,8 @@ print(json.dumps({"cuda": torch.cuda.is_available(), "torchrec": "torchrec" in s
 def test_the_gpu_runs_export_scores_on_a_cpu_only_process(reference, gpu_prepared):
     """The export written by the GPU run, loaded by a process that sees no GPU and imports no
     TorchRec (as a CPU-only serving machine): its test metrics are those the GPU run computed
-    (within TF32_ABS: the run evaluated with TF32 matmuls), and its scores are those this process
-    computes from the same export, to the bit."""
+    (within TF32_ABS, and Recall/NDCG@10 within three users' near-ties: the run evaluated with TF32
+    matmuls), and its scores are those this process computes from the same export, to the bit."""
     import torch
 
     from twotower_lit.export.format import load_export
@@ -168,8 +172,12 @@ def test_the_gpu_runs_export_scores_on_a_cpu_only_process(reference, gpu_prepare
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["cuda"] is False and got["torchrec"] is False
     trained = read_json(reference / "metrics.json")["test"]
+    users = got["test"]["ranked_users"]
+    assert users > 0
     for key in KEYS:
-        assert got["test"][key] == pytest.approx(trained[key], abs=TF32_ABS), key
+        # a ranking metric moves by at most 1 / users per user whose cut-off near-tie TF32 reorders
+        tolerance = max(TF32_ABS, 3 / users) if "@" in key else TF32_ABS
+        assert got["test"][key] == pytest.approx(trained[key], abs=tolerance), key
     model = load_export(str(reference / "model"))
     users = torch.arange(1, 41)
     here = model.scores(model.user_vectors(model.user_features[users]))
