@@ -750,7 +750,10 @@ class TorchRecStrategy(DDPStrategy):
         full: Dict[str, torch.Tensor] = {}
         for key, value in self.sharded_model.state_dict().items():
             if isinstance(value, ShardedTensor):
-                out = torch.empty(value.size(), dtype=value.dtype, device=self.root_device) \
+                # (from the metadata: the tensor's own `.size()` and `.dtype` go through ShardedTensor's
+                # deprecated dispatch)
+                meta = value.metadata()
+                out = torch.empty(meta.size, dtype=meta.tensor_properties.dtype, device=self.root_device) \
                     if self.is_global_zero else None
                 value.gather(dst=0, out=out)
                 if out is not None:

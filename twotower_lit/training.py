@@ -50,9 +50,40 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"fbgemm_gpu.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    warnings.filterwarnings("ignore", message=r".*litlogger.*")
+    # the module's hook is the one meant (non-blocking copies of a Batch); the DataModule has none
+    warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device` in `LightningModule` "
+                            r"but have passed in a `LightningDataModule`", module=r"lightning\.pytorch\..*")
+    # TorchRec's sharded tables and their fused optimizers' state are ShardedTensors in every
+    # TorchRec release this runs on; Lightning's teardown moves that state with `.to()`
+    warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we are deprecating ShardedTensor",
+                            category=FutureWarning, module=r"torch\.distributed\._shard\.sharded_tensor\..*")
+    # MultiStepTwoTowerModule and the pipelined module take several batches per call by design
+    # (their own batch accounting: twotower_lit.module)
+    warnings.filterwarnings("ignore", message=r"You are using the `dataloader_iter` step flavor",
+                            module=r"lightning\.pytorch\..*")
     for name in ("torchrec.distributed.planner", "torchrec.distributed.comm", "root"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        _drop_log_records(name, "try installing [litlogger]")  # an advertisement
+    # TorchRec's KeyedJaggedTensor asks torch.fx whether it is being traced on every batch; nothing is traced
+    _drop_log_records("torch.fx._symbolic_trace", "is_fx_tracing will return true for both")
+
+
+def _drop_log_records(logger: str, text: str) -> None:
+    """Drop the records of `logger` whose message contains `text` (once per logger and text)."""
+    import logging
+
+    target = logging.getLogger(logger)
+    if any(getattr(f, "dropped_text", None) == text for f in target.filters):
+        return
+
+    class Drop(logging.Filter):
+        dropped_text = text
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            return text not in record.getMessage()
+
+    target.addFilter(Drop())
 
 
 def default_run_name(cfg: TrainConfig) -> str:
@@ -321,6 +352,8 @@ def _train_test_export(cfg: TrainConfig) -> Optional[Dict]:
     module = module_cls(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss, **options)
 
     uri = tracking.tracking_uri(cfg.mlflow_uri, output_dir)
+    if uri and launch_rank(cfg) == 0:
+        tracking.prepare_experiment(uri, output_dir, cfg.experiment_name)
     # only global rank 0 talks to MLflow (other ranks opening the SQLite store would race on its schema)
     # Metrics are logged asynchronously: MLflow queues them for a background thread and the run's
     # termination (the logger's finalize) waits for the queue. A synchronous call every logged step
@@ -389,8 +422,10 @@ def _train_test_export(cfg: TrainConfig) -> Optional[Dict]:
 
         package_model(model_dir, os.path.join(output_dir, "model.tar.gz"))
     if logger:
-        tracking.log_run_outputs(logger.experiment, logger.run_id, output_dir, model_dir, manifest,
-                                 trainer.strategy.plan_description, metrics)
+        # the exported model is stored once: in the registered pyfunc when there is one
+        tracking.log_run_outputs(logger.experiment, logger.run_id, output_dir, model_dir, data_dir, manifest,
+                                 trainer.strategy.plan_description, metrics, k,
+                                 log_export=not cfg.registered_model_name)
         if cfg.registered_model_name:
             metrics["registered_version"] = tracking.register_model(uri, logger.run_id, model_dir,
                                                                     cfg.registered_model_name)
@@ -489,5 +524,16 @@ def _print_summary(metrics: Dict, output_dir: str, k: int) -> None:
     print("\n" + "metric".ljust(12) + "two-tower".rjust(12) + "popularity".rjust(12))
     for n in names:
         print(n.ljust(12) + f"{metrics['test'][n]:12.4f}" + f"{metrics['baselines']['popularity'][n]:12.4f}")
-    print(f"\nexported model: {os.path.join(output_dir, 'model')}\nmetrics: {os.path.join(output_dir, 'metrics.json')}",
-          flush=True)
+    lines = [f"\nexported model: {os.path.join(output_dir, 'model')}",
+             f"metrics: {os.path.join(output_dir, 'metrics.json')}"]
+    tracked = metrics.get("mlflow")
+    if tracked:
+        lines.append(f"training curves: {os.path.join(output_dir, 'training_curves.png')}")
+        uri = tracked["tracking_uri"]
+        if uri.startswith("sqlite:"):
+            # (the embedded store's artifacts are files beside it: the UI serves them from there)
+            lines.append(f"MLflow run {tracked['run_id']}: mlflow ui --backend-store-uri {uri} "
+                         f"--default-artifact-root {tracking.artifact_location(uri, output_dir)}")
+        else:
+            lines.append(f"MLflow run {tracked['run_id']} on {uri}")
+    print("\n".join(lines), flush=True)

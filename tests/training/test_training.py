@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 
 import lightning as L
@@ -15,11 +16,32 @@ KEYS = ("auc", "logloss", "accuracy", "recall@10", "ndcg@10")
 
 
 @pytest.fixture(scope="module")
-def trained(prepared_synthetic, tmp_path_factory):
+def trained_run(prepared_synthetic, tmp_path_factory):
+    """The real training command's output directory and its completed process (what it printed)."""
     out = tmp_path_factory.mktemp("run") / "out"
-    run_cli("entrypoints.train", ["--data-dir", str(prepared_synthetic), "--output-dir", str(out), "--package",
-                                  "true", *TRAIN_ARGS])
-    return out
+    proc = run_cli("entrypoints.train", ["--data-dir", str(prepared_synthetic), "--output-dir", str(out),
+                                         "--package", "true", *TRAIN_ARGS])
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def trained(trained_run):
+    return trained_run[0]
+
+
+# what a warning looks like in a job's log: Python's warnings, logging's WARNING records (MLflow's
+# "2026/01/01 ... WARNING ...", torch's "[rank0]:W1207 ..."), deprecations and library tips
+WARNING_LINE = re.compile(r"warn|deprecat|tip:|^\[rank\d+\]:W\d|not found\. creating it", re.IGNORECASE)
+
+
+def test_training_prints_no_warnings_and_points_to_its_outputs(trained_run):
+    out, proc = trained_run
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert [line for line in lines if WARNING_LINE.search(line)] == []
+    assert f"training curves: {out / 'training_curves.png'}" in lines
+    ui = [line for line in lines if "mlflow ui" in line]
+    assert len(ui) == 1 and ui[0].endswith(f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} "
+                                           f"--default-artifact-root file://{out / 'mlartifacts'}")
 
 
 def test_metrics_json_has_model_and_popularity_figures(trained):
@@ -88,27 +110,91 @@ def test_package_has_sagemaker_layout(trained):
 
 
 def test_embedded_sqlite_mlflow_run_has_everything(trained):
+    import hashlib
+    import subprocess
+
+    from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
     db = trained / "mlflow.db"
     assert db.is_file()
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    exp = client.get_experiment_by_name("twotower-movielens")
+    # one experiment: the "Default" one every new database holds is deleted, and points into the run
+    (exp,) = client.search_experiments()
+    assert exp.name == "twotower-movielens" and exp.artifact_location == f"file://{trained / 'mlartifacts'}"
+    default = client.get_experiment("0")
+    assert default.lifecycle_stage == "deleted" and default.artifact_location.startswith(f"file://{trained}/")
+    assert len(client.search_experiments(view_type=ViewType.ALL)) == 2
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["negatives"] == "2" and run.data.params["max_epochs"] == "2"
     assert len(client.get_metric_history(run.info.run_id, "val_auc")) == 2  # one per epoch
     # the training loss: one point (the interval mean) per logging interval of 10 steps
-    steps = read_json(trained / "metrics.json")["train"]["steps"]
+    metrics = read_json(trained / "metrics.json")
+    steps = metrics["train"]["steps"]
     losses = client.get_metric_history(run.info.run_id, "train_loss")
     assert len(losses) == steps // 10 and steps >= 20
     assert all(np.isfinite(m.value) and m.value > 0 for m in losses)
-    assert run.data.metrics["final_test_auc"] == pytest.approx(read_json(trained / "metrics.json")["test"]["auc"])
+    # each test metric once, as the test loop logged it
+    for key, name in (("auc", "test_auc"), ("recall@10", "test_recall_at_10"), ("ndcg@10", "test_ndcg_at_10")):
+        assert len(client.get_metric_history(run.info.run_id, name)) == 1
+        assert run.data.metrics[name] == pytest.approx(metrics["test"][key], abs=1e-6), name
+    assert not [name for name in run.data.metrics if name.startswith("final_")]
+    # the code and the data it trained on
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert run.data.tags["mlflow.source.git.commit"] == head.stdout.strip()
+    data_dir = metrics["data"]["dir"]
+    sha = hashlib.sha256(open(os.path.join(data_dir, "manifest.json"), "rb").read()).hexdigest()
+    assert run.data.tags["data.manifest_sha256"] == sha
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == sha[:32] and dataset.dataset.name == "ml-1m"
+    assert [(t.key, t.value) for t in dataset.tags] == [("mlflow.data.context", "training")]
+    assert data_dir in dataset.dataset.source
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"data_manifest.json", "sharding_plan.json", "training_curves.png", "exported_model"} <= artifacts
+    assert artifacts == {"data_manifest.json", "sharding_plan.json", "metrics.json", "training_curves.png"}
+    # the model once: the registered pyfunc, which carries the export's files
+    (logged,) = client.search_logged_models([exp.experiment_id])
+    assert logged.source_run_id == run.info.run_id
+    stored = logged.artifact_location.removeprefix("file://")
+    assert sorted(os.listdir(os.path.join(stored, "artifacts", "model"))) == sorted(os.listdir(trained / "model"))
     versions = client.search_model_versions("name='twotower-movielens'")
     assert [v.run_id for v in versions] == [run.info.run_id]
+
+
+def test_training_curves_have_a_panel_per_metric_family_by_whole_epochs(trained):
+    """The plot of the run's own MLflow history: the loss, log-loss, AUC and ranking panels, epochs
+    as whole numbers, the popularity baseline as a horizontal line of each validation metric."""
+    from mlflow.tracking import MlflowClient
+
+    from twotower_lit.tracking import metric_history, training_curves_figure
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{trained / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("twotower-movielens").experiment_id])
+    metrics = read_json(trained / "metrics.json")
+    names = ("train_loss", "val_logloss", "val_auc", "val_recall_at_10", "val_ndcg_at_10")
+    history = metric_history(client, run.info.run_id, names)
+    baseline = metrics["baselines"]["popularity"]
+    fig = training_curves_figure(history, metrics["train"]["steps"] / metrics["train"]["epochs"], baseline)
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["training loss (mean per logging interval)", "validation log-loss",
+                                              "validation AUC", "validation Recall@10 / NDCG@10"]
+    for ax in axes:
+        assert ax.get_xlabel() == "epoch"
+        ticks = ax.get_xticks()
+        assert len(ticks) and all(float(t).is_integer() for t in ticks), ax.get_title()
+    (loss,) = axes[0].lines
+    assert len(loss.get_xdata()) == len(history["train_loss"]) and loss.get_xdata()[-1] == pytest.approx(2.0, abs=0.2)
+    for ax, keys in zip(axes[1:], (("logloss",), ("auc",), ("recall@10", "ndcg@10"))):
+        curves = [line for line in ax.lines if line.get_linestyle() == "-"]
+        assert [list(line.get_xdata()) for line in curves] == [[1, 2]] * len(keys)
+        flat = [line.get_ydata()[0] for line in ax.lines if line.get_linestyle() == "--"]
+        assert flat == pytest.approx([baseline[key] for key in keys]), ax.get_title()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 def test_same_seed_same_result(trained, prepared_synthetic, tmp_path):

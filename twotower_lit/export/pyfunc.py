@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import mlflow.pyfunc
+import pandas as pd
 
 
 class ExportedModelPyfunc(mlflow.pyfunc.PythonModel):
@@ -13,8 +14,8 @@ class ExportedModelPyfunc(mlflow.pyfunc.PythonModel):
         self.model = load_export(context.artifacts["model_dir"])
         self.index = self.model.user_index()
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
+    # (the annotation tells MLflow the input is a DataFrame checked against the logged signature)
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         import torch
 
         k = int((params or {}).get("k", 10))
