@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.training.conftest import TRAIN_ARGS, read_json, run_cli
+from tests.training.test_training import WARNING_LINE
 
 
 @pytest.fixture(scope="module")
@@ -47,24 +48,35 @@ def test_training_logs_to_mlflow_server(mlflow_server, prepared_synthetic, tmp_p
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "out"
-    run_cli("entrypoints.train", ["--data-dir", str(prepared_synthetic), "--output-dir", str(out),
-                                  "--mlflow-uri", mlflow_server, "--experiment-name", "server-test",
-                                  "--registered-model-name", "twotower-server-test", "--run-name", "srv",
-                                  *TRAIN_ARGS])
+    proc = run_cli("entrypoints.train", ["--data-dir", str(prepared_synthetic), "--output-dir", str(out),
+                                         "--mlflow-uri", mlflow_server, "--experiment-name", "server-test",
+                                         "--registered-model-name", "twotower-server-test", "--run-name", "srv",
+                                         *TRAIN_ARGS])
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert [line for line in lines if WARNING_LINE.search(line)] == []
     assert not (out / "mlflow.db").exists()  # nothing embedded when a server is given
     client = MlflowClient(tracking_uri=mlflow_server)
     exp = client.get_experiment_by_name("server-test")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.run_name == "srv" and run.info.status == "FINISHED"
+    assert f"MLflow run {run.info.run_id} on {mlflow_server}" in lines
     assert run.data.params["batch_size"] == "512"
     metrics = read_json(out / "metrics.json")
-    assert run.data.metrics["final_test_recall_at_10"] == pytest.approx(metrics["test"]["recall@10"])
+    assert run.data.metrics["test_recall_at_10"] == pytest.approx(metrics["test"]["recall@10"], abs=1e-6)
+    assert len(client.get_metric_history(run.info.run_id, "test_recall_at_10")) == 1
+    assert not [name for name in run.data.metrics if name.startswith("final_")]
+    assert len(run.data.tags["data.manifest_sha256"]) == 64
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == run.data.tags["data.manifest_sha256"][:32]
     assert run.data.metrics["baseline_popularity_auc"] == pytest.approx(metrics["baselines"]["popularity"]["auc"])
     assert len(client.get_metric_history(run.info.run_id, "val_recall_at_10")) == 2
     # logged asynchronously: every interval's training loss is on the server once the run is finished
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == metrics["train"]["steps"] // 10
-    names = {a.path for a in client.list_artifacts(run.info.run_id, "exported_model")}
-    assert "exported_model/model.safetensors" in names and "exported_model/manifest.json" in names
+    # the exported model once: in the registered pyfunc, not also among the run's artifacts
+    assert "exported_model" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+    (logged,) = client.search_logged_models([exp.experiment_id])
+    names = {a.path for a in client.list_logged_model_artifacts(logged.model_id, "artifacts/model")}
+    assert {"artifacts/model/model.safetensors", "artifacts/model/manifest.json"} <= names
     (version,) = client.search_model_versions("name='twotower-server-test'")
     assert version.run_id == run.info.run_id
     # the registered pyfunc loads and recommends for a known user
