@@ -153,6 +153,62 @@ def test_verdicts(case, expected, tmp_path):
         assert report["agreement"]["mean_rbo"] == pytest.approx(1.0) and report["agreement"]["mean_overlap"] == 1.0
 
 
+def test_report_figures_show_the_verdicts_interval_and_keep_variants_apart(tmp_path):
+    """The figures of a report whose shadow is better for half of the users: the interval panel
+    shows the report's own mean and 95% interval against 0 and the equivalence margin; the
+    agreement measures have a panel each; the latency histograms are outlines (neither hides the other)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Polygon
+
+    from twotower_lit.serving.report import agreement_figure, interval_figure, latency_figure
+
+    capture = tmp_path / "capture"
+    users = list(range(1, 61))
+    for u in users:
+        _event(capture, "A", "production", f"e{u}", u, [50, 51, 52, 53, 54], latency=1.0 + (u % 7) / 10)
+        _event(capture, "B", "shadow", f"e{u}", u, [1, 2, 50, 51, 52] if u % 2 else [50, 51, 52, 53, 54],
+               latency=1.0 + (u % 5) / 10)
+    cfg = ShadowReportConfig(capture_dir=str(capture), data_dir=_positives_dir(tmp_path, users, [1, 2, 3]),
+                             min_requests=50, min_labelled_users=50, bootstrap=300)
+    report = build_report(cfg)
+    q = report["quality"]
+    lo, hi = q["ndcg_diff_ci95"]
+    assert 0 < lo < q["ndcg_diff"] < hi and report["verdict"] == "promote"
+
+    fig = interval_figure(report)
+    (ax,) = fig.axes
+    (bar,) = ax.containers
+    (segment,) = bar.lines[2][0].get_segments()
+    assert segment[0][0] == pytest.approx(lo) and segment[1][0] == pytest.approx(hi)
+    assert bar.lines[0].get_xdata()[0] == pytest.approx(q["ndcg_diff"])
+    assert [line.get_xdata()[0] for line in ax.lines if line is not bar.lines[0] and
+            line not in bar.lines[1]] == [0.0]
+    (band,) = [p for p in ax.patches if p.get_label().startswith("equivalence margin")]
+    xs = band.get_path().transformed(band.get_patch_transform()).vertices[:, 0] if hasattr(band, "get_x") \
+        else band.get_xy()[:, 0]
+    assert min(xs) == pytest.approx(-cfg.equivalence_margin) and max(xs) == pytest.approx(cfg.equivalence_margin)
+    assert ax.get_xlim()[0] < -cfg.equivalence_margin and ax.get_xlim()[1] > hi
+    assert "PROMOTE" in ax.get_title()
+    plt.close(fig)
+
+    fig = agreement_figure(report)
+    assert [ax.get_title() for ax in fig.axes] == ["overlap@k (shared items / k)", "RBO (p=0.9, rank-weighted)"]
+    for ax, key in zip(fig.axes, ("overlap", "rbo")):
+        assert sum(p.get_height() for p in ax.patches) == len(report["_rows"]) == 60
+        assert ax.lines[0].get_xdata()[0] == pytest.approx(np.mean([r[key] for r in report["_rows"]]))
+    plt.close(fig)
+
+    fig = latency_figure(report)
+    outlines = [p for p in fig.axes[0].patches if isinstance(p, Polygon)]
+    assert len(outlines) == 2 and not any(p.get_fill() for p in outlines)
+    plt.close(fig)
+
+    # without held-out labels there is no interval, and the figure says so
+    fig = interval_figure(dict(report, quality=None, verdict="inconclusive"))
+    assert not fig.axes[0].containers and "no held-out labels" in fig.axes[0].texts[0].get_text()
+    plt.close(fig)
+
+
 def test_agreement_and_quality_formulas():
     assert rbo([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
     assert rbo([1, 2, 3], [4, 5, 6]) == 0.0
@@ -178,7 +234,9 @@ def test_shadow_report_cli(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("verdict: inconclusive (no held-out labels")
-    assert sorted(p.name for p in out.iterdir()) == ["agreement.png", "latency.png", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["agreement.png", "interval.png", "latency.png", "report.json",
+                                                     "report.md"]
+    assert "![NDCG@k difference interval](interval.png)" in (out / "report.md").read_text()
     report = json.loads((out / "report.json").read_text())
     assert report["agreement"]["mean_overlap"] == 1.0 and 0 < report["agreement"]["mean_rbo"] < 1
     bad = subprocess.run([sys.executable, "-m", "entrypoints.shadow_report", "--capture-dir", str(tmp_path / "none")],

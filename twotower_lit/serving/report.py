@@ -319,17 +319,23 @@ def markdown(report: Dict) -> str:
         lines += ["", f"NDCG@k difference (shadow - production) over {q['labelled_users']} labelled users: "
                   f"{num(q['ndcg_diff'])}, 95% bootstrap interval [{lo:.4f}, {hi:.4f}]."]
     lines += ["", "Thresholds: " + ", ".join(f"{k}={v}" for k, v in report["thresholds"].items()), "",
-              "![latency](latency.png)", "", "![agreement](agreement.png)", ""]
+              "![NDCG@k difference interval](interval.png)", "", "![latency](latency.png)", "",
+              "![agreement](agreement.png)", ""]
     return "\n".join(lines)
 
 
-def plot(report: Dict, out_dir: str) -> List[str]:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    return plt
+
+
+def latency_figure(report: Dict):
+    """Model latency per variant: outlined (step) histograms on shared log bins, so neither hides the other."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     lat = {k: np.asarray(v, dtype=float) for k, v in report["_latency"].items() if len(v)}
     if lat:
@@ -337,36 +343,83 @@ def plot(report: Dict, out_dir: str) -> List[str]:
         lo = max(min(v.min() for v in lat.values()), 1e-3)
         bins = np.logspace(np.log10(lo), np.log10(max(hi, lo * 1.01)), 50)
         for role, v in lat.items():
-            ax.hist(v, bins=bins, alpha=0.6, label=f"{role} (p99 {np.percentile(v, 99):.2f} ms)")
+            ax.hist(v, bins=bins, histtype="step", lw=1.6, label=f"{role} (p99 {np.percentile(v, 99):.2f} ms)")
         ax.set_xscale("log")
         ax.legend()
-    ax.set_xlabel("model latency (ms)")
-    ax.set_ylabel("requests")
-    ax.set_title("Latency per variant")
+    ax.set(xlabel="model latency (ms)", ylabel="requests", title="Latency per variant")
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "latency.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    return fig
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+
+AGREEMENT_PANELS = (("overlap", "overlap@k (shared items / k)"), ("rbo", "RBO (p=0.9, rank-weighted)"))
+
+
+def agreement_figure(report: Dict):
+    """Top-k agreement of production and shadow per user answer: one panel per measure."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(AGREEMENT_PANELS), figsize=(10, 4), sharey=True)
     rows = report["_rows"]
-    if rows:
-        bins = np.linspace(0, 1, 21)
-        ax.hist([r["overlap"] for r in rows], bins=bins, alpha=0.6, label="overlap@k")
-        ax.hist([r["rbo"] for r in rows], bins=bins, alpha=0.6, label="RBO (p=0.9)")
-        ax.legend()
-    ax.set_xlabel("agreement of production and shadow top-k")
-    ax.set_ylabel("user answers")
-    ax.set_title("Top-k agreement")
+    bins = np.linspace(0, 1, 21)
+    for ax, (key, title) in zip(axes, AGREEMENT_PANELS):
+        values = [r[key] for r in rows]
+        if values:
+            ax.hist(values, bins=bins, color="tab:blue")
+            ax.axvline(float(np.mean(values)), color="black", ls="--", lw=1, label=f"mean {np.mean(values):.3f}")
+            ax.legend()
+        ax.set(title=title, xlabel="agreement of production and shadow top-k", xlim=(0, 1))
+    axes[0].set_ylabel("user answers")
+    fig.suptitle(f"Top-k agreement over {len(rows)} user answers")
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "agreement.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def interval_figure(report: Dict):
+    """What the verdict rests on: the shadow's NDCG@k gain over production (mean over labelled
+    users) with its 95% bootstrap interval, against 0 and the equivalence margin (`verdict`)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 2.8))
+    q = report["quality"]
+    margin = float(report["thresholds"].get("equivalence_margin", 0.0))
+    ax.axvspan(-margin, margin, color="0.88", label=f"equivalence margin +-{margin:g}")
+    ax.axvline(0.0, color="black", lw=1)
+    if q is not None and q["ndcg_diff"] is not None:
+        lo, hi = q["ndcg_diff_ci95"]
+        mean = q["ndcg_diff"]
+        ax.errorbar([mean], [0], xerr=[[mean - lo], [hi - mean]], fmt="o", color="tab:red", capsize=6, lw=2,
+                    label=f"mean {mean:+.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}]")
+        span = max(abs(lo), abs(hi), margin, 1e-3) * 1.3
+        ax.set_xlim(-span, span)
+        ax.legend(loc="upper left", fontsize=8)
+        note = f"{q['labelled_users']} labelled users"
+    else:
+        ax.text(0.5, 0.5, "no held-out labels (--data-dir): no quality interval", transform=ax.transAxes,
+                ha="center", va="center")
+        note = "no labels"
+    ax.set_yticks([])
+    ax.set_ylim(-1, 1)
+    ax.set(xlabel="NDCG@k, shadow - production", title=f"Verdict {report['verdict'].upper()}: NDCG@k difference "
+                                                          f"({note})")
+    fig.tight_layout()
+    return fig
+
+
+PLOTS = (("latency.png", latency_figure), ("agreement.png", agreement_figure), ("interval.png", interval_figure))
+
+
+def plot(report: Dict, out_dir: str) -> List[str]:
+    """Write the report's figures (`PLOTS`) as PNGs into `out_dir`; returns their paths."""
+    plt = _pyplot()
+    paths = []
+    for name, figure in PLOTS:
+        fig = figure(report)
+        paths.append(os.path.join(out_dir, name))
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
     return paths
 
 
 def write_report(cfg: ShadowReportConfig) -> Dict:
-    """Compute the report and write report.json, report.md, latency.png and agreement.png."""
+    """Compute the report and write report.json, report.md, latency.png, agreement.png and interval.png."""
     report = build_report(cfg)
     out_dir = cfg.output_dir or os.path.join(cfg.capture_dir, "report")
     os.makedirs(out_dir, exist_ok=True)
