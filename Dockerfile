@@ -1,7 +1,8 @@
 # Our own serving image: the SageMaker inference container contract (`serve`, GET /ping and
 # POST /invocations on port 8080, the model in /opt/ml/model) with the project's own server
-# (twotower_lit.serving), a current torch, and nothing else. AWS's PyTorch inference image also
-# serves the same model.tar.gz (code/inference.py); this image is the alternative without TorchServe.
+# (twotower_lit.serving, installed with its `serve` extra), a current CPU torch, and nothing else.
+# AWS's PyTorch inference image also serves the same model.tar.gz (code/inference.py); this image
+# is the alternative without TorchServe.
 #
 #   docker build -t twotower-serve .
 #   docker run -p 8080:8080 -v $PWD/outputs/RUN/model:/opt/ml/model:ro twotower-serve serve
@@ -13,20 +14,22 @@
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONPATH=/opt/program OMP_NUM_THREADS=1 TWOTOWER_HOST=0.0.0.0
+    OMP_NUM_THREADS=1 TWOTOWER_HOST=0.0.0.0
 WORKDIR /opt/program
 
-# the serving code's runtime: torch and what twotower_lit.serving imports (faiss-cpu: only with
-# TWOTOWER_SEARCH=faiss), at the pins of requirements/base.txt (the one place versions live). For
-# a smaller image, pass PyTorch's CPU wheel index: docker build --build-arg TORCH_INDEX_URL=<that index> .
-ARG TORCH_INDEX_URL=""
+# The package with its `serve` extra (torch, numpy, safetensors, the HTTP stack, faiss-cpu for
+# TWOTOWER_SEARCH=faiss; no TorchRec, Lightning, MLflow or pandas), held to the pins of
+# requirements/base.txt (the tested lock). torch comes as its CPU build from PyTorch's CPU index
+# (a local version, 2.13.0+cpu, which satisfies the pin and outranks PyPI's CUDA build of the same
+# release); --build-arg TORCH_INDEX_URL= (empty) takes PyPI's CUDA build instead.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY requirements/base.txt /tmp/base.txt
+COPY pyproject.toml README.md /tmp/src/
+COPY twotower_lit/ /tmp/src/twotower_lit/
+COPY entrypoints/__init__.py entrypoints/serve.py entrypoints/inference.py /tmp/src/entrypoints/
 RUN grep -E '^(torch|numpy|safetensors|starlette|uvicorn|httpx|faiss-cpu)==' /tmp/base.txt > /tmp/serving.txt \
-    && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/serving.txt \
-    && rm /tmp/base.txt /tmp/serving.txt
-
-COPY twotower_lit/ /opt/program/twotower_lit/
-COPY entrypoints/__init__.py entrypoints/serve.py entrypoints/inference.py /opt/program/entrypoints/
+    && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -c /tmp/serving.txt "/tmp/src[serve]" \
+    && rm -r /tmp/base.txt /tmp/serving.txt /tmp/src
 
 # SageMaker starts the container as `docker run <image> serve`
 RUN printf '#!/bin/sh\nexec python -m twotower_lit.serving.server "$@"\n' > /usr/local/bin/serve \
