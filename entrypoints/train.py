@@ -9,7 +9,6 @@ import argparse
 import importlib.util
 import os
 import sys
-import warnings
 from typing import List, Mapping, Optional
 
 if importlib.util.find_spec("twotower_lit") is None:  # run as a script (SageMaker: torchrun entrypoints/train.py)
@@ -56,7 +55,6 @@ def torchrun_command(cfg: TrainConfig, argv: List[str], environ: Mapping[str, st
 
 
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore", module="torchrec")
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = apply_sagemaker_environment(parse_args(argv))
     import torch

@@ -2,6 +2,7 @@
 training-curve plot, the logged and registered model."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -197,6 +198,21 @@ def log_run_outputs(client, run_id: str, output_dir: str, model_dir: str, data_d
         client.log_artifacts(run_id, model_dir, artifact_path="exported_model")
 
 
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Environment variables set for the duration of a block (MLflow reads some only from there)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 PYFUNC_MODEL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export", "pyfunc_model.py")
 
 
@@ -217,7 +233,8 @@ def register_model(uri: str, run_id: str, model_dir: str, name: str) -> Optional
         example_user = int(json.load(f)[1])
     signature = ModelSignature(inputs=Schema([ColSpec("long", "user_id")]),
                                params=ParamSchema([ParamSpec("k", "long", 10)]))
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), _environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+        # (checking the input example loads the logged model: without a bar per file it copies)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=PYFUNC_MODEL_FILE, artifacts={"model_dir": model_dir},
             code_paths=[os.path.join(lib, "twotower_lit")], pip_requirements=["torch", "numpy", "safetensors"],
