@@ -319,8 +319,8 @@ def markdown(report: Dict) -> str:
         lines += ["", f"NDCG@k difference (shadow - production) over {q['labelled_users']} labelled users: "
                   f"{num(q['ndcg_diff'])}, 95% bootstrap interval [{lo:.4f}, {hi:.4f}]."]
     lines += ["", "Thresholds: " + ", ".join(f"{k}={v}" for k, v in report["thresholds"].items()), "",
-              "![NDCG@k difference interval](interval.png)", "", "![latency](latency.png)", "",
-              "![agreement](agreement.png)", ""]
+              "![latency](latency.png)", "", "![agreement](agreement.png)", "",
+              "![NDCG@k difference interval](interval.png)", ""]
     return "\n".join(lines)
 
 
