@@ -43,14 +43,13 @@ def prepare_experiment(uri: str, output_dir: str, experiment_name: str) -> str:
     """The id of `experiment_name` in the store at `uri`, created if missing (Lightning's logger
     would otherwise create it with a warning-level line).
 
-    A new embedded database is created here with its artifact root in the output directory:
+    A new SQLite database is created here with its artifact root in the output directory:
     MLflow's default root is ./mlruns of the working directory, where the "Default" experiment
     that every new database holds would point. That experiment stays empty, so it is deleted
     (MLflow keeps it as deleted, which its UI and clients expect of experiment 0)."""
     from mlflow.tracking import MlflowClient
 
-    embedded = uri == tracking_uri(None, output_dir)
-    if embedded and not os.path.exists(os.path.join(output_dir, DEFAULT_DB)):
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
         store = SqlAlchemyStore(uri, artifact_location(uri, output_dir))
