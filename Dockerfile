@@ -1,10 +1,10 @@
 # Our own serving image: the SageMaker inference container contract (`serve`, GET /ping and
 # POST /invocations on port 8080, the model in /opt/ml/model) with the project's own server
-# (twotower_lit.serving, installed with its `serve` extra), a current CPU torch, and nothing else.
+# (twotower_lit.serving, installed with its `serve` extra), torch, and nothing else.
 # AWS's PyTorch inference image also serves the same model.tar.gz (code/inference.py); this image
 # is the alternative without TorchServe.
 #
-#   docker build -t twotower-serve .
+#   docker build -t twotower-serve --build-arg TORCH_INDEX_URL=<PyTorch's CPU wheel index> .
 #   docker run -p 8080:8080 -v $PWD/outputs/RUN/model:/opt/ml/model:ro twotower-serve serve
 #
 # Settings: TWOTOWER_<FIELD> environment variables of ServeConfig (e.g. TWOTOWER_WORKERS=2). The
@@ -19,10 +19,10 @@ WORKDIR /opt/program
 
 # The package with its `serve` extra (torch, numpy, safetensors, the HTTP stack, faiss-cpu for
 # TWOTOWER_SEARCH=faiss; no TorchRec, Lightning, MLflow or pandas), held to the pins of
-# requirements/base.txt (the tested lock). torch comes as its CPU build from PyTorch's CPU index
-# (a local version, 2.13.0+cpu, which satisfies the pin and outranks PyPI's CUDA build of the same
-# release); --build-arg TORCH_INDEX_URL= (empty) takes PyPI's CUDA build instead.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# requirements/base.txt (the tested lock). --build-arg TORCH_INDEX_URL=<PyTorch's CPU wheel index>
+# gives torch's CPU build (a local version, 2.13.0+cpu, which satisfies the pin and outranks the
+# default index's CUDA build of the same release: a far smaller image); without it, the CUDA build.
+ARG TORCH_INDEX_URL=
 COPY requirements/base.txt /tmp/base.txt
 COPY pyproject.toml README.md /tmp/src/
 COPY twotower_lit/ /tmp/src/twotower_lit/
