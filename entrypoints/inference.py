@@ -16,6 +16,7 @@ traceback to it, and answers a body it cannot decode as UTF-8 (it decodes JSON a
 """
 from __future__ import annotations
 
+import dataclasses
 import http
 import importlib.util
 import logging
@@ -116,3 +117,29 @@ def output_fn(prediction, accept):
         return handler.encode(prediction, accept)
     except RequestError as e:
         raise _client_error(e) from None
+
+
+def main(argv=None) -> int:
+    """``python -m entrypoints.inference --help``: what this module is for and the environment
+    variables it reads (it is imported by a serving container, not run)."""
+    import argparse
+
+    from twotower_lit.config import ServeConfig, iter_fields
+
+    settings = []
+    for path, f, _ in iter_fields(ServeConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "" if default is None else f" (default: {default})"
+        settings.append(f"  {handler.ENV_PREFIX}{path[-1].upper()}: {f.metadata.get('help', '')}{shown}")
+    parser = argparse.ArgumentParser(
+        prog="python -m entrypoints.inference", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__,
+        epilog="Settings (environment variables; SM_MODEL_DIR gives the model directory):\n" + "\n".join(settings)
+        + "\n\nTo serve a model locally with the same handler functions: python -m entrypoints.serve --help")
+    parser.parse_args(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

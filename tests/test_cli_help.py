@@ -9,7 +9,7 @@ import pytest
 import entrypoints
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = sorted(m.name for m in pkgutil.iter_modules(entrypoints.__path__) if m.name != "inference")
+COMMANDS = sorted(m.name for m in pkgutil.iter_modules(entrypoints.__path__))
 
 
 def test_all_entrypoints_are_listed():
@@ -22,3 +22,13 @@ def test_help(name):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout and "--" in proc.stdout
+
+
+def test_inference_help_names_its_handler_functions_and_settings():
+    """The handler module is imported by a container, not run: its --help says so and lists the
+    TWOTOWER_* settings it reads."""
+    proc = subprocess.run([sys.executable, "-m", "entrypoints.inference", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "model_fn" in proc.stdout and "TWOTOWER_NUM_THREADS" in proc.stdout and "TWOTOWER_MAX_K" in proc.stdout
+
