@@ -46,13 +46,9 @@ def device():
 @pytest.fixture(scope="session")
 def gpu_prepared(synthetic_movielens, tmp_path_factory) -> Path:
     """A prepared ml-1m-layout synthetic set of 20k ratings in 4 shards: small enough for seconds per run."""
-    from twotower_lit.config import PrepareConfig
-    from twotower_lit.data.prepare import prepare_dataset
+    from tests.training.conftest import prepare_synthetic
 
-    raw = synthetic_movielens("ml-1m", 20_000, seed=3)
-    out = tmp_path_factory.mktemp("gpu-prepared") / "ml-1m-20k"
-    prepare_dataset(PrepareConfig(data_dir=str(raw), min_shards=4), str(out), log=lambda *a, **k: None)
-    return out
+    return prepare_synthetic(synthetic_movielens, tmp_path_factory, 20_000, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -30,16 +30,21 @@ def read_json(path) -> Dict:
         return json.load(f)
 
 
-@pytest.fixture(scope="session")
-def prepared_synthetic(synthetic_movielens, tmp_path_factory) -> Path:
-    """A prepared ml-1m-layout synthetic dataset (~30k ratings) shared by the training tests."""
+def prepare_synthetic(synthetic_movielens, tmp_path_factory, ratings: int, seed: int) -> Path:
+    """A prepared ml-1m-layout synthetic set of `ratings` ratings in at least 4 shards."""
     from twotower_lit.config import PrepareConfig
     from twotower_lit.data.prepare import prepare_dataset
 
-    raw = synthetic_movielens("ml-1m", 30_000, seed=1)
-    out = tmp_path_factory.mktemp("prepared") / "ml-1m-30k"
+    raw = synthetic_movielens("ml-1m", ratings, seed=seed)
+    out = tmp_path_factory.mktemp("prepared") / f"ml-1m-{ratings // 1000}k"
     prepare_dataset(PrepareConfig(data_dir=str(raw), min_shards=4), str(out), log=lambda *a, **k: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def prepared_synthetic(synthetic_movielens, tmp_path_factory) -> Path:
+    """A prepared ml-1m-layout synthetic dataset (~30k ratings) shared by the training tests."""
+    return prepare_synthetic(synthetic_movielens, tmp_path_factory, 30_000, seed=1)
 
 
 TRAIN_ARGS = ["--max-epochs", "2", "--batch-size", "512", "--progress", "false", "--negatives", "2"]

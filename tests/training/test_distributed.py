@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from tests.conftest import free_port
-from tests.training.conftest import REPO, read_json, run_cli
+from tests.training.conftest import REPO, prepare_synthetic, read_json, run_cli
 
 KEYS = ("auc", "logloss", "accuracy", "recall@10", "ndcg@10")
 ARGS = ["--batch-size", "256", "--progress", "false", "--negatives", "2", "--registered-model-name", "",
@@ -24,13 +24,7 @@ ARGS = ["--batch-size", "256", "--progress", "false", "--negatives", "2", "--reg
 
 @pytest.fixture(scope="module")
 def small_prepared(synthetic_movielens, tmp_path_factory) -> Path:
-    from twotower_lit.config import PrepareConfig
-    from twotower_lit.data.prepare import prepare_dataset
-
-    raw = synthetic_movielens("ml-1m", 12_000, seed=2)
-    out = tmp_path_factory.mktemp("prepared") / "ml-1m-12k"
-    prepare_dataset(PrepareConfig(data_dir=str(raw), min_shards=4), str(out), log=lambda *a, **k: None)
-    return out
+    return prepare_synthetic(synthetic_movielens, tmp_path_factory, 12_000, seed=2)
 
 
 def train(data, out, *extra, devices=2):
