@@ -12,7 +12,6 @@ directory crafted to run code, whose manifest would match it.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -25,12 +24,13 @@ import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from twotower_lit.data.storage import sha256_file
+
 TRAINER_STATE_FILE = "trainer_state.pt"
 MANIFEST_FILE = "checksums.json"
 DCP_METADATA_FILE = ".metadata"
 MANIFEST_FORMAT = 1
 _MANIFEST_TMP = MANIFEST_FILE + ".tmp"
-_CHUNK = 1 << 20
 
 START_ANEW = ("resume from another checkpoint (--resume auto takes the newest intact one) or start a new run "
               "in another --output-dir")
@@ -42,14 +42,6 @@ class CheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------ checksums
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def checkpoint_entries(path: Path) -> List[str]:
     """The names in checkpoint directory `path` that its manifest must cover (all but the manifest)."""
     return sorted(name for name in os.listdir(path) if name not in (MANIFEST_FILE, _MANIFEST_TMP))
@@ -57,7 +49,7 @@ def checkpoint_entries(path: Path) -> List[str]:
 
 def hash_files(path: Path, names: Iterable[str]) -> Dict[str, Dict[str, Any]]:
     """``{name: {"bytes": size, "sha256": hex}}`` for the files `names` of directory `path`."""
-    return {name: {"bytes": (path / name).stat().st_size, "sha256": file_sha256(path / name)} for name in names}
+    return {name: {"bytes": (path / name).stat().st_size, "sha256": sha256_file(str(path / name))} for name in names}
 
 
 def write_manifest(path: Path, files: Dict[str, Dict[str, Any]]) -> None:
@@ -137,7 +129,7 @@ def verify_checkpoint(path: Path, names: Optional[Iterable[str]] = None) -> None
         if size != entry["bytes"]:
             raise CheckpointError(f"{file} has {size} bytes, its checkpoint's {MANIFEST_FILE} says {entry['bytes']}: "
                                   f"it was damaged or altered after it was written; {START_ANEW}")
-        digest = file_sha256(file)
+        digest = sha256_file(str(file))
         if digest != entry["sha256"]:
             raise CheckpointError(f"{file} does not match its checkpoint's {MANIFEST_FILE} (SHA-256 {digest}, "
                                   f"expected {entry['sha256']}): it was damaged or altered after it was written; "
