@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import lightning as L
 import numpy as np
@@ -249,7 +249,8 @@ def resolve_data_on_device(cfg: TrainConfig, device_type: str, train_rows: int,
 
 
 def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger,
-                  ckpt_path: Optional[str] = None, graphed: bool = False) -> L.Trainer:
+                  ckpt_path: Optional[str] = None, graphed: bool = False,
+                  extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
     strategy = TorchRecStrategy(sharding=cfg.sharding, table_sharding=parse_table_sharding(cfg.table_sharding),
                                 data_parallel_below_mb=cfg.data_parallel_below_mb, gradient_sync=cfg.gradient_sync,
                                 resumed_data_parallel_tables=replicated_tables_of(ckpt_path) if ckpt_path else None,
@@ -276,14 +277,18 @@ def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
         max_epochs=cfg.max_epochs, logger=logger,
         callbacks=[PeerLossReport(checkpoint_dir), *checkpoints, RetrievalEvaluation(cfg.eval_k), TrainingClock(),
-                   *progress],
+                   *progress, *extra_callbacks],
         enable_progress_bar=cfg.progress, enable_model_summary=False, log_every_n_steps=log_every,
         num_sanity_val_steps=1, deterministic=False, default_root_dir=output_dir, use_distributed_sampler=False)
 
 
-def run(cfg: TrainConfig) -> Optional[Dict]:
-    """Train, test, export. Returns metrics on rank 0, None on other ranks."""
-    metrics = _train_test_export(cfg)
+def run(cfg: TrainConfig, callbacks: Sequence[L.Callback] = (),
+        run_tags: Optional[Dict[str, str]] = None) -> Optional[Dict]:
+    """Train, test, export. Returns metrics on rank 0, None on other ranks.
+
+    `callbacks` are added to the trainer's (a tuner's pruning callback reads the per-epoch
+    validation metrics); `run_tags` are set on the MLflow run (e.g. `mlflow.parentRunId` to nest it)."""
+    metrics = _train_test_export(cfg, callbacks, run_tags)
     close_process_group()
     return metrics
 
@@ -309,7 +314,8 @@ def close_process_group() -> None:
     dist.destroy_process_group()
 
 
-def _train_test_export(cfg: TrainConfig) -> Optional[Dict]:
+def _train_test_export(cfg: TrainConfig, callbacks: Sequence[L.Callback],
+                       run_tags: Optional[Dict[str, str]]) -> Optional[Dict]:
     quiet_known_warnings()
     if cfg.loss != "both" and cfg.model.exposure_dims:
         # one objective, one score: the exposure dimensions would only be shrunk by the vector L2
@@ -366,7 +372,8 @@ def _train_test_export(cfg: TrainConfig) -> Optional[Dict]:
     # 2-core VM), every 10 steps of a few milliseconds each on a GPU.
     logger = L.pytorch.loggers.MLFlowLogger(
         experiment_name=cfg.experiment_name, run_name=run_name, tracking_uri=uri,
-        artifact_location=tracking.artifact_location(uri, output_dir), log_model=False, synchronous=False) \
+        artifact_location=tracking.artifact_location(uri, output_dir), log_model=False, synchronous=False,
+        tags=run_tags) \
         if uri and launch_rank(cfg) == 0 else False
     checkpoint_dir = cfg.checkpoint_dir or os.path.join(output_dir, "checkpoints")
     ckpt_path = None
@@ -374,7 +381,7 @@ def _train_test_export(cfg: TrainConfig) -> Optional[Dict]:
         ckpt_path = latest_checkpoint(checkpoint_dir) if cfg.resume == "auto" else cfg.resume
         if ckpt_path is None:
             print(f"--resume auto: no checkpoint in {checkpoint_dir}; starting from scratch", flush=True)
-    trainer = build_trainer(cfg, output_dir, checkpoint_dir, logger, ckpt_path, graphed)
+    trainer = build_trainer(cfg, output_dir, checkpoint_dir, logger, ckpt_path, graphed, callbacks)
     if logger:
         logger.log_hyperparams({k: str(v) for k, v in to_flat_dict(cfg).items()})
 
