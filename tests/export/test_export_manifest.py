@@ -122,6 +122,10 @@ def test_every_file_the_loader_reads_must_be_listed(prepared_and_model, tmp_path
     ('{"format_version": 1, "model_version": "x"}', "no 'files' object"),
     ('{"format_version": 1, "files": ["model.safetensors"]}', "no 'files' object"),
     ('{"format_version": 7, "files": {}}', "format_version 7"),
+    ('{"files": {}}', "format_version None"),
+    ('{"format_version": "1", "files": {}}', "format_version '1'"),
+    ('{"format_version": true, "files": {}}', "format_version True"),
+    ('{"format_version": 1.0, "files": {}}', "format_version 1.0"),
     ('{"format_version": 1, "files": {"model.safetensors": "abc"}}', "not a sha256"),
     ('{"format_version": 1, "files": {"../../etc/passwd": "%s"}}' % ("0" * 64), "not a file of the model"),
 ])
@@ -131,6 +135,30 @@ def test_a_broken_manifest_is_named_with_what_to_do(prepared_and_model, tmp_path
     with pytest.raises(ArtifactError, match=problem) as info:
         verify(str(model))
     assert str(model / MANIFEST) in str(info.value) and "export the model again" in str(info.value)
+
+
+@pytest.mark.parametrize("version", [2, None, "1"])
+def test_a_config_of_another_format_version_is_refused_even_when_the_manifest_vouches_for_it(
+        prepared_and_model, tmp_path, version):
+    """The manifest's checksums say the bytes are the ones written, not that this code reads them:
+    config.json's own format_version must be this format's too (with and without the checksums)."""
+    import hashlib
+
+    model = _copy(prepared_and_model[1], tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    assert config["format_version"] == 1
+    if version is None:
+        del config["format_version"]
+    else:
+        config["format_version"] = version
+    (model / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((model / MANIFEST).read_text())
+    manifest["files"]["config.json"] = hashlib.sha256((model / "config.json").read_bytes()).hexdigest()
+    (model / MANIFEST).write_text(json.dumps(manifest))
+    verify(str(model))  # every checksum matches
+    for check in (True, False):
+        with pytest.raises(ArtifactError, match=f"config.json: format_version {version!r}, this code reads 1"):
+            load_export(str(model), check=check)
 
 
 def test_listed_files_are_checked_and_an_intact_export_loads(prepared_and_model, tmp_path):

@@ -144,9 +144,7 @@ def read_manifest(model_dir: str) -> Dict:
         raise ArtifactError(f"{path}: not valid JSON ({e}); the manifest is corrupted: {_REEXPORT}") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path}: expected a JSON object, found {type(manifest).__name__}; {_REEXPORT}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format_version {manifest.get('format_version')!r}, this code reads "
-                            f"{FORMAT_VERSION}; export the model again with this version")
+    _check_format_version(manifest, path)
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise ArtifactError(f"{path}: no 'files' object with the sha256 of each model file, so nothing can be "
@@ -161,6 +159,15 @@ def read_manifest(model_dir: str) -> Dict:
         raise ArtifactError(f"{path}: does not list {', '.join(unlisted)}, which the loader reads; every model file "
                             f"must carry its sha256 here (the manifest was edited or is incomplete): {_REEXPORT}")
     return manifest
+
+
+def _check_format_version(doc: Dict, path: str) -> None:
+    # an integer equal to FORMAT_VERSION: JSON's true or 1.0 compare equal to 1 in Python but were
+    # not written by this format
+    version = doc.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format_version {version!r}, this code reads "
+                            f"{FORMAT_VERSION}; export the model again with this version")
 
 
 def _verified_bytes(model_dir: str, name: str, manifest: Dict) -> bytes:
@@ -209,7 +216,11 @@ def load_export(model_dir: str, check: bool = True) -> ExportedModel:
         except Exception as e:  # safetensors raises its own error types for a malformed header
             raise ArtifactError(f"{os.path.join(model_dir, name)}: cannot be parsed ({e}); {_REEXPORT}") from None
 
-    config, tensors = parsed(CONFIG), parsed(WEIGHTS)
+    config = parsed(CONFIG)
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{os.path.join(model_dir, CONFIG)}: expected a JSON object; {_REEXPORT}")
+    _check_format_version(config, os.path.join(model_dir, CONFIG))
+    tensors = parsed(WEIGHTS)
     try:
         rows = {n: int(config["vocab_sizes"][n]) for n in config["user_features"]}
         tower = UserTower(rows, int(config["embedding_dim"]), config["user_layers"])
