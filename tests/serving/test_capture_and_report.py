@@ -2,6 +2,7 @@
 on disk in SageMaker's layout -> shadow report with held-out labels."""
 import json
 import re
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -325,3 +326,42 @@ def test_large_payloads_are_captured_cut_for_both_variants(model_dir, shadow_mod
         assert json.loads(cap.decode_data(whole["captureData"]["endpointOutput"]))["predictions"]
     assert build_report(ShadowReportConfig(capture_dir=str(capture), min_requests=1))["agreement"][
         "truncated_requests"] == 1
+
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_capture_files_rotate_every_utc_hour_per_variant(tmp_path):
+    """Records an hour apart go to two files in two hour folders (also across midnight); records of
+    one hour and variant share one file; each variant has its own files. File names carry the first
+    record's minute, second and millisecond. The records are built first and queued at once, so the
+    writer thread takes them in a batch that crosses the hours (closing a file it wrote to in that
+    batch), and it must go on writing what comes after."""
+    from datetime import datetime, timezone
+
+    times = {"a": datetime(2026, 3, 1, 10, 59, 59, 999_000, tzinfo=timezone.utc),
+             "b": datetime(2026, 3, 1, 11, 0, 0, 0, tzinfo=timezone.utc),
+             "c": datetime(2026, 3, 1, 11, 30, 5, 250_000, tzinfo=timezone.utc),
+             "d": datetime(2026, 3, 1, 23, 59, 0, tzinfo=timezone.utc),
+             "e": datetime(2026, 3, 2, 0, 0, 1, tzinfo=timezone.utc),
+             "f": datetime(2026, 3, 2, 0, 59, 59, 999_000, tzinfo=timezone.utc)}
+    records = [(variant, when, cap.capture_record(event, event, when, b'{"user_id": 1}', "application/json", b"{}",
+                                                  "application/json", {"variant": variant}))
+               for event, when in times.items() for variant in ("production", "shadow")]
+    writer = cap.CaptureWriter(str(tmp_path), "ep")
+    for item in records[:-2]:
+        writer.write(*item)
+    deadline = time.monotonic() + 10
+    while writer.written < len(records) - 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for item in records[-2:]:  # after the batch that crossed the hours was written
+        writer.write(*item)
+    writer.close()
+    assert writer.written == len(records) == 12
+    for variant in ("production", "shadow"):
+        got = {}
+        for f in sorted((tmp_path / "ep" / variant).rglob("*.jsonl")):
+            rel = f.relative_to(tmp_path / "ep" / variant)
+            events = [json.loads(line)["eventMetadata"]["eventId"] for line in f.read_text().splitlines()]
+            got[(str(rel.parent), rel.name[:9])] = events
+        assert got == {("2026/03/01/10", "59-59-999"): ["a"], ("2026/03/01/11", "00-00-000"): ["b", "c"],
+                       ("2026/03/01/23", "59-00-000"): ["d"], ("2026/03/02/00", "00-01-000"): ["e", "f"]}

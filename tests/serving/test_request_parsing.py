@@ -41,6 +41,25 @@ def test_csv_one_id_per_line():
     assert req.k == CFG.default_k
 
 
+def test_limits_themselves_are_accepted():
+    """Each limit is inclusive: exactly max_batch users (JSON and CSV), k of 1 and of max_k, a body
+    of exactly max_body_bytes, and the ends of the 64-bit id range."""
+    ids = list(range(1, CFG.max_batch + 1))
+    assert [u.user_id for u in parse({"inputs": ids}).users] == ids
+    assert [u.user_id for u in parse("\n".join(map(str, ids)).encode(), "text/csv").users] == ids
+    assert parse({"user_id": 1, "k": CFG.max_k}).k == CFG.max_k
+    assert parse({"user_id": 1, "k": 1}).k == 1
+    body = b'{"user_id": 1}'
+    padded = body[:-1] + b" " * (CFG.max_body_bytes - len(body)) + b"}"
+    assert len(padded) == CFG.max_body_bytes and parse(padded).users == (UserQuery(user_id=1),)
+    ends = [2 ** 63 - 1, -2 ** 63]
+    assert [u.user_id for u in parse({"inputs": ends}).users] == ends
+    assert [u.user_id for u in parse(b"9223372036854775807\n-9223372036854775808\n", "text/csv").users] == ends
+    for too_big in ({"inputs": [2 ** 63]}, {"inputs": [-2 ** 63 - 1]}):
+        with pytest.raises(RequestError, match="64-bit"):
+            parse(too_big)
+
+
 @pytest.mark.parametrize("body,content_type,status,field", [
     (b"{", JSON, 400, "body"),
     (b"", JSON, 400, "body"),

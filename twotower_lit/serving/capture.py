@@ -169,7 +169,8 @@ class CaptureWriter:
             except Exception:  # a full disk must not take the endpoint down
                 log.exception("data capture: could not write a record of %s", variant)
         for f in touched:
-            f.flush()
+            if not f.closed:  # a file of an hour that ended within this batch was closed (and flushed) already
+                f.flush()
 
 
 def utc_now() -> dt.datetime:
