@@ -73,11 +73,15 @@ BAD_LINES = [
     ("user_not_int", lambda L: rating_line(L, "u12", 2, 3, 978300760), "bad_user_id", "userId"),
     ("item_not_int", lambda L: rating_line(L, 1, "2.5", 3, 978300760), "bad_item_id", "movieId"),
     ("user_zero", lambda L: rating_line(L, 0, 2, 3, 978300760), "bad_user_id", "userId"),
+    ("item_zero", lambda L: rating_line(L, 1, 0, 3, 978300760), "bad_item_id", "movieId"),
+    ("item_negative", lambda L: rating_line(L, 1, -4, 3, 978300760), "bad_item_id", "movieId"),
     ("rating_high", lambda L: rating_line(L, 1, 2, 7, 978300760), "bad_rating", "rating"),
     ("rating_zero", lambda L: rating_line(L, 1, 2, 0, 978300760), "bad_rating", "rating"),
     ("rating_text", lambda L: rating_line(L, 1, 2, "four", 978300760), "bad_rating", "rating"),
     ("timestamp_text", lambda L: rating_line(L, 1, 2, 3, "2001-01-01"), "bad_timestamp", "timestamp"),
     ("timestamp_negative", lambda L: rating_line(L, 1, 2, 3, -5), "bad_timestamp", "timestamp"),
+    # one second after 2100-01-01 00:00 UTC: the first value past the readers' bound
+    ("timestamp_after_2100", lambda L: rating_line(L, 1, 2, 3, 4_102_444_801), "bad_timestamp", "timestamp"),
     ("undecodable", lambda L: rating_line(L, 1, 2, 3, 978300760)[:-3] + b"\xff\xfe0", "undecodable", None),
 ]
 
@@ -103,6 +107,23 @@ def test_bad_ratings_line(layout, name, build, reason, field, movielens_copy):
     assert report.as_dict() == {f"ratings.{reason}": 1}
     assert ratings.lines_read == 3000 and len(ratings) == 2999
     assert report.examples and report.examples[0].startswith(f"{file}:{bad_line}:")
+
+
+@pytest.mark.parametrize("layout", ["ml-1m", "ml-32m"])
+def test_boundary_values_are_accepted(layout, movielens_copy):
+    """The last valid values on each side of the checks: id 1, time 0 (1970) and 2100-01-01 00:00 UTC."""
+    path = movielens_copy(layout)
+    lay = layout_for(layout)
+    head = lay.header is not None
+    edits = {5: (1, 1, 3, 0), 6: (7, 1, 4, 4_102_444_800), 7: (1, 9, 5, 4_102_444_800)}
+    for line, values in edits.items():
+        replace_line(path / lay.ratings_file, line + head, rating_line(layout, *values))
+    ratings = read_ratings(str(path), lay, "error", BadLineReport())
+    assert len(ratings) == 3000
+    for line, (user, item, rating, ts) in edits.items():
+        row = line - 1
+        assert (ratings.user_id[row], ratings.item_id[row], ratings.rating[row], ratings.timestamp[row]) == \
+            (user, item, rating, ts)
 
 
 def test_half_stars_follow_the_layout(movielens_copy):

@@ -51,13 +51,33 @@ def test_rank_users_equals_brute_force():
     keys = np.unique(pu * n_items + pi)
     keys = keys[~np.isin(keys, seen.keys(n_items))]  # held-out positives are never training items
     positives = Csr.from_pairs(keys // n_items, keys % n_items, n_users)
-    user_vecs = torch.randn(len(users), 8)
-    item_vecs = torch.randn(n_items, 8)
+    gen = torch.Generator().manual_seed(0)
+    user_vecs = torch.randn(len(users), 8, generator=gen)
+    item_vecs = torch.randn(n_items, 8, generator=gen)
     totals = rank_users(user_vecs, users, item_vecs, seen, positives, k, chunk=7).as_dict(k)
     recall, ndcg, count = brute_force(user_vecs, users, item_vecs, seen, positives, k)
     assert totals["ranked_users"] == count > 0
     assert abs(totals["recall@5"] - recall) < 1e-9
     assert abs(totals["ndcg@5"] - ndcg) < 1e-9
+
+
+def test_item_zero_is_never_ranked_even_when_it_scores_highest():
+    """Row 0 (the out-of-vocabulary item) gets the top score for every user: were it ranked, it would
+    take a top-k slot from a held-out positive. Worked by hand: user 1's positives are items 3 and 4,
+    user 2's item 2; the scores order the real items 4 > 3 > 2 > 1 for everyone, and user 2 saw item 4
+    in training."""
+    num_users, k = 3, 2
+    users = np.array([1, 2])
+    item_vecs = torch.tensor([[100.0], [1.0], [2.0], [3.0], [4.0]])
+    user_vecs = torch.ones(2, 1)
+    seen = Csr.from_pairs(np.array([2]), np.array([4]), num_users)
+    positives = Csr.from_pairs(np.array([1, 1, 2]), np.array([3, 4, 2]), num_users)
+    got = rank_users(user_vecs, users, item_vecs, seen, positives, k).as_dict(k)
+    # user 1: top-2 = [4, 3], both positives -> recall 1, ndcg 1; user 2: top-2 = [3, 2], the hit at rank 2
+    ndcg_user2 = (1 / math.log2(3)) / 1.0
+    assert got["ranked_users"] == 2
+    assert got["recall@2"] == pytest.approx((1.0 + 1.0) / 2)
+    assert got["ndcg@2"] == pytest.approx((1.0 + ndcg_user2) / 2)
 
 
 def test_popularity_ranks_by_rating_count_and_shrinks_rates():
