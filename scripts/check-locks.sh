@@ -36,7 +36,7 @@ if [ ${#lanes[@]} -eq 0 ]; then
   lanes=(cpu)
   for f in requirements/gpu-torch*.txt; do lanes+=("$(basename "$f" .txt)"); done
 fi
-extras=".[serve,report,train,aws,notebooks,dev]"
+extras=".[serve,report,train,aws,notebooks,tune,dev]"
 for lane in "${lanes[@]}"; do
   start=$(date +%s)
   if [ "$lane" = cpu ]; then

@@ -1,0 +1,1 @@
+"""Hyperparameter search: the search space (`space`) and the local Optuna search (`local`)."""
