@@ -2,9 +2,16 @@
 (`twotower_lit.serving.app`) both call these, so a request is served by the same code either way.
 
     load_model(model_dir, cfg)      -> ServingModel   (model_fn)
-    decode(body, content_type, cfg) -> RecommendRequest (input_fn)
-    predict(request, model)         -> response payload (predict_fn)
+    decode(body, content_type, cfg) -> RecommendRequest, or LineBatch for JSON lines (input_fn)
+    predict(request, model)         -> response payload, or one per line (predict_fn)
     encode(payload, accept)         -> (bytes, content type) (output_fn)
+
+JSON lines (``application/jsonlines``): one request per line, each in the JSON form that
+`twotower_lit.serving.request` accepts, answered with one JSON response per line in the same
+order: what a SageMaker Batch Transform sends with ``SplitType=Line`` and
+``BatchStrategy=MultiRecord`` (several records per invocation), and what it reassembles
+line for line (``AssembleWith=Line``). Lines of the same ``k`` and ``exclude_seen`` are scored as
+one batch.
 
 Only torch, numpy (through the export format), safetensors and the standard library are imported.
 """
@@ -16,20 +23,31 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
 from twotower_lit.config import ServeConfig, from_dict
 from twotower_lit.export.format import load_export
 from twotower_lit.serving import faults
+from twotower_lit.serving.errors import RequestError, bad_request
 from twotower_lit.serving.recommender import Recommender
-from twotower_lit.serving.request import RecommendRequest, negotiate, parse_request
+from twotower_lit.serving.request import JSON, RecommendRequest, media_type, negotiate, parse_request
 
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "TWOTOWER_"
 DEFAULT_MODEL_DIR = "/opt/ml/model"
+JSON_LINES = "application/jsonlines"
+# the names JSON lines go by (SageMaker's documentation uses the first)
+JSON_LINES_TYPES = (JSON_LINES, "application/x-jsonlines", "application/jsonl", "application/x-ndjson")
+
+
+@dataclass(frozen=True)
+class LineBatch:
+    """A JSON-lines body: one request per non-blank line, answered line for line."""
+
+    lines: Tuple[RecommendRequest, ...]
 
 
 def config_from_env(environ: Optional[Mapping[str, str]] = None, base: Optional[ServeConfig] = None) -> ServeConfig:
@@ -86,17 +104,50 @@ def load_model(model_dir: Optional[str], cfg: Optional[ServeConfig] = None) -> S
     return model
 
 
-def decode(body: Union[bytes, str], content_type: Optional[str], cfg: ServeConfig) -> RecommendRequest:
+def decode(body: Union[bytes, str], content_type: Optional[str],
+           cfg: ServeConfig) -> Union[RecommendRequest, LineBatch]:
+    if media_type(content_type) in JSON_LINES_TYPES:
+        return decode_lines(body, cfg)
     return parse_request(body, content_type, cfg)
 
 
-def predict(request: RecommendRequest, model: ServingModel) -> Dict:
-    """The response payload: per user, ranked items with id, title, genres and score."""
-    if model.fault:
-        faults.inject(model.fault)
+def decode_lines(body: Union[bytes, str, bytearray], cfg: ServeConfig) -> LineBatch:
+    """A JSON-lines body: each non-blank line parsed as a JSON request (errors name the line), at
+    most ``max_batch`` users in all."""
+    if len(body) > cfg.max_body_bytes:
+        raise RequestError(413, "body", f"{len(body)} bytes is over the limit of {cfg.max_body_bytes}")
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            text = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise bad_request("body", f"not valid UTF-8 (byte {e.start})") from None
+    else:
+        text = body
+    lines: List[RecommendRequest] = []
+    users = 0
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            request = parse_request(line, JSON, cfg)
+        except RequestError as e:
+            field = f"line {n}" if e.field == "body" else f"line {n}.{e.field}"
+            raise RequestError(e.status, field, e.detail) from None
+        users += len(request.users)
+        if users > cfg.max_batch:
+            raise bad_request("body", f"more than {cfg.max_batch} users in the lines up to line {n} "
+                                      f"(TWOTOWER_MAX_BATCH raises the limit)")
+        lines.append(request)
+    if not lines:
+        raise bad_request("body", "no JSON lines")
+    return LineBatch(tuple(lines))
+
+
+def _payload(request: RecommendRequest, recs, model: ServingModel) -> Dict:
+    """The response payload of one request: per user, ranked items with id, title, genres and score."""
     items = model.recommender.model.items
     predictions = []
-    for rec in model.recommender.recommend(request):
+    for rec in recs:
         entry = {"user_id": rec.user_id, "source": rec.source,
                  "items": [{"id": items[c]["id"], "title": items[c]["title"], "genres": items[c]["genres"],
                             "score": round(float(s), 6)} for c, s in zip(rec.columns, rec.scores)]}
@@ -106,6 +157,35 @@ def predict(request: RecommendRequest, model: ServingModel) -> Dict:
     return {"model_version": model.model_version, "k": request.k, "predictions": predictions}
 
 
-def encode(payload: Dict, accept: Optional[str]) -> Tuple[bytes, str]:
+def predict(request: Union[RecommendRequest, LineBatch], model: ServingModel) -> Union[Dict, List[Dict]]:
+    """The response payload (a list of them, one per line, for a `LineBatch`)."""
+    if model.fault:
+        faults.inject(model.fault)
+    if isinstance(request, RecommendRequest):
+        return _payload(request, model.recommender.recommend(request), model)
+    # the lines of one k and exclude_seen are scored together, then handed back line by line
+    groups: Dict[Tuple[int, bool], List[int]] = {}
+    for i, line in enumerate(request.lines):
+        groups.setdefault((line.k, line.exclude_seen), []).append(i)
+    answers: List[Optional[Dict]] = [None] * len(request.lines)
+    for (k, exclude_seen), members in groups.items():
+        users = tuple(u for i in members for u in request.lines[i].users)
+        recs = model.recommender.recommend(RecommendRequest(users=users, k=k, exclude_seen=exclude_seen))
+        at = 0
+        for i in members:
+            line = request.lines[i]
+            answers[i] = _payload(line, recs[at:at + len(line.users)], model)
+            at += len(line.users)
+    return answers  # type: ignore[return-value]
+
+
+def encode(payload: Union[Dict, List[Dict]], accept: Optional[str]) -> Tuple[bytes, str]:
+    """JSON; for the answers of a JSON-lines request, one JSON document per line
+    (``application/jsonlines``, whether the client accepts that or JSON)."""
+    if isinstance(payload, list):
+        if media_type(accept) not in JSON_LINES_TYPES:
+            negotiate(accept)  # 406 unless JSON (or anything) is acceptable
+        lines = [json.dumps(p, ensure_ascii=False, separators=(",", ":")) for p in payload]
+        return ("\n".join(lines) + "\n").encode("utf-8"), JSON_LINES
     media = negotiate(accept)
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), media
