@@ -1,11 +1,23 @@
 """A synthetic MovieLens set in any GroupLens layout, of any size up to 32M ratings.
 
 Shaped like the real thing: Zipf-like item popularity, every user >= 20 ratings (as in ml-1m),
-ml-1m's rating distribution (1: 5.6%, 2: 10.8%, 3: 26.1%, 4: 34.9%, 5: 22.6%), per-user time
-spans, users/movies side files with real genre names. And *learnable*: a rating is a quantile
-cut of ``user·item`` latent factors + the user's genre affinity (which depends on gender and
-age) + item quality (correlated with popularity) + noise, so a personalised model beats the
-popularity baseline (training tests rely on that). Seeded and vectorised: 32M rows in ~30 s.
+ml-1m's rating distribution, per-user time spans, users/movies side files with real genre names
+and occupations. And *learnable* in the two ways a recommender is judged (docs/data.md):
+
+* **Tastes.** Users and movies share a latent space of ``_FACTORS`` dimensions. A user's vector is
+  the sum of effects of their gender, age group and occupation plus a personal part; a movie's is
+  the sum of its *taste cluster*'s centre, its genres' vectors and a part of its own. Each of the
+  ``_CLUSTERS`` clusters favours a few genres, so genres hint at the cluster.
+* **Which movies a user rates** (what Recall@k measures): a rating's movie is drawn from a taste
+  cluster picked with probability ~ cluster popularity x exp(``_EXPOSURE`` x user . cluster
+  centre), then within the cluster by Zipf popularity; a share ``_POPULAR_DRAWS`` of the draws
+  ignores tastes and follows global popularity alone.
+* **How much they like it** (what AUC measures): stars are ml-1m's quantile cuts of user . movie
+  + movie quality (correlated with popularity) + a user bias + noise.
+
+Item popularity alone therefore predicts both somewhat; a model of users and movies predicts
+more. Drawing a user's ratings per cluster (one multinomial per user) keeps generation
+vectorised and linear in the number of ratings.
 """
 from __future__ import annotations
 
@@ -14,6 +26,7 @@ import csv
 import io
 import json
 import os
+from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -23,7 +36,7 @@ import pyarrow.csv as pcsv
 from twotower_lit.data.features import AGE_GROUPS, MOVIELENS_GENRES
 from twotower_lit.data.layouts import CSV_HEADER, layout_for
 
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 MARKER = ".synthetic.json"
 RATING_SHARES = (0.056, 0.108, 0.261, 0.349, 0.226)  # ml-1m, stars 1..5
 AGE_SHARES = (0.037, 0.183, 0.347, 0.198, 0.091, 0.082, 0.063)  # ml-1m users per AGE_GROUPS entry
@@ -38,9 +51,20 @@ ML100K_OCCUPATIONS = ("administrator", "artist", "doctor", "educator", "engineer
 _TIME_WINDOW = {"ml-100k": (874_724_710, 893_286_638), "ml-1m": (956_703_932, 1_046_454_590),
                 "ml-10m": (789_652_009, 1_231_131_736)}
 _CSV_WINDOW = (828_124_615, 1_697_164_143)
-_FACTORS = 8
 _SALT = 0x5EED_DA7A
 _CHUNK = 1 << 22
+
+# The taste model (see the module docstring and docs/data.md); calibrated so that item popularity,
+# a rated-pairs-only model and the default two-tower differ on the default set about as on ml-100k.
+_FACTORS = 8             # latent dimensions shared by users and movies
+_CLUSTERS = 24           # taste clusters of movies
+_SIDE_WEIGHT = 0.6       # share of a user's vector set by gender, age group and occupation
+_GENRE_WEIGHT = 0.6      # share of a movie's vector set by its genres (the rest: its cluster, itself)
+_EXPOSURE = 2.5          # how strongly tastes steer which movies a user rates (standard deviations)
+_POPULAR_DRAWS = 0.25    # share of ratings whose movie follows global popularity alone
+_LIKING = 0.7            # weight of user . movie in the liking score
+_QUALITY = 0.45          # spread of the movies' quality (half of it follows popularity)
+_NOISE = 0.8             # spread of the per-rating noise of the liking score
 
 Log = Callable[[str], None]
 
@@ -75,21 +99,18 @@ def generate_movielens(out_dir: str, n_ratings: int, layout: str = "ml-1m", seed
     n_users, n_items, per_user = _shape(n_ratings, rng)
     item_ids = np.sort(rng.choice(int(n_items * 1.2) + 1, n_items, replace=False)).astype(np.int64) + 1
     rank_to_item, popularity = _zipf_popularity(n_items, rng)
-    user, item = _sample_pairs(per_user, rank_to_item, rng)
-
-    genders = np.where(rng.random(n_users) < 0.72, 1, 0)  # 1 = M
-    age_codes = rng.choice(len(AGE_GROUPS), n_users, p=np.asarray(AGE_SHARES) / sum(AGE_SHARES))
-    n_genres = len(MOVIELENS_GENRES)
-    genre_hot = rng.random((n_items, n_genres)) < np.asarray(GENRE_SHARES) * 0.8
-    genre_hot[np.arange(n_items), rng.choice(n_genres, n_items, p=np.asarray(GENRE_SHARES) / sum(GENRE_SHARES))] = True
-    rating = _ratings(user, item, genders, age_codes, genre_hot, popularity, rng)
+    users = _draw_users(n_users, rng)
+    movies = _draw_movies(popularity, rng)
+    tastes = _tastes(users, movies, rng)
+    user, item = _sample_pairs(per_user, n_items, lambda u, r: _draw_items(u, tastes, movies, rank_to_item, r), rng)
+    rating = _ratings(user, item, tastes, popularity, rng)
     timestamp = _timestamps(user, n_users, lay.name, rng)
 
     _write_ratings(out_dir, lay, user + 1, item_ids[item], rating, timestamp, rng)
     years = np.clip(np.round(2023 - rng.exponential(18.0, n_items)), 1919, 2023).astype(int)
-    _write_movies(out_dir, lay, item_ids, genre_hot, years)
+    _write_movies(out_dir, lay, item_ids, movies.genre_hot, years)
     if lay.users_file:
-        _write_users(out_dir, lay, genders, age_codes, rng)
+        _write_users(out_dir, lay, users, rng)
     with open(marker, "w") as f:
         json.dump(spec, f)
     if log:
@@ -132,7 +153,113 @@ def _zipf_popularity(n_items: int, rng: np.random.Generator) -> Tuple[np.ndarray
     return rank_to_item, popularity
 
 
-def _draw_items(total: int, rank_to_item: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+@dataclass
+class _Users:
+    gender: np.ndarray       # 1 = M
+    age: np.ndarray          # index into AGE_GROUPS
+    occupation: np.ndarray   # index into ML100K_OCCUPATIONS (ml-1m's codes 0..20)
+
+
+@dataclass
+class _Movies:
+    cluster: np.ndarray      # taste cluster of each movie
+    genre_hot: np.ndarray    # (movies, genres) bool
+    order: np.ndarray        # movie indices sorted by cluster
+    starts: np.ndarray       # cluster k's movies are order[starts[k]:starts[k + 1]]
+    cdf: np.ndarray          # k + cumulative popularity share within cluster k, in `order`
+    weight: np.ndarray       # each cluster's share of all popularity
+
+
+@dataclass
+class _Tastes:
+    user: np.ndarray         # (users, _FACTORS)
+    movie: np.ndarray        # (movies, _FACTORS)
+    cluster_pick: np.ndarray  # (users, clusters): probability that a taste-led draw lands in each cluster
+
+
+def _draw_users(n_users: int, rng: np.random.Generator) -> _Users:
+    return _Users(gender=np.where(rng.random(n_users) < 0.72, 1, 0),
+                  age=rng.choice(len(AGE_GROUPS), n_users, p=np.asarray(AGE_SHARES) / sum(AGE_SHARES)),
+                  occupation=rng.integers(0, len(ML100K_OCCUPATIONS), n_users))
+
+
+def _draw_movies(popularity: np.ndarray, rng: np.random.Generator) -> _Movies:
+    """Each movie's cluster and genres: its first genre mostly from its cluster's favourite few."""
+    n_items, n_genres = len(popularity), len(MOVIELENS_GENRES)
+    shares = np.asarray(GENRE_SHARES) / sum(GENRE_SHARES)
+    cluster = rng.integers(0, _CLUSTERS, n_items)
+    favourite = rng.dirichlet(np.full(n_genres, 0.3) * shares * n_genres, _CLUSTERS)  # few genres each
+    first = np.where(rng.random(n_items) < 0.8,
+                     (favourite.cumsum(1)[cluster] < rng.random((n_items, 1))).sum(1).clip(0, n_genres - 1),
+                     rng.choice(n_genres, n_items, p=shares))
+    genre_hot = rng.random((n_items, n_genres)) < np.asarray(GENRE_SHARES) * 0.8
+    genre_hot[np.arange(n_items), first] = True
+    order = np.argsort(cluster, kind="stable")
+    starts = np.searchsorted(cluster[order], np.arange(_CLUSTERS + 1))
+    weight = np.bincount(cluster, popularity, _CLUSTERS)
+    within = popularity[order] / np.maximum(weight[cluster[order]], 1e-300)
+    cdf = np.empty(n_items)
+    for k in range(_CLUSTERS):
+        cdf[starts[k]:starts[k + 1]] = k + np.cumsum(within[starts[k]:starts[k + 1]])
+    return _Movies(cluster, genre_hot, order, starts, cdf, weight / weight.sum())
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.sqrt((x * x).sum(1, keepdims=True) + 1e-12)
+
+
+def _tastes(users: _Users, movies: _Movies, rng: np.random.Generator) -> _Tastes:
+    """Latent vectors of users (side features + personal) and movies (cluster + genres + own)."""
+    d, n_genres = _FACTORS, len(MOVIELENS_GENRES)
+    side = (rng.normal(0, 1, (2, d))[users.gender] + rng.normal(0, 1, (len(AGE_GROUPS), d))[users.age]
+            + rng.normal(0, 1, (len(ML100K_OCCUPATIONS), d))[users.occupation])
+    user = np.sqrt(_SIDE_WEIGHT) * _unit_rows(side) + np.sqrt(1 - _SIDE_WEIGHT) * _unit_rows(
+        rng.normal(0, 1, (len(users.gender), d)))
+    centre = _unit_rows(rng.normal(0, 1, (_CLUSTERS, d)))
+    genre_vec = _unit_rows(rng.normal(0, 1, (n_genres, d)))
+    hot = movies.genre_hot.astype(float)
+    by_genres = _unit_rows(hot @ genre_vec / hot.sum(1, keepdims=True))
+    own = _unit_rows(rng.normal(0, 1, (len(movies.cluster), d)))
+    movie = (np.sqrt(_GENRE_WEIGHT) * by_genres + np.sqrt((1 - _GENRE_WEIGHT) * 0.7) * centre[movies.cluster]
+             + np.sqrt((1 - _GENRE_WEIGHT) * 0.3) * own)
+    user = np.sqrt(d) * user  # so that user . movie has about unit variance
+    # a cluster's appeal to a user: the popularity-weighted mean movie vector of the cluster
+    mean_movie = np.zeros((_CLUSTERS, d))
+    np.add.at(mean_movie, movies.cluster, movie * 1.0)
+    mean_movie /= np.maximum(np.bincount(movies.cluster, minlength=_CLUSTERS), 1)[:, None]
+    appeal = user @ mean_movie.T
+    appeal = (appeal - appeal.mean()) / (appeal.std() + 1e-12)  # _EXPOSURE is in standard deviations
+    logits = _EXPOSURE * appeal + np.log(np.maximum(movies.weight, 1e-300))
+    pick = np.exp(logits - logits.max(1, keepdims=True))
+    pick /= pick.sum(1, keepdims=True)
+    return _Tastes(user.astype(np.float32), movie.astype(np.float32), pick)
+
+
+def _draw_items(users: np.ndarray, tastes: _Tastes, movies: _Movies, rank_to_item: np.ndarray,
+                rng: np.random.Generator) -> np.ndarray:
+    """A movie for each entry of ``users`` (sorted ascending): led by taste (a cluster from the
+    user's cluster probabilities, then a movie of it by popularity) or by popularity alone."""
+    n_users = len(tastes.user)
+    wanted = np.bincount(users, minlength=n_users)
+    popular = rng.binomial(wanted, _POPULAR_DRAWS)
+    per_cluster = rng.multinomial(wanted - popular, tastes.cluster_pick)  # (users, clusters)
+    # per user: its popularity-led draws, then its taste-led ones cluster by cluster
+    counts = np.concatenate([popular[:, None], per_cluster], 1).ravel()
+    route = np.repeat(np.tile(np.arange(-1, _CLUSTERS, dtype=np.int32), n_users), counts)
+    out = np.empty(len(users), np.int64)
+    for s in range(0, len(users), _CHUNK):
+        k = route[s:s + _CHUNK]
+        by_pop = k < 0
+        item = np.empty(len(k), np.int64)
+        item[by_pop] = _draw_popular(int(by_pop.sum()), rank_to_item, rng)
+        kk = k[~by_pop]
+        pos = np.searchsorted(movies.cdf, kk + rng.random(len(kk)), side="right")
+        item[~by_pop] = movies.order[np.minimum(pos, movies.starts[kk + 1] - 1)]
+        out[s:s + _CHUNK] = item
+    return out
+
+
+def _draw_popular(total: int, rank_to_item: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Item indices by popularity, by inverting the Zipf CDF in closed form (no 32M searchsorted)."""
     n_items = len(rank_to_item)
     lo, hi = _ZIPF_OFFSET ** (1 - _ZIPF_S), (n_items + _ZIPF_OFFSET) ** (1 - _ZIPF_S)
@@ -140,12 +267,12 @@ def _draw_items(total: int, rank_to_item: np.ndarray, rng: np.random.Generator) 
     return rank_to_item[np.minimum(x.astype(np.int64), n_items - 1)]
 
 
-def _sample_pairs(per_user: np.ndarray, rank_to_item: np.ndarray, rng: np.random.Generator):
-    """Distinct (user, item) pairs, ``per_user[u]`` for user u, items drawn by popularity.
+def _sample_pairs(per_user: np.ndarray, n_items: int,
+                  draw: Callable[[np.ndarray, np.random.Generator], np.ndarray], rng: np.random.Generator):
+    """Distinct (user, item) pairs, ``per_user[u]`` for user u, items from ``draw(users, rng)``.
 
     Draw with replacement, drop repeats, redraw the shortfall; after a few rounds the shortfall
     is drawn uniformly so heavy users always finish."""
-    n_items = len(rank_to_item)
     accepted = np.zeros(0, np.int64)   # sorted keys user * n_items + item
     extra = np.zeros(0, np.int64)      # later rounds, small: kept apart so no 32M re-sort per round
     deficit = per_user.astype(np.int64)
@@ -154,7 +281,7 @@ def _sample_pairs(per_user: np.ndarray, rank_to_item: np.ndarray, rng: np.random
         if total == 0:
             break
         users = np.repeat(np.arange(len(per_user), dtype=np.int64), deficit)
-        items = _draw_items(total, rank_to_item, rng) if round_ < 6 else rng.integers(0, n_items, total)
+        items = draw(users, rng) if round_ < 6 else rng.integers(0, n_items, total)
         keys = np.sort(users * n_items + items)
         del users, items
         keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
@@ -173,34 +300,19 @@ def _sample_pairs(per_user: np.ndarray, rank_to_item: np.ndarray, rng: np.random
     return keys // n_items, keys % n_items
 
 
-def _ratings(user, item, genders, age_codes, genre_hot, popularity, rng) -> np.ndarray:
-    """1..5 stars from a latent-factor score cut at ml-1m's rating quantiles."""
-    n_users, n_items, n_genres = len(genders), len(popularity), genre_hot.shape[1]
-    p = rng.normal(0, 1, (n_users, _FACTORS)).astype(np.float32) / np.sqrt(_FACTORS)
-    q = rng.normal(0, 1, (n_items, _FACTORS)).astype(np.float32)
-    # Genre taste = personal + gender + age-group effects: side features carry signal too.
-    taste = (0.6 * rng.normal(0, 1, (n_users, n_genres)) + 0.5 * rng.normal(0, 1, (2, n_genres))[genders]
-             + 0.5 * rng.normal(0, 1, (len(AGE_GROUPS), n_genres))[age_codes]).astype(np.float32).ravel()
-    # An item's genres as a padded (items, k) table: the taste term is k scalar gathers per row,
-    # not an 18-wide dot product (3x faster at 32M rows).
-    item_of, genre_of = np.nonzero(genre_hot)
-    per_item = genre_hot.sum(1)
-    slot = np.arange(len(item_of)) - np.repeat(np.cumsum(per_item) - per_item, per_item)
-    genres = np.zeros((n_items, per_item.max()), np.int64)
-    weight = np.zeros((n_items, per_item.max()), np.float32)
-    genres[item_of, slot] = genre_of
-    weight[item_of, slot] = 1.0 / per_item[item_of]
+def _ratings(user, item, tastes: _Tastes, popularity, rng) -> np.ndarray:
+    """1..5 stars: the liking score (user . movie + quality + user bias + noise) cut at ml-1m's
+    rating quantiles."""
     log_pop = np.log(popularity)
-    quality = (0.4 * (log_pop - log_pop.mean()) / log_pop.std() + 0.4 * rng.normal(0, 1, n_items)).astype(np.float32)
-    user_bias = rng.normal(0, 0.3, n_users).astype(np.float32)
+    z = (log_pop - log_pop.mean()) / log_pop.std()
+    quality = (_QUALITY * (0.7 * z + 0.7 * rng.normal(0, 1, len(popularity)))).astype(np.float32)
+    user_bias = rng.normal(0, 0.3, len(tastes.user)).astype(np.float32)
+    p, q = tastes.user * np.float32(_LIKING), tastes.movie
     score = np.empty(len(user), np.float32)
     for s in range(0, len(user), _CHUNK):
         u, i = user[s:s + _CHUNK], item[s:s + _CHUNK]
         chunk = np.einsum("ij,ij->i", p[u], q[i]) + quality[i] + user_bias[u]
-        chunk += rng.normal(0, 0.6, len(u)).astype(np.float32)
-        base = u * n_genres
-        for k in range(genres.shape[1]):
-            chunk += taste[base + genres[i, k]] * weight[i, k]
+        chunk += rng.normal(0, _NOISE, len(u)).astype(np.float32)
         score[s:s + _CHUNK] = chunk
     sample = score if len(score) <= 2_000_000 else score[rng.integers(0, len(score), 2_000_000)]
     cuts = np.quantile(sample, np.cumsum(RATING_SHARES)[:-1])
@@ -297,21 +409,21 @@ def _write_movies(out_dir, lay, item_ids, genre_hot, years) -> None:
             f.writelines(f"{mid}::{title}::{genres}\n" for mid, title, genres in rows)
 
 
-def _write_users(out_dir, lay, genders, age_codes, rng) -> None:
-    n = len(genders)
+def _write_users(out_dir, lay, users: _Users, rng) -> None:
+    n, age_codes = len(users.gender), users.age
     zips = rng.integers(1000, 99999, n)
-    gender = np.where(genders == 1, "M", "F")
+    gender = np.where(users.gender == 1, "M", "F")
     path = os.path.join(out_dir, lay.users_file)
     if lay.name == "ml-100k":  # raw ages inside each ml-1m group, occupation names
         bounds = list(AGE_GROUPS[1:]) + [74]
         low = np.where(np.asarray(AGE_GROUPS)[age_codes] == 1, 7, np.asarray(AGE_GROUPS)[age_codes])
         age = low + (rng.random(n) * (np.asarray(bounds)[age_codes] - low)).astype(int)
-        occupation = rng.choice(ML100K_OCCUPATIONS, n)
+        occupation = np.asarray(ML100K_OCCUPATIONS)[users.occupation]
         lines = (f"{u + 1}|{age[u]}|{gender[u]}|{occupation[u]}|{zips[u]:05d}\n" for u in range(n))
         with open(os.path.join(out_dir, "u.occupation"), "w") as f:
             f.writelines(o + "\n" for o in ML100K_OCCUPATIONS)
     else:
-        occupation = rng.integers(0, 21, n)
+        occupation = users.occupation  # ml-1m's codes 0..20
         lines = (f"{u + 1}::{gender[u]}::{AGE_GROUPS[age_codes[u]]}::{occupation[u]}::{zips[u]:05d}\n"
                  for u in range(n))
     with open(path, "w", encoding="latin-1", newline="\n") as f:
