@@ -13,6 +13,9 @@ Layout of ``MODEL_DIR``::
     items.json          raw id, title and genre names of every real item, in index order
     vocab.json          categorical vocabularies (for cold-start users' raw features)
     metrics.json        the training run's metrics
+    index.json, index-<name>.faiss
+                        optional search indexes over the item vectors, added after export
+                        (`twotower_lit.export.index`); listed in the manifest like the rest
     manifest.json       sha256 of every other file; the loader reads only files listed here whose
                         bytes match (the set it needs comes from this format, not from the manifest)
 
@@ -124,6 +127,19 @@ def write_manifest(model_dir: str, model_version: str) -> Dict:
                 "files": {name: sha256_file(os.path.join(model_dir, name)) for name in FILES}}
     with open(os.path.join(model_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
+    return manifest
+
+
+def add_to_manifest(model_dir: str, names: Sequence[str]) -> Dict:
+    """List more files of `model_dir` (e.g. a search index added after export) in its manifest,
+    with their sha256; the manifest is replaced atomically."""
+    manifest = read_manifest(model_dir)
+    for name in names:
+        manifest["files"][name] = sha256_file(os.path.join(model_dir, name))
+    tmp = os.path.join(model_dir, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(model_dir, MANIFEST))
     return manifest
 
 
