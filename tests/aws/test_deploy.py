@@ -21,22 +21,33 @@ def exported(tmp_path_factory):
     return path
 
 
-def real_answer(model_dir, user_id: int, k: int = 5) -> dict:
-    """What our handler answers for this request (moto runs no container, so the test queues it)."""
+def handler_answer(model_dir, body, content_type: str = "application/json") -> dict:
+    """What our SageMaker handler answers for a request body, with the model of `model_dir`."""
     from entrypoints import inference
 
     model = inference.model_fn(str(model_dir))
-    return inference.predict_fn(inference.input_fn(json.dumps({"user_id": user_id, "k": k}), "application/json"), model)
+    return inference.predict_fn(inference.input_fn(body, content_type), model)
+
+
+def real_answer(model_dir, user_id: int, k: int = 5) -> dict:
+    return handler_answer(model_dir, json.dumps({"user_id": user_id, "k": k}))
+
+
+# moto runs no container: the endpoint's answer is queued, written here in the serving contract's
+# shape. What is checked is the smoke request deploy sends: the real handler, loaded from the uploaded
+# model.tar.gz, must answer it.
+SMOKE_ANSWER = {"predictions": [{"user_id": 3, "source": "model",
+                                 "items": [{"id": 11, "title": "A", "genres": [], "score": 0.5}]}]}
 
 
 def test_deploy_packages_uploads_creates_and_smoke_tests(ctx, exported, moto_server, request_log, tmp_path):
-    queue_endpoint_results(moto_server, [{"Body": json.dumps(real_answer(exported, 3)),
-                                          "ContentType": "application/json",
+    queue_endpoint_results(moto_server, [{"Body": json.dumps(SMOKE_ANSWER), "ContentType": "application/json",
                                           "InvokedProductionVariant": "production"}])
     cfg = DeployConfig(model=str(exported), endpoint_name=f"ep-{ctx.cfg.project}", capture=True, smoke_user=3,
                        serving_env="TWOTOWER_MAX_K=50")
     out = deploy.deploy(ctx, cfg)
-    assert out["action"] == "created" and out["smoke"]["predictions"][0]["user_id"] == 3
+    # deploy hands back the endpoint's answer, and which variant gave it
+    assert out["action"] == "created" and out["smoke"] == dict(SMOKE_ANSWER, _variant="production")
     assert out["image"].endswith("/pytorch-inference:2.6.0-cpu-py312")
 
     # the model.tar.gz that went to S3: model files at the top, code/ with the handler and its library
@@ -61,6 +72,11 @@ def test_deploy_packages_uploads_creates_and_smoke_tests(ctx, exported, moto_ser
     assert {"Key": "project", "Value": ctx.cfg.project} in config["Tags"]
     invoke = request_log.calls("InvokeEndpoint")[-1]
     assert invoke["InferenceId"].startswith("smoke-") and invoke["ContentType"] == "application/json"
+    assert invoke["EndpointName"] == cfg.endpoint_name
+    body = invoke["Body"].decode() if isinstance(invoke["Body"], bytes) else invoke["Body"]
+    answer = handler_answer(tmp_path / "unpacked", body, invoke["ContentType"])
+    (pred,) = answer["predictions"]
+    assert pred["user_id"] == 3 and len(pred["items"]) == 5  # the smoke user, k = 5
     described = ctx.sagemaker.describe_endpoint_config(EndpointConfigName=out["endpoint_config"])
     assert described["ProductionVariants"][0]["ModelName"] == out["model"]
 

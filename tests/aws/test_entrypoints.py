@@ -30,7 +30,7 @@ def test_train_options_and_job_options_share_one_command_line():
     cfg, job, aws, dry = sagemaker_train.parse_args(
         ["--max-epochs", "3", "--user-layers", "64,32", "--instance-count", "2", "--spot", "true",
          "--endpoint-url", "http://x", "--dry-run"])
-    assert (cfg.max_epochs, cfg.model.user_layers, job.instance_count, job.spot, aws.endpoint_url, dry) == \
+    assert (cfg.optim.max_epochs, cfg.model.user_layers, job.instance_count, job.spot, aws.endpoint_url, dry) == \
         (3, [64, 32], 2, True, "http://x", True)
 
 
@@ -63,7 +63,7 @@ def test_train_without_an_sdk_says_which_environment_before_uploading_anything(c
 def test_train_limits_are_checked_before_anything_is_sent(ctx, request_log, tmp_path):
     from twotower_lit.aws.config import SageMakerTrainConfig
     from twotower_lit.aws.training import plan_training_job
-    from twotower_lit.config import TrainConfig
+    from twotower_lit.config import TrainConfig, replace_options
 
     data = tmp_path / "prepared"
     data.mkdir()
@@ -73,7 +73,7 @@ def test_train_limits_are_checked_before_anything_is_sent(ctx, request_log, tmp_
                          (SageMakerTrainConfig(spot=True, max_run=7200, max_wait=3600), "shorter than --max-run"),
                          (SageMakerTrainConfig(processes_per_host=0), "at least 1")):
         with pytest.raises(ValueError, match=message):
-            plan_training_job(ctx, TrainConfig(data_dir=str(data)), job, str(tmp_path / "work"))
+            plan_training_job(ctx, replace_options(TrainConfig(), data_dir=str(data)), job, str(tmp_path / "work"))
     assert len(request_log.requests) == before  # nothing uploaded, nothing asked
     proc = cli("entrypoints.sagemaker_train", *aws_args(ctx), "--max-run", str(29 * 24 * 3600), "--dry-run",
                check=False)
@@ -112,15 +112,43 @@ def test_deploy_and_cleanup_commands(ctx, moto_server, tmp_path):
     assert bad.returncode == 2 and "unknown --kinds endpoints" in bad.stderr
 
 
-@pytest.mark.parametrize("argv", [
-    ["start", "--production-model", "a", "--shadow-model", "b", "--route", "experiment", "--sampling-percent", "20"],
-    ["traffic", "--endpoint-name", "ep", "--data-dir", "/d", "--requests", "10", "--rate", "2"],
-    ["report", "--capture-dir", "/c", "--min-requests", "5", "--metrics-period", "300"],
-    ["promote", "--production-model", "a", "--shadow-model", "b", "--no-wait"],
+@pytest.mark.parametrize("argv, expected", [
+    (["start", "--production-model", "a", "--shadow-model", "b", "--route", "experiment", "--sampling-percent", "20"],
+     {"shadow": {"production_model": "a", "shadow_model": "b", "route": "experiment", "sampling_percent": 20},
+      "no_wait": False}),
+    (["traffic", "--endpoint-name", "ep", "--data-dir", "/d", "--requests", "10", "--rate", "2"],
+     {"shadow": {"endpoint_name": "ep"}, "extra": {"data_dir": "/d", "requests": 10, "rate": 2.0}}),
+    (["report", "--capture-dir", "/c", "--min-requests", "5", "--metrics-period", "300"],
+     {"shadow": {"metrics_period": 300}, "extra": {"capture_dir": "/c", "min_requests": 5}}),
+    (["promote", "--production-model", "a", "--shadow-model", "b", "--no-wait"],
+     {"shadow": {"production_model": "a", "shadow_model": "b"}, "no_wait": True}),
 ])
-def test_shadow_subcommands_parse(argv):
+def test_shadow_subcommands_parse_into_the_configs_the_command_runs_with(argv, expected):
+    """Each subcommand's options land, typed, in the config objects `main` hands to the AWS code."""
+    from twotower_lit.aws.config import AwsConfig, ShadowTestConfig, split_namespace
+    from twotower_lit.config import LoadConfig, ShadowReportConfig
+
     ns = sagemaker_shadow.build_parser().parse_args(argv)
     assert ns.command == argv[0]
+    if "no_wait" in expected:
+        assert ns.no_wait is expected["no_wait"]
+    for extra in ("command", "no_wait"):
+        if hasattr(ns, extra):
+            delattr(ns, extra)
+    classes = {"traffic": (LoadConfig,), "report": (ShadowReportConfig,)}.get(argv[0], ())
+    cfg, aws, *rest = split_namespace(ns, ShadowTestConfig, AwsConfig, *classes)
+    for name, value in expected["shadow"].items():
+        got = getattr(cfg, name)
+        assert got == value and type(got) is type(value), (name, got)
+    assert cfg.production_variant == "production" and cfg.shadow_variant == "shadow"  # the defaults
+    for name, value in expected.get("extra", {}).items():
+        got = getattr(rest[0], name)
+        assert got == value and type(got) is type(value), (name, got)
+    untouched = {"traffic": ShadowReportConfig, "report": LoadConfig}.get(argv[0])
+    if untouched is not None:  # another subcommand's options are not accepted here
+        flag = "--min-requests" if untouched is ShadowReportConfig else "--concurrency"
+        with pytest.raises(SystemExit):
+            sagemaker_shadow.build_parser().parse_args([argv[0], flag, "3"])
 
 
 def test_shadow_traffic_command(ctx, moto_server):

@@ -1,4 +1,7 @@
 """MLflow tracking URI kinds and the SageMaker managed tracking server helper (not in moto: Stubber)."""
+import importlib.util
+import sys
+
 import pytest
 
 from twotower_lit.aws import container
@@ -14,15 +17,25 @@ def test_uri_kinds(uri, kind):
     assert aws_mlflow.tracking_uri_kind(uri) == kind
 
 
-def test_a_foreign_arn_is_refused_and_a_missing_plugin_is_named(monkeypatch):
+def test_a_foreign_arn_is_refused_and_a_missing_plugin_is_named(monkeypatch, tmp_path):
+    """Both plugin states in every environment: the plugin is hidden from the import system (a None
+    in sys.modules is how Python marks a module as not importable), then an importable
+    sagemaker_mlflow package is put on the path."""
     with pytest.raises(ValueError, match="mlflow-tracking-server"):
         aws_mlflow.tracking_uri_kind("arn:aws:s3:::bucket")
-    import importlib.util
-
-    if importlib.util.find_spec("sagemaker_mlflow") is None:
-        with pytest.raises(RuntimeError, match="pip install sagemaker-mlflow"):
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "sagemaker_mlflow", None)
+        with pytest.raises(RuntimeError, match=r"is a SageMaker tracking server: pip install sagemaker-mlflow "
+                                               r"\(requirements/aws.txt\)"):
             aws_mlflow.require_plugin(ARN)
-    aws_mlflow.require_plugin("http://127.0.0.1:5000")
+        for uri in ("http://127.0.0.1:5000", None, "sqlite:///x/mlflow.db"):  # no plugin needed for these
+            assert aws_mlflow.require_plugin(uri) is None
+    if importlib.util.find_spec("sagemaker_mlflow") is None:
+        (tmp_path / "sagemaker_mlflow").mkdir()
+        (tmp_path / "sagemaker_mlflow" / "__init__.py").write_text("")
+        monkeypatch.syspath_prepend(str(tmp_path))
+    assert importlib.util.find_spec("sagemaker_mlflow") is not None
+    assert aws_mlflow.require_plugin(ARN) is None
 
 
 def server(status):

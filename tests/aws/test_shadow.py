@@ -51,14 +51,35 @@ def test_endpoint_config_with_shadow_variant_and_capture_on_moto(ctx, request_lo
     assert ctx.sagemaker.describe_endpoint(EndpointName=c.endpoint_name)["EndpointStatus"] == "InService"
 
 
-def test_endpoint_config_request_exactly(stubbed):
+def test_endpoint_config_route_sends_the_documented_requests(stubbed):
+    """start_shadow_endpoint's calls, as SageMaker's CreateEndpointConfig documents a shadow variant and
+    data capture, written out here; the Stubber refuses any other parameters. The config name carries
+    the time, so only its form is checked."""
+    from botocore.stub import ANY
+
     ctx, stub = stubbed
-    c = cfg()
-    req = shadow.shadow_endpoint_config_request(ctx, c, "ep-shadow-1")
-    stub.add_response("create_endpoint_config", {"EndpointConfigArn": f"{ARN}:endpoint-config/ep-shadow-1"}, req)
-    ctx.sagemaker.create_endpoint_config(**req)
-    assert set(req) == {"EndpointConfigName", "ProductionVariants", "ShadowProductionVariants",
-                        "DataCaptureConfig", "Tags"}
+    project, bucket = ctx.cfg.project, ctx.cfg.bucket
+
+    def variant_of(model, name):
+        return {"VariantName": name, "ModelName": model, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1,
+                "InitialVariantWeight": 1.0}
+
+    stub.add_response("create_endpoint_config", {"EndpointConfigArn": f"{ARN}:endpoint-config/ep-shadow"}, {
+        "EndpointConfigName": ANY,
+        "ProductionVariants": [variant_of("m-prod", "production")],
+        "ShadowProductionVariants": [variant_of("m-shadow", "shadow")],
+        "DataCaptureConfig": {"EnableCapture": True, "InitialSamplingPercentage": 100,
+                              "DestinationS3Uri": f"s3://{bucket}/twotower/capture",
+                              "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+                              "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]}},
+        "Tags": [{"Key": "project", "Value": project}]})
+    stub.add_client_error("describe_endpoint", service_error_code="ValidationException",
+                          service_message="Could not find endpoint \"ep\".", expected_params={"EndpointName": "ep"})
+    stub.add_response("create_endpoint", {"EndpointArn": f"{ARN}:endpoint/ep"},
+                      {"EndpointName": "ep", "EndpointConfigName": ANY, "Tags": [{"Key": "project", "Value": project}]})
+    out = shadow.start_shadow_endpoint(ctx, cfg(), wait=False)
+    assert out["action"] == "created" and out["capture"] == f"s3://{bucket}/twotower/capture"
+    assert re.fullmatch(r"ep-shadow-[0-9-]+", out["endpoint_config"]), out["endpoint_config"]
 
 
 @pytest.mark.parametrize("promote", [True, False])
