@@ -2,7 +2,8 @@
 load generator and the shadow-test report.
 
 Modules and what they import (the inference handler needs only the torch-only ones):
-    errors, request, recommender, handler, faults   torch, numpy, safetensors (via export.format)
+    errors, request, recommender, handler, faults,  torch, numpy, safetensors (via export.format);
+    options, search                                 faiss too, to read an index built at export
     synthetic                                       + numpy (random exports for tests/benchmarks)
     capture                                         standard library only
     app, shadow, server                             + starlette, uvicorn, httpx
@@ -22,4 +23,5 @@ HANDLER_MODULES = (
     "twotower_lit/data/__init__.py", "twotower_lit/data/features.py",
     "twotower_lit/serving/__init__.py", "twotower_lit/serving/errors.py", "twotower_lit/serving/request.py",
     "twotower_lit/serving/recommender.py", "twotower_lit/serving/handler.py", "twotower_lit/serving/faults.py",
+    "twotower_lit/serving/options.py", "twotower_lit/serving/search.py",
 )

@@ -1,10 +1,13 @@
 """The ASGI app with SageMaker's container contract: ``GET /ping``, ``POST /invocations``.
 
 An invocation reads the body (at most ``max_body_bytes``, within ``body_timeout``; a slow client
-holds no compute slot while it sends), then runs the handler functions
-(`twotower_lit.serving.handler`) in a worker thread, one request at a time per process (the
-model computes with ``num_threads`` torch threads; more processes = ``workers``), within
-``request_timeout``; at most ``max_concurrency`` requests wait for or hold the model. Client
+holds no compute slot while it sends), then joins a micro-batch: the requests waiting when the
+model is free (at most ``batch_max_requests``; the first waits at most ``batch_max_wait_ms`` for
+others) are decoded, scored together (one user-tower pass and one top-k search,
+`Recommender.recommend_many`, each request with its own k and seen-item exclusion) and encoded in
+a worker thread, one batch at a time per process (the model computes with ``num_threads`` torch
+threads; more processes = ``workers``). Each request gets its answer within ``request_timeout``
+(or a 504); at most ``max_concurrency`` requests wait for or hold the model. Client
 errors are 4xx with a JSON body naming the field; only a failure of the server itself is a 5xx.
 After the response is ready, the request is mirrored to the shadow variant (if any) in the
 background, and both variants' records go to data capture (if enabled). ``/ping`` answers for
@@ -12,14 +15,16 @@ production alone and shows the shadow's state in its body.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import random
 import threading
 import time
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import anyio
 from starlette.applications import Starlette
@@ -32,14 +37,25 @@ from twotower_lit.config import ServeConfig
 from twotower_lit.serving import handler
 from twotower_lit.serving.capture import CaptureWriter, capture_record, new_event_id, utc_now
 from twotower_lit.serving.errors import RequestError
+from twotower_lit.serving.options import ServingConfig
 from twotower_lit.serving.request import JSON, negotiate
 from twotower_lit.serving.shadow import INFERENCE_ID_HEADER, MODEL_LATENCY_HEADER, ShadowMirror, ShadowResult
 
 log = logging.getLogger(__name__)
 
-# One model computation at a time per process: torch's intra-op threads (num_threads) are the
-# parallelism inside a request; more concurrent requests would only oversubscribe the cores.
+# One model computation (a micro-batch) at a time per process: torch's intra-op threads
+# (num_threads) are the parallelism inside it; more at once would only oversubscribe the cores.
 COMPUTE_SLOTS = 1
+
+
+@dataclasses.dataclass
+class _Job:
+    """One invocation waiting in, or scored by, a micro-batch."""
+
+    body: bytes
+    content_type: Optional[str]
+    accept: Optional[str]
+    future: "asyncio.Future"  # (status, body, content type); cancelled when the request gave up
 
 
 def _error(status: int, field: str, message: str) -> Tuple[int, bytes, str]:
@@ -50,6 +66,8 @@ class InferenceService:
     """State of one server process: the model, the shadow mirror, the capture writer."""
 
     def __init__(self, cfg: ServeConfig) -> None:
+        if not isinstance(cfg, ServingConfig):
+            cfg = ServingConfig(**dataclasses.asdict(cfg))
         self.cfg = cfg
         self.model: Optional[handler.ServingModel] = None
         self.mirror: Optional[ShadowMirror] = None
@@ -59,10 +77,19 @@ class InferenceService:
         self.rejected_bodies = 0  # answered 408/413/400 before the body was whole: captured by neither variant
         self.computing = 0  # pipeline calls running in threads, abandoned ones included
         self._computing_lock = threading.Lock()
+        self.queue: List[_Job] = []
+        self._wake: Optional[asyncio.Event] = None
+        self._batcher: Optional[asyncio.Task] = None
+        self.batch_max = cfg.batch_max_requests
+        self.batches = self.batched_requests = 0
 
     # lifecycle -----------------------------------------------------------------------------
     async def startup(self) -> None:
         self.model = await anyio.to_thread.run_sync(handler.load_model, self.cfg.model_dir, self.cfg)
+        if self.model.fault:  # an injected fault acts per invocation, as it always did
+            self.batch_max = 1
+        self._wake = asyncio.Event()
+        self._batcher = asyncio.get_running_loop().create_task(self._batch_loop())
         if self.cfg.capture_dir:
             self.capture = CaptureWriter(self.cfg.capture_dir, self.cfg.endpoint_name)
         if self.cfg.shadow_url:
@@ -70,6 +97,12 @@ class InferenceService:
             self.mirror.start()
 
     async def shutdown(self) -> None:
+        if self._batcher is not None:  # uvicorn has answered every request by now
+            self._batcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._batcher
+        log.info("micro-batching: %d requests in %d batches; search %s", self.batched_requests, self.batches,
+                 self.model.recommender.search.describe() if self.model else None)
         if self.mirror is not None:
             await self.mirror.close(timeout=self.cfg.shadow_timeout + 1.0)
         if self.capture is not None:
@@ -83,7 +116,10 @@ class InferenceService:
     async def ping(self, request: Request) -> Response:
         if self.model is None:
             return Response(b'{"status":"loading"}', 503, media_type=JSON)
-        status = {"status": "healthy", "model_version": self.model.model_version}
+        status = {"status": "healthy", "model_version": self.model.model_version,
+                  "search": self.model.recommender.search.describe(),
+                  "batching": {"max_requests": self.batch_max, "max_wait_ms": self.cfg.batch_max_wait_ms,
+                               "batches": self.batches, "requests": self.batched_requests}}
         if self.mirror is not None:  # for whoever watches the shadow test; production is healthy either way
             status["shadow"] = self.mirror.status()
         return Response(json.dumps(status), 200, media_type=JSON)
@@ -154,33 +190,72 @@ class InferenceService:
         if self.model is None:
             return (*_error(503, "server", "the model is still loading"), None)
         negotiate(accept)  # 406 before any work
-        model = self.model
-
-        def pipeline() -> Tuple[bytes, str, float]:
-            with self._computing_lock:
-                self.computing += 1
-            try:
-                t = time.perf_counter()
-                data = handler.decode(body, content_type, model.config)
-                payload = handler.predict(data, model)
-                out, out_type = handler.encode(payload, accept)
-                return out, out_type, (time.perf_counter() - t) * 1000
-            finally:
-                with self._computing_lock:
-                    self.computing -= 1
-
+        job = _Job(body, content_type, accept, asyncio.get_running_loop().create_future())
+        self.queue.append(job)
+        self._wake.set()
         try:
             with anyio.fail_after(self.cfg.request_timeout):
-                out, out_type, model_ms = await anyio.to_thread.run_sync(pipeline, limiter=self.limiter,
-                                                                         abandon_on_cancel=True)
-            return 200, out, out_type, model_ms
-        except RequestError:
-            raise
+                return await job.future  # cancelled on timeout: a batch not yet started skips it
         except TimeoutError:
             return (*_error(504, "server", f"no answer within {self.cfg.request_timeout} s"), None)
-        except Exception:
-            log.exception("invocation failed")
-            return (*_error(500, "server", "internal error while serving the request; see the server log"), None)
+
+    async def _batch_loop(self) -> None:
+        """Forms the micro-batches: waits for a request, gives others up to ``batch_max_wait_ms``
+        to join, scores up to ``batch_max_requests`` of the waiting ones in a worker thread, hands
+        out the answers; requests that arrive meanwhile form the next batch."""
+        wait = self.cfg.batch_max_wait_ms / 1000.0
+        while True:
+            await self._wake.wait()
+            if len(self.queue) < self.batch_max:
+                await asyncio.sleep(wait)
+            batch = [job for job in self.queue[:self.batch_max] if not job.future.done()]
+            del self.queue[:self.batch_max]
+            if not self.queue:
+                self._wake.clear()
+            if not batch:
+                continue
+            self.batches += 1
+            self.batched_requests += len(batch)
+            try:
+                answers = await anyio.to_thread.run_sync(self._compute, batch, limiter=self.limiter,
+                                                         abandon_on_cancel=True)
+            except Exception:
+                log.exception("invocation failed")
+                answers = [(*_error(500, "server", "internal error while serving the request; see the server log"),
+                            None)] * len(batch)
+            for job, answer in zip(batch, answers):
+                if not job.future.done():
+                    job.future.set_result(answer)
+
+    def _compute(self, batch: List[_Job]) -> list:
+        """(status, body, content type, model ms) per job: decode each, score the valid ones
+        together, encode each; a client error stays with its own request."""
+        model = self.model
+        with self._computing_lock:
+            self.computing += 1
+        try:
+            t = time.perf_counter()
+            answers: list = [None] * len(batch)
+            decoded = []
+            for i, job in enumerate(batch):
+                try:
+                    decoded.append((i, handler.decode(job.body, job.content_type, model.config)))
+                except RequestError as e:
+                    answers[i] = (e.status, e.body(), JSON, None)
+            payloads = handler.predict_batch([request for _, request in decoded], model) if decoded else []
+            encoded = []
+            for (i, _), payload in zip(decoded, payloads):
+                try:
+                    encoded.append((i, *handler.encode(payload, batch[i].accept)))
+                except RequestError as e:
+                    answers[i] = (e.status, e.body(), JSON, None)
+            model_ms = (time.perf_counter() - t) * 1000
+            for i, out, out_type in encoded:
+                answers[i] = (200, out, out_type, model_ms)
+            return answers
+        finally:
+            with self._computing_lock:
+                self.computing -= 1
 
     def _capture(self, variant: str, role: str, event_id: str, inference_id: str, when, body: bytes,
                  content_type: Optional[str], out: bytes, out_type: Optional[str], status: int, latency_ms: float,
@@ -233,4 +308,4 @@ CONFIG_ENV = "TWOTOWER_SERVE_CONFIG_JSON"
 
 def app_from_env() -> Starlette:
     """App factory for multi-process serving: the parent passes its config in the environment."""
-    return create_app(ServeConfig(**json.loads(os.environ[CONFIG_ENV])))
+    return create_app(ServingConfig(**json.loads(os.environ[CONFIG_ENV])))

@@ -10,8 +10,7 @@ JSON lines (``application/jsonlines``): one request per line, each in the JSON f
 `twotower_lit.serving.request` accepts, answered with one JSON response per line in the same
 order: what a SageMaker Batch Transform sends with ``SplitType=Line`` and
 ``BatchStrategy=MultiRecord`` (several records per invocation), and what it reassembles
-line for line (``AssembleWith=Line``). Lines of the same ``k`` and ``exclude_seen`` are scored as
-one batch.
+line for line (``AssembleWith=Line``). The lines are scored as one batch.
 
 Only torch, numpy (through the export format), safetensors and the standard library are imported.
 """
@@ -23,7 +22,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -31,6 +30,7 @@ from twotower_lit.config import ServeConfig, from_dict
 from twotower_lit.export.format import load_export
 from twotower_lit.serving import faults
 from twotower_lit.serving.errors import RequestError, bad_request
+from twotower_lit.serving.options import ServingConfig
 from twotower_lit.serving.recommender import Recommender
 from twotower_lit.serving.request import JSON, RecommendRequest, media_type, negotiate, parse_request
 
@@ -54,14 +54,14 @@ def config_from_env(environ: Optional[Mapping[str, str]] = None, base: Optional[
     """`base` (default: the defaults) with every ``TWOTOWER_<FIELD>`` variable applied, e.g.
     ``TWOTOWER_NUM_THREADS=2``; the model directory falls back to ``SM_MODEL_DIR``."""
     environ = os.environ if environ is None else environ
-    values = dataclasses.asdict(base or ServeConfig())
+    values = dataclasses.asdict(base or ServingConfig())
     for name in values:
         if ENV_PREFIX + name.upper() in environ:
             values[name] = environ[ENV_PREFIX + name.upper()]
     if values["model_dir"] is None:
         values["model_dir"] = environ.get("SM_MODEL_DIR") or None
     try:
-        return from_dict(ServeConfig, values)
+        return from_dict(ServingConfig, values)
     except ValueError as e:
         raise ValueError(f"a {ENV_PREFIX}* environment variable has a bad value: {e}") from e
 
@@ -97,10 +97,11 @@ def load_model(model_dir: Optional[str], cfg: Optional[ServeConfig] = None) -> S
     pin_threads(cfg.num_threads)
     t0 = time.perf_counter()
     exported = load_export(model_dir, check=True)
-    model = ServingModel(Recommender(exported, search=cfg.search), cfg, faults.for_variant(cfg.variant_name))
-    log.info("loaded model %s from %s (%d users, %d items, search %s, %d thread(s)) in %.2f s",
+    model = ServingModel(Recommender(exported, search=cfg.search, model_dir=model_dir), cfg,
+                         faults.for_variant(cfg.variant_name))
+    log.info("loaded model %s from %s (%d users, %d items, search %s: %s, %d thread(s)) in %.2f s",
              model.model_version, model_dir, len(exported.user_ids) - 1, exported.num_items, cfg.search,
-             torch.get_num_threads(), time.perf_counter() - t0)
+             model.recommender.search.describe(), torch.get_num_threads(), time.perf_counter() - t0)
     return model
 
 
@@ -159,24 +160,20 @@ def _payload(request: RecommendRequest, recs, model: ServingModel) -> Dict:
 
 def predict(request: Union[RecommendRequest, LineBatch], model: ServingModel) -> Union[Dict, List[Dict]]:
     """The response payload (a list of them, one per line, for a `LineBatch`)."""
+    return predict_batch([request], model)[0]
+
+
+def predict_batch(requests: Sequence[Union[RecommendRequest, LineBatch]],
+                  model: ServingModel) -> List[Union[Dict, List[Dict]]]:
+    """`predict` of several requests, their users (and lines) scored together, each with its own k
+    and exclude_seen: how the server scores a micro-batch of concurrent requests."""
     if model.fault:
-        faults.inject(model.fault)
-    if isinstance(request, RecommendRequest):
-        return _payload(request, model.recommender.recommend(request), model)
-    # the lines of one k and exclude_seen are scored together, then handed back line by line
-    groups: Dict[Tuple[int, bool], List[int]] = {}
-    for i, line in enumerate(request.lines):
-        groups.setdefault((line.k, line.exclude_seen), []).append(i)
-    answers: List[Optional[Dict]] = [None] * len(request.lines)
-    for (k, exclude_seen), members in groups.items():
-        users = tuple(u for i in members for u in request.lines[i].users)
-        recs = model.recommender.recommend(RecommendRequest(users=users, k=k, exclude_seen=exclude_seen))
-        at = 0
-        for i in members:
-            line = request.lines[i]
-            answers[i] = _payload(line, recs[at:at + len(line.users)], model)
-            at += len(line.users)
-    return answers  # type: ignore[return-value]
+        for _ in requests:
+            faults.inject(model.fault)
+    flat = [line for r in requests for line in (r.lines if isinstance(r, LineBatch) else (r,))]
+    answers = iter(model.recommender.recommend_many(flat))
+    return [[_payload(line, next(answers), model) for line in r.lines] if isinstance(r, LineBatch)
+            else _payload(r, next(answers), model) for r in requests]
 
 
 def encode(payload: Union[Dict, List[Dict]], accept: Optional[str]) -> Tuple[bytes, str]:

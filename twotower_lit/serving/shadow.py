@@ -28,6 +28,7 @@ from typing import Callable, Dict, Optional
 import httpx
 
 from twotower_lit.config import ServeConfig
+from twotower_lit.serving.options import ServingConfig
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,9 @@ class ShadowProcess:
                 "max-concurrency": c.max_concurrency, "request-timeout": c.request_timeout,
                 "body-timeout": c.body_timeout, "header-timeout": c.header_timeout,
                 "max-body-bytes": c.max_body_bytes, "max-batch": c.max_batch, "max-k": c.max_k,
-                "default-k": c.default_k, "graceful-timeout": min(c.graceful_timeout, 1.0), "log-level": c.log_level}
+                "default-k": c.default_k, "graceful-timeout": min(c.graceful_timeout, 1.0), "log-level": c.log_level,
+                "batch-max-requests": getattr(c, "batch_max_requests", ServingConfig.batch_max_requests),
+                "batch-max-wait-ms": getattr(c, "batch_max_wait_ms", ServingConfig.batch_max_wait_ms)}
         cmd = [sys.executable, "-m", "twotower_lit.serving.server"]
         for key, value in args.items():
             cmd += [f"--{key}", str(value)]
