@@ -56,18 +56,27 @@ def write_local_capture(root, traffic, when):
                 f.write(json.dumps(rec) + "\n")
 
 
+def sagemaker_line(event_id: str, inference_id: str, when: dt.datetime, body: bytes, answer: bytes) -> str:
+    """One capture line as SageMaker's data capture documentation shows it (JSON content types
+    captured as text): no customAttributes, inferenceTime in whole seconds. Written out here, not
+    with our capture writer, so a difference between the two formats shows."""
+    return (
+        '{"captureData":{"endpointInput":{"observedContentType":"application/json","mode":"INPUT",'
+        f'"data":{json.dumps(body.decode())},"encoding":"JSON"}},'
+        '"endpointOutput":{"observedContentType":"application/json","mode":"OUTPUT",'
+        f'"data":{json.dumps(answer.decode())},"encoding":"JSON"}}}},'
+        f'"eventMetadata":{{"eventId":"{event_id}","inferenceId":"{inference_id}",'
+        f'"inferenceTime":"{when:%Y-%m-%dT%H:%M:%SZ}"}},"eventVersion":"0"}}')
+
+
 def put_sagemaker_capture(ctx, uri, traffic, when):
-    """What SageMaker writes: no customAttributes, its own eventId per record, the caller's inferenceId."""
+    """What SageMaker writes: its own eventId per record, the caller's inferenceId."""
     from twotower_lit.aws.session import parse_s3_uri
 
     bucket, prefix = parse_s3_uri(uri)
     for variant, role in (("AllTraffic", "production"), ("ShadowTraffic", "shadow")):
-        lines = []
-        for n, (body, answers) in enumerate(traffic):
-            rec = cap.capture_record(str(uuid.uuid4()), f"inf-{n}", when, body, "application/json", answers[role],
-                                     "application/json", {})
-            del rec["eventMetadata"]["customAttributes"]
-            lines.append(json.dumps(rec))
+        lines = [sagemaker_line(str(uuid.uuid4()), f"inf-{n}", when, body, answers[role])
+                 for n, (body, answers) in enumerate(traffic)]
         key = f"{prefix}/{ENDPOINT}/{variant}/{when:%Y/%m/%d/%H}/{when:%M-%S}-123-{uuid.uuid4()}.jsonl"
         ctx.s3.put_object(Bucket=bucket, Key=key, Body="\n".join(lines).encode())
 
@@ -114,9 +123,8 @@ def test_sagemaker_capture_gives_the_same_report_as_the_local_one(ctx, two_model
 
 
 def test_error_payloads_keep_their_status_and_unparseable_ones_count_as_errors():
-    rec = cap.capture_record("e", "i", dt.datetime.now(dt.timezone.utc), b"{}", "application/json",
-                             b'{"error": {"status": 400, "field": "k", "message": "bad"}}', "application/json", {})
-    del rec["eventMetadata"]["customAttributes"]
+    rec = json.loads(sagemaker_line("e", "i", dt.datetime.now(dt.timezone.utc), b"{}",
+                                    b'{"error": {"status": 400, "field": "k", "message": "bad"}}'))
     assert results.normalise_record(rec, "AllTraffic", "production")["eventMetadata"]["customAttributes"] == {
         "variant": "AllTraffic", "role": "production", "statusCode": 400, "sagemakerEventId": "e"}
     rec["captureData"]["endpointOutput"]["data"] = "<html>502</html>"
