@@ -1,5 +1,9 @@
-"""The recommender against a brute-force reference on a random export."""
+"""The recommender against a brute-force reference on a random export. The reference reads the
+export's files itself (safetensors' numpy loader, the JSON files) and runs the user tower in numpy,
+so no part of the loader or the tower under test computes the expected answer."""
+import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -18,21 +22,58 @@ def exported(model_dir):
     return load_export(model_dir)
 
 
-def reference_topk(exported, features_row, k, exclude_cols=()):
-    vec = exported.user_tower(features_row.unsqueeze(0))[0].detach().numpy()
-    scores = exported.item_vectors.numpy() @ vec
-    scores[list(exclude_cols)] = -np.inf
-    order = np.argsort(-scores, kind="stable")[:k]
-    return [int(c) for c in order if np.isfinite(scores[c])], scores
+class NumpyModel:
+    """The exported model read straight from its files: embedding rows concatenated in the config's
+    feature order, then Linear layers with ReLU between them (none after the last), in float64."""
+
+    def __init__(self, model_dir):
+        from safetensors.numpy import load_file
+
+        t = load_file(os.path.join(model_dir, "model.safetensors"))
+        with open(os.path.join(model_dir, "config.json")) as f:
+            self.config = json.load(f)
+        with open(os.path.join(model_dir, "users.json")) as f:
+            self.index = {raw: i for i, raw in enumerate(json.load(f)) if i > 0}
+        with open(os.path.join(model_dir, "vocab.json")) as f:
+            self.vocab = json.load(f)
+        self.emb = [t[f"user.emb.{n}.weight"].astype(np.float64) for n in self.config["user_features"]]
+        linear = sorted({int(k.split(".")[2]) for k in t if k.startswith("user.mlp.")})
+        self.layers = [(t[f"user.mlp.{i}.weight"].astype(np.float64), t[f"user.mlp.{i}.bias"].astype(np.float64))
+                       for i in linear]
+        self.items = t["item.vectors"].astype(np.float64)
+        self.features = t["user.features"]
+        self.indptr, self.seen_items = t["seen.indptr"], t["seen.items"]
+
+    def vector(self, row):
+        x = np.concatenate([table[int(i)] for table, i in zip(self.emb, row)])
+        for n, (w, b) in enumerate(self.layers):
+            x = w @ x + b
+            if n < len(self.layers) - 1:
+                x = np.maximum(x, 0.0)
+        return x
+
+    def seen_columns(self, user_id):
+        i = self.index[user_id]
+        return [int(j) - 1 for j in self.seen_items[self.indptr[i]:self.indptr[i + 1]]]  # item index j is column j-1
+
+    def topk(self, row, k, exclude_cols=()):
+        scores = self.items @ self.vector(row)
+        scores[list(exclude_cols)] = -np.inf
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [int(c) for c in order if np.isfinite(scores[c])], scores
 
 
-def test_known_user_exact_topk_excludes_seen(exported):
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return NumpyModel(model_dir)
+
+
+def test_known_user_exact_topk_excludes_seen(exported, reference):
     rec = Recommender(exported)
-    index = rec.user_index[7]
-    seen = (exported.seen(index) - 1).tolist()
+    seen = reference.seen_columns(7)
     assert seen, "the fixture gives every user seen items"
     out = rec.recommend(RecommendRequest((UserQuery(user_id=7),), k=15, exclude_seen=True))[0]
-    expected, scores = reference_topk(exported, exported.user_features[index], 15, seen)
+    expected, scores = reference.topk(reference.features[reference.index[7]], 15, seen)
     assert out.source == MODEL
     assert out.columns == expected
     assert not set(out.columns) & set(seen)
@@ -57,14 +98,21 @@ def test_k_larger_than_unseen_items_returns_only_unseen(exported):
     assert all(math.isfinite(s) for s in out.scores)
 
 
-def test_cold_start_uses_encode_user_features(exported):
+def test_cold_start_encodes_raw_features_by_the_vocabularies(exported, reference):
+    """A cold-start user's raw values, encoded by hand: index = position in the export's vocabulary + 1
+    (0 unknown); age 31 falls in ml-1m's 25-34 group; the zip code by its first zip_prefix (3) digits;
+    the user id feature is unknown (0)."""
     rec = Recommender(exported)
-    raw = {"gender": "f", "age": 31, "occupation": "7", "zip": exported.vocab["zip"][2] + "99"}
+    vocab = reference.vocab
+    zip_code = vocab["zip"][2] + "99"
+    raw = {"gender": "f", "age": 31, "occupation": "7", "zip": zip_code}
     out = rec.recommend(RecommendRequest((UserQuery(user_id=10 ** 9, features=raw),), k=5))[0]
-    encoded = encode_user_features(raw, exported.vocab, exported.config["zip_prefix"])
-    assert all(v > 0 for v in encoded.values())
-    row = torch.tensor([0 if n == "user" else encoded[n] for n in exported.config["user_features"]])
-    expected, _ = reference_topk(exported, row, 5)
+    by_hand = {"user": 0, "gender": vocab["gender"].index("F") + 1, "age": vocab["age"].index(25) + 1,
+               "occupation": vocab["occupation"].index("7") + 1, "zip": 3}
+    assert encode_user_features(raw, exported.vocab, exported.config["zip_prefix"]) == \
+        {k: v for k, v in by_hand.items() if k != "user"}
+    row = [by_hand[n] for n in reference.config["user_features"]]
+    expected, _ = reference.topk(row, 5)
     assert (out.source, out.columns, out.user_id) == (COLD_START, expected, 10 ** 9)
 
 
