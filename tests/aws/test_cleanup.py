@@ -42,7 +42,35 @@ def test_removes_only_what_carries_the_project_tag(ctx, moto_server, recording_s
     assert "removed 1 endpoint(s)" in cleanup.describe(planned)
 
 
+def test_tags_are_read_page_by_page_and_finished_training_jobs_are_left_alone(ctx, request_log):
+    """On moto: a model whose project tag comes after 60 others is found (ListTags answers in pages),
+    one without it is not; training jobs, which moto completes at creation, are listed as
+    InProgress only, so a finished job of the project is never stopped."""
+    extra = [{"Key": f"k{i:02d}", "Value": "v"} for i in range(60)]
+    for name, tags in ((f"{ctx.cfg.project}-late-tag", extra + ctx.tags()), (f"{ctx.cfg.project}-no-tag", extra)):
+        ctx.sagemaker.create_model(ModelName=name, ExecutionRoleArn=ROLE,
+                                   PrimaryContainer={"Image": "img", "ModelDataUrl": ctx.s3_uri("m.tar.gz")}, Tags=tags)
+    ctx.sagemaker.create_training_job(
+        TrainingJobName=f"job-{ctx.cfg.project}", RoleArn=ROLE, Tags=ctx.tags(),
+        AlgorithmSpecification={"TrainingImage": "img", "TrainingInputMode": "File"},
+        OutputDataConfig={"S3OutputPath": ctx.s3_uri("training")},
+        ResourceConfig={"InstanceType": "ml.m5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
+        StoppingCondition={"MaxRuntimeInSeconds": 3600})
+    before = len(request_log.calls("ListTags"))
+    found = cleanup.find_resources(ctx, ("model", "training-job"))
+    assert f"{ctx.cfg.project}-late-tag" in found["model"] and f"{ctx.cfg.project}-no-tag" not in found["model"]
+    assert found["training-job"] == []
+    pages = [c for c in request_log.calls("ListTags")[before:] if c["ResourceArn"].endswith("-late-tag")]
+    assert len(pages) >= 2 and "NextToken" in pages[-1]  # the project tag was on a later page
+    assert request_log.calls("ListTrainingJobs")[-1] == {"StatusEquals": "InProgress"}
+    assert cleanup.cleanup(ctx, ("training-job",)) == {"training-job": []}
+    assert not request_log.calls("StopTrainingJob")
+
+
 def test_experiments_jobs_and_mlflow_servers(stubbed):
+    """The kinds moto cannot hold: inference experiments and MLflow servers (not implemented), and a
+    running training job (moto completes a job when it is created), so their listings and tags come
+    from a Stubber."""
     ctx, stub = stubbed
     tag = {"Tags": [{"Key": "project", "Value": ctx.cfg.project}]}
     untagged = {"Tags": [{"Key": "project", "Value": "someone-else"}]}
