@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.serving.conftest import documented_verdict
+
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 ORDER = ("00-setup", "01-train", "02-deploy", "03-shadow-test")
 
@@ -42,4 +44,4 @@ def test_notebooks_run_in_order_on_the_local_stack(tmp_path, monkeypatch):
     assert {"data_dir", "production_model_dir", "endpoint_name", "production_model"} <= set(state)
     assert images["01-train"] >= 1 and images["03-shadow-test"] >= 2  # training curves; latency and agreement
     report = json.loads((tmp_path / "work" / "shadow-report" / "report.json").read_text())
-    assert report["joined_requests"] >= 100 and report["verdict"] in ("promote", "keep", "inconclusive")
+    assert report["joined_requests"] >= 100 and report["verdict"] == documented_verdict(report), report["reasons"]

@@ -153,3 +153,27 @@ async def trickle(port: int, head: bytes, drip: bytes, interval: float = 0.2, gi
     finally:
         answer.cancel()
         writer.close()
+
+
+def documented_verdict(report: dict) -> str:
+    """The verdict a shadow report must carry, worked out from its own figures by the rules in the
+    order `twotower_lit.serving.report` documents them (and the README states), so a test can check
+    the verdict of a run whose figures it cannot fix in advance."""
+    t = report["thresholds"]
+    if report["joined_requests"] < t["min_requests"]:
+        return "inconclusive"
+    prod, shad = report["variants"]["production"], report["variants"]["shadow"]
+    p99p, p99s = prod["model_latency_ms"].get("p99"), shad["model_latency_ms"].get("p99")
+    if shad["error_rate"] > prod["error_rate"] + t["max_error_rate_increase"] or \
+            (p99p and (p99s is None or p99s > t["max_latency_ratio"] * p99p)):
+        return "keep"
+    quality = report["quality"]
+    if quality is None or quality["labelled_users"] < t["min_labelled_users"]:
+        return "inconclusive"
+    lo, hi = quality["ndcg_diff_ci95"]
+    assert lo <= quality["ndcg_diff"] <= hi, "the interval holds the mean difference"
+    if lo > 0:
+        return "promote"
+    if hi < 0 or (-t["equivalence_margin"] <= lo and hi <= t["equivalence_margin"]):
+        return "keep"
+    return "inconclusive"

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.serving.conftest import NUM_ITEMS, NUM_USERS, capture_files, capture_lines
+from tests.serving.conftest import NUM_ITEMS, NUM_USERS, capture_files, capture_lines, documented_verdict
 from twotower_lit.config import LoadConfig, ShadowReportConfig
 from twotower_lit.serving import capture as cap
 from twotower_lit.serving.load import parse_user_ids, run, split_user_ids
@@ -94,7 +94,7 @@ def test_capture_counts_match_requests_and_report(model_dir, shadow_model_dir, p
     assert 0 <= report["agreement"]["mean_rbo"] < 1, "two different random models disagree"
     q = report["quality"]
     assert q["labelled_users"] == 240 and 0 <= q["production"]["recall@k"] <= 1
-    assert report["verdict"] in ("promote", "keep", "inconclusive") and report["reasons"]
+    assert report["verdict"] == documented_verdict(report) and report["reasons"]
     for path in report["files"]:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -149,7 +149,7 @@ def test_verdicts(case, expected, tmp_path):
     cfg = ShadowReportConfig(capture_dir=str(capture), data_dir=_positives_dir(tmp_path, users, positives),
                              min_requests=50, min_labelled_users=50, bootstrap=300)
     report = build_report(cfg)
-    assert report["verdict"] == expected, report["reasons"]
+    assert report["verdict"] == expected == documented_verdict(report), report["reasons"]
     if case == "identical":
         assert report["agreement"]["mean_rbo"] == pytest.approx(1.0) and report["agreement"]["mean_overlap"] == 1.0
 
