@@ -19,9 +19,9 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import lightning as L
 
-from twotower_lit.config import TrainConfig, _opt, from_dict, iter_fields, to_flat_dict
+from twotower_lit.config import TrainConfig, _opt, from_dict, to_flat_dict
 from twotower_lit.evaluation import metric_key
-from twotower_lit.tuning.space import Param, command_line, load_space, suggest
+from twotower_lit.tuning.space import Param, command_line, load_space, option_types, suggest
 
 RESULTS = "tuning.json"
 STUDY_DB = "study.db"
@@ -98,7 +98,7 @@ def prepare_data(options: Mapping[str, Any], output_dir: str) -> str:
     data_dir = options.get("data_dir")
     if data_dir and is_prepared(data_dir):
         return data_dir
-    names = {path[-1] for path, _, _ in iter_fields(PrepareConfig)}
+    names = set(option_types(PrepareConfig))
     prep = from_dict(PrepareConfig, {k: v for k, v in options.items() if k in names})
     if not (data_dir or prep.download or prep.synthetic):
         raise ValueError("give --data-dir (a raw MovieLens directory or a prepared one), --download or --synthetic")

@@ -35,8 +35,10 @@ class Param:
         return self.low <= value <= self.high
 
 
-def _option_types() -> Dict[str, type]:
-    return {path[-1]: tp for path, _, tp in iter_fields(TrainConfig)}
+def option_types(cls: type = TrainConfig) -> Dict[str, type]:
+    """``{option name: type}`` of a config class's leaves (a field's ``option`` metadata names it
+    where it has one, as `twotower_lit.config.from_dict` reads it)."""
+    return {f.metadata.get("option", f.name): tp for _, f, tp in iter_fields(cls)}
 
 
 def load_space(path: Optional[str] = None) -> List[Param]:
@@ -55,7 +57,7 @@ def load_space(path: Optional[str] = None) -> List[Param]:
         raise ValueError(f"search space {path}: not valid YAML ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("parameters"), dict) or not doc["parameters"]:
         raise ValueError(f"search space {path}: expected a mapping 'parameters' of option name -> range")
-    types = _option_types()
+    types = option_types()
     params = []
     for name, spec in doc["parameters"].items():
         where = f"search space {path}: parameters.{name}"
