@@ -24,6 +24,40 @@ FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testin
                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 
 
+# What some tests need from outside the virtualenv: the SageMaker SDK environments scripts/setup.sh
+# builds, the real MovieLens sets in shared/, the notebook and faiss packages. A missing one is a skip
+# that the run's summary names in a section of its own; TWOTOWER_REQUIRED_ENVIRONMENTS (a comma list
+# of kinds, or "all"; CI sets it) turns it into a failure, so CI cannot pass with them silently absent.
+MISSING = "missing test environment"
+REQUIRED_ENVIRONMENTS = {k.strip() for k in os.environ.get("TWOTOWER_REQUIRED_ENVIRONMENTS", "").split(",")
+                         if k.strip()}
+
+
+def missing_environment(kind: str, message: str) -> None:
+    """Skip the calling test because its `kind` of environment is absent (`message`: what is missing
+    and how to get it), or fail it when that kind is required here."""
+    reason = f"{MISSING} ({kind}): {message}"
+    if kind in REQUIRED_ENVIRONMENTS or "all" in REQUIRED_ENVIRONMENTS:
+        pytest.fail(f"{reason} (TWOTOWER_REQUIRED_ENVIRONMENTS requires it)", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Name the tests skipped for a missing environment in the normal output, not only under -ra."""
+    lines = []
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        if MISSING in reason:
+            lines.append(f"{report.nodeid}: {reason[reason.index(MISSING):]}")
+    if lines:
+        terminalreporter.section("tests not run: environments missing", sep="!", yellow=True, bold=True)
+        for line in lines:
+            terminalreporter.write_line(line)
+        terminalreporter.write_line(f"{len(lines)} test(s) did not run; set TWOTOWER_REQUIRED_ENVIRONMENTS=all to make "
+                                    "this a failure (CI does)")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

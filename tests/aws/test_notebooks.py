@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import missing_environment
 from tests.serving.conftest import documented_verdict
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
@@ -14,7 +15,10 @@ ORDER = ("00-setup", "01-train", "02-deploy", "03-shadow-test")
 
 
 def test_notebooks_are_committed_without_outputs():
-    nbformat = pytest.importorskip("nbformat", reason="requirements/notebooks.txt")
+    try:
+        import nbformat
+    except ImportError:
+        missing_environment("notebooks", "nbformat is not installed: pip install -r requirements/notebooks.txt")
 
     for name in ORDER:
         nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import missing_environment
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -13,7 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_training_job_launch_with_sdk(major):
     python = REPO / f".venv-sagemaker-{major}" / "bin" / "python"
     if not python.exists():
-        pytest.skip(f"{python.parent.parent} missing: run `bash scripts/setup.sh` (it builds the SDK environments)")
+        missing_environment("sdk", f"{python.parent.parent} is absent: run `bash scripts/setup.sh` (it builds the "
+                                   "SDK environments)")
     proc = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "tests/aws/test_training_job_sdk.py"], cwd=REPO, capture_output=True, text=True,
                           timeout=580)

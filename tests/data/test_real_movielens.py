@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
-from tests.conftest import REAL_MOVIELENS
+from tests.conftest import REAL_MOVIELENS, missing_environment
 from twotower_lit.config import PrepareConfig
 from twotower_lit.data import schema
 from twotower_lit.data.layouts import detect_layout
@@ -17,7 +16,8 @@ from twotower_lit.data.prepare import prepare_dataset
 def _real(name: str):
     path = REAL_MOVIELENS / name
     if not (path.is_dir() and any(path.iterdir())):
-        pytest.skip(f"real {name} not present at {path} (set TWOTOWER_REAL_MOVIELENS to its parent folder)")
+        missing_environment("movielens", f"real {name} not present at {path} (set TWOTOWER_REAL_MOVIELENS to its "
+                                         "parent folder)")
     return path
 
 
