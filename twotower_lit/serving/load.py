@@ -89,8 +89,9 @@ def sync_sender(call: Callable[[bytes, str], int]) -> Sender:
 
 # users to replay -------------------------------------------------------------------------------
 
-def split_user_ids(data_dir: str, split: str = "test") -> np.ndarray:
-    """Raw ids of the users with rows in a prepared split (manifest.json lists its shards)."""
+def split_user_indices(data_dir: str, split: str = "test") -> np.ndarray:
+    """User indices (as in the prepared tables and the export) with rows in a prepared split
+    (manifest.json lists its shards)."""
     import pyarrow.parquet as pq
 
     with open(os.path.join(data_dir, "manifest.json")) as f:
@@ -98,8 +99,15 @@ def split_user_ids(data_dir: str, split: str = "test") -> np.ndarray:
     shards = sorted(p for p in manifest.get("files", {}) if p.startswith(f"{split}/"))
     if not shards:
         raise ValueError(f"{data_dir}/manifest.json lists no {split}/ shards")
-    users = np.unique(np.concatenate([pq.read_table(os.path.join(data_dir, p), columns=["user"]).column("user")
-                                      .to_numpy() for p in shards]))
+    return np.unique(np.concatenate([pq.read_table(os.path.join(data_dir, p), columns=["user"]).column("user")
+                                     .to_numpy() for p in shards]))
+
+
+def split_user_ids(data_dir: str, split: str = "test") -> np.ndarray:
+    """Raw ids of the users with rows in a prepared split."""
+    import pyarrow.parquet as pq
+
+    users = split_user_indices(data_dir, split)
     table = pq.read_table(os.path.join(data_dir, "users.parquet"), columns=["user", "user_id"])
     raw = dict(zip(table.column("user").to_pylist(), table.column("user_id").to_pylist()))
     return np.asarray([raw[int(u)] for u in users if int(u) in raw], dtype=np.int64)
