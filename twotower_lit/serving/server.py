@@ -28,6 +28,8 @@ from twotower_lit.config import ServeConfig, add_arguments, from_namespace
 from twotower_lit.export.format import ArtifactError, verify as verify_export
 from twotower_lit.serving.app import CONFIG_ENV, create_app
 from twotower_lit.serving.handler import DEFAULT_MODEL_DIR, config_from_env
+from twotower_lit.serving.options import ServingConfig
+from twotower_lit.serving.search import read_index_meta
 from twotower_lit.serving.protocol import HeaderTimeoutProtocol
 from twotower_lit.serving.shadow import ShadowProcess
 
@@ -38,24 +40,26 @@ def parse_args(argv: Optional[List[str]] = None) -> ServeConfig:
     parser = argparse.ArgumentParser(prog="serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", nargs="?", choices=["serve"],
                         help="ignored: SageMaker starts the container as `<image> serve`")
-    add_arguments(parser, ServeConfig)
+    add_arguments(parser, ServingConfig)
     ns = parser.parse_args(argv)
     del ns.command
     # defaults < TWOTOWER_* environment (how SageMaker model settings arrive) < command line
     base = config_from_env()
-    return from_namespace(ServeConfig, argparse.Namespace(**{**dataclasses.asdict(base), **vars(ns)}))
+    return from_namespace(ServingConfig, argparse.Namespace(**{**dataclasses.asdict(base), **vars(ns)}))
 
 
 def check(cfg: ServeConfig) -> None:
     """Reject settings that cannot work, naming the option."""
     problems = []
     for name in ("workers", "num_threads", "max_concurrency", "max_body_bytes", "max_batch", "max_k",
-                 "shadow_max_in_flight", "capture_max_payload_bytes"):
+                 "shadow_max_in_flight", "capture_max_payload_bytes", "batch_max_requests"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("request_timeout", "header_timeout", "body_timeout", "shadow_timeout"):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive")
+    if cfg.batch_max_wait_ms < 0:
+        problems.append("--batch-max-wait-ms must not be negative")
     for name in ("shadow_sampling_percent", "capture_sampling_percent"):
         if not 0 <= getattr(cfg, name) <= 100:
             problems.append(f"--{name.replace('_', '-')} must be within 0..100")
@@ -63,8 +67,8 @@ def check(cfg: ServeConfig) -> None:
         problems.append(f"--default-k must be within 1..--max-k ({cfg.max_k})")
     if cfg.shadow_model_dir and cfg.shadow_url:
         problems.append("give --shadow-model-dir or --shadow-url, not both")
-    if cfg.search == "faiss" and importlib.util.find_spec("faiss") is None:
-        problems.append("--search faiss needs the faiss package (pip install faiss-cpu); or use --search exact")
+    if cfg.search not in ("exact", "auto") and importlib.util.find_spec("faiss") is None:
+        problems.append(f"--search {cfg.search} needs the faiss package (pip install faiss-cpu); or use --search exact")
     if problems:
         raise SystemExit("serve: " + "; ".join(problems))
 
@@ -77,7 +81,12 @@ def serve(cfg: ServeConfig) -> None:
     if not os.path.isdir(cfg.model_dir):
         raise SystemExit(f"serve: model directory {cfg.model_dir} does not exist (--model-dir or SM_MODEL_DIR)")
     try:  # here, so that a damaged or altered model is one line, not a traceback from the app's start-up
-        verify_export(cfg.model_dir)
+        manifest = verify_export(cfg.model_dir)
+        indexes = (read_index_meta(cfg.model_dir, manifest) or {}).get("indexes", {})
+        if cfg.search not in ("exact", "auto", "faiss") and cfg.search not in indexes:
+            raise ArtifactError(f"{cfg.model_dir} has no {cfg.search!r} index (it has: {', '.join(indexes) or 'none'});"
+                                f" build it with python -m entrypoints.index --model-dir {cfg.model_dir} --index "
+                                f"{cfg.search.split('-')[0]}, or serve with --search auto")
     except ArtifactError as e:
         raise SystemExit(f"serve: {e}") from None
     shadow = ShadowProcess(cfg).start() if cfg.shadow_model_dir else None
