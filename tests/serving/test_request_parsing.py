@@ -60,65 +60,121 @@ def test_limits_themselves_are_accepted():
             parse(too_big)
 
 
-@pytest.mark.parametrize("body,content_type,status,field", [
-    (b"{", JSON, 400, "body"),
-    (b"", JSON, 400, "body"),
-    (b"   ", JSON, 400, "body"),
-    (b"\xff\xfe", JSON, 400, "body"),
-    (b"[1, 2]", JSON, 400, "body"),
-    (b"null", JSON, 400, "body"),
-    (b'{"user_id": NaN}', JSON, 400, "body"),
-    (b'{"user_id": ' + b"[" * 1500 + b"]" * 1500 + b"}", JSON, 400, "body"),
-    (b'{"user_id": "42"}', JSON, 400, "user_id"),
-    (b'{"user_id": 4.2}', JSON, 400, "user_id"),
-    (b'{"user_id": true}', JSON, 400, "user_id"),
-    (b'{"user_id": 99999999999999999999}', JSON, 400, "user_id"),
-    (b'{"k": 5}', JSON, 400, "user_id"),
-    (b'{"user_id": 1, "k": 0}', JSON, 400, "k"),
-    (b'{"user_id": 1, "k": 101}', JSON, 400, "k"),
-    (b'{"user_id": 1, "k": "10"}', JSON, 400, "k"),
-    (b'{"user_id": 1, "k": 10.0}', JSON, 400, "k"),
-    (b'{"user_id": 1, "exclude_seen": "yes"}', JSON, 400, "exclude_seen"),
-    (b'{"user_id": 1, "kk": 5}', JSON, 400, "kk"),
-    (b'{"inputs": 5}', JSON, 400, "inputs"),
-    (b'{"inputs": []}', JSON, 400, "inputs"),
-    (b'{"inputs": [1, 2, 3, 4, 5, 6]}', JSON, 400, "inputs"),
-    (b'{"inputs": [1, "x"]}', JSON, 400, "inputs[1]"),
-    (b'{"inputs": [1, {"uid": 3}]}', JSON, 400, "inputs[1].uid"),
-    (b'{"inputs": [1, {}]}', JSON, 400, "inputs[1].user_id"),
-    (b'{"inputs": [1], "user_id": 3}', JSON, 400, "inputs"),
-    (b'{"user_features": [1]}', JSON, 400, "user_features"),
-    (b'{"user_features": {"height": 180}}', JSON, 400, "user_features.height"),
-    (b'{"user_features": {"age": [25]}}', JSON, 400, "user_features.age"),
-    (b'{"user_features": {"age": true}}', JSON, 400, "user_features.age"),
-    (b'{"user_features": {"age": "twenty"}}', JSON, 400, "user_features.age"),
-    (b'{"user_features": {"age": 1e999}}', JSON, 400, "user_features.age"),
-    (b'{"user_features": {"age": "nan"}}', JSON, 400, "user_features.age"),
-    (b'{"inputs": [{"user_features": {"occupation": "-Infinity"}}]}', JSON, 400, "inputs[0].user_features.occupation"),
-    (b'{"user_id": 1e999}', JSON, 400, "user_id"),
-    (b'{"user_id": 1, "k": 1e999}', JSON, 400, "k"),
-    (b'{"user_id": 1, "k": -Infinity}', JSON, 400, "body"),
-    (b'{"inputs": [1e999]}', JSON, 400, "inputs[0]"),
-    (b'{"inputs": [{"user_features": {"zip": "' + b"1" * 200 + b'"}}]}', JSON, 400, "inputs[0].user_features.zip"),
-    (b"42\nabc\n", "text/csv", 400, "line 2"),
-    (b"1,2\n", "text/csv", 400, "line 1"),
-    (b"\n\n", "text/csv", 400, "body"),
-    (b"1\n2\n3\n4\n5\n6\n", "text/csv", 400, "body"),
-    (b'{"user_id": 1}', "text/plain", 415, "Content-Type"),
-    (b'{"user_id": 1}', None, 415, "Content-Type"),
-    (b"x" * 5000, JSON, 413, "body"),
+@pytest.mark.parametrize("body,content_type,status,field,message", [
+    (b"{", JSON, 400, "body",
+     'malformed JSON: Expecting property name enclosed in double quotes...'),
+    (b"", JSON, 400, "body",
+     'empty request'),
+    (b"   ", JSON, 400, "body",
+     'empty request'),
+    (b"\xff\xfe", JSON, 400, "body",
+     'not valid UTF-8 (byte 0)'),
+    (b"[1, 2]", JSON, 400, "body",
+     'expected a JSON object, got a list'),
+    (b"null", JSON, 400, "body",
+     'expected a JSON object, got null'),
+    (b'{"user_id": NaN}', JSON, 400, "body",
+     'malformed JSON: NaN is not valid JSON'),
+    (b'{"user_id": ' + b"[" * 1500 + b"]" * 1500 + b"}", JSON, 400, "body",
+     'JSON nested too deeply'),
+    (b'{"user_id": "42"}', JSON, 400, "user_id",
+     'expected an integer, got a string'),
+    (b'{"user_id": 4.2}', JSON, 400, "user_id",
+     'expected an integer, got a number with a fraction'),
+    (b'{"user_id": true}', JSON, 400, "user_id",
+     'expected an integer, got a boolean'),
+    (b'{"user_id": 99999999999999999999}', JSON, 400, "user_id",
+     'out of the 64-bit integer range'),
+    (b'{"k": 5}', JSON, 400, "user_id",
+     "missing: send 'user_id', 'user_features' or 'inputs'"),
+    (b'{"user_id": 1, "k": 0}', JSON, 400, "k",
+     '0 is out of range 1..100'),
+    (b'{"user_id": 1, "k": 101}', JSON, 400, "k",
+     '101 is out of range 1..100'),
+    (b'{"user_id": 1, "k": "10"}', JSON, 400, "k",
+     'expected an integer, got a string'),
+    (b'{"user_id": 1, "k": 10.0}', JSON, 400, "k",
+     'expected an integer, got a number with a fraction'),
+    (b'{"user_id": 1, "exclude_seen": "yes"}', JSON, 400, "exclude_seen",
+     'expected true or false, got a string'),
+    (b'{"user_id": 1, "kk": 5}', JSON, 400, "kk",
+     'unknown field; allowed: user_id, inputs, user_features, k, exclude_seen'),
+    (b'{"inputs": 5}', JSON, 400, "inputs",
+     'expected a list of user ids, got an integer'),
+    (b'{"inputs": []}', JSON, 400, "inputs",
+     'the list is empty'),
+    (b'{"inputs": [1, 2, 3, 4, 5, 6]}', JSON, 400, "inputs",
+     '6 users is over the limit of 5 per request'),
+    (b'{"inputs": [1, "x"]}', JSON, 400, "inputs[1]",
+     'expected a user id (integer) or an object, got a string'),
+    (b'{"inputs": [1, {"uid": 3}]}', JSON, 400, "inputs[1].uid",
+     'unknown field; allowed: user_id, user_features'),
+    (b'{"inputs": [1, {}]}', JSON, 400, "inputs[1].user_id",
+     "missing: give 'user_id', 'user_features' or both"),
+    (b'{"inputs": [1], "user_id": 3}', JSON, 400, "inputs",
+     "give either 'inputs' (a batch) or 'user_id'/'user_features', not both"),
+    (b'{"user_features": [1]}', JSON, 400, "user_features",
+     'expected an object like {"gender": "F", "age": 25}, got a list'),
+    (b'{"user_features": {"height": 180}}', JSON, 400, "user_features.height",
+     'unknown feature; allowed: gender, age, occupation, zip'),
+    (b'{"user_features": {"age": [25]}}', JSON, 400, "user_features.age",
+     'expected a string or an integer, got a list'),
+    (b'{"user_features": {"age": true}}', JSON, 400, "user_features.age",
+     'expected a string or an integer, got a boolean'),
+    (b'{"user_features": {"age": "twenty"}}', JSON, 400, "user_features.age",
+     "expected a number of years or an ml-1m age group, got 'twenty'"),
+    (b'{"user_features": {"age": 1e999}}', JSON, 400, "user_features.age",
+     'expected a string or an integer, got a number with a fraction'),
+    (b'{"user_features": {"age": "nan"}}', JSON, 400, "user_features.age",
+     "'nan' is not a finite number"),
+    (b'{"inputs": [{"user_features": {"occupation": "-Infinity"}}]}', JSON, 400, "inputs[0].user_features.occupation",
+     "'-Infinity' is not a finite number"),
+    (b'{"user_id": 1e999}', JSON, 400, "user_id",
+     'expected an integer, got a number with a fraction'),
+    (b'{"user_id": 1, "k": 1e999}', JSON, 400, "k",
+     'expected an integer, got a number with a fraction'),
+    (b'{"user_id": 1, "k": -Infinity}', JSON, 400, "body",
+     'malformed JSON: -Infinity is not valid JSON'),
+    (b'{"inputs": [1e999]}', JSON, 400, "inputs[0]",
+     'expected a user id (integer) or an object, got a number with a fraction'),
+    (b'{"inputs": [{"user_features": {"zip": "' + b"1" * 200 + b'"}}]}', JSON, 400, "inputs[0].user_features.zip",
+     'longer than 100 characters'),
+    (b"42\nabc\n", "text/csv", 400, "line 2",
+     "expected one integer user id per line, got 'abc'"),
+    (b"1,2\n", "text/csv", 400, "line 1",
+     "expected one integer user id per line, got '1,2'"),
+    (b"\n\n", "text/csv", 400, "body",
+     'empty request'),
+    (b"1\n2\n3\n4\n5\n6\n", "text/csv", 400, "body",
+     'more than 5 users per request'),
+    (b'{"user_id": 1}', "text/plain", 415, "Content-Type",
+     "'text/plain' is not supported; send application/json or text/csv"),
+    (b'{"user_id": 1}', None, 415, "Content-Type",
+     "'none' is not supported; send application/json or text/csv"),
+    (b"x" * 5000, JSON, 413, "body",
+     '5000 bytes is over the limit of 4096'),
 ])
-def test_bad_input_names_the_field(body, content_type, status, field):
+def test_bad_input_names_the_field(body, content_type, status, field, message):
+    """Status, field and the message that says what is wrong (exactly; '...' ends a message whose
+    tail is the JSON parser's own words)."""
     with pytest.raises(RequestError) as err:
         parse_request(body, content_type, CFG)
     assert (err.value.status, err.value.field) == (status, field), err.value.detail
+    if message.endswith("..."):
+        assert err.value.detail.startswith(message[:-3]), err.value.detail
+    else:
+        assert err.value.detail == message
     payload = err.value.payload()["error"]
     assert payload["field"] == field and payload["message"]
 
 
 @pytest.mark.parametrize("accept,ok", [(None, True), ("", True), ("*/*", True), ("application/json", True),
                                        ("text/html, application/*;q=0.8", True), ("text/csv", False),
-                                       ("application/json;q=0", False), ("image/png", False)])
+                                       ("text/html,application/json", True),  # no space after the comma
+                                       ("text/csv;q=0, application/json", True),  # a refused type, then ours
+                                       ("application/json;q=0", False), ("application/json; q = 0", False),
+                                       ("application/json;q=0.0", False), ("application/json;q=0.00", False),
+                                       ("application/json;q=0.000", False), ("image/png", False)])
 def test_accept_negotiation(accept, ok):
     if ok:
         assert negotiate(accept) == "application/json"
@@ -126,6 +182,7 @@ def test_accept_negotiation(accept, ok):
         with pytest.raises(RequestError) as err:
             negotiate(accept)
         assert (err.value.status, err.value.field) == (406, "Accept")
+        assert err.value.detail == f"cannot produce {accept!r}; this endpoint answers application/json"
 
 
 def test_integer_beyond_pythons_digit_limit_is_a_client_error():
@@ -133,3 +190,40 @@ def test_integer_beyond_pythons_digit_limit_is_a_client_error():
     with pytest.raises(RequestError) as err:
         parse_request(body, JSON, ServeConfig())
     assert (err.value.status, err.value.field) == (400, "body")
+
+
+def test_media_type_parameters_and_odd_field_names():
+    """Content-Type parameters after the media type (any number), a numeric feature as a string,
+    a feature of exactly the length limit, and a field name that is not a plain name shown quoted."""
+    for content_type in ("application/json; charset=utf-8; boundary=x", "Application/JSON;charset=utf-8"):
+        assert parse_request(b'{"user_id": 3}', content_type, CFG).users == (UserQuery(user_id=3),)
+    req = parse({"user_features": {"age": "25", "occupation": "writer", "zip": "9" * 100}})
+    assert req.users[0].features == {"age": "25", "occupation": "writer", "zip": "9" * 100}
+    for doc, field in (({"user_id": 1, "": 2}, '""'), ({"user_id": 1, "a b": 2}, '"a b"'),
+                       ({"user_id": 1, "x" * 150: 2}, "x" * 100),
+                       ({"inputs": [{"user_features": {"gender": "F", "a-b": 1}}]}, 'inputs[0].user_features."a-b"')):
+        with pytest.raises(RequestError) as err:
+            parse(doc)
+        assert err.value.field == field
+    with pytest.raises(RequestError) as err:
+        parse({"inputs": [{"user_id": 4.5}]})
+    assert (err.value.field, err.value.detail) == ("inputs[0].user_id",
+                                                   "expected an integer, got a number with a fraction")
+    with pytest.raises(RequestError) as err:
+        parse({"inputs": [[1]]})
+    assert (err.value.field, err.value.detail) == ("inputs[0]", "expected a user id (integer) or an object, got a list")
+    with pytest.raises(RequestError) as err:
+        parse({"user_features": {"zip": {"a": 1}}})
+    assert err.value.detail == "expected a string or an integer, got an object"
+    with pytest.raises(RequestError) as err:
+        parse({"user_features": {"age": 2 ** 64}})
+    assert (err.value.field, err.value.detail) == ("user_features.age", "out of the 64-bit integer range")
+    with pytest.raises(RequestError) as err:
+        parse(b"1\n9999999999999999999\n", "text/csv")  # 19 digits, over 2**63 - 1
+    assert (err.value.field, err.value.detail) == ("line 2", "out of the 64-bit integer range")
+    with pytest.raises(RequestError) as err:
+        parse({"user_features": {"age": "x" * 60}})
+    assert err.value.detail == f"expected a number of years or an ml-1m age group, got {'x' * 50!r}"
+    with pytest.raises(RequestError) as err:
+        parse({"user_features": {"age": "inf" + " " * 60}})
+    assert err.value.detail == f"{('inf' + ' ' * 60)[:50]!r} is not a finite number"
