@@ -143,3 +143,18 @@ def test_ping_names_the_index_that_answers(indexed, tmp_path):
         server.stop()
     assert search["name"] == "hnsw" and search["kind"] == "hnsw"
     assert search["recall_at_10"] == entries["hnsw"]["recall_at_10"] and search["queries"] == 1
+
+
+def test_a_packaged_export_with_an_index_requires_the_locked_faiss(indexed, tmp_path):
+    import re
+    import tarfile
+
+    from twotower_lit.export.package import package_model
+
+    model_dir, entries = indexed
+    with tarfile.open(package_model(model_dir, str(tmp_path / "model.tar.gz"))) as tar:
+        names = set(tar.getnames())
+        requirements = tar.extractfile("code/requirements.txt").read().decode()
+    assert {INDEX_META, entries["hnsw"]["file"], "code/twotower_lit/serving/search.py"} <= names
+    locked = re.search(r"^faiss-cpu==\S+$", (REPO / "requirements" / "base.txt").read_text(), re.M).group(0)
+    assert locked in requirements.splitlines()

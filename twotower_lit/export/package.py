@@ -11,6 +11,8 @@ from twotower_lit.serving import HANDLER_MODULES
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SERVING_REQUIREMENTS = "safetensors==0.8.0\nnumpy\n"
+# an export with a search index (index.json) is served through faiss, which AWS's PyTorch image lacks
+INDEX_REQUIREMENTS = "faiss-cpu==1.15.1\n"
 
 
 def _add_tree(tar: tarfile.TarFile, path: str, arcname: str) -> None:
@@ -36,7 +38,8 @@ def package_model(model_dir: str, out_path: str, extra_modules: Iterable[str] = 
                 raise FileNotFoundError(f"{src} is missing: the serving code cannot be packaged without it")
             _add_tree(tar, src, "code/" + module)
         info = tarfile.TarInfo("code/requirements.txt")
-        data = SERVING_REQUIREMENTS.encode()
+        data = (SERVING_REQUIREMENTS + (INDEX_REQUIREMENTS if os.path.exists(os.path.join(model_dir, "index.json"))
+                                        else "")).encode()
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     return out_path
