@@ -8,9 +8,12 @@ import argparse
 import json
 import sys
 
+from twotower_lit.config import OneLineHelpFormatter
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m entrypoints.evaluate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m entrypoints.evaluate", description=__doc__,
+                                     formatter_class=OneLineHelpFormatter)
     parser.add_argument("--model-dir", required=True, help="exported model directory (OUTPUT/model)")
     parser.add_argument("--data-dir", required=True, help="prepared dataset (OUTPUT/data or a prepare output)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))

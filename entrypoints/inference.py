@@ -124,15 +124,15 @@ def main(argv=None) -> int:
     variables it reads (it is imported by a serving container, not run)."""
     import argparse
 
-    from twotower_lit.config import ServeConfig, iter_fields
+    from twotower_lit.config import OneLineHelpFormatter, ServeConfig, iter_fields, option_name
 
     settings = []
-    for path, f, _ in iter_fields(ServeConfig):
+    for _, f, _ in iter_fields(ServeConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = "" if default is None else f" (default: {default})"
-        settings.append(f"  {handler.ENV_PREFIX}{path[-1].upper()}: {f.metadata.get('help', '')}{shown}")
+        settings.append(f"  {handler.ENV_PREFIX}{option_name(f).upper()}: {f.metadata.get('help', '')}{shown}")
     parser = argparse.ArgumentParser(
-        prog="python -m entrypoints.inference", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m entrypoints.inference", formatter_class=OneLineHelpFormatter,
         description=__doc__,
         epilog="Settings (environment variables; SM_MODEL_DIR gives the model directory):\n" + "\n".join(settings)
         + "\n\nTo serve a model locally with the same handler functions: python -m entrypoints.serve --help")

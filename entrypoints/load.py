@@ -5,12 +5,13 @@
 import argparse
 import json
 
-from twotower_lit.config import LoadConfig, add_arguments, from_namespace
+from twotower_lit.config import LoadConfig, OneLineHelpFormatter, add_arguments, from_namespace
 from twotower_lit.serving.load import format_summary, run
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m entrypoints.load", description=__doc__.split("\n\n")[0],
+                                     formatter_class=OneLineHelpFormatter)
     add_arguments(parser, LoadConfig)
     cfg = from_namespace(LoadConfig, parser.parse_args(argv))
     try:

@@ -9,12 +9,12 @@ import argparse
 import sys
 from typing import List, Optional
 
-from twotower_lit.config import PrepareConfig, add_arguments, from_namespace
+from twotower_lit.config import OneLineHelpFormatter, PrepareConfig, add_arguments, from_namespace
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m entrypoints.prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=OneLineHelpFormatter)
     add_arguments(parser, PrepareConfig)
     cfg = from_namespace(PrepareConfig, parser.parse_args(argv))
     if not cfg.output_dir:

@@ -11,12 +11,12 @@ import sys
 
 from twotower_lit.aws.cleanup import DEFAULT_KINDS, KINDS
 from twotower_lit.aws.config import AwsConfig, split_namespace
-from twotower_lit.config import add_arguments
+from twotower_lit.config import OneLineHelpFormatter, add_arguments
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m entrypoints.sagemaker_cleanup", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=OneLineHelpFormatter)
     add_arguments(parser, AwsConfig)
     parser.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
                         help=f"resource kinds to remove, of: {', '.join(KINDS)} (default: %(default)s)")

@@ -17,12 +17,12 @@ import logging
 import sys
 
 from twotower_lit.aws.config import AwsConfig, DeployConfig, split_namespace
-from twotower_lit.config import add_arguments
+from twotower_lit.config import OneLineHelpFormatter, add_arguments
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m entrypoints.sagemaker_deploy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=OneLineHelpFormatter)
     add_arguments(parser, DeployConfig)
     add_arguments(parser, AwsConfig)
     parser.add_argument("--no-wait", action="store_true", help="return once the endpoint is being created")

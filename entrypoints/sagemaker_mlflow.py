@@ -13,12 +13,12 @@ import sys
 
 from twotower_lit.aws.config import AwsConfig, split_namespace
 from twotower_lit.aws.mlflow import MLFLOW_SERVER_VERSION
-from twotower_lit.config import add_arguments
+from twotower_lit.config import OneLineHelpFormatter, add_arguments
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m entrypoints.sagemaker_mlflow", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=OneLineHelpFormatter)
     add_arguments(parser, AwsConfig)
     parser.add_argument("--name", default="twotower", help="tracking server name (default: %(default)s)")
     parser.add_argument("--size", default="Small", choices=("Small", "Medium", "Large"))

@@ -21,7 +21,7 @@ import logging
 import sys
 
 from twotower_lit.aws.config import AwsConfig, ShadowTestConfig, split_namespace
-from twotower_lit.config import LoadConfig, ShadowReportConfig, add_arguments, iter_fields
+from twotower_lit.config import LoadConfig, OneLineHelpFormatter, ShadowReportConfig, add_arguments, option_names
 
 TRAFFIC_OPTIONS = {"data_dir", "split", "user_ids", "rate", "concurrency", "requests", "duration", "batch", "k",
                    "timeout", "seed", "output"}
@@ -29,17 +29,17 @@ TRAFFIC_OPTIONS = {"data_dir", "split", "user_ids", "rate", "concurrency", "requ
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m entrypoints.sagemaker_shadow", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=OneLineHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("start", "stop", "promote", "traffic", "report"):
-        p = sub.add_parser(name)
+        p = sub.add_parser(name, formatter_class=OneLineHelpFormatter)
         add_arguments(p, ShadowTestConfig)
         add_arguments(p, AwsConfig)
         if name == "traffic":
             add_arguments(p, LoadConfig, only=TRAFFIC_OPTIONS)
         if name == "report":
             add_arguments(p, ShadowReportConfig,
-                          only={path[-1] for path, _, _ in iter_fields(ShadowReportConfig)} - {"endpoint_name"})
+                          only=option_names(ShadowReportConfig) - {"endpoint_name"})
         if name in ("start", "stop", "promote"):
             p.add_argument("--no-wait", action="store_true", help="return without waiting for SageMaker")
     return parser

@@ -19,12 +19,12 @@ import sys
 import tempfile
 
 from twotower_lit.aws.config import AwsConfig, SageMakerTrainConfig, split_namespace
-from twotower_lit.config import TrainConfig, add_arguments
+from twotower_lit.config import OneLineHelpFormatter, TrainConfig, add_arguments
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m entrypoints.sagemaker_train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=OneLineHelpFormatter)
     add_arguments(parser, TrainConfig)
     add_arguments(parser, SageMakerTrainConfig)
     add_arguments(parser, AwsConfig)
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     from twotower_lit.aws.training import describe_training_job, plan_training_job, resolve_sdk, start_training_job
 
     cfg, job, aws, dry_run = parse_args(argv)
-    require_plugin(cfg.mlflow_uri)
+    require_plugin(cfg.tracking.mlflow_uri)
     # a dry run needs no SDK; a launch finds out it has none before anything is uploaded
     sdk = None if dry_run else resolve_sdk(job.sdk)
     ctx = AwsContext(aws)

@@ -4,12 +4,13 @@
 """
 import argparse
 
-from twotower_lit.config import ShadowReportConfig, add_arguments, from_namespace
+from twotower_lit.config import OneLineHelpFormatter, ShadowReportConfig, add_arguments, from_namespace
 from twotower_lit.serving.report import write_report
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m entrypoints.shadow_report", description=__doc__.split("\n\n")[0],
+                                     formatter_class=OneLineHelpFormatter)
     add_arguments(parser, ShadowReportConfig)
     cfg = from_namespace(ShadowReportConfig, parser.parse_args(argv))
     if not cfg.capture_dir:

@@ -15,12 +15,12 @@ if importlib.util.find_spec("twotower_lit") is None:  # run as a script (SageMak
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twotower_lit.aws.environment import apply_sagemaker_environment, publish_model, training_arguments  # noqa: E402
-from twotower_lit.config import TrainConfig, add_arguments, from_namespace  # noqa: E402
+from twotower_lit.config import OneLineHelpFormatter, TrainConfig, add_arguments, from_namespace  # noqa: E402
 
 
 def parse_args(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(prog="python -m entrypoints.train", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=OneLineHelpFormatter)
     add_arguments(parser, TrainConfig)
     return from_namespace(TrainConfig, parser.parse_args(training_arguments(argv)))
 
@@ -40,17 +40,18 @@ def torchrun_command(cfg: TrainConfig, argv: List[str], environ: Mapping[str, st
     ``Trainer.fit``, and each of them then goes through the job's whole start-up (imports, data
     and model set-up) while the first waits. torchrun starts all of them at once. `gpus` is the
     number of visible GPUs: ``--launcher auto`` uses torchrun for GPU jobs that have them."""
-    if cfg.devices <= 1 or cfg.launcher == "lightning" or any(v in environ for v in LAUNCHER_VARIABLES):
+    run = cfg.distributed
+    if run.devices <= 1 or run.launcher == "lightning" or any(v in environ for v in LAUNCHER_VARIABLES):
         return None
-    if cfg.num_nodes > 1:
-        if cfg.launcher == "torchrun":
-            raise ValueError(f"--launcher torchrun starts the processes of one node; for --num-nodes {cfg.num_nodes} "
+    if run.num_nodes > 1:
+        if run.launcher == "torchrun":
+            raise ValueError(f"--launcher torchrun starts the processes of one node; for --num-nodes {run.num_nodes} "
                              f"start torchrun on every node (see the README) or use --launcher lightning")
         return None
-    if cfg.launcher == "auto" and (cfg.accelerator == "cpu" or gpus < cfg.devices):
+    if run.launcher == "auto" and (run.accelerator == "cpu" or gpus < run.devices):
         return None  # (too few GPUs: Lightning's own error names them)
     script = os.path.abspath(__file__)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.devices}",
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.devices}",
             script, *argv]
 
 
@@ -59,9 +60,10 @@ def main(argv=None) -> int:
     cfg = apply_sagemaker_environment(parse_args(argv))
     import torch
 
-    command = torchrun_command(cfg, argv, os.environ, torch.cuda.device_count() if cfg.launcher == "auto" else 0)
+    gpus = torch.cuda.device_count() if cfg.distributed.launcher == "auto" else 0
+    command = torchrun_command(cfg, argv, os.environ, gpus)
     if command is not None:
-        print(f"starting {cfg.devices} processes under torchrun: {' '.join(command)}", flush=True)
+        print(f"starting {cfg.distributed.devices} processes under torchrun: {' '.join(command)}", flush=True)
         os.execv(command[0], command)  # replaced: signals reach torchrun, which passes them to the ranks
 
     from twotower_lit.checkpoint import CheckpointError

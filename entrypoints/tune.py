@@ -16,14 +16,14 @@ import argparse
 import json
 import sys
 
-from twotower_lit.config import TrainConfig, add_arguments, iter_fields
+from twotower_lit.config import OneLineHelpFormatter, TrainConfig, add_arguments, iter_fields
 
 
 def parse_args(argv=None):
     from twotower_lit.tuning.local import TuneConfig
 
     parser = argparse.ArgumentParser(prog="python -m entrypoints.tune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=OneLineHelpFormatter)
     add_arguments(parser, TuneConfig)
     add_arguments(parser, TrainConfig)
     values = vars(parser.parse_args(argv))  # only the options given (defaults are suppressed)

@@ -2,15 +2,20 @@
 
 The command-line interfaces, the SageMaker hyperparameters and the notebooks all build these
 dataclasses; `add_arguments` / `from_namespace` turn a dataclass into argparse options
-(field ``foo_bar`` becomes ``--foo-bar``) so a default is never written twice.
+(field ``foo_bar`` becomes ``--foo-bar``) so a default is never written twice. `TrainConfig` is
+in sections (``cfg.data.batch_size``), but its option names, MLflow params and SageMaker
+hyperparameters stay flat (``--batch-size``, ``batch_size``): the section is where a value lives,
+not part of its name. Options that no longer exist are listed in `RETIRED_OPTIONS`.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Type, TypeVar
+from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar
 
 DATASETS = ("ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-32m", "ml-latest", "ml-latest-small")
 # how several processes average the gradients of the towers and replicated tables (strategy.DataParallelAcrossRanks)
@@ -20,13 +25,26 @@ ALLREDUCE_PRECISIONS = ("fp32", "bf16")  # what those gradients travel as
 T = TypeVar("T")
 
 
-def _opt(default: Any, help: str, choices: Optional[tuple] = None, **kw: Any) -> Any:
-    meta = {"help": help}
+def _opt(default: Any, help: str, choices: Optional[tuple] = None, *, doc: Optional[str] = None,
+         option: Optional[str] = None, **kw: Any) -> Any:
+    """A config field: `help` is the one-line text of ``--help``; `doc`, the longer explanation for the
+    options reference (reachable from the parser as the action's ``doc`` attribute); `option`, the
+    option / flat key name when it differs from the attribute name."""
+    meta: Dict[str, Any] = {"help": help}
     if choices:
         meta["choices"] = choices
+    if doc:
+        meta["doc"] = doc
+    if option:
+        meta["option"] = option
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
+
+
+def _section(cls: Type[Any], title: str) -> Any:
+    """A nested config section; `title` is its one-line ``--help`` group title."""
+    return field(default_factory=cls, metadata={"title": title})
 
 
 @dataclass
@@ -38,8 +56,9 @@ class PrepareConfig:
     dataset: Optional[str] = _opt(None, "layout of --data-dir; detected from its files when omitted", DATASETS)
     download: Optional[str] = _opt(None, "download this GroupLens set (checksum verified, cached)", DATASETS)
     cache_dir: str = _opt("~/.cache/twotower_lit", "where downloads are cached")
-    sha256: Optional[str] = _opt(None, "SHA-256 of the --download zip you trust: required for ml-latest (re-issued "
-                                       "over time, so no digest is pinned); replaces the pinned one of other sets")
+    sha256: Optional[str] = _opt(None, "SHA-256 of the --download zip you trust (required for ml-latest)",
+                                 doc="ml-latest is re-issued over time, so no digest is pinned for it; for the other "
+                                     "sets this replaces the pinned digest")
     synthetic: Optional[int] = _opt(None, "generate a synthetic MovieLens set with this many ratings")
     synthetic_layout: str = _opt("ml-1m", "file layout of the synthetic set", DATASETS)
     split: str = _opt("random", "random: per user 80/10/10; temporal: per user last -> test, second last -> val",
@@ -57,6 +76,19 @@ class PrepareConfig:
 
 
 @dataclass
+class DataConfig:
+    """Which prepared data is read and how it becomes batches."""
+
+    data_dir: Optional[str] = _opt(None, "raw or prepared MovieLens directory (default: a synthetic ml-1m-shaped set)",
+                                   doc="a raw directory is prepared first (see the data preparation options)")
+    batch_size: int = _opt(1024, "rated rows per batch per rank (negatives come on top)")
+    eval_batch_size: int = _opt(8192, "rows per validation/test batch")
+    negatives: int = _opt(0, "per rated row, this many unrated items labelled 0, drawn afresh each epoch")
+    negative_sampling: str = _opt("uniform", "how negatives are drawn", ("uniform", "popularity"))
+    num_workers: int = _opt(0, "data-loader worker processes per rank")
+
+
+@dataclass
 class ModelConfig:
     """Shape of the two-tower model."""
 
@@ -64,17 +96,39 @@ class ModelConfig:
     user_layers: List[int] = _opt([128, 64], "user tower MLP widths; the last is the output dimension")
     item_layers: List[int] = _opt([128, 64], "item tower MLP widths; the last must equal the user tower's")
     side_features: bool = _opt(True, "use side features (gender, age, occupation, zip; genres, year) where present")
-    # measured by `python -m benchmarks.quality` (ml-100k, 4 seeds): 16 of 64 raised test AUC from
-    # 0.7819 to 0.7983 and Recall@10 from 0.2175 to 0.2339 over one shared score
-    exposure_dims: int = _opt(16, "with --loss both: the last this many dimensions of the tower outputs enter only "
-                                  "the retrieval score (which movies a user rates), the others also the liking "
-                                  "logit of the BCE term and AUC; 0: one score for both")
+    # separate retrieval dimensions raised both AUC and Recall@10 over one shared score
+    # (`python -m benchmarks.quality`; figures in benchmarks/CONFIG_DEFAULTS.md)
+    exposure_dims: int = _opt(16, "--loss both: last N output dims score retrieval only; 0: one shared score",
+                              doc="with --loss both, the last this many dimensions of the tower outputs enter only "
+                                  "the retrieval score (which movies a user rates), the others also the liking logit "
+                                  "of the BCE term and AUC; 0: one score for both")
+
+
+@dataclass
+class LossConfig:
+    """The training objective (see twotower_lit.losses)."""
+
+    kind: str = _opt("both", "objective: bce, in-batch softmax, or both", ("bce", "softmax", "both"), option="loss",
+                     doc="bce: BCE on rated rows and negatives; softmax: in-batch sampled softmax with log-Q "
+                         "correction (negatives join as extra candidates); both: BCE on rated rows + "
+                         "softmax_weight x softmax (see twotower_lit.losses)")
+    # defaults measured by `python -m benchmarks.quality` (ml-100k: AUC of the rated-pair BCE model,
+    # Recall@10 well above the uniform-negatives model); --loss bce --negatives 0 is the workshop's framing
+    softmax_weight: float = _opt(0.22, "--loss both: weight of the softmax term")
+    softmax_temperature: float = _opt(0.5, "softmax logits are dot products divided by this")
+    # 1024 = the batch size the softmax defaults were tuned at: a larger --batch-size keeps the
+    # softmax's candidate count (so its weight and temperature stay right) and its cost linear
+    softmax_rows: int = _opt(1024, "in-batch softmax over blocks of this many rated rows (0: the whole batch)",
+                             doc="each block's items are its candidates; 0: the whole batch, whose cost grows with "
+                                 "its square")
+    vector_l2: float = _opt(3e-3, "L2 penalty on the user and item tower outputs of each row (every loss)")
 
 
 @dataclass
 class OptimConfig:
     """Fused embedding optimizer + dense optimizer, each with a schedule."""
 
+    max_epochs: int = _opt(8, "training epochs")
     embedding_optimizer: str = _opt("rowwise_adagrad", "optimizer fused into the embedding backward",
                                     ("rowwise_adagrad", "adam", "sgd"))
     embedding_lr: float = _opt(0.05, "embedding learning rate")
@@ -87,111 +141,119 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Everything `python -m entrypoints.train` needs; also the SageMaker hyperparameters."""
+class DistributedConfig:
+    """Processes, devices, and how the tables and gradients are spread over them."""
 
-    data_dir: Optional[str] = _opt(None, "raw MovieLens directory (prepared first) or a prepared one; "
-                                         "default: a synthetic ml-1m-shaped set")
-    output_dir: Optional[str] = _opt(None, "run directory (default ./outputs/<run-name>)")
-    run_name: Optional[str] = _opt(None, "MLflow run name and default output folder name")
-    max_epochs: int = _opt(8, "training epochs")
-    batch_size: int = _opt(1024, "rated rows per batch per rank (negatives come on top)")
-    eval_batch_size: int = _opt(8192, "rows per validation/test batch")
-    seed: int = _opt(0, "global seed (data order, negatives, initialisation)")
-    negatives: int = _opt(0, "per rated row, this many unrated items labelled 0, drawn afresh each epoch")
-    negative_sampling: str = _opt("uniform", "how negatives are drawn", ("uniform", "popularity"))
-    loss: str = _opt("both", "bce: BCE on rated rows and negatives; softmax: in-batch sampled softmax with log-Q "
-                            "correction (negatives join as extra candidates); both: BCE on rated rows + "
-                            "softmax_weight x softmax (see twotower_lit.losses)", ("bce", "softmax", "both"))
-    # defaults measured by `python -m benchmarks.quality` (ml-100k: AUC of the rated-pair BCE model,
-    # Recall@10 well above the uniform-negatives model); --loss bce --negatives 0 is the workshop's framing
-    softmax_weight: float = _opt(0.22, "--loss both: weight of the softmax term")
-    softmax_temperature: float = _opt(0.5, "softmax logits are dot products divided by this")
-    # 1024 = the batch size the softmax defaults were tuned at: a larger --batch-size keeps the
-    # softmax's candidate count (so its weight and temperature stay right) and its cost linear
-    softmax_rows: int = _opt(1024, "the in-batch softmax runs over blocks of this many rated rows (each block's items "
-                                   "are its candidates; 0: the whole batch, whose cost grows with its square)")
-    vector_l2: float = _opt(3e-3, "L2 penalty on the user and item tower outputs of each row (every loss)")
     accelerator: str = _opt("auto", "cpu, gpu or auto")
     devices: int = _opt(1, "processes (CPU) or GPUs per node")
     num_nodes: int = _opt(1, "nodes")
-    # On a 2 x H200 machine (32M ratings, 3 epochs) Lightning's launcher started the second rank
-    # about 30 s after the first: 94 s of wall time against 63 s under torchrun (benchmarks/GPU_RESULTS.md)
-    launcher: str = _opt("auto", "how the processes of several --devices on one node start when no launcher "
-                                 "(torchrun, SLURM, MPI) started them: torchrun (this command restarts itself under "
-                                 "torchrun, every rank at once) or lightning (Lightning starts the other ranks when "
-                                 "training begins, after this one's start-up); auto: torchrun on GPUs, lightning on "
-                                 "CPUs", ("auto", "torchrun", "lightning"))
-    num_workers: int = _opt(0, "data-loader worker processes per rank")
-    # auto: a GPU steps 65,536 rows in 1.4-2.7 ms (24-47 M rows/s), which the streaming loader
-    # does not feed (about 4 M rows/s with 12 workers on an H200 machine; benchmarks/GPU_RESULTS.md)
-    data_on_device: str = _opt("auto", "keep the training split in accelerator memory and build batches there (no "
-                                       "loader workers or copies; rated rows only, so --negatives 0); auto: on GPUs "
-                                       "when --negatives is 0 and the split takes at most a quarter of the GPU's "
-                                       "memory", ("auto", "true", "false"))
-    tf32: bool = _opt(True, "on GPUs: float32 matmuls (the towers) on TF32 tensor cores, "
-                            "torch.set_float32_matmul_precision('high'); false: full float32")
-    # table_wise: each table whole on one rank, the tables balanced over ranks by the planner. On 2
-    # H200s (ML-32M shape, 64k rows per GPU) it trained 1.5-1.7x faster than the planner's own pick
-    # ('auto'; benchmarks/train_throughput.py --sharding); a table too large for one device needs row_wise
-    sharding: str = _opt("table_wise", "embedding sharding ('auto': the TorchRec planner picks per table, never "
-                                       "data_parallel; data_parallel: every table replicated on every rank)",
-                         ("auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"))
-    table_sharding: Optional[str] = _opt(None, "per-table overrides of --sharding, e.g. "
-                                               "'user:row_wise,genres:table_wise'")
-    # On 2 H200s (ML-32M shape, 65,536 rows per GPU) replicating its tables (74 MB together) trained
-    # 16-46% faster end to end than table_wise (two machines); on one GPU replication was slower,
-    # and on CPU processes (gloo) it is not measured, so the rule needs more than one GPU
-    data_parallel_below_mb: float = _opt(64.0, "with more than one GPU: tables of at most this many MB (rows x "
-                                               "dim x 4 bytes) not named by --table-sharding are replicated on "
-                                               "every GPU (data_parallel: no all-to-all; a resumed run keeps its "
-                                               "checkpoint's replicated tables instead); 0: off")
+    # Lightning's launcher starts the other ranks only after this one's start-up, which cost
+    # multi-GPU runs much of their wall time (benchmarks/CONFIG_DEFAULTS.md)
+    launcher: str = _opt("auto", "how one node's --devices processes start: auto, torchrun or lightning",
+                         ("auto", "torchrun", "lightning"),
+                         doc="used when no launcher (torchrun, SLURM, MPI) started them: torchrun (this command "
+                             "restarts itself under torchrun, every rank at once) or lightning (Lightning starts the "
+                             "other ranks when training begins, after this one's start-up); auto: torchrun on GPUs, "
+                             "lightning on CPUs")
+    # table_wise: each table whole on one rank, balanced over ranks by the planner; on GPUs it trained
+    # faster than the planner's own pick (benchmarks/CONFIG_DEFAULTS.md); a table too large for one
+    # device needs row_wise
+    sharding: str = _opt("table_wise", "embedding sharding of every table (see --table-sharding)",
+                         ("auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"),
+                         doc="auto: the TorchRec planner picks per table, never data_parallel; data_parallel: every "
+                             "table replicated on every rank")
+    table_sharding: Optional[str] = _opt(None, "per-table overrides of --sharding: 'user:row_wise,genres:table_wise'")
+    # replicating small tables trained faster end to end on two GPUs and slower on one; on CPU
+    # processes (gloo) it is not measured, so the rule needs more than one GPU (benchmarks/CONFIG_DEFAULTS.md)
+    data_parallel_below_mb: float = _opt(64.0, "several GPUs: replicate tables of at most this many MB (0: off)",
+                                         doc="with more than one GPU: tables of at most this many MB (rows x dim x "
+                                             "4 bytes) not named by --table-sharding are replicated on every GPU "
+                                             "(data_parallel: no all-to-all; a resumed run keeps its checkpoint's "
+                                             "replicated tables instead); 0: off")
     # allreduce: one all-reduce of the towers' and replicated tables' gradients after the backward
     # pass, instead of TorchRec's DDP wrappers (see DataParallelAcrossRanks and benchmarks/GPU_RESULTS.md)
-    gradient_sync: str = _opt("allreduce", "with several processes, how the gradients of the dense towers and of "
-                                           "replicated (data_parallel) tables are averaged: allreduce (one flat "
-                                           "all-reduce per step) or ddp (TorchRec's DDP wrappers: overlap the "
-                                           "backward pass, for large dense towers)",
-                              GRADIENT_SYNCS)
-    allreduce_precision: str = _opt("fp32", "with several processes, what those gradients are all-reduced as: fp32, "
-                                            "or bf16 (half the bytes, summed in bfloat16; TorchRec's "
-                                            "allreduce_comm_precision)", ALLREDUCE_PRECISIONS)
+    gradient_sync: str = _opt("allreduce", "how dense and replicated gradients are averaged over processes",
+                              GRADIENT_SYNCS,
+                              doc="with several processes, how the gradients of the dense towers and of replicated "
+                                  "(data_parallel) tables are averaged: allreduce (one flat all-reduce per step) or "
+                                  "ddp (TorchRec's DDP wrappers: overlap the backward pass, for large dense towers)")
+    allreduce_precision: str = _opt("fp32", "what those gradients are all-reduced as", ALLREDUCE_PRECISIONS,
+                                    doc="with several processes: fp32, or bf16 (half the bytes, summed in bfloat16; "
+                                        "TorchRec's allreduce_comm_precision)")
     collective_timeout_s: int = _opt(600, "seconds a rank waits in a collective before failing (a lost peer)")
-    eval_k: int = _opt(10, "cut-off of Recall@k / NDCG@k")
-    mlflow_uri: Optional[str] = _opt(None, "MLflow tracking URI (default: sqlite database in the output dir; "
-                                               "'none': no tracking)")
+
+
+@dataclass
+class PerformanceConfig:
+    """Speed settings that leave the training itself unchanged."""
+
+    # auto: a GPU steps large batches faster than the streaming loader feeds them
+    # (benchmarks/CONFIG_DEFAULTS.md)
+    data_on_device: str = _opt("auto", "keep the training split in accelerator memory, batches built there",
+                               ("auto", "true", "false"),
+                               doc="no loader workers or copies; rated rows only, so --negatives 0; auto: on GPUs "
+                                   "when --negatives is 0 and the split takes at most a quarter of the GPU's memory")
+    tf32: bool = _opt(True, "on GPUs: float32 matmuls (the towers) on TF32 tensor cores; false: full float32",
+                      doc="torch.set_float32_matmul_precision('high')")
+    # Keras' steps_per_execution: on a GPU Lightning's per-batch loop (hooks, progress, logging) is
+    # a fixed share of a step's host work, which K steps per call pay once (benchmarks/CONFIG_DEFAULTS.md)
+    steps_per_execution: int = _opt(0, "optimizer steps per training_step call; 0: 16 on GPUs, 1 on CPUs",
+                                    doc="each step as with 1 (the same batches, results and checkpoints; train_loss "
+                                        "logged every multiple of it from 10); on CPUs a step's compute dwarfs the "
+                                        "loop's overhead")
+    # the eager GPU step is bound by the host launching ~100 kernels; replaying the captured step
+    # launches them at once (benchmarks/CONFIG_DEFAULTS.md)
+    cuda_graphs: str = _opt("auto", "capture the training step as a CUDA graph and replay it (GPUs)",
+                            ("auto", "on", "off"),
+                            doc="replayed for every batch of the same shape (the same training; genres padded with a "
+                                "zero vector); needs GPUs, with several processes every table replicated "
+                                "(--data-parallel-below-mb, --sharding data_parallel) and --gradient-sync allreduce, "
+                                "a constant learning rate (--lr-schedule constant, --warmup-steps 0) and "
+                                "--embedding-optimizer rowwise_adagrad or sgd; auto: on where these hold, off "
+                                "otherwise")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking and the evaluation cut-off."""
+
+    run_name: Optional[str] = _opt(None, "MLflow run name and default output folder name")
+    mlflow_uri: Optional[str] = _opt(None, "MLflow tracking URI (default: sqlite in the output dir; 'none': off)")
     experiment_name: str = _opt("twotower-movielens", "MLflow experiment")
     registered_model_name: Optional[str] = _opt("twotower-movielens", "MLflow registered model name ('' = none)")
+    eval_k: int = _opt(10, "cut-off of Recall@k / NDCG@k")
+
+
+@dataclass
+class OutputConfig:
+    """What the run writes: run directory, checkpoints, the SageMaker package."""
+
+    output_dir: Optional[str] = _opt(None, "run directory (default ./outputs/<run-name>)")
     checkpoint_dir: Optional[str] = _opt(None, "sharded checkpoints (default OUTPUT/checkpoints)")
     checkpoint_every_n_steps: int = _opt(0, "also checkpoint every N steps (0 = epoch ends only)")
-    train_pipeline: str = _opt("off", "sparse_dist: train through TorchRec's TrainPipelineSparseDist (the next "
-                               "batches' copy to the device and embedding all-to-all overlap this one's compute); "
-                               "off: Lightning's own loop", ("off", "sparse_dist"))
-    # Keras' steps_per_execution: on a GPU a 64k-row step is a few milliseconds of host work, of
-    # which Lightning's per-batch loop (hooks, progress, logging) is a fixed share; K steps per call
-    # pay it once. 16 on GPUs: end to end on H200s it was faster in five of six interleaved pairs
-    # of runs (1 and 2 GPUs, two machines), by 13% on average (benchmarks/GPU_RESULTS.md)
-    steps_per_execution: int = _opt(0, "optimizer steps (batches) per Lightning training_step call, each step as "
-                                       "with 1 (the same batches, results and checkpoints; train_loss logged every "
-                                       "multiple of it from 10); 0: 16 on GPUs, 1 on CPUs (where a step's compute "
-                                       "dwarfs the loop's overhead)")
-    # The eager GPU step is bound by the host launching ~100 kernels; replaying the captured step
-    # launches them at once: 1.51 against 3.3-3.9 ms per 64k-row step on one H200, 2.00 against
-    # 3.4 ms per 64k-row step on each of two (twotower_lit/graphs.py)
-    cuda_graphs: str = _opt("auto", "capture the training step as a CUDA graph and replay it for every batch of the "
-                                    "same shape (the same training; genres padded with a zero vector); needs GPUs, "
-                                    "with several processes every table replicated (--data-parallel-below-mb, "
-                                    "--sharding data_parallel) and --gradient-sync allreduce, a constant learning "
-                                    "rate (--lr-schedule constant, --warmup-steps 0), --embedding-optimizer "
-                                    "rowwise_adagrad or sgd and --train-pipeline off; auto: on where these hold, "
-                                    "off otherwise",
-                            ("auto", "on", "off"))
     resume: Optional[str] = _opt(None, "'auto' (latest checkpoint in the checkpoint dir) or a checkpoint path")
     package: bool = _opt(False, "also write OUTPUT/model.tar.gz in the SageMaker layout")
     progress: bool = _opt(True, "show a progress bar")
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Everything `python -m entrypoints.train` needs; also the SageMaker hyperparameters.
+
+    Option names are the leaf field names (or a field's ``option``), whatever section holds them:
+    `--batch-size` sets ``data.batch_size``, and `to_flat_dict` / `from_dict` use the same flat names."""
+
+    seed: int = _opt(0, "global seed (data order, negatives, initialisation)")
+    data: DataConfig = _section(DataConfig, "data: input and batches")
+    model: ModelConfig = _section(ModelConfig, "model: the towers")
+    loss: LossConfig = _section(LossConfig, "loss: the training objective")
+    optim: OptimConfig = _section(OptimConfig, "optimisation: optimizers, schedules, epochs")
+    distributed: DistributedConfig = _section(DistributedConfig, "distributed: processes, sharding, gradient sync")
+    performance: PerformanceConfig = _section(PerformanceConfig, "performance: speed settings (same training)")
+    tracking: TrackingConfig = _section(TrackingConfig, "tracking: MLflow and evaluation")
+    output: OutputConfig = _section(OutputConfig, "output: run directory, checkpoints, resume")
+    # last: its data_dir, output_dir and seed are set by the options of the same name above
+    prepare: PrepareConfig = _section(PrepareConfig, "data preparation: when --data-dir is raw or synthetic")
 
 
 @dataclass
@@ -300,8 +362,14 @@ def _optional(tp: Any) -> Any:
     return tp
 
 
+def option_name(f: dataclasses.Field) -> str:
+    """The option / flat key of a leaf field: its ``option`` metadata, else its attribute name."""
+    return f.metadata.get("option", f.name)
+
+
 def iter_fields(cls: Type[Any]):
-    """Leaf fields of a (nested) config dataclass: yields (path, field, type)."""
+    """Leaf fields of a (nested) config dataclass: yields (path, field, type); `path` holds attribute
+    names (the last one is the option name only where `option_name` says so)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = _optional(hints[f.name])
@@ -312,39 +380,154 @@ def iter_fields(cls: Type[Any]):
             yield (f.name,), f, tp
 
 
+def option_names(cls: Type[Any]) -> set:
+    """Every option / flat key name of a config class."""
+    return {option_name(f) for _, f, _ in iter_fields(cls)}
+
+
+@dataclass(frozen=True)
+class Retired:
+    """An option that no longer exists. Renamed (`renamed_to`): its value goes to the new option.
+    Removed: a value in `ignored` (what the option did by default) is accepted and dropped, any
+    other is refused. Either way `message` says what happened to it."""
+
+    option: str
+    message: str
+    renamed_to: Optional[str] = None
+    ignored: Tuple[str, ...] = ()
+
+
+# old command lines, notebooks and SageMaker hyperparameters keep working or fail with a reason
+RETIRED_OPTIONS: Dict[Type[Any], Tuple[Retired, ...]] = {
+    TrainConfig: (
+        Retired("train_pipeline", "TorchRec's TrainPipelineSparseDist path is no longer part of training; "
+                                  "Lightning's own loop (the old 'off') is the only one", ignored=("off",)),
+    ),
+}
+
+
+_METAVARS = {int: "N", float: "X", str: "TEXT"}  # short, so an option and its help share one line
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def retired_option(cls: Type[Any], name: str, value: Any) -> Optional[Tuple[str, Any]]:
+    """For a retired option of `cls`: ``None`` once a one-line notice went to stderr (a removed option
+    given its old default), ``(new_name, value)`` for a renamed one; raises ValueError for a removed
+    option given a value that did something. Returns ``(name, value)`` unchanged for other options."""
+    retired = next((r for r in RETIRED_OPTIONS.get(cls, ()) if r.option == name), None)
+    if retired is None:
+        return name, value
+    if retired.renamed_to:
+        print(f"warning: {_flag(name)} is now {_flag(retired.renamed_to)}: {retired.message}", file=sys.stderr)
+        return retired.renamed_to, value
+    if str(value).strip().lower() in retired.ignored:
+        print(f"warning: {_flag(name)} is gone and does nothing: {retired.message}", file=sys.stderr)
+        return None
+    raise ValueError(f"{_flag(name)} {value}: this option is gone: {retired.message}")
+
+
+class _RetiredAction(argparse.Action):
+    def __init__(self, option_strings: List[str], dest: str, cls: Type[Any] = object, **kw: Any) -> None:
+        self.cls = cls
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        try:
+            moved = retired_option(self.cls, self.dest, values)
+        except ValueError as e:
+            parser.error(str(e))
+        if moved is not None:
+            setattr(namespace, moved[0], moved[1])
+
+
+class OneLineHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` with one line per option: the help text follows the option on its line and is
+    never wrapped (a long option pushes its help right instead of onto the next line)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 34,
+                 width: Optional[int] = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+    def add_usage(self, usage: Optional[str], actions: Any, groups: Any, prefix: Optional[str] = None) -> None:
+        if usage is None and actions and all(a.option_strings for a in actions):  # the option list follows
+            usage = "%(prog)s [options]"
+        super().add_usage(usage, actions, groups, prefix)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.nargs == argparse.PARSER:  # sub-commands: argparse's own layout
+            return super()._format_action(action)
+        header = self._format_action_invocation(action)
+        text = " ".join(self._expand_help(action).split()) if action.help else ""
+        if not text:
+            return " " * self._current_indent + header + "\n"
+        column = min(self._action_max_length + 2, self._max_help_position)
+        pad = max(column - self._current_indent - len(header), 2)
+        return " " * self._current_indent + header + " " * pad + text + "\n"
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: Type[Any], only: Optional[set] = None) -> None:
-    """Add one `--option` per leaf name of `cls` (nested dataclasses are flattened; a name that
-    occurs at several depths, like `seed`, is one option that sets all of them)."""
+    """Add one `--option` per leaf name of `cls`; a nested section becomes an argument group titled
+    by its ``title`` (a name that occurs at several depths, like `seed`, is one option that sets all
+    of them, shown where it first occurs). Each action carries its field's long explanation as
+    ``action.doc`` (None where the one-line help says it all). Retired options of `cls` are
+    accepted (hidden from --help) and handled by `retired_option`."""
     seen = set()
+    groups: Dict[str, Any] = {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
     for path, f, tp in iter_fields(cls):
-        if (only is not None and path[-1] not in only) or path[-1] in seen:
+        name = option_name(f)
+        if (only is not None and name not in only) or name in seen:
             continue
-        seen.add(path[-1])
-        flag = "--" + path[-1].replace("_", "-")
+        seen.add(name)
+        target: Any = parser
+        if len(path) > 1:
+            title = hints[path[0]].metadata.get("title", path[0])
+            if title not in groups:
+                groups[title] = parser.add_argument_group(title)
+            target = groups[title]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")  # argparse formats help
-        kw: Dict[str, Any] = dict(dest=path[-1], default=argparse.SUPPRESS, help=text)
-        if f.metadata.get("choices"):
-            kw["choices"] = f.metadata["choices"]
+        text = f.metadata.get("help", "") + ("" if default is None else f" (default: {default})")
+        kw: Dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+        choices = f.metadata.get("choices")
+        if choices:
+            kw["choices"] = choices
+            if len(",".join(choices)) > 40:  # a long list would push the help off the line: --help says TEXT,
+                kw["metavar"] = "TEXT"       # an invalid value's error lists them
         if tp is bool:
             kw.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
         elif typing.get_origin(tp) in (list, List):
-            kw["type"] = _int_list
+            kw.update(type=_int_list, metavar="N,N")
         else:
             kw["type"] = tp
-        parser.add_argument(flag, **kw)
+            kw.setdefault("metavar", None if choices else _METAVARS.get(tp, "VALUE"))
+        action = target.add_argument(_flag(name), **kw)
+        action.doc = f.metadata.get("doc")
+    for retired in RETIRED_OPTIONS.get(cls, ()):
+        if only is None or retired.option in only:
+            parser.add_argument(_flag(retired.option), dest=retired.option, action=_RetiredAction, cls=cls,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def from_dict(cls: Type[T], values: Dict[str, Any]) -> T:
-    """Build `cls` from flat `{leaf_name: value}` (unknown names raise, naming them)."""
+    """Build `cls` from flat `{option_name: value}` (unknown names raise, naming them; retired
+    names go through `retired_option`)."""
     leaves: Dict[str, list] = {}
     for path, f, tp in iter_fields(cls):
-        leaves.setdefault(path[-1], []).append((path, tp))
-    unknown = sorted(set(values) - set(leaves))
+        leaves.setdefault(option_name(f), []).append((path, tp))
+    given: Dict[str, Any] = {}
+    for name, value in values.items():
+        moved = retired_option(cls, name, value)
+        if moved is not None:
+            given[moved[0]] = moved[1]
+    unknown = sorted(set(given) - set(leaves))
     if unknown:
         raise ValueError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}")
     cfg = cls()
-    for name, value in values.items():
+    for name, value in given.items():
         for path, tp in leaves[name]:
             if value is not None:
                 if tp is bool:
@@ -356,8 +539,24 @@ def from_dict(cls: Type[T], values: Dict[str, Any]) -> T:
             target = cfg
             for p in path[:-1]:
                 target = getattr(target, p)
-            setattr(target, name, value)
+            setattr(target, path[-1], value)
     return cfg
+
+
+def replace_options(cfg: T, **changes: Any) -> T:
+    """A copy of `cfg` with options changed by their flat names (every leaf of a name, as `from_dict`
+    sets them), for code that speaks in option names rather than sections."""
+    unknown = sorted(set(changes) - option_names(type(cfg)))
+    if unknown:
+        raise ValueError(f"unknown option(s) for {type(cfg).__name__}: {', '.join(unknown)}")
+    out = copy.deepcopy(cfg)
+    for path, f, _ in iter_fields(type(cfg)):
+        if option_name(f) in changes:
+            target = out
+            for p in path[:-1]:
+                target = getattr(target, p)
+            setattr(target, path[-1], changes[option_name(f)])
+    return out
 
 
 def from_namespace(cls: Type[T], ns: argparse.Namespace) -> T:
@@ -365,13 +564,14 @@ def from_namespace(cls: Type[T], ns: argparse.Namespace) -> T:
 
 
 def to_flat_dict(cfg: Any) -> Dict[str, Any]:
-    """`{leaf_name: value}` of a config (for MLflow params and SageMaker hyperparameters)."""
+    """`{option_name: value}` of a config (for MLflow params and SageMaker hyperparameters)."""
     out: Dict[str, Any] = {}
-    for path, _, _ in iter_fields(type(cfg)):
-        if path[-1] in out:
+    for path, f, _ in iter_fields(type(cfg)):
+        name = option_name(f)
+        if name in out:
             continue
         value = cfg
         for p in path:
             value = getattr(value, p)
-        out[path[-1]] = value
+        out[name] = value
     return out

@@ -480,7 +480,7 @@ class TorchRecStrategy(DDPStrategy):
         if not isinstance(inner, DistributedModelParallel):
             pg = dist.GroupMember.WORLD
             device_type = self.root_device.type
-            # replicated by size only on GPUs, where it was measured (see TrainConfig.data_parallel_below_mb)
+            # replicated by size only on GPUs, where it was measured (see DistributedConfig.data_parallel_below_mb)
             kinds = self.table_kinds(inner, replicate_small=pg.size() > 1 and device_type == "cuda")
             plan = build_sharding_plan(inner, pg, device_type, self.sharding, kinds,
                                        local_world_size=self.num_processes)

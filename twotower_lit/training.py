@@ -31,7 +31,7 @@ from twotower_lit.evaluation import RetrievalEvaluation
 from twotower_lit.losses import TwoTowerLoss
 from twotower_lit.metrics import PopularityBaseline
 from twotower_lit.model import feature_specs
-from twotower_lit.module import (MultiStepTwoTowerModule, PipelinedTwoTowerModule, TwoTowerModule,
+from twotower_lit.module import (MultiStepTwoTowerModule, TwoTowerModule,
                                  check_embedding_optimizer)
 from twotower_lit.strategy import TorchRecStrategy, parse_table_sharding, replicated_tables_of
 from twotower_lit import tracking
@@ -91,11 +91,11 @@ def _drop_log_records(logger: str, text: str) -> None:
 
 
 def default_run_name(cfg: TrainConfig) -> str:
-    return cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    return cfg.tracking.run_name or time.strftime("run-%Y%m%d-%H%M%S")
 
 
 def resolve_data(cfg: TrainConfig, output_dir: str) -> str:
-    """A prepared dataset directory for `cfg.data_dir`: used as is when it is prepared already,
+    """A prepared dataset directory for `cfg.data.data_dir`: used as is when it is prepared already,
     otherwise prepared (raw MovieLens, a download, or synthetic data) into OUTPUT/data.
 
     Under several processes all ranks call this; a file lock lets one prepare while the others
@@ -105,11 +105,11 @@ def resolve_data(cfg: TrainConfig, output_dir: str) -> str:
 
     from twotower_lit.data.prepare import is_prepared, prepare_dataset
 
-    if cfg.data_dir and is_prepared(cfg.data_dir):
-        return cfg.data_dir
+    if cfg.data.data_dir and is_prepared(cfg.data.data_dir):
+        return cfg.data.data_dir
     target = os.path.join(output_dir, "data")
-    prep = replace(cfg.prepare, data_dir=cfg.data_dir, output_dir=target, seed=cfg.seed)
-    if not cfg.data_dir and not prep.download and not prep.synthetic:
+    prep = replace(cfg.prepare, data_dir=cfg.data.data_dir, output_dir=target, seed=cfg.seed)
+    if not cfg.data.data_dir and not prep.download and not prep.synthetic:
         prep = replace(prep, synthetic=DEFAULT_SYNTHETIC_RATINGS)
         print(f"no --data-dir given: training on a synthetic ml-1m-shaped set of {prep.synthetic:,} ratings "
               f"(pass --data-dir DIR or --download ml-1m for real MovieLens)", flush=True)
@@ -133,7 +133,7 @@ def launch_rank(cfg: TrainConfig) -> int:
     own launcher sets NODE_RANK and LOCAL_RANK), known before any process group exists."""
     if "RANK" in os.environ:
         return int(os.environ["RANK"])
-    return int(os.environ.get("NODE_RANK", 0)) * cfg.devices + int(os.environ.get("LOCAL_RANK", 0))
+    return int(os.environ.get("NODE_RANK", 0)) * cfg.distributed.devices + int(os.environ.get("LOCAL_RANK", 0))
 
 
 LOG_EVERY_N_STEPS = 10  # train_loss (the interval's mean) goes to the logger and the progress bar this often
@@ -174,20 +174,15 @@ class TrainingClock(L.Callback):
         return sum(steps for _, steps in self.epochs)
 
 
-GPU_STEPS_PER_EXECUTION = 16  # --steps-per-execution 0 on GPUs (see TrainConfig.steps_per_execution)
+GPU_STEPS_PER_EXECUTION = 16  # --steps-per-execution 0 on GPUs (see PerformanceConfig.steps_per_execution)
 GRAPHED_EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "sgd")  # FBGEMM's fused ones that keep no host step count
 
 
 def resolve_steps_per_execution(cfg: TrainConfig, device_type: str) -> int:
     """The optimizer steps per Lightning training_step call this run takes (``0``: by device)."""
-    k = cfg.steps_per_execution
+    k = cfg.performance.steps_per_execution
     if k < 0:
         raise ValueError(f"--steps-per-execution must be at least 1 (or 0: by device), got {k}")
-    if cfg.train_pipeline != "off":
-        if k > 1:
-            raise ValueError(f"--steps-per-execution {k} needs --train-pipeline off (the pipeline runs its own "
-                             f"steps); use one of the two")
-        return 1
     return k or (GPU_STEPS_PER_EXECUTION if device_type == "cuda" else 1)
 
 
@@ -197,12 +192,12 @@ def resolve_cuda_graphs(cfg: TrainConfig, device_type: str, world: int, tables: 
     run: GPU jobs of one process, or of several with every table replicated. (The sharding plan
     is known only once the strategy has sharded the model: `twotower_lit.graphs.plan_refusal`
     checks it then.)"""
-    if cfg.cuda_graphs == "off":
+    if cfg.performance.cuda_graphs == "off":
         return False
     needs = []
     if device_type != "cuda":
         needs.append("a GPU (--accelerator gpu)")
-    if world > 1 and cfg.gradient_sync != "allreduce":
+    if world > 1 and cfg.distributed.gradient_sync != "allreduce":
         needs.append("--gradient-sync allreduce with several processes (DDP's reducer works on the host in "
                      "every backward pass)")
     if cfg.optim.embedding_optimizer not in GRAPHED_EMBEDDING_OPTIMIZERS:
@@ -212,12 +207,10 @@ def resolve_cuda_graphs(cfg: TrainConfig, device_type: str, world: int, tables: 
         needs.append("a constant learning rate (--lr-schedule constant --warmup-steps 0): TorchRec's fused "
                      "embedding optimizers read the rate when their kernel is launched, so a graph keeps its "
                      "capture's")
-    if cfg.train_pipeline != "off":
-        needs.append("--train-pipeline off (the pipeline runs its own steps)")
     if tables is not None and tables.genres_values is not None and len(tables.genres_values) \
             and int(tables.genres_values.min()) < 1:
         needs.append("genre indices from 1 (this data uses index 0, the row that pads genres in a graph)")
-    if cfg.cuda_graphs == "on" and needs:
+    if cfg.performance.cuda_graphs == "on" and needs:
         raise ValueError(f"--cuda-graphs on needs {'; '.join(needs)}. Change that, or pass --cuda-graphs off")
     return not needs
 
@@ -234,13 +227,14 @@ def resolve_data_on_device(cfg: TrainConfig, device_type: str, train_rows: int,
     when the run samples no negatives (that reader builds rated rows only) and `train_rows` take at
     most a quarter of the GPU's memory (`device_memory`, bytes; read from this process's GPU when not
     given). The GPU's total memory, not its free memory, so that every rank decides alike."""
-    choice = str(cfg.data_on_device).strip().lower()
+    choice = str(cfg.performance.data_on_device).strip().lower()
     if choice != "auto":
         try:  # (leniently: the option may come from a SageMaker hyperparameter)
             return parse_bool(choice)
         except argparse.ArgumentTypeError:
-            raise ValueError(f"--data-on-device {cfg.data_on_device!r}: choose auto, true or false") from None
-    if device_type != "cuda" or cfg.negatives:
+            raise ValueError(f"--data-on-device {cfg.performance.data_on_device!r}: choose auto, true or "
+                             "false") from None
+    if device_type != "cuda" or cfg.data.negatives:
         return False
     if device_memory is None:  # (a launcher may show each process one GPU: then it is device 0)
         index = min(int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count() - 1)
@@ -251,34 +245,35 @@ def resolve_data_on_device(cfg: TrainConfig, device_type: str, train_rows: int,
 def build_trainer(cfg: TrainConfig, output_dir: str, checkpoint_dir: str, logger,
                   ckpt_path: Optional[str] = None, graphed: bool = False,
                   extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
-    strategy = TorchRecStrategy(sharding=cfg.sharding, table_sharding=parse_table_sharding(cfg.table_sharding),
-                                data_parallel_below_mb=cfg.data_parallel_below_mb, gradient_sync=cfg.gradient_sync,
+    run = cfg.distributed
+    strategy = TorchRecStrategy(sharding=run.sharding, table_sharding=parse_table_sharding(run.table_sharding),
+                                data_parallel_below_mb=run.data_parallel_below_mb, gradient_sync=run.gradient_sync,
                                 resumed_data_parallel_tables=replicated_tables_of(ckpt_path) if ckpt_path else None,
-                                timeout=datetime.timedelta(seconds=cfg.collective_timeout_s), cuda_graphs=graphed,
-                                allreduce_precision=cfg.allreduce_precision)
+                                timeout=datetime.timedelta(seconds=run.collective_timeout_s), cuda_graphs=graphed,
+                                allreduce_precision=run.allreduce_precision)
     # one callback per trigger: Lightning's ModelCheckpoint takes either a step or an epoch interval
     checkpoints = [L.pytorch.callbacks.ModelCheckpoint(
         dirpath=checkpoint_dir, filename="epoch{epoch}-end-step{step}", auto_insert_metric_name=False,
         save_on_train_epoch_end=True, save_top_k=-1, every_n_epochs=1)]
-    if cfg.checkpoint_every_n_steps:
+    if cfg.output.checkpoint_every_n_steps:
         checkpoints.append(L.pytorch.callbacks.ModelCheckpoint(
             dirpath=checkpoint_dir, filename="epoch{epoch}-step{step}", auto_insert_metric_name=False,
-            every_n_train_steps=cfg.checkpoint_every_n_steps, save_top_k=-1))
+            every_n_train_steps=cfg.output.checkpoint_every_n_steps, save_top_k=-1))
     # The progress bar redraws when the logged training loss changes (every LOG_EVERY_N_STEPS),
     # not after every step: a redraw costs the host ~0.15 ms (tqdm's refresh and postfix), a few
     # percent of a GPU step, and writes a line to a job's log each time.
     # With several steps per call: logged steps on call boundaries (a multiple of K), and the bar
     # redrawn after every call (its count, the batch index, then moves K at a time).
-    k = max(1, cfg.steps_per_execution)  # resolved by `run` (0 = by device: 1 here)
+    k = max(1, cfg.performance.steps_per_execution)  # resolved by `run` (0 = by device: 1 here)
     log_every = k * math.ceil(LOG_EVERY_N_STEPS / k)
     progress = [L.pytorch.callbacks.TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS if k == 1 else 1)] \
-        if cfg.progress else []
+        if cfg.output.progress else []
     return L.Trainer(
-        accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
-        max_epochs=cfg.max_epochs, logger=logger,
-        callbacks=[PeerLossReport(checkpoint_dir), *checkpoints, RetrievalEvaluation(cfg.eval_k), TrainingClock(),
-                   *progress, *extra_callbacks],
-        enable_progress_bar=cfg.progress, enable_model_summary=False, log_every_n_steps=log_every,
+        accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=strategy,
+        max_epochs=cfg.optim.max_epochs, logger=logger,
+        callbacks=[PeerLossReport(checkpoint_dir), *checkpoints, RetrievalEvaluation(cfg.tracking.eval_k),
+                   TrainingClock(), *progress, *extra_callbacks],
+        enable_progress_bar=cfg.output.progress, enable_model_summary=False, log_every_n_steps=log_every,
         num_sanity_val_steps=1, deterministic=False, default_root_dir=output_dir, use_distributed_sampler=False)
 
 
@@ -317,53 +312,53 @@ def close_process_group() -> None:
 def _train_test_export(cfg: TrainConfig, callbacks: Sequence[L.Callback],
                        run_tags: Optional[Dict[str, str]]) -> Optional[Dict]:
     quiet_known_warnings()
-    if cfg.loss != "both" and cfg.model.exposure_dims:
+    if cfg.loss.kind != "both" and cfg.model.exposure_dims:
         # one objective, one score: the exposure dimensions would only be shrunk by the vector L2
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, exposure_dims=0))
-    device_type = "cuda" if cfg.accelerator in ("gpu", "cuda") or (
-        cfg.accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+    device_type = "cuda" if cfg.distributed.accelerator in ("gpu", "cuda") or (
+        cfg.distributed.accelerator == "auto" and torch.cuda.is_available()) else "cpu"
     check_embedding_optimizer(cfg.optim.embedding_optimizer, device_type)
-    cfg = dataclasses.replace(cfg, steps_per_execution=resolve_steps_per_execution(cfg, device_type))
+    cfg = dataclasses.replace(cfg, performance=dataclasses.replace(
+        cfg.performance, steps_per_execution=resolve_steps_per_execution(cfg, device_type)))
     if device_type == "cuda":
         # TF32 for the towers' matmuls: ~0.7 ms less GPU time per 64k-row step on an H200
         # (benchmarks/train_throughput.py --matmul-precision high); the embeddings are unaffected
-        torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
+        torch.set_float32_matmul_precision("high" if cfg.performance.tf32 else "highest")
     run_name = default_run_name(cfg)
-    output_dir = os.path.abspath(cfg.output_dir or os.path.join("outputs", run_name))
+    output_dir = os.path.abspath(cfg.output.output_dir or os.path.join("outputs", run_name))
     os.environ.setdefault("TWOTOWER_RUN_DIR", output_dir)
     data_dir = resolve_data(cfg, output_dir)
     manifest = load_manifest(data_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     on_device = resolve_data_on_device(cfg, device_type, int(split_source(data_dir, manifest, "train").total_rows))
-    cfg = dataclasses.replace(cfg, data_on_device=str(on_device).lower())
-    dm = MovieLensDataModule(data_dir, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
-                             negatives=cfg.negatives, negative_sampling=cfg.negative_sampling, seed=cfg.seed,
-                             num_workers=cfg.num_workers, side_features=cfg.model.side_features,
+    cfg = dataclasses.replace(cfg, performance=dataclasses.replace(cfg.performance,
+                                                                   data_on_device=str(on_device).lower()))
+    dm = MovieLensDataModule(data_dir, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
+                             negatives=cfg.data.negatives, negative_sampling=cfg.data.negative_sampling, seed=cfg.seed,
+                             num_workers=cfg.data.num_workers, side_features=cfg.model.side_features,
                              data_on_device=on_device)
     features = feature_specs(manifest, cfg.model.side_features)
-    world = cfg.devices * cfg.num_nodes
-    total_steps = dm.steps_per_epoch(world) * cfg.max_epochs
+    world = cfg.distributed.devices * cfg.distributed.num_nodes
+    total_steps = dm.steps_per_epoch(world) * cfg.optim.max_epochs
     dm.load()  # training-row counts per item: the softmax's log-Q correction
-    loss = TwoTowerLoss(cfg.loss, num_items=dm.num_items, negatives=cfg.negatives,
-                        softmax_weight=cfg.softmax_weight, temperature=cfg.softmax_temperature,
-                        vector_l2=cfg.vector_l2, softmax_rows=cfg.softmax_rows,
+    loss = TwoTowerLoss(cfg.loss.kind, num_items=dm.num_items, negatives=cfg.data.negatives,
+                        softmax_weight=cfg.loss.softmax_weight, temperature=cfg.loss.softmax_temperature,
+                        vector_l2=cfg.loss.vector_l2, softmax_rows=cfg.loss.softmax_rows,
                         exposure_dims=cfg.model.exposure_dims)
     loss.set_item_counts(dm.item_counts)
     graphed = resolve_cuda_graphs(cfg, device_type, world, dm.tables)
     module_cls, options = TwoTowerModule, {}
-    if cfg.train_pipeline == "sparse_dist":
-        module_cls = PipelinedTwoTowerModule
-    elif cfg.steps_per_execution > 1 or graphed:
-        module_cls, options = MultiStepTwoTowerModule, {"steps_per_execution": cfg.steps_per_execution,
-                                                        "checkpoint_every_n_steps": cfg.checkpoint_every_n_steps,
+    if cfg.performance.steps_per_execution > 1 or graphed:
+        module_cls, options = MultiStepTwoTowerModule, {"steps_per_execution": cfg.performance.steps_per_execution,
+                                                        "checkpoint_every_n_steps": cfg.output.checkpoint_every_n_steps,
                                                         "graphed_steps": graphed,
-                                                        "graphs_required": cfg.cuda_graphs == "on"}
+                                                        "graphs_required": cfg.performance.cuda_graphs == "on"}
     module = module_cls(features, cfg.model, cfg.optim, total_steps=total_steps, loss=loss, **options)
 
-    uri = tracking.tracking_uri(cfg.mlflow_uri, output_dir)
+    uri = tracking.tracking_uri(cfg.tracking.mlflow_uri, output_dir)
     if uri and launch_rank(cfg) == 0:
-        tracking.prepare_experiment(uri, output_dir, cfg.experiment_name)
+        tracking.prepare_experiment(uri, output_dir, cfg.tracking.experiment_name)
     # only global rank 0 talks to MLflow (other ranks opening the SQLite store would race on its schema)
     # Metrics are logged asynchronously: MLflow queues them for a background thread and the run's
     # termination (the logger's finalize) waits for the queue. A synchronous call every logged step
@@ -371,14 +366,14 @@ def _train_test_export(cfg: TrainConfig, callbacks: Sequence[L.Callback],
     # call on SQLite, 64.6 against 0.9 ms on a local MLflow server (benchmarks/tracking_bench.py,
     # 2-core VM), every 10 steps of a few milliseconds each on a GPU.
     logger = L.pytorch.loggers.MLFlowLogger(
-        experiment_name=cfg.experiment_name, run_name=run_name, tracking_uri=uri,
+        experiment_name=cfg.tracking.experiment_name, run_name=run_name, tracking_uri=uri,
         artifact_location=tracking.artifact_location(uri, output_dir), log_model=False, synchronous=False,
         tags=run_tags) \
         if uri and launch_rank(cfg) == 0 else False
-    checkpoint_dir = cfg.checkpoint_dir or os.path.join(output_dir, "checkpoints")
+    checkpoint_dir = cfg.output.checkpoint_dir or os.path.join(output_dir, "checkpoints")
     ckpt_path = None
-    if cfg.resume:
-        ckpt_path = latest_checkpoint(checkpoint_dir) if cfg.resume == "auto" else cfg.resume
+    if cfg.output.resume:
+        ckpt_path = latest_checkpoint(checkpoint_dir) if cfg.output.resume == "auto" else cfg.output.resume
         if ckpt_path is None:
             print(f"--resume auto: no checkpoint in {checkpoint_dir}; starting from scratch", flush=True)
     trainer = build_trainer(cfg, output_dir, checkpoint_dir, logger, ckpt_path, graphed, callbacks)
@@ -395,10 +390,10 @@ def _train_test_export(cfg: TrainConfig, callbacks: Sequence[L.Callback],
     if not trainer.is_global_zero:
         return None
 
-    k = cfg.eval_k
+    k = cfg.tracking.eval_k
     clock = _callback(trainer, TrainingClock)
     loop_seconds = clock.seconds
-    row_rate = rows_per_step(dm, trainer.world_size, cfg.negatives)
+    row_rate = rows_per_step(dm, trainer.world_size, cfg.data.negatives)
     # the steps this process trained: a resumed run's earlier steps (maybe on another number of
     # processes) took no time here
     rows = round(row_rate * clock.steps)
@@ -428,7 +423,7 @@ def _train_test_export(cfg: TrainConfig, callbacks: Sequence[L.Callback],
     metrics["model_version"] = export["model_version"]
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1, sort_keys=True)
-    if cfg.package:
+    if cfg.output.package:
         from twotower_lit.export.package import package_model
 
         package_model(model_dir, os.path.join(output_dir, "model.tar.gz"))
@@ -436,10 +431,10 @@ def _train_test_export(cfg: TrainConfig, callbacks: Sequence[L.Callback],
         # the exported model is stored once: in the registered pyfunc when there is one
         tracking.log_run_outputs(logger.experiment, logger.run_id, output_dir, model_dir, data_dir, manifest,
                                  trainer.strategy.plan_description, metrics, k,
-                                 log_export=not cfg.registered_model_name)
-        if cfg.registered_model_name:
+                                 log_export=not cfg.tracking.registered_model_name)
+        if cfg.tracking.registered_model_name:
             metrics["registered_version"] = tracking.register_model(uri, logger.run_id, model_dir,
-                                                                    cfg.registered_model_name)
+                                                                    cfg.tracking.registered_model_name)
         logger.finalize("success")
         metrics["mlflow"] = {"tracking_uri": uri, "run_id": logger.run_id}
     _print_summary(metrics, output_dir, k)

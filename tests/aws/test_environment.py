@@ -13,7 +13,7 @@ import pytest
 from twotower_lit.aws.container import stage_source_dir, training_requirements
 from twotower_lit.aws.environment import (apply_sagemaker_environment, read_environment, training_arguments)
 from twotower_lit.aws.hyperparameters import container_argv, to_hyperparameters
-from twotower_lit.config import TrainConfig
+from twotower_lit.config import TrainConfig, replace_options
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ def sm_env(root: Path, **extra) -> dict:
 
 
 def test_outside_sagemaker_nothing_changes():
-    cfg = TrainConfig(max_epochs=2)
+    cfg = replace_options(TrainConfig(), max_epochs=2)
     assert read_environment({}) is None
     assert apply_sagemaker_environment(cfg, {"SM_CHANNEL_DATA": "/x"}) == cfg
 
@@ -36,19 +36,19 @@ def test_container_options_come_from_the_environment(tmp_path):
     env = sm_env(tmp_path, SM_CHANNEL_DATA=str(tmp_path / "input" / "data" / "data"),
                  SM_CHANNEL_CODE="/opt/ml/input/data/code", SM_CHANNEL_SM_DRIVERS="/opt/ml/input/data/sm_drivers",
                  WORLD_SIZE="4", LOCAL_WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
-    cfg = apply_sagemaker_environment(TrainConfig(max_epochs=1), env)
-    assert cfg.data_dir == env["SM_CHANNEL_DATA"]
-    assert cfg.output_dir == env["SM_OUTPUT_DATA_DIR"]
-    assert cfg.checkpoint_dir == str(tmp_path / "checkpoints")
-    assert (cfg.devices, cfg.num_nodes) == (2, 2)
-    assert cfg.run_name == "tt-job-1" and cfg.progress is False and cfg.max_epochs == 1
+    cfg = apply_sagemaker_environment(replace_options(TrainConfig(), max_epochs=1), env)
+    assert cfg.data.data_dir == env["SM_CHANNEL_DATA"]
+    assert cfg.output.output_dir == env["SM_OUTPUT_DATA_DIR"]
+    assert cfg.output.checkpoint_dir == str(tmp_path / "checkpoints")
+    assert (cfg.distributed.devices, cfg.distributed.num_nodes) == (2, 2)
+    assert cfg.tracking.run_name == "tt-job-1" and cfg.output.progress is False and cfg.optim.max_epochs == 1
 
 
 def test_v3_code_channels_are_not_data_and_one_other_channel_is(tmp_path):
     base = dict(SM_CHANNEL_CODE="/c", SM_CHANNEL_SM_DRIVERS="/d")
-    assert apply_sagemaker_environment(TrainConfig(), sm_env(tmp_path, **base)).data_dir is None
+    assert apply_sagemaker_environment(TrainConfig(), sm_env(tmp_path, **base)).data.data_dir is None
     cfg = apply_sagemaker_environment(TrainConfig(), sm_env(tmp_path, SM_CHANNEL_TRAINING="/t", **base))
-    assert cfg.data_dir == "/t"
+    assert cfg.data.data_dir == "/t"
     with pytest.raises(ValueError, match="name the prepared data channel 'data'"):
         apply_sagemaker_environment(TrainConfig(), sm_env(tmp_path, SM_CHANNEL_A="/a", SM_CHANNEL_B="/b"))
 
@@ -56,8 +56,10 @@ def test_v3_code_channels_are_not_data_and_one_other_channel_is(tmp_path):
 def test_explicit_options_win_and_gpus_without_torchrun(tmp_path):
     env = sm_env(tmp_path, SM_CHANNEL_DATA="/d", SM_NUM_GPUS="8",
                  SM_HPS=json.dumps({"progress": "true", "data_dir": "s3://b/p"}))
-    cfg = apply_sagemaker_environment(TrainConfig(data_dir="s3://b/p", progress=True, run_name="mine"), env)
-    assert (cfg.data_dir, cfg.progress, cfg.run_name, cfg.devices, cfg.num_nodes) == ("s3://b/p", True, "mine", 8, 1)
+    cfg = apply_sagemaker_environment(replace_options(TrainConfig(), data_dir="s3://b/p", progress=True,
+                                                      run_name="mine"), env)
+    assert (cfg.data.data_dir, cfg.output.progress, cfg.tracking.run_name, cfg.distributed.devices,
+            cfg.distributed.num_nodes) == ("s3://b/p", True, "mine", 8, 1)
     with pytest.raises(ValueError, match="torch_distributed"):
         apply_sagemaker_environment(TrainConfig(), sm_env(tmp_path, SM_HOSTS=json.dumps(["algo-1", "algo-2"])))
 
@@ -85,8 +87,8 @@ def test_train_py_under_sagemaker_environment_with_torchrun(synthetic_movielens,
         d.mkdir(parents=True)
     _prepare(synthetic_movielens("ml-1m", 3000, seed=3), data)
     stage_source_dir(str(code), training_requirements("ml.m5.xlarge", "2.13.0"))
-    cfg = TrainConfig(max_epochs=1, batch_size=256, negatives=2, registered_model_name="", accelerator="cpu",
-                      collective_timeout_s=120)
+    cfg = replace_options(TrainConfig(), max_epochs=1, batch_size=256, negatives=2, registered_model_name="",
+                          accelerator="cpu", collective_timeout_s=120)
     hps = to_hyperparameters(cfg)
     env = dict(os.environ, **sm_env(ml, SM_CHANNEL_DATA=str(data), SM_HPS=json.dumps(hps)),
                PYTHONPATH=str(code), OMP_NUM_THREADS="1")

@@ -6,13 +6,14 @@ import pytest
 from entrypoints.train import parse_args
 from twotower_lit.aws.hyperparameters import (CONTAINER_FIELDS, container_argv, from_hyperparameters,
                                               metric_definitions, to_hyperparameters)
-from twotower_lit.config import TrainConfig, to_flat_dict
+from twotower_lit.config import TrainConfig, replace_options, to_flat_dict
 
 
 def custom_config() -> TrainConfig:
-    cfg = TrainConfig(max_epochs=3, batch_size=512, negatives=2, sharding="row_wise", registered_model_name="",
-                      mlflow_uri="arn:aws:sagemaker:us-east-1:123456789012:mlflow-tracking-server/tt",
-                      progress=False, output_dir="/somewhere/local", devices=4)
+    cfg = replace_options(TrainConfig(), max_epochs=3, batch_size=512, negatives=2, sharding="row_wise",
+                          registered_model_name="",
+                          mlflow_uri="arn:aws:sagemaker:us-east-1:123456789012:mlflow-tracking-server/tt",
+                          progress=False, output_dir="/somewhere/local", devices=4)
     cfg.model.user_layers = [64, 32]
     cfg.model.item_layers = [64, 32]
     cfg.model.side_features = False
@@ -25,7 +26,7 @@ def test_only_non_default_non_container_options_are_sent_as_strings():
     cfg = custom_config()
     hps = to_hyperparameters(cfg)
     assert hps == {"max_epochs": "3", "batch_size": "512", "negatives": "2", "sharding": "row_wise",
-                   "registered_model_name": "", "mlflow_uri": cfg.mlflow_uri, "user_layers": "64,32",
+                   "registered_model_name": "", "mlflow_uri": cfg.tracking.mlflow_uri, "user_layers": "64,32",
                    "item_layers": "64,32", "side_features": "false", "dense_lr": "0.0005", "neutral": "drop"}
     assert not CONTAINER_FIELDS & set(hps)
     assert to_hyperparameters(TrainConfig()) == {}
@@ -52,7 +53,7 @@ def test_what_the_container_passes_to_train_py_parses_back(sdk):
 
 
 def test_unsetting_a_default_cannot_be_expressed_and_says_so():
-    cfg = TrainConfig(experiment_name=None)
+    cfg = replace_options(TrainConfig(), experiment_name=None)
     with pytest.raises(ValueError, match="experiment-name"):
         to_hyperparameters(cfg)
 

@@ -13,7 +13,7 @@ from twotower_lit.aws.environment import CHECKPOINT_LOCAL_PATH
 from twotower_lit.aws.hyperparameters import from_hyperparameters
 from twotower_lit.aws.session import parse_s3_uri
 from twotower_lit.aws.training import describe_training_job, installed_sdk, plan_training_job, start_training_job
-from twotower_lit.config import TrainConfig
+from twotower_lit.config import TrainConfig, replace_options
 
 SDK = installed_sdk()
 pytestmark = pytest.mark.skipif(SDK is None, reason="no SageMaker Python SDK in this environment "
@@ -31,7 +31,8 @@ def test_training_job_through_the_installed_sdk(ctx, request_log, tmp_path):
     (data / "train").mkdir(parents=True)
     (data / "manifest.json").write_text('{"schema_version": 1}')
     (data / "train" / "part-00000.parquet").write_bytes(b"PAR1" + b"\0" * 100)
-    cfg = TrainConfig(data_dir=str(data), max_epochs=2, batch_size=512, mlflow_uri="http://mlflow.internal:5000")
+    cfg = replace_options(TrainConfig(), data_dir=str(data), max_epochs=2, batch_size=512,
+                          mlflow_uri="http://mlflow.internal:5000")
     cfg.model.user_layers = [64, 32]
     cfg.model.item_layers = [64, 32]
     job = SageMakerTrainConfig(sdk=SDK, instance_type="ml.g5.12xlarge", instance_count=2, spot=True,
@@ -58,7 +59,8 @@ def test_training_job_through_the_installed_sdk(ctx, request_log, tmp_path):
 
     # the stored hyperparameters decode to the same TrainConfig (spot + checkpoints -> resume auto)
     hps = req["HyperParameters"]
-    expected = TrainConfig(max_epochs=2, batch_size=512, mlflow_uri="http://mlflow.internal:5000", resume="auto")
+    expected = replace_options(TrainConfig(), max_epochs=2, batch_size=512, mlflow_uri="http://mlflow.internal:5000",
+                               resume="auto")
     expected.model.user_layers = expected.model.item_layers = [64, 32]
     assert from_hyperparameters({k: v for k, v in hps.items() if k in plan.hyperparameters}) == expected
     assert set(plan.hyperparameters) <= set(hps)
@@ -92,7 +94,7 @@ def test_processes_per_host_and_the_checkpoint_prefix_reach_the_request(ctx, req
     job = SageMakerTrainConfig(sdk=SDK, instance_type="ml.g5.12xlarge", processes_per_host=2,
                                checkpoint_s3_uri="auto", image_uri="123456789012.dkr.ecr.us-east-1.amazonaws.com/t:1",
                                image_torch="2.13.0")
-    plan = plan_training_job(ctx, TrainConfig(max_epochs=1), job, str(tmp_path / "work"))
+    plan = plan_training_job(ctx, replace_options(TrainConfig(), max_epochs=1), job, str(tmp_path / "work"))
     name = start_training_job(ctx, plan, wait=False)
     req = request_log.calls("CreateTrainingJob")[-1]
     assert req["TrainingJobName"] == name

@@ -40,8 +40,9 @@ def _module(dm, pg, device, cls=None, for_capture=False, **options):
 
     job = TrainConfig()
     model_cfg = ModelConfig(embedding_dim=16, user_layers=[32, 16], item_layers=[32, 16], exposure_dims=4)
-    loss = TwoTowerLoss(job.loss, num_items=dm.num_items, negatives=0, softmax_weight=job.softmax_weight,
-                        temperature=job.softmax_temperature, vector_l2=job.vector_l2, softmax_rows=job.softmax_rows,
+    loss = TwoTowerLoss(job.loss.kind, num_items=dm.num_items, negatives=0, softmax_weight=job.loss.softmax_weight,
+                        temperature=job.loss.softmax_temperature, vector_l2=job.loss.vector_l2,
+                        softmax_rows=job.loss.softmax_rows,
                         exposure_dims=model_cfg.exposure_dims)
     loss.set_item_counts(dm.item_counts)
     lm = (cls or TwoTowerModule)(feature_specs(dm.manifest), model_cfg, OptimConfig(embedding_lr=0.1, dense_lr=0.01),

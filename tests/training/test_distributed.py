@@ -106,25 +106,6 @@ def test_sigkill_of_one_rank_fails_fast_and_resume_reproduces_the_run(two_rank_r
         assert resumed["test"][key] == pytest.approx(reference["test"][key], abs=1e-6), key
 
 
-def test_train_pipeline_resumes_mid_epoch_and_finishes_the_same_run(two_rank_run, small_prepared, tmp_path):
-    """TorchRec's TrainPipelineSparseDist (batches fetched two steps ahead, input distribution
-    overlapped) trains exactly the batches of Lightning's loop, in the same order: resumed from the
-    reference's mid-epoch checkpoint (written without the pipeline), it ends with the same steps and
-    metrics."""
-    reference = read_json(two_rank_run / "metrics.json")
-    steps_per_epoch = reference["train"]["steps"] // 2
-    mid = [p.parent for p in (two_rank_run / "checkpoints").glob("epoch1-step*/trainer_state.pt")
-           if _step(p.parent) % steps_per_epoch]
-    assert mid, "the reference has no mid-epoch checkpoint in its second epoch"
-    resumed = tmp_path / "resumed"
-    train(small_prepared, resumed, "--max-epochs", "2", "--sharding", "row_wise", "--train-pipeline", "sparse_dist",
-          "--resume", str(min(mid, key=_step)))
-    got = read_json(resumed / "metrics.json")
-    assert got["train"]["steps"] == reference["train"]["steps"]
-    for key in KEYS:
-        assert got["test"][key] == pytest.approx(reference["test"][key], abs=1e-6), key
-
-
 def _mid_epoch_checkpoints(run: Path, steps_per_epoch: int):
     return [p.parent for p in (run / "checkpoints").glob("epoch0-step*/trainer_state.pt")
             if _step(p.parent) % steps_per_epoch]

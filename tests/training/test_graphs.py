@@ -172,7 +172,7 @@ def test_fixed_shape_steps_train_exactly_as_eager_steps(process_group, data):
 
 
 def test_cuda_graphs_option_takes_graphs_only_where_they_run():
-    from twotower_lit.config import OptimConfig, TrainConfig
+    from twotower_lit.config import OptimConfig, TrainConfig, replace_options
     from twotower_lit.data.batches import FeatureTables
     from twotower_lit.training import resolve_cuda_graphs
 
@@ -182,26 +182,26 @@ def test_cuda_graphs_option_takes_graphs_only_where_they_run():
     assert resolve_cuda_graphs(auto, "cuda", 2, None)  # several processes: see below
     cosine = dataclasses.replace(auto, optim=OptimConfig(lr_schedule="cosine"))
     assert not resolve_cuda_graphs(cosine, "cuda", 1, None)
-    assert not resolve_cuda_graphs(dataclasses.replace(auto, cuda_graphs="off"), "cuda", 1, None)
+    assert not resolve_cuda_graphs(replace_options(auto, cuda_graphs="off"), "cuda", 1, None)
     with pytest.raises(ValueError, match="--lr-schedule constant"):
-        resolve_cuda_graphs(dataclasses.replace(cosine, cuda_graphs="on"), "cuda", 1, None)
+        resolve_cuda_graphs(replace_options(cosine, cuda_graphs="on"), "cuda", 1, None)
     with pytest.raises(ValueError, match="a GPU"):
-        resolve_cuda_graphs(dataclasses.replace(auto, cuda_graphs="on"), "cpu", 1, None)
+        resolve_cuda_graphs(replace_options(auto, cuda_graphs="on"), "cpu", 1, None)
     # several processes: graphs where every table is replicated (the sharding plan is checked once
     # the model is sharded: test_several_processes_need_every_table_replicated)
-    assert resolve_cuda_graphs(dataclasses.replace(auto, cuda_graphs="on"), "cuda", 2, None)
-    ddp = dataclasses.replace(auto, gradient_sync="ddp")
+    assert resolve_cuda_graphs(replace_options(auto, cuda_graphs="on"), "cuda", 2, None)
+    ddp = replace_options(auto, gradient_sync="ddp")
     assert resolve_cuda_graphs(ddp, "cuda", 1, None) and not resolve_cuda_graphs(ddp, "cuda", 2, None)
     with pytest.raises(ValueError, match="--gradient-sync allreduce"):
-        resolve_cuda_graphs(dataclasses.replace(ddp, cuda_graphs="on"), "cuda", 2, None)
+        resolve_cuda_graphs(replace_options(ddp, cuda_graphs="on"), "cuda", 2, None)
     adam = dataclasses.replace(auto, optim=OptimConfig(embedding_optimizer="adam"))
     assert not resolve_cuda_graphs(adam, "cuda", 1, None)
     with pytest.raises(ValueError, match="--embedding-optimizer rowwise_adagrad or sgd"):
-        resolve_cuda_graphs(dataclasses.replace(adam, cuda_graphs="on"), "cuda", 1, None)
+        resolve_cuda_graphs(replace_options(adam, cuda_graphs="on"), "cuda", 1, None)
     tables = FeatureTables({"user": np.arange(3)}, {"item": np.arange(3)}, np.array([0, 0, 1, 2]), np.array([0, 2]))
     assert not resolve_cuda_graphs(auto, "cuda", 1, tables)
     with pytest.raises(ValueError, match="genre indices from 1"):
-        resolve_cuda_graphs(dataclasses.replace(auto, cuda_graphs="on"), "cuda", 1, tables)
+        resolve_cuda_graphs(replace_options(auto, cuda_graphs="on"), "cuda", 1, tables)
 
 
 

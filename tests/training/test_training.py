@@ -246,10 +246,10 @@ def test_exported_scores_equal_model_scores(prepared_synthetic, tmp_path):
 
 @pytest.mark.parametrize("progress", [True, False])
 def test_progress_bar_redraws_once_per_logging_interval(tmp_path, progress):
-    from twotower_lit.config import TrainConfig
+    from twotower_lit.config import TrainConfig, replace_options
     from twotower_lit.training import LOG_EVERY_N_STEPS, build_trainer
 
-    cfg = TrainConfig(accelerator="cpu", devices=1, progress=progress)
+    cfg = replace_options(TrainConfig(), accelerator="cpu", devices=1, progress=progress)
     trainer = build_trainer(cfg, str(tmp_path), str(tmp_path / "checkpoints"), logger=False)
     assert trainer.log_every_n_steps == LOG_EVERY_N_STEPS > 1
     bar = trainer.progress_bar_callback
@@ -280,10 +280,10 @@ def test_several_steps_per_call_train_the_same_run(trained, prepared_synthetic, 
 
 
 def test_steps_per_execution_by_device_log_and_redraw_intervals_and_what_is_refused(tmp_path):
-    from twotower_lit.config import TrainConfig
+    from twotower_lit.config import TrainConfig, replace_options
     from twotower_lit.training import GPU_STEPS_PER_EXECUTION, build_trainer, resolve_steps_per_execution
 
-    cfg = TrainConfig(accelerator="cpu", devices=1, steps_per_execution=4)
+    cfg = replace_options(TrainConfig(), accelerator="cpu", devices=1, steps_per_execution=4)
     trainer = build_trainer(cfg, str(tmp_path), str(tmp_path / "checkpoints"), logger=False)
     assert trainer.log_every_n_steps == 12  # a multiple of 4: logged steps fall on call boundaries
     assert trainer.progress_bar_callback.refresh_rate == 1  # one redraw per call of 4 steps
@@ -296,40 +296,35 @@ def test_steps_per_execution_by_device_log_and_redraw_intervals_and_what_is_refu
                                      ModelConfig(embedding_dim=4, user_layers=[4], item_layers=[4], exposure_dims=0),
                                      OptimConfig(), steps_per_execution=4)
     module.trainer = trainer
-    assert cfg.progress and module.lean_steps_allowed()
+    assert cfg.output.progress and module.lean_steps_allowed()
     # 0 (the default): several steps per call where the host's per-step work bounds a step
-    assert TrainConfig().steps_per_execution == 0
+    assert TrainConfig().performance.steps_per_execution == 0
     assert resolve_steps_per_execution(TrainConfig(), "cuda") == GPU_STEPS_PER_EXECUTION > 1
     assert resolve_steps_per_execution(TrainConfig(), "cpu") == 1
-    assert resolve_steps_per_execution(TrainConfig(steps_per_execution=3), "cpu") == 3
-    assert resolve_steps_per_execution(TrainConfig(train_pipeline="sparse_dist"), "cuda") == 1
-    with pytest.raises(ValueError, match="needs --train-pipeline off"):
-        resolve_steps_per_execution(TrainConfig(steps_per_execution=2, train_pipeline="sparse_dist"), "cuda")
+    assert resolve_steps_per_execution(replace_options(TrainConfig(), steps_per_execution=3), "cpu") == 3
     with pytest.raises(ValueError, match=r"at least 1 \(or 0: by device\), got -1"):
-        resolve_steps_per_execution(TrainConfig(steps_per_execution=-1), "cpu")
+        resolve_steps_per_execution(replace_options(TrainConfig(), steps_per_execution=-1), "cpu")
 
 
 def test_data_on_device_auto_takes_gpus_that_hold_the_split_and_runs_without_negatives():
-    from dataclasses import replace
-
-    from twotower_lit.config import TrainConfig
+    from twotower_lit.config import TrainConfig, replace_options
     from twotower_lit.training import DEVICE_BYTES_PER_ROW, resolve_data_on_device
 
     cfg = TrainConfig()
     gib = 2**30
-    assert cfg.data_on_device == "auto"
+    assert cfg.performance.data_on_device == "auto"
     # ML-32M's training split (25.6 M rows) on a 16 GiB GPU; rows for a quarter of its memory fit, for all of it not
     assert resolve_data_on_device(cfg, "cuda", 25_600_000, device_memory=16 * gib)
     assert not resolve_data_on_device(cfg, "cuda", 16 * gib // DEVICE_BYTES_PER_ROW, device_memory=16 * gib)
     assert resolve_data_on_device(cfg, "cuda", 4 * gib // DEVICE_BYTES_PER_ROW, device_memory=16 * gib)
     assert not resolve_data_on_device(cfg, "cpu", 1000, device_memory=16 * gib)
-    assert not resolve_data_on_device(replace(cfg, negatives=2), "cuda", 1000, device_memory=16 * gib)
+    assert not resolve_data_on_device(replace_options(cfg, negatives=2), "cuda", 1000, device_memory=16 * gib)
     # explicit choices win; a boolean from a SageMaker hyperparameter is read as one
-    assert resolve_data_on_device(replace(cfg, data_on_device="true"), "cpu", 10**12, device_memory=1)
-    assert not resolve_data_on_device(replace(cfg, data_on_device="false"), "cuda", 1, device_memory=16 * gib)
-    assert resolve_data_on_device(replace(cfg, data_on_device=True), "cpu", 1)
+    assert resolve_data_on_device(replace_options(cfg, data_on_device="true"), "cpu", 10**12, device_memory=1)
+    assert not resolve_data_on_device(replace_options(cfg, data_on_device="false"), "cuda", 1, device_memory=16 * gib)
+    assert resolve_data_on_device(replace_options(cfg, data_on_device=True), "cpu", 1)
     with pytest.raises(ValueError, match="--data-on-device 'maybe': choose auto, true or false"):
-        resolve_data_on_device(replace(cfg, data_on_device="maybe"), "cuda", 1, device_memory=16 * gib)
+        resolve_data_on_device(replace_options(cfg, data_on_device="maybe"), "cuda", 1, device_memory=16 * gib)
 
 
 def test_a_call_of_several_steps_ends_at_the_next_multiple_of_k_or_of_the_checkpoint_interval():

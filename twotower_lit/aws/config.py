@@ -14,7 +14,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Type
 
-from twotower_lit.config import _opt, from_dict, iter_fields
+from twotower_lit.config import _opt, from_dict, option_names
 
 # The newest AWS PyTorch inference image the SDKs know (November 2026). The training image is
 # chosen in twotower_lit/aws/container.py (it must carry the torch that TorchRec needs).
@@ -127,9 +127,9 @@ def split_namespace(ns: argparse.Namespace, *classes: Type[Any]) -> Tuple[Any, .
     values = vars(ns)
     out = []
     for cls in classes:
-        names = {path[-1] for path, _, _ in iter_fields(cls)}
+        names = option_names(cls)
         out.append(from_dict(cls, {k: v for k, v in values.items() if k in names}))
-    unknown = set(values) - {path[-1] for cls in classes for path, _, _ in iter_fields(cls)}
+    unknown = set(values) - set().union(*(option_names(cls) for cls in classes))
     if unknown:
         raise ValueError(f"options not in any config: {', '.join(sorted(unknown))}")
     return tuple(out)

@@ -25,10 +25,10 @@ import os
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from twotower_lit.config import TrainConfig
+from twotower_lit.config import TrainConfig, replace_options
 
 DATA_CHANNEL = "data"
 SDK_CHANNELS = frozenset({"code", "sm_drivers"})  # SDK v3 ships the source and its drivers as channels
@@ -115,10 +115,10 @@ def apply_sagemaker_environment(cfg: TrainConfig, environ: Optional[Mapping[str,
     defaults = TrainConfig()
     given = set(sm.hyperparameters)
     changes: Dict[str, object] = {
-        "data_dir": cfg.data_dir or _data_channel(sm),
-        "output_dir": cfg.output_dir or sm.output_data_dir,
-        "checkpoint_dir": cfg.checkpoint_dir or sm.checkpoint_dir,
-        "run_name": cfg.run_name or sm.job_name,
+        "data_dir": cfg.data.data_dir or _data_channel(sm),
+        "output_dir": cfg.output.output_dir or sm.output_data_dir,
+        "checkpoint_dir": cfg.output.checkpoint_dir or sm.checkpoint_dir,
+        "run_name": cfg.tracking.run_name or sm.job_name,
     }
     if "progress" not in given:  # progress bars are noise in CloudWatch logs
         changes["progress"] = False
@@ -126,13 +126,13 @@ def apply_sagemaker_environment(cfg: TrainConfig, environ: Optional[Mapping[str,
         local, world = int(env["LOCAL_WORLD_SIZE"]), int(env["WORLD_SIZE"])
         changes["devices"], changes["num_nodes"] = local, max(world // local, 1)
     else:
-        if cfg.devices == defaults.devices and sm.num_gpus > 1:
+        if cfg.distributed.devices == defaults.distributed.devices and sm.num_gpus > 1:
             changes["devices"] = sm.num_gpus
         changes["num_nodes"] = sm.num_hosts
         if sm.num_hosts > 1:
             raise ValueError(f"{sm.num_hosts} SageMaker hosts but no torchrun environment: launch the job with "
                              "torch_distributed (SDK v2) or Torchrun() (SDK v3)")
-    return replace(cfg, **changes)
+    return replace_options(cfg, **changes)
 
 
 def publish_model(cfg: TrainConfig, environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
@@ -148,7 +148,7 @@ def publish_model(cfg: TrainConfig, environ: Optional[Mapping[str, str]] = None)
 
     os.makedirs(sm.model_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        exported = os.path.join(cfg.output_dir or sm.output_data_dir, "model")
+        exported = os.path.join(cfg.output.output_dir or sm.output_data_dir, "model")
         tar_path = package_model(exported, os.path.join(tmp, "model.tar.gz"))
         with tarfile.open(tar_path) as tar:
             tar.extractall(sm.model_dir, filter="data")

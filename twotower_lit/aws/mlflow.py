@@ -1,6 +1,6 @@
 """MLflow on AWS: which kind of tracking URI a config holds, and SageMaker's managed tracking server.
 
-`TrainConfig.mlflow_uri` may be empty (embedded SQLite in the run directory, see
+`TrainConfig.tracking.mlflow_uri` may be empty (embedded SQLite in the run directory, see
 `twotower_lit.tracking`), an MLflow server URL, or the ARN of a SageMaker managed MLflow tracking
 server. MLflow understands the ARN through the ``sagemaker-mlflow`` plugin (an optional extra,
 ``requirements/aws.txt``; the training job installs it when its URI is an ARN). The launcher

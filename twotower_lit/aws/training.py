@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterator, List, Optional
 
 from twotower_lit.aws import container
@@ -37,7 +37,7 @@ from twotower_lit.aws.hyperparameters import CONTAINER_FIELDS, metric_definition
 from twotower_lit.aws.mlflow import is_managed_mlflow_arn
 from twotower_lit.aws.s3 import upload_directory
 from twotower_lit.aws.session import AwsContext, resource_name
-from twotower_lit.config import TrainConfig, to_flat_dict
+from twotower_lit.config import TrainConfig, replace_options, to_flat_dict
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +144,15 @@ def plan_training_job(ctx: AwsContext, cfg: TrainConfig, job: SageMakerTrainConf
     checkpoints = bool(checkpoint_uri)
     if checkpoint_uri == "auto":
         checkpoint_uri = ctx.s3_uri("checkpoints", job_name) if job_name else None
-    if checkpoints and not cfg.resume:
-        cfg = replace(cfg, resume="auto")  # a restarted (spot) job continues from the synced checkpoints
+    if checkpoints and not cfg.output.resume:
+        cfg = replace_options(cfg, resume="auto")  # a restarted (spot) job continues from the synced checkpoints
     image, image_torch = container.training_image(ctx.region, job.instance_type, job.image_uri, job.image_torch)
     requirements = container.training_requirements(job.instance_type, image_torch,
-                                                   mlflow_plugin=is_managed_mlflow_arn(cfg.mlflow_uri),
+                                                   mlflow_plugin=is_managed_mlflow_arn(cfg.tracking.mlflow_uri),
                                                    image_has_torchrec=job.image_has_torchrec)
     channels = {}
-    if cfg.data_dir:
-        channels[DATA_CHANNEL] = _data_uri(ctx, cfg.data_dir, job.data_s3_uri, upload)
+    if cfg.data.data_dir:
+        channels[DATA_CHANNEL] = _data_uri(ctx, cfg.data.data_dir, job.data_s3_uri, upload)
     defaults = to_flat_dict(TrainConfig())
     not_sent = {k: v for k, v in to_flat_dict(cfg).items() if k in CONTAINER_FIELDS and v != defaults[k]}
     source = container.stage_source_dir(os.path.join(workdir, "source"), requirements)
@@ -164,7 +164,7 @@ def plan_training_job(ctx: AwsContext, cfg: TrainConfig, job: SageMakerTrainConf
         output_path=job.output_path or ctx.s3_uri("training"), code_location=ctx.s3_uri("code"),
         checkpoints=checkpoints, checkpoint_s3_uri=checkpoint_uri, spot=job.spot, max_run=job.max_run,
         max_wait=(job.max_wait or 2 * job.max_run) if job.spot else None, volume_size=job.volume_size,
-        tags=ctx.tags(), metric_definitions=metric_definitions(cfg.eval_k), not_sent=not_sent)
+        tags=ctx.tags(), metric_definitions=metric_definitions(cfg.tracking.eval_k), not_sent=not_sent)
 
 
 def _data_uri(ctx: AwsContext, data_dir: str, target: Optional[str], upload: bool) -> str:

@@ -24,7 +24,7 @@ from typing import List, Optional
 
 import uvicorn
 
-from twotower_lit.config import ServeConfig, add_arguments, from_namespace
+from twotower_lit.config import OneLineHelpFormatter, ServeConfig, add_arguments, from_namespace
 from twotower_lit.export.format import ArtifactError, verify as verify_export
 from twotower_lit.serving.app import CONFIG_ENV, create_app
 from twotower_lit.serving.handler import DEFAULT_MODEL_DIR, config_from_env
@@ -37,7 +37,8 @@ log = logging.getLogger("twotower_lit.serving")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> ServeConfig:
-    parser = argparse.ArgumentParser(prog="serve", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m entrypoints.serve", description=__doc__.split("\n\n")[0],
+                                     formatter_class=OneLineHelpFormatter)
     parser.add_argument("command", nargs="?", choices=["serve"],
                         help="ignored: SageMaker starts the container as `<image> serve`")
     add_arguments(parser, ServingConfig)
