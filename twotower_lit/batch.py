@@ -33,7 +33,7 @@ from twotower_lit.serving.request import JSON, RecommendRequest, UserQuery, pars
 SCHEMA = pa.schema([("user_id", pa.int64()), ("rank", pa.int32()), ("item_id", pa.int64()),
                     ("score", pa.float32()), ("title", pa.string()), ("source", pa.dictionary(pa.int8(), pa.string()))])
 SEARCHES = ("exact", "faiss")
-_SOURCES = ["model", "cold_start", "popularity"]  # Recommendation.source values
+SOURCES = ["model", "cold_start", "popularity"]  # Recommendation.source values
 
 
 @dataclass
@@ -120,8 +120,8 @@ def chunk_table(recs, titles: Sequence[str], item_ids: Sequence[int]) -> pa.Tabl
         score_col += rec.scores
         title_col += [titles[c] for c in rec.columns]
         source_col += [rec.source] * n
-    sources = pa.DictionaryArray.from_arrays(pa.array([_SOURCES.index(s) for s in source_col], pa.int8()),
-                                             pa.array(_SOURCES, pa.string()))
+    sources = pa.DictionaryArray.from_arrays(pa.array([SOURCES.index(s) for s in source_col], pa.int8()),
+                                             pa.array(SOURCES, pa.string()))
     # (Table.from_arrays: pa.table() of a dict would import pandas to check for a DataFrame)
     return pa.Table.from_arrays([pa.array(user_col, pa.int64()), pa.array(rank_col, pa.int32()),
                                  pa.array(item_col, pa.int64()), pa.array(score_col, pa.float32()),
