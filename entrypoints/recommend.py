@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from twotower_lit.config import add_arguments, from_namespace
+from twotower_lit.config import OneLineHelpFormatter, add_arguments, from_namespace
 
 
 def main(argv=None) -> int:
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     from twotower_lit.export.format import ArtifactError
 
     parser = argparse.ArgumentParser(prog="python -m entrypoints.recommend", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=OneLineHelpFormatter)
     add_arguments(parser, RecommendConfig)
     cfg = from_namespace(RecommendConfig, parser.parse_args(argv))
     try:

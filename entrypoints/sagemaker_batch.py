@@ -20,14 +20,14 @@ import logging
 import sys
 
 from twotower_lit.aws.config import AwsConfig, split_namespace
-from twotower_lit.config import add_arguments
+from twotower_lit.config import OneLineHelpFormatter, add_arguments
 
 
 def main(argv=None) -> int:
     from twotower_lit.aws.batch import BatchTransformConfig
 
     parser = argparse.ArgumentParser(prog="python -m entrypoints.sagemaker_batch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=OneLineHelpFormatter)
     add_arguments(parser, BatchTransformConfig)
     add_arguments(parser, AwsConfig)
     cfg, aws = split_namespace(parser.parse_args(argv), BatchTransformConfig, AwsConfig)
