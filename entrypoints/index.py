@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", help="prepared data directory: recall is measured on its validation users")
     parser.add_argument("--recall-users", type=int, default=2000, help="most users recall is measured on (default: "
                                                                        "2000, a seeded sample)")
+    parser.add_argument("--target-recall", type=float, default=0.95,
+                        help="raise the search parameter (hnsw efSearch, ivf nprobe; unless --param gives it) until "
+                             "recall@10 vs exact reaches this (default: 0.95; 0: keep the default)")
     parser.add_argument("--not-default", action="store_true",
                         help="add the index without making it the one --search auto answers with")
     parser.add_argument("--threads", type=int, help="faiss threads while building (default: every core)")
@@ -42,7 +45,8 @@ def main(argv=None) -> int:
 
             users = split_user_indices(args.data_dir, "val")
         entry = build_index(args.model_dir, args.index, parse_params(args.param), args.vector_dtype, users=users,
-                            recall_users=args.recall_users, default=not args.not_default, threads=args.threads,
+                            recall_users=args.recall_users, target_recall=args.target_recall or None,
+                            default=not args.not_default, threads=args.threads,
                             log=lambda line: print(line, file=sys.stderr, flush=True))
     except (ArtifactError, ValueError, OSError) as e:
         print(f"index: error: {e}", file=sys.stderr)

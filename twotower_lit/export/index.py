@@ -37,14 +37,19 @@ _SQ = {"fp32": "Flat", "fp16": "SQfp16", "int8": "SQ8"}
 
 
 def default_params(kind: str, num_items: int) -> Dict[str, int]:
-    """Parameters that reach recall@10 >= 0.95 on the catalogues benchmarked (docs/serving.md)."""
+    """Build parameters, and the search parameter's starting point (`build_index` raises it until the
+    recall target is met, unless it is given)."""
     if kind == "hnsw":
         return {"M": 32, "efConstruction": 80, "efSearch": 64}
     if kind == "ivf":
         nlist = 2 ** int(round(math.log2(max(1.0, 4 * math.sqrt(num_items)))))
         nlist = max(1, min(nlist, num_items // 39))  # k-means wants 39+ training points per list
-        return {"nlist": nlist, "nprobe": min(nlist, max(8, nlist // 32))}
+        return {"nlist": nlist, "nprobe": min(nlist, max(8, nlist // 64))}
     return {}
+
+
+# the search-time parameter of each kind, and how far `build_index` may raise it for recall
+TUNED = {"hnsw": ("efSearch", lambda params: 2048), "ivf": ("nprobe", lambda params: params["nlist"])}
 
 
 def _factory(kind: str, vector_dtype: str, params: Dict[str, int]) -> Optional[str]:
@@ -83,10 +88,10 @@ def build_faiss_index(item_vectors: torch.Tensor, kind: str, vector_dtype: str =
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     if kind == "hnsw":
         index.hnsw.efConstruction = merged["efConstruction"]
-    if not index.is_trained:
+    if not index.is_trained:  # k-means (and the quantiser's ranges) on a sample: 64 points per list suffice
         rng = np.random.default_rng(seed)
-        sample = vectors if num_items <= 256 * merged.get("nlist", 1) else \
-            vectors[np.sort(rng.choice(num_items, 256 * merged.get("nlist", 1), replace=False))]
+        size = 64 * merged.get("nlist", 1)
+        sample = vectors if num_items <= size else vectors[np.sort(rng.choice(num_items, size, replace=False))]
         log(f"training {factory} on {len(sample)} vectors")
         index.train(sample)
     step = max(1, min(num_items, 100_000))
@@ -122,13 +127,15 @@ def measure_recall(model: ExportedModel, search, users: Sequence[int], k: int = 
 
 def build_index(model_dir: str, kind: str = "hnsw", params: Optional[Dict[str, int]] = None,
                 vector_dtype: str = "fp32", users: Optional[Sequence[int]] = None, recall_users: int = 2000,
-                default: bool = True, threads: Optional[int] = None, seed: int = 0,
-                log: Callable[[str], None] = print) -> Dict:
+                target_recall: Optional[float] = 0.95, default: bool = True, threads: Optional[int] = None,
+                seed: int = 0, log: Callable[[str], None] = print) -> Dict:
     """Add an index to the exported model in `model_dir` and return its index.json entry.
 
     `users`: user indices (the export's, 1-based) whose recall@10 vs exact is measured, e.g. the
     validation split's users; default: the export's known users. At most `recall_users` of them
-    are used (a seeded sample). The index file and index.json are listed in manifest.json with
+    are used (a seeded sample). Unless `params` fixes it, the search parameter (hnsw efSearch, ivf
+    nprobe) is doubled from its default until recall@10 reaches `target_recall` (None: never), which
+    costs search time only, not a rebuild. The index file and index.json are listed in manifest.json with
     their sha256; `default` makes it the index that ``--search auto`` (the server's default)
     answers with. `threads`: faiss threads while building (default: every core)."""
     import faiss
@@ -160,6 +167,14 @@ def build_index(model_dir: str, kind: str = "hnsw", params: Optional[Dict[str, i
             pool = np.sort(np.random.default_rng(seed).choice(pool, recall_users, replace=False))
         t0 = time.perf_counter()
         entry["recall_at_10"] = round(measure_recall(model, search, pool), 4) if index is not None else 1.0
+        if kind in TUNED and target_recall is not None and TUNED[kind][0] not in (params or {}):
+            name_, most = TUNED[kind][0], TUNED[kind][1](entry["params"])
+            while entry["recall_at_10"] < target_recall and entry["params"][name_] < most:
+                entry["params"][name_] = min(most, 2 * entry["params"][name_])
+                search = FaissSearch(index, model.item_vectors, entry)
+                entry["recall_at_10"] = round(measure_recall(model, search, pool), 4)
+                log(f"{name_}={entry['params'][name_]}: recall@{RECALL_K} {entry['recall_at_10']:.4f}")
+            entry["target_recall"] = target_recall
         entry["recall_users"] = int(len(pool))
         entry["recall_of"] = "validation users" if users is not None else "known users"
         entry["recall_s"] = round(time.perf_counter() - t0, 2)
