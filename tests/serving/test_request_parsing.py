@@ -38,7 +38,7 @@ def test_cold_start_single_form_and_str_body():
 def test_csv_one_id_per_line():
     req = parse(b"42\n\n 7 \r\n-3\n", "text/csv")
     assert [u.user_id for u in req.users] == [42, 7, -3]
-    assert req.k == CFG.default_k
+    assert req.k == CFG.default_k and req.exclude_seen is True
 
 
 def test_limits_themselves_are_accepted():
@@ -111,6 +111,8 @@ def test_limits_themselves_are_accepted():
      'unknown field; allowed: user_id, user_features'),
     (b'{"inputs": [1, {}]}', JSON, 400, "inputs[1].user_id",
      "missing: give 'user_id', 'user_features' or both"),
+    (b'{"inputs": [1], "user_features": {"age": 25}}', JSON, 400, "inputs",
+     "give either 'inputs' (a batch) or 'user_id'/'user_features', not both"),
     (b'{"inputs": [1], "user_id": 3}', JSON, 400, "inputs",
      "give either 'inputs' (a batch) or 'user_id'/'user_features', not both"),
     (b'{"user_features": [1]}', JSON, 400, "user_features",
@@ -227,3 +229,24 @@ def test_media_type_parameters_and_odd_field_names():
     with pytest.raises(RequestError) as err:
         parse({"user_features": {"age": "inf" + " " * 60}})
     assert err.value.detail == f"{('inf' + ' ' * 60)[:50]!r} is not a finite number"
+
+
+def test_echoed_input_is_cut_in_messages():
+    """What a message repeats of the request is cut (100 characters of an Accept or Content-Type
+    header or a field name, 50 of a CSV line), and only numeric features must be finite numbers."""
+    long_accept = "x/" + "y" * 150
+    with pytest.raises(RequestError) as err:
+        negotiate(long_accept)
+    assert err.value.detail == f"cannot produce {long_accept[:100]!r}; this endpoint answers application/json"
+    long_type = "a/" + "b" * 150
+    with pytest.raises(RequestError) as err:
+        parse_request(b"{}", long_type, CFG)
+    assert err.value.detail == f"{long_type[:100]!r} is not supported; send application/json or text/csv"
+    with pytest.raises(RequestError) as err:
+        parse(b"1\n" + b"z" * 80 + b"\n", "text/csv")
+    assert err.value.detail == f"expected one integer user id per line, got {'z' * 50!r}"
+    with pytest.raises(RequestError) as err:
+        parse({"user_id": 1, "-" * 150: 2})
+    assert err.value.field == json.dumps("-" * 100)
+    req = parse({"user_features": {"gender": "nan", "zip": "inf"}})  # not numeric features: any text
+    assert req.users[0].features == {"gender": "nan", "zip": "inf"}
