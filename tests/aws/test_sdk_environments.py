@@ -18,7 +18,7 @@ def test_training_job_launch_with_sdk(major):
         missing_environment("sdk", f"{python.parent.parent} is absent: run `bash scripts/setup.sh` (it builds the "
                                    "SDK environments)")
     proc = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/aws/test_training_job_sdk.py"], cwd=REPO, capture_output=True, text=True,
-                          timeout=580)
+                           "tests/aws/test_training_job_sdk.py", "tests/aws/test_tuning_job_sdk.py"], cwd=REPO,
+                          capture_output=True, text=True, timeout=580)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-1000:]

@@ -218,6 +218,14 @@ def start_training_job(ctx: AwsContext, plan: TrainingJobPlan, sdk: str = "auto"
 
 
 def _start_v2(ctx: AwsContext, plan: TrainingJobPlan, wait: bool, logs: bool) -> str:
+    estimator, inputs = v2_estimator(ctx, plan)
+    estimator.fit(inputs, job_name=plan.job_name, wait=wait, logs="All" if (wait and logs) else "None")
+    return estimator.latest_training_job.name
+
+
+def v2_estimator(ctx: AwsContext, plan: TrainingJobPlan):
+    """SDK v2's ``PyTorch`` estimator for `plan` and its inputs (``fit``'s first argument): what the
+    training job launches, and what Automatic Model Tuning (`twotower_lit.aws.tuning`) tunes."""
     import sagemaker
     from sagemaker.inputs import TrainingInput
     from sagemaker.pytorch import PyTorch
@@ -238,8 +246,7 @@ def _start_v2(ctx: AwsContext, plan: TrainingJobPlan, wait: bool, logs: bool) ->
         tags=plan.tags, metric_definitions=plan.metric_definitions, disable_profiler=True,
         debugger_hook_config=False, sagemaker_session=session)
     inputs = {name: TrainingInput(uri, distribution="FullyReplicated") for name, uri in plan.channels.items()}
-    estimator.fit(inputs or None, job_name=plan.job_name, wait=wait, logs="All" if (wait and logs) else "None")
-    return estimator.latest_training_job.name
+    return estimator, inputs or None
 
 
 def _start_v3(ctx: AwsContext, plan: TrainingJobPlan, wait: bool, logs: bool) -> str:
