@@ -21,21 +21,18 @@ from typing import Iterator, List, Optional, Tuple
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "docs" / "options.md"
 COMMAND = "python scripts/gen_options.py"
-# (command, what it is for): the order of the reference
-COMMANDS = (
-    ("prepare", "prepare MovieLens (local, downloaded or synthetic) into Parquet shards"),
-    ("train", "train, evaluate and export the two-tower model"),
-    ("evaluate", "evaluate an exported model on a prepared split"),
-    ("serve", "the local SageMaker-compatible endpoint (the serving image's `serve`)"),
-    ("inference", "the handler module of AWS's PyTorch inference container"),
-    ("load", "replay a split's users against an endpoint"),
-    ("shadow_report", "the shadow test's report from a data capture"),
-    ("sagemaker_train", "a SageMaker training job"),
-    ("sagemaker_deploy", "a SageMaker endpoint"),
-    ("sagemaker_shadow", "a shadow test on SageMaker"),
-    ("sagemaker_mlflow", "a SageMaker managed MLflow tracking server"),
-    ("sagemaker_cleanup", "delete what the project created on AWS"),
-)
+# the reference's order; any other command in entrypoints/ follows, alphabetically
+ORDER = ("prepare", "train", "evaluate", "recommend", "index", "serve", "inference", "load", "shadow_report", "tune",
+         "sagemaker_train", "sagemaker_tune", "sagemaker_deploy", "sagemaker_batch", "sagemaker_shadow",
+         "sagemaker_mlflow", "sagemaker_cleanup")
+
+
+def command_names() -> List[str]:
+    """Every command in entrypoints/ (a module with a ``main``), in the reference's order."""
+    found = sorted(p.stem for p in (REPO / "entrypoints").glob("*.py")
+                   if p.stem != "__init__" and callable(getattr(importlib.import_module(f"entrypoints.{p.stem}"),
+                                                                "main", None)))
+    return [n for n in ORDER if n in found] + [n for n in found if n not in ORDER]
 
 
 class _Captured(Exception):
@@ -157,10 +154,12 @@ def render() -> str:
     lines = ["# Options reference", "",
              f"Generated from the commands' own parsers by `{COMMAND}`; do not edit by hand (a test",
              "compares). Every command also prints its options with `--help`.", ""]
-    lines += [f"- [`{name}`](#{name}): {what}" for name, what in COMMANDS]
+    parsers = {name: command_parser(name) for name in command_names()}
+    for name, parser in parsers.items():
+        summary = " ".join((parser.description or "").strip().split("\n\n")[0].split())
+        lines.append(f"- [`{name}`](#{name}): {summary}")
     lines.append("")
-    for name, _ in COMMANDS:
-        parser = command_parser(name)
+    for name, parser in parsers.items():
         lines += [f'<a id="{name}"></a>', "", f"## `{parser.prog}`", ""]
         lines += _render_parser(parser, 2)
     while lines and lines[-1] == "":
