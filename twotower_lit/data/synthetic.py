@@ -9,9 +9,10 @@ and occupations. And *learnable* in the two ways a recommender is judged (docs/d
   the sum of its *taste cluster*'s centre, its genres' vectors and a part of its own. Each of the
   ``_CLUSTERS`` clusters favours a few genres, so genres hint at the cluster.
 * **Which movies a user rates** (what Recall@k measures): a rating's movie is drawn from a taste
-  cluster picked with probability ~ cluster popularity x exp(``_EXPOSURE`` x user . cluster
-  centre), then within the cluster by Zipf popularity; a share ``_POPULAR_DRAWS`` of the draws
-  ignores tastes and follows global popularity alone.
+  cluster picked with probability ~ cluster popularity x exp(``_EXPOSURE`` x the cluster's
+  appeal to the user, user . the mean vector of its movies, in standard deviations), then within
+  the cluster by Zipf popularity; a share ``_POPULAR_DRAWS`` of the draws ignores tastes and
+  follows global popularity alone.
 * **How much they like it** (what AUC measures): stars are ml-1m's quantile cuts of user . movie
   + movie quality (correlated with popularity) + a user bias + noise.
 
@@ -60,8 +61,8 @@ _FACTORS = 8             # latent dimensions shared by users and movies
 _CLUSTERS = 24           # taste clusters of movies
 _SIDE_WEIGHT = 0.6       # share of a user's vector set by gender, age group and occupation
 _GENRE_WEIGHT = 0.6      # share of a movie's vector set by its genres (the rest: its cluster, itself)
-_EXPOSURE = 2.5          # how strongly tastes steer which movies a user rates (standard deviations)
-_POPULAR_DRAWS = 0.25    # share of ratings whose movie follows global popularity alone
+_EXPOSURE = 3.0          # how strongly tastes steer which movies a user rates (standard deviations)
+_POPULAR_DRAWS = 0.2     # share of ratings whose movie follows global popularity alone
 _LIKING = 0.7            # weight of user . movie in the liking score
 _QUALITY = 0.45          # spread of the movies' quality (half of it follows popularity)
 _NOISE = 0.8             # spread of the per-rating noise of the liking score
@@ -102,7 +103,7 @@ def generate_movielens(out_dir: str, n_ratings: int, layout: str = "ml-1m", seed
     users = _draw_users(n_users, rng)
     movies = _draw_movies(popularity, rng)
     tastes = _tastes(users, movies, rng)
-    user, item = _sample_pairs(per_user, n_items, lambda u, r: _draw_items(u, tastes, movies, rank_to_item, r), rng)
+    user, item = _sample_pairs(per_user, n_items, lambda n, r: _draw_items(n, tastes, movies, rank_to_item, r), rng)
     rating = _ratings(user, item, tastes, popularity, rng)
     timestamp = _timestamps(user, n_users, lay.name, rng)
 
@@ -166,7 +167,8 @@ class _Movies:
     genre_hot: np.ndarray    # (movies, genres) bool
     order: np.ndarray        # movie indices sorted by cluster
     starts: np.ndarray       # cluster k's movies are order[starts[k]:starts[k + 1]]
-    cdf: np.ndarray          # k + cumulative popularity share within cluster k, in `order`
+    accept: np.ndarray       # alias tables over `order`, each cluster's slots apart (_alias_tables):
+    alias: np.ndarray        # slot j gives order[j] with probability accept[j], else movie alias[j]
     weight: np.ndarray       # each cluster's share of all popularity
 
 
@@ -197,11 +199,30 @@ def _draw_movies(popularity: np.ndarray, rng: np.random.Generator) -> _Movies:
     order = np.argsort(cluster, kind="stable")
     starts = np.searchsorted(cluster[order], np.arange(_CLUSTERS + 1))
     weight = np.bincount(cluster, popularity, _CLUSTERS)
-    within = popularity[order] / np.maximum(weight[cluster[order]], 1e-300)
-    cdf = np.empty(n_items)
-    for k in range(_CLUSTERS):
-        cdf[starts[k]:starts[k + 1]] = k + np.cumsum(within[starts[k]:starts[k + 1]])
-    return _Movies(cluster, genre_hot, order, starts, cdf, weight / weight.sum())
+    accept, alias = _alias_tables(popularity[order], starts)
+    return _Movies(cluster, genre_hot, order, starts, accept, order[alias], weight / weight.sum())
+
+
+def _alias_tables(weights: np.ndarray, starts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Walker's alias tables of each segment ``starts[k]:starts[k + 1]`` of ``weights``: slot j
+    keeps its own entry with probability ``accept[j]``, else takes ``alias[j]`` (an index into
+    ``weights``), so a draw in proportion to the weights is two uniform numbers, no search."""
+    accept = np.ones(len(weights))
+    alias = np.arange(len(weights))
+    for k in range(len(starts) - 1):
+        lo, hi = int(starts[k]), int(starts[k + 1])
+        if hi - lo < 2:
+            continue
+        scaled = weights[lo:hi] * (hi - lo) / weights[lo:hi].sum()
+        small = [j for j in range(hi - lo) if scaled[j] < 1.0]
+        large = [j for j in range(hi - lo) if scaled[j] >= 1.0]
+        while small and large:
+            j, g = small.pop(), large[-1]
+            accept[lo + j], alias[lo + j] = scaled[j], lo + g
+            scaled[g] -= 1.0 - scaled[j]
+            if scaled[g] < 1.0:
+                small.append(large.pop())
+    return accept, alias
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -223,38 +244,39 @@ def _tastes(users: _Users, movies: _Movies, rng: np.random.Generator) -> _Tastes
     movie = (np.sqrt(_GENRE_WEIGHT) * by_genres + np.sqrt((1 - _GENRE_WEIGHT) * 0.7) * centre[movies.cluster]
              + np.sqrt((1 - _GENRE_WEIGHT) * 0.3) * own)
     user = np.sqrt(d) * user  # so that user . movie has about unit variance
-    # a cluster's appeal to a user: the popularity-weighted mean movie vector of the cluster
+    # a cluster's appeal to a user: user . the mean vector of the cluster's movies
     mean_movie = np.zeros((_CLUSTERS, d))
-    np.add.at(mean_movie, movies.cluster, movie * 1.0)
+    np.add.at(mean_movie, movies.cluster, movie)
     mean_movie /= np.maximum(np.bincount(movies.cluster, minlength=_CLUSTERS), 1)[:, None]
     appeal = user @ mean_movie.T
     appeal = (appeal - appeal.mean()) / (appeal.std() + 1e-12)  # _EXPOSURE is in standard deviations
-    logits = _EXPOSURE * appeal + np.log(np.maximum(movies.weight, 1e-300))
+    with np.errstate(divide="ignore"):  # a cluster without movies (tiny sets) is never picked
+        logits = _EXPOSURE * appeal + np.log(movies.weight)
     pick = np.exp(logits - logits.max(1, keepdims=True))
     pick /= pick.sum(1, keepdims=True)
     return _Tastes(user.astype(np.float32), movie.astype(np.float32), pick)
 
 
-def _draw_items(users: np.ndarray, tastes: _Tastes, movies: _Movies, rank_to_item: np.ndarray,
+def _draw_items(wanted: np.ndarray, tastes: _Tastes, movies: _Movies, rank_to_item: np.ndarray,
                 rng: np.random.Generator) -> np.ndarray:
-    """A movie for each entry of ``users`` (sorted ascending): led by taste (a cluster from the
-    user's cluster probabilities, then a movie of it by popularity) or by popularity alone."""
-    n_users = len(tastes.user)
-    wanted = np.bincount(users, minlength=n_users)
+    """``wanted[u]`` movies for each user u, user after user: each led by taste (a cluster from
+    the user's cluster probabilities, then a movie of it by popularity) or by popularity alone."""
+    n_users = len(wanted)
     popular = rng.binomial(wanted, _POPULAR_DRAWS)
     per_cluster = rng.multinomial(wanted - popular, tastes.cluster_pick)  # (users, clusters)
     # per user: its popularity-led draws, then its taste-led ones cluster by cluster
     counts = np.concatenate([popular[:, None], per_cluster], 1).ravel()
     route = np.repeat(np.tile(np.arange(-1, _CLUSTERS, dtype=np.int32), n_users), counts)
-    out = np.empty(len(users), np.int64)
-    for s in range(0, len(users), _CHUNK):
+    out = np.empty(len(route), np.int64)
+    for s in range(0, len(route), _CHUNK):
         k = route[s:s + _CHUNK]
         by_pop = k < 0
         item = np.empty(len(k), np.int64)
         item[by_pop] = _draw_popular(int(by_pop.sum()), rank_to_item, rng)
         kk = k[~by_pop]
-        pos = np.searchsorted(movies.cdf, kk + rng.random(len(kk)), side="right")
-        item[~by_pop] = movies.order[np.minimum(pos, movies.starts[kk + 1] - 1)]
+        size = movies.starts[kk + 1] - movies.starts[kk]
+        slot = movies.starts[kk] + np.minimum((rng.random(len(kk)) * size).astype(np.int64), size - 1)
+        item[~by_pop] = np.where(rng.random(len(kk)) < movies.accept[slot], movies.order[slot], movies.alias[slot])
         out[s:s + _CHUNK] = item
     return out
 
@@ -269,7 +291,8 @@ def _draw_popular(total: int, rank_to_item: np.ndarray, rng: np.random.Generator
 
 def _sample_pairs(per_user: np.ndarray, n_items: int,
                   draw: Callable[[np.ndarray, np.random.Generator], np.ndarray], rng: np.random.Generator):
-    """Distinct (user, item) pairs, ``per_user[u]`` for user u, items from ``draw(users, rng)``.
+    """Distinct (user, item) pairs, ``per_user[u]`` for user u; ``draw(counts, rng)`` gives
+    ``counts[u]`` items for each user u in turn.
 
     Draw with replacement, drop repeats, redraw the shortfall; after a few rounds the shortfall
     is drawn uniformly so heavy users always finish."""
@@ -281,7 +304,7 @@ def _sample_pairs(per_user: np.ndarray, n_items: int,
         if total == 0:
             break
         users = np.repeat(np.arange(len(per_user), dtype=np.int64), deficit)
-        items = draw(users, rng) if round_ < 6 else rng.integers(0, n_items, total)
+        items = draw(deficit, rng) if round_ < 6 else rng.integers(0, n_items, total)
         keys = np.sort(users * n_items + items)
         del users, items
         keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
