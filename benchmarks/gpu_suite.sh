@@ -18,7 +18,7 @@ for n in ${GPU_COUNTS:-1 2}; do
     for batch in 8192 65536; do
       shardings=table_wise; [ "$n" -gt 1 ] && shardings="table_wise data_parallel"
       for sharding in $shardings; do
-        modes=lightning,lightning_pipeline,lightning_multistep,eager,pipeline,plain
+        modes=lightning,lightning_multistep,eager,pipeline,plain
         # CUDA graphs (the training job's --cuda-graphs): one GPU, or several with every table replicated
         { [ "$n" -eq 1 ] || [ "$sharding" = data_parallel ]; } && modes="$modes,graphed"
         CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) torchrun --standalone --nproc_per_node "$n" \

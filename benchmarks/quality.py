@@ -78,7 +78,7 @@ def prepare(raw: Path, protocol: str, work: Path, seed: int) -> Path:
 def baseline_rows(data: Path, models: Sequence[str], seed: int, k: int) -> List[Dict]:
     """Popularity, logistic regression and MF on one prepared set (in this process)."""
     from twotower_lit.data.datamodule import MovieLensDataModule
-    from twotower_lit.training import popularity_metrics
+    from twotower_lit.training.report import popularity_metrics
 
     dm = MovieLensDataModule(str(data), seed=seed)
     dm.load()

@@ -7,9 +7,8 @@ Run under torchrun (one process per GPU, or CPU processes with gloo):
 
 Modes (all in one invocation, so their ratio holds on a noisy machine):
   lightning  the product's path: TwoTowerModule + TorchRecStrategy in a Lightning Trainer
-  lightning_pipeline  the same with --train-pipeline sparse_dist (PipelinedTwoTowerModule)
-  lightning_multistep  the same with --steps-per-execution K (MultiStepTwoTowerModule: K steps per
-             Lightning training_step call; K from this script's --steps-per-execution)
+  lightning_multistep  the same with --steps-per-execution K (EagerSteps(K): K steps per Lightning
+             training_step call; K from this script's --steps-per-execution)
   eager      the same DMP model and optimizers in a hand-written loop (Lightning's overhead = the gap)
   compiled   eager with the DMP model under torch.compile, with TorchRec's PT2 settings (those of its
              TrainPipelinePT2: TorchRec's modules traced, the batch's jagged sizes as unbacked symbols)
@@ -196,16 +195,14 @@ def sync(device) -> None:
 
 def build_dmp(specs, args, device, for_capture: bool = False):
     from twotower_lit.config import ModelConfig, OptimConfig
-    from twotower_lit.module import TwoTowerModule
-    from twotower_lit.strategy import build_sharding_plan, shard_model
+    from twotower_lit.distributed.sharding import shard_module
+    from twotower_lit.training.module import TwoTowerModule
 
     lm = TwoTowerModule(specs, ModelConfig(embedding_dim=args.dim, user_layers=[128, 64], item_layers=[128, 64]),
                         OptimConfig())
-    pg = dist.group.WORLD
-    plan = build_sharding_plan(lm.model, pg, device.type, args.sharding,
-                               local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
-    lm.model = shard_model(lm.model, plan, pg, device, args.gradient_sync, for_capture=for_capture,
-                           allreduce_precision=args.allreduce_precision)
+    shard_module(lm, dist.group.WORLD, device, default=args.sharding, gradient_sync=args.gradient_sync,
+                 allreduce_precision=args.allreduce_precision, for_capture=for_capture,
+                 local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
     lm.to(device)
     return lm, lm.configure_optimizers()["optimizer"]
 
@@ -251,12 +248,12 @@ def run_compiled(specs, batches, args, device) -> float:
 
 def graphed_step(specs, batches, args, device):
     """(model, the product's `GraphedTrainingStep` over eager's step: BCE, no L2)."""
-    from twotower_lit.graphs import GraphedTrainingStep, padding_rows, plan_refusal
+    from twotower_lit.distributed.planning import graph_refusal
+    from twotower_lit.graphs import GraphedTrainingStep
     from twotower_lit.layers import logits
-    from twotower_lit.strategy import describe_plan
 
     lm, opt = build_dmp(specs, args, device, for_capture=True)
-    refusal = plan_refusal(dist.get_world_size(), describe_plan(lm.model.plan))  # the training job's rule
+    refusal = graph_refusal(dist.get_world_size(), {s.name: args.sharding for s in specs})  # the training job's rule
     if refusal is not None:
         raise RuntimeError(f"the graphed mode: {refusal}")
     multi = [s for s in specs if s.pooling == "mean"]
@@ -268,7 +265,7 @@ def graphed_step(specs, batches, args, device):
         return loss
 
     return lm, GraphedTrainingStep(lm.model, loss_fn, opt, batches[0].to(device), multi[0].name if multi else None,
-                                   padding_rows(lm.model, [s.table for s in multi]))
+                                   lm.parts.zero_rows([s.table for s in multi]))
 
 
 CAPTURED_BACKWARD: List[str] = []  # the backward nodes started during a capture, in order (where a failed one stopped)
@@ -354,17 +351,20 @@ class _Task(nn.Module):
 
 
 def run_pipeline(specs, batches, args, device) -> float:
-    from twotower_lit.config import ModelConfig, OptimConfig
-    from twotower_lit.module import TwoTowerModule
-    from twotower_lit.strategy import build_sharding_plan, shard_model
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    from twotower_lit.config import ModelConfig, OptimConfig
+    from twotower_lit.distributed.planning import build_sharding_plan, describe_plan
+    from twotower_lit.distributed.sharding import shard_model, sharded_parts
+    from twotower_lit.training.module import TwoTowerModule
 
     lm = TwoTowerModule(specs, ModelConfig(embedding_dim=args.dim), OptimConfig())
     task = _Task(lm.model)
     pg = dist.group.WORLD
-    plan = build_sharding_plan(task, pg, device.type, args.sharding,
+    plan = build_sharding_plan(task, pg, device.type, {}, args.sharding,
                                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
     lm.model = shard_model(task, plan, pg, device, args.gradient_sync, allreduce_precision=args.allreduce_precision)
+    lm.on_sharded(sharded_parts(lm.model, describe_plan(plan)))
     opt = lm.configure_optimizers()["optimizer"]
     pipe = TrainPipelineSparseDist(lm.model, opt, device)
 
@@ -407,8 +407,9 @@ def run_lightning(specs, batches, args, device, mode: str = "lightning") -> floa
     import lightning as L
 
     from twotower_lit.config import ModelConfig, OptimConfig
-    from twotower_lit.module import MultiStepTwoTowerModule, PipelinedTwoTowerModule, TwoTowerModule
-    from twotower_lit.strategy import TorchRecStrategy
+    from twotower_lit.distributed import TorchRecStrategy
+    from twotower_lit.training.module import TwoTowerModule
+    from twotower_lit.training.steps import EagerSteps
 
     profile_n = args.profile_steps if device.type == "cuda" or TRACE_DIR else 0
 
@@ -442,13 +443,10 @@ def run_lightning(specs, batches, args, device, mode: str = "lightning") -> floa
     total = args.warmup + args.steps + profile_n
     loader = torch.utils.data.DataLoader([batches[k % len(batches)] for k in range(total)], batch_size=None)
     model_cfg = ModelConfig(embedding_dim=args.dim)
-    if mode == "lightning_multistep":
-        lm = MultiStepTwoTowerModule(specs, model_cfg, OptimConfig(), steps_per_execution=args.steps_per_execution)
-    else:
-        lm = (PipelinedTwoTowerModule if mode == "lightning_pipeline" else TwoTowerModule)(specs, model_cfg,
-                                                                                           OptimConfig())
+    k = args.steps_per_execution if mode == "lightning_multistep" else 1
+    lm = TwoTowerModule(specs, model_cfg, OptimConfig(), steps=EagerSteps(k))
     timer = Timer()
-    strategy = TorchRecStrategy(sharding=args.sharding, gradient_sync=args.gradient_sync,
+    strategy = TorchRecStrategy(table_kinds={s.name: args.sharding for s in specs}, gradient_sync=args.gradient_sync,
                                 allreduce_precision=args.allreduce_precision)
     trainer = L.Trainer(accelerator=device.type if device.type == "cuda" else "cpu", devices=dist.get_world_size(),
                         strategy=strategy, max_steps=total, logger=False,
@@ -459,17 +457,12 @@ def run_lightning(specs, batches, args, device, mode: str = "lightning") -> floa
     return timer.seconds
 
 
-def run_lightning_pipeline(specs, batches, args, device) -> float:
-    return run_lightning(specs, batches, args, device, mode="lightning_pipeline")
-
-
 def run_lightning_multistep(specs, batches, args, device) -> float:
     return run_lightning(specs, batches, args, device, mode="lightning_multistep")
 
 
-MODES = {"lightning": run_lightning, "lightning_pipeline": run_lightning_pipeline,
-         "lightning_multistep": run_lightning_multistep, "eager": run_eager, "compiled": run_compiled,
-         "graphed": run_graphed, "pipeline": run_pipeline, "plain": run_plain}
+MODES = {"lightning": run_lightning, "lightning_multistep": run_lightning_multistep, "eager": run_eager,
+         "compiled": run_compiled, "graphed": run_graphed, "pipeline": run_pipeline, "plain": run_plain}
 
 
 def main(argv=None) -> None:
@@ -487,7 +480,7 @@ def main(argv=None) -> None:
                         "and replicated tables are averaged)")
     p.add_argument("--allreduce-precision", default="fp32", choices=ALLREDUCE_PRECISIONS,
                    help="as the training job's --allreduce-precision (what those gradients are sent as)")
-    p.add_argument("--modes", default="lightning,lightning_pipeline,lightning_multistep,eager,pipeline,plain")
+    p.add_argument("--modes", default="lightning,lightning_multistep,eager,pipeline,plain")
     p.add_argument("--steps-per-execution", type=int, default=8, help="K of the lightning_multistep mode")
     p.add_argument("--matmul-precision", default="high", choices=("highest", "high", "medium"),
                    help="torch.set_float32_matmul_precision for every mode (high: TF32 tensor cores, the "

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         print(f"starting {cfg.distributed.devices} processes under torchrun: {' '.join(command)}", flush=True)
         os.execv(command[0], command)  # replaced: signals reach torchrun, which passes them to the ranks
 
-    from twotower_lit.checkpoint import CheckpointError
+    from twotower_lit.distributed.checkpoint import CheckpointError
     from twotower_lit.data.download import DownloadError
     from twotower_lit.data.validation import DataValidationError
     from twotower_lit.training import run

@@ -1,11 +1,9 @@
 """The training step as one CUDA graph: captured once, replayed for every batch of the same shape.
 
-Why: on a GPU the eager step is bound by its host's work, not the GPU's. A 65,536-row step of
-the ML-32M-shaped model launches ~100 kernels through TorchRec's sharded collection, the towers,
-the loss, autograd and the optimizers; the host needs 3.3-4 ms for that and the GPU is busy
-~1.5 ms of it. Replaying a captured graph launches all of them with one call: on one H200 the
-same step took 1.51 ms replayed against 3.3-3.9 ms eager (43 against 17-20 M samples/s;
-`benchmarks/train_throughput.py --modes eager,graphed`, `benchmarks/GPU_RESULTS.md`).
+Why: on a GPU the eager step is bound by its host's work, not the GPU's: the host launches ~100
+kernels through TorchRec's sharded collection, the towers, the loss, autograd and the optimizers,
+and needs longer for that than the GPU needs to run them. Replaying a captured graph launches all of
+them with one call (`benchmarks/GPU_RESULTS.md` has the figures).
 
 A graph replays fixed shapes and addresses, so every batch is copied into tensors made once
 (`FixedShapeInput`), and the KeyedJaggedTensor the model reads is built from them inside the
@@ -19,11 +17,9 @@ the padding adds exactly zero to every sum, and each row's mean divides by its r
 padding (tests/training/test_graphs.py compares the weights).
 
 Several processes capture the same step, all-reduce of the replicated parameters' gradients
-included (NCCL records it in the graph; a rank that steps a batch eagerly makes the same
-all-reduces, so the ranks stay paired), when every table is replicated: a sharded table's
-all-to-all reads its sizes on the host. Their model is built on the
-capture stream (`on_capture_stream` says why). On two H200s a replayed 65,536-row step took 1.93
-ms per GPU against 3.4-3.6 ms eager (68 against 36-39 M samples/s).
+included (NCCL records it in the graph), when every table is replicated
+(`twotower_lit.distributed.planning.graph_refusal`). Their model is built on the capture stream
+(`on_capture_stream` says why).
 
 The step's other conditions: a constant learning rate (TorchRec's fused embedding optimizers read
 it when the kernel is launched, so the graph keeps the one of its capture), no host
@@ -81,24 +77,6 @@ def on_capture_stream(device: torch.device) -> Iterator[None]:
     with torch.cuda.stream(stream):
         yield
     current.wait_stream(stream)
-
-
-def plan_refusal(world: int, plan: Dict[str, Dict]) -> Optional[str]:
-    """Why a job of `world` processes with sharding `plan` ({table: {"sharding_type": ...}}, as
-    `twotower_lit.strategy.describe_plan` gives) cannot capture its steps (None when it can): with
-    several processes, every table must be replicated. A sharded table's all-to-all reads the split
-    sizes of the exchanged ids on the host at every step (TorchRec's KJT all-to-all), which a
-    capture refuses; replicated tables exchange nothing but the all-reduce of their gradients
-    (`twotower_lit.strategy.GradientAverager`), which NCCL captures."""
-    if world == 1:
-        return None
-    sharded = sorted(table for table, d in plan.items() if d["sharding_type"] != "data_parallel")
-    if not sharded:
-        return None
-    return (f"with several processes every table must be replicated, but {', '.join(sharded)} "
-            f"{'is' if len(sharded) == 1 else 'are'} sharded, and the ids' all-to-all of a sharded table reads its "
-            f"sizes on the host at every step, which a capture refuses: pass --sharding data_parallel, or a "
-            f"--data-parallel-below-mb above the tables' size")
 
 
 def on_every_replay(work: Callable[[], None]) -> None:
@@ -208,29 +186,6 @@ class FixedShapeInput:
         return features, self.lengths.view(len(self.keys), rows), items
 
 
-def padding_rows(model: torch.nn.Module, tables: Sequence[str]) -> List[torch.Tensor]:
-    """Views of row 0 of each of `tables` in this rank's part of the (sharded) embedding
-    collection: zeroing them zeroes what the lookups read. A table sharded by rows has row 0 on
-    one rank only; a replicated table on every rank."""
-    from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
-
-    collections = [m for m in model.modules() if isinstance(m, ShardedEmbeddingBagCollection)]
-    if len(collections) != 1:
-        raise ValueError(f"expected one sharded embedding collection, found {len(collections)}")
-    state = collections[0].state_dict()
-    views = []
-    for table in tables:
-        weight = state.get(f"embedding_bags.{table}.weight")
-        if weight is None:
-            raise KeyError(f"no table {table!r} in the sharded collection (it has "
-                           f"{sorted(k.split('.')[1] for k in state if k.endswith('.weight'))})")
-        if hasattr(weight, "local_shards"):
-            views += [s.tensor[0] for s in weight.local_shards() if s.metadata.shard_offsets[0] == 0]
-        else:
-            views.append(weight[0])
-    return views
-
-
 class GraphedTrainingStep:
     """One training step (forward, loss, backward, optimizer step) on a `FixedShapeInput`:
     captured as a CUDA graph after `warmup` eager steps and replayed from then on. Without
@@ -239,7 +194,8 @@ class GraphedTrainingStep:
 
     `loss_fn(user, item, items, labels)` returns the loss; `optimizer` steps every parameter
     (TorchRec's fused embedding optimizers step inside the backward pass); `padding` are the views
-    that `padding_rows` returns. Call `why_not` first: `__call__` takes only batches it accepts.
+    that `twotower_lit.sharded.ShardedParts.zero_rows` returns. Call `why_not` first: `__call__`
+    takes only batches it accepts.
     Counts: ``eager_steps`` (warm-up, and every step without capture) and ``replays``."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, example: Batch,

@@ -107,10 +107,8 @@ class _SampledSoftmaxCrossEntropy(torch.autograd.Function):
     per-row weight is applied to the (small) operands of the two products instead of the matrix.
     Masked columns have probability 0, so they get no gradient, as their constant -inf gets none.
     The values are the plain expression's (tests/quality/test_losses.py compares them, gradients
-    included). On one H200 a 65,536-row batch's pass took 1.27 ms against 2.50 with TF32 matmuls
-    (1.66 against 2.96 in float32), with half the memory (`benchmarks/loss_bench.py`), and the
-    training job's default objective ran 44-48% faster end to end on one GPU (24.1-24.3 against
-    16.3 M samples/s; `benchmarks/GPU_RESULTS.md`)."""
+    included); it takes about half the time and memory of the plain expression
+    (`benchmarks/loss_bench.py`, figures in `benchmarks/GPU_RESULTS.md`)."""
 
     @staticmethod
     def forward(ctx: Any, queries: torch.Tensor, candidates: torch.Tensor, log_q: torch.Tensor,

@@ -110,8 +110,3 @@ class PopularityBaseline:
                             seen, positives, k)
         out.update(totals.as_dict(k))
         return out
-
-
-def positives_csr(users: np.ndarray, items: np.ndarray, labels: np.ndarray, num_users: int) -> Csr:
-    pos = labels > 0.5
-    return Csr.from_pairs(users[pos], items[pos], num_users)

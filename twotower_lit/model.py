@@ -106,7 +106,6 @@ class TwoTower(nn.Module):
         return self.user_tower(user), self.item_tower(item)
 
 
-@torch.fx.wrap  # one opaque call for TorchRec's pipeline tracer (it reads keys and sizes on the host)
 def tower_inputs(pooled: KeyedTensor, features: Optional[KeyedJaggedTensor], user_features: Tuple[str, ...],
                  item_features: Tuple[str, ...], mean_features: Tuple[str, ...] = (),
                  bag_lengths: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:

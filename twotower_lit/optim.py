@@ -1,13 +1,95 @@
-"""Optimizers of the replicated (data_parallel) embedding tables."""
+"""The job's optimizers: the embedding optimizer (fused into the sharded tables' backward pass, or
+stepped after it for replicated tables), the towers' optimizer, and the learning-rate schedule."""
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
+from twotower_lit import patches
+from twotower_lit.config import OptimConfig
 from twotower_lit.graphs import on_every_replay
+from twotower_lit.sharded import ShardedParts
+
+EMBEDDING_OPTIMIZERS = {
+    "rowwise_adagrad": (RowWiseAdagrad, {}),
+    "adam": (torch.optim.Adam, {}),
+    "sgd": (torch.optim.SGD, {}),
+}
+# FBGEMM's CPU kernels fuse only these into the backward pass; Adam on the tables needs CUDA
+CPU_EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "sgd")
+DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def check_embedding_optimizer(name: str, device_type: str) -> None:
+    """Fail before training starts, naming the option, when the device cannot run the optimizer."""
+    if name not in EMBEDDING_OPTIMIZERS:
+        raise ValueError(f"--embedding-optimizer {name!r}: choose one of {', '.join(EMBEDDING_OPTIMIZERS)}")
+    if device_type == "cpu" and name not in CPU_EMBEDDING_OPTIMIZERS:
+        raise ValueError(f"--embedding-optimizer {name} runs only on GPUs (FBGEMM's CPU kernels fuse "
+                         f"{' and '.join(CPU_EMBEDDING_OPTIMIZERS)}); use --embedding-optimizer rowwise_adagrad "
+                         f"on CPU, or --accelerator gpu")
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    """Multiplier of the base learning rate at a step (warm-up, then constant/cosine/linear decay)."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return 1.0 - progress
+        raise ValueError(f"unknown lr_schedule {schedule!r}")
+
+    return factor
+
+
+class OneClosureCombinedOptimizer(CombinedOptimizer):
+    """TorchRec's `CombinedOptimizer` whose ``step(closure)`` evaluates the closure once.
+
+    The stock one hands the closure to every optimizer it combines: with two optimizers that
+    evaluate closures (the towers' and the replicated tables') it would run twice per step."""
+
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for _, opt in self.optimizers:
+            opt.step()
+        return loss
+
+
+def build_optimizer(parts: ShardedParts, cfg: OptimConfig,
+                    total_steps: int) -> Tuple[CombinedOptimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """One optimizer over a sharded model's parameters (`twotower_lit.sharded.ShardedParts`) and its
+    per-step schedule: the fused embedding optimizer; the towers' optimizer; for replicated tables,
+    which are plain parameters averaged across ranks, the embedding optimizer and rate in an
+    optimizer of their own."""
+    dense_cls = DENSE_OPTIMIZERS[cfg.dense_optimizer]
+    # on GPUs Adam's update is one fused kernel instead of several per parameter (a host-bound step)
+    one_kernel = {"fused": True} if cfg.dense_optimizer in ("adam", "adamw") and all(
+        p.is_cuda for p in parts.dense.values()) else {}
+    dense = KeyedOptimizerWrapper(
+        parts.dense, lambda params: dense_cls(params, lr=cfg.dense_lr, weight_decay=cfg.weight_decay, **one_kernel))
+    combined: List = [("embedding", parts.fused_optimizer), ("dense", dense)]
+    if parts.replicated_tables:
+        cls, extra = EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer]
+        cls = REPLICATED_TABLE_OPTIMIZERS.get(cfg.embedding_optimizer, cls)
+        combined.append(("replicated_tables", KeyedOptimizerWrapper(
+            parts.replicated_tables, lambda params: cls(params, lr=cfg.embedding_lr, **extra))))
+    optimizer = OneClosureCombinedOptimizer(combined)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, total_steps))
+    return optimizer, schedule
 
 
 class GroupedRowWiseAdagrad(RowWiseAdagrad):
@@ -16,21 +98,13 @@ class GroupedRowWiseAdagrad(RowWiseAdagrad):
 
     Why: data_parallel tables are trained by a plain optimizer after the backward pass, and
     TorchRec's loops over the tables with about six small GPU operations each, plus Python per
-    table. With the eight tables replicated on two GPUs it was the costliest host op of a step
-    in a profile (1.4 ms per ~4.2 ms step on an H200, `benchmarks/train_throughput.py --trace`).
-    Here the tables of one width are updated as one ``(rows, width)`` block: one row mean, one
-    square root and one division for all of them. On two H200s (ML-32M shape, 65,536 rows per
-    GPU) a step launched 108 kernels instead of 147 and trained 4-7% faster in memory and 3% faster
-    end to end (`benchmarks/GPU_RESULTS.md`).
+    table: host work on a host-bound GPU step (`benchmarks/GPU_RESULTS.md` has the profile). Here
+    the tables of one width are updated as one ``(rows, width)`` block.
 
-    Tables that are, in row order, adjacent slices of one fused weight (TorchRec's
-    ``TableBatchedEmbeddingSlice``: the tables of a data_parallel lookup are views of its fbgemm
-    module's single weight, whose gradient is one tensor too) are stepped on that weight and
-    gradient directly, with their accumulators kept as views of one tensor: 12 tensor operations
-    per step for the eight tables of the training job (6 of them compute), instead of 38 (16 to
-    slice each table's gradient out of the fused one, one concatenation to put them back together,
-    one more for the accumulators, and a host read of each table's step count). Other parameters
-    are concatenated.
+    Tables that are, in row order, adjacent slices of one fused weight (the tables of a
+    data_parallel lookup: `twotower_lit.patches.fused_weight_slice`) are stepped on that weight and
+    gradient directly, with their accumulators kept as views of one tensor; other parameters are
+    concatenated.
 
     The update of each row is TorchRec's: ``sum += mean(g^2)``, ``w -= clr * g / (sqrt(sum) + eps)``
     with ``clr = lr / (1 + (step - 1) * lr_decay)`` (``g`` with weight decay and sign of
@@ -49,7 +123,7 @@ class GroupedRowWiseAdagrad(RowWiseAdagrad):
             for p in group["params"]:
                 blocks.setdefault((p.shape[1], p.device, p.dtype), []).append(p)
             for params in blocks.values():
-                fused = _fused_weight(params)
+                fused = patches.fused_weight_slice(params)
                 if fused is not None and fused[0].grad is not None:
                     self._step_fused(params, *fused, group)
                 else:
@@ -161,15 +235,5 @@ class GroupedRowWiseAdagrad(RowWiseAdagrad):
         return total
 
 
-def _fused_weight(params: List[torch.Tensor]) -> Optional[Tuple[torch.Tensor, int, int]]:
-    """(fused weight, start, end) when `params`, in order, are TorchRec ``TableBatchedEmbeddingSlice``
-    views of adjacent ranges [start, end) of one fused weight; None otherwise."""
-    base = getattr(params[0], "_original_tensor", None)
-    if base is None:
-        return None
-    start = end = getattr(params[0], "_start_offset", None)
-    for p in params:
-        if getattr(p, "_original_tensor", None) is not base or getattr(p, "_start_offset", None) != end:
-            return None
-        end = p._end_offset
-    return base, start, end
+# the same update for data_parallel tables, which are stepped after the backward pass (one step for all tables)
+REPLICATED_TABLE_OPTIMIZERS = {"rowwise_adagrad": GroupedRowWiseAdagrad}

@@ -29,14 +29,14 @@ def _batch(dm, rows, seed):
                             train["label"][idx])
 
 
-def _module(dm, pg, device, cls=None, for_capture=False, **options):
+def _module(dm, pg, device, for_capture=False, **options):
     """A small two-tower under DMP on `device` (one table-wise rank), trained with the job's default
     objective (`twotower_lit.training` builds the same loss)."""
     from twotower_lit.config import ModelConfig, OptimConfig, TrainConfig
     from twotower_lit.losses import TwoTowerLoss
     from twotower_lit.model import feature_specs
-    from twotower_lit.module import TwoTowerModule
-    from twotower_lit.strategy import build_sharding_plan, shard_model
+    from twotower_lit.distributed.sharding import shard_module
+    from twotower_lit.training.module import TwoTowerModule
 
     job = TrainConfig()
     model_cfg = ModelConfig(embedding_dim=16, user_layers=[32, 16], item_layers=[32, 16], exposure_dims=4)
@@ -45,10 +45,9 @@ def _module(dm, pg, device, cls=None, for_capture=False, **options):
                         softmax_rows=job.loss.softmax_rows,
                         exposure_dims=model_cfg.exposure_dims)
     loss.set_item_counts(dm.item_counts)
-    lm = (cls or TwoTowerModule)(feature_specs(dm.manifest), model_cfg, OptimConfig(embedding_lr=0.1, dense_lr=0.01),
-                                 100, loss=loss, **options)
-    plan = build_sharding_plan(lm.model, pg, device.type, "table_wise")
-    lm.model = shard_model(lm.model, plan, pg, device, for_capture=for_capture)
+    lm = TwoTowerModule(feature_specs(dm.manifest), model_cfg, OptimConfig(embedding_lr=0.1, dense_lr=0.01), 100,
+                        loss=loss, **options)
+    shard_module(lm, pg, device, default="table_wise", for_capture=for_capture)
     return lm.to(device)
 
 
@@ -72,19 +71,23 @@ TOLERANCE = {"highest": 1e-5, "high": 1e-3}
 @pytest.mark.parametrize("precision", ["highest", "high"], ids=["tf32-off", "tf32-on"])
 def test_graphed_steps_train_as_eager_steps(gpu_data, device_group, device, matmul_precision, precision):
     """Two Lightning fits from the same initial weights on the same batches: one eager step per
-    batch (`TwoTowerModule`), and the training job's graphed steps (`MultiStepTwoTowerModule` with
-    ``graphed_steps``: warm-up steps, then the step captured as one CUDA graph and replayed for
-    every full batch, genres padded to the graph's fixed capacity). Every step's loss and every
-    parameter at the end agree within TOLERANCE (float32 matmuls: 1e-5; TF32: 1e-3), but genres
-    row 0, the padding's row, which the graphed run keeps at zero. The epoch's shorter last batch
-    runs eagerly, counted as another shape."""
+    batch (`EagerSteps`), and the training job's graphed steps (`GraphedSteps`: warm-up steps,
+    then the step captured as one CUDA graph and replayed for every full batch, genres padded to
+    the graph's fixed capacity). Every step's loss and every parameter at the end agree within
+    TOLERANCE (float32 matmuls: 1e-5; TF32: 1e-3), but genres row 0, the padding's row, which the
+    graphed run keeps at zero. The epoch's shorter last batch runs eagerly, counted as another
+    shape."""
     from twotower_lit.graphs import WARMUP_STEPS
-    from twotower_lit.module import MultiStepTwoTowerModule
+    from twotower_lit.model import feature_specs
+    from twotower_lit.training.steps import GraphedSteps
 
     matmul_precision(precision)
     dm = gpu_data
     full = 12
-    batches = [_batch(dm, ROWS, seed) for seed in range(full)] + [_batch(dm, 300, full)]
+    # the full batch with the most genre values first: the graph's input is shaped on it
+    batches = sorted((_batch(dm, ROWS, seed) for seed in range(full)),
+                     key=lambda b: -len(b.features["genres"].values()))
+    batches.append(_batch(dm, 300, full))
 
     def fit(**options):
         torch.manual_seed(0)
@@ -100,9 +103,10 @@ def test_graphed_steps_train_as_eager_steps(gpu_data, device_group, device, matm
     torch.manual_seed(0)
     initial = _state(_module(dm, device_group, device).model)
     eager, eager_losses, _ = fit()
-    graphed, graphed_losses, lm = fit(cls=MultiStepTwoTowerModule, for_capture=True, graphed_steps=True)
+    genres = next(f for f in feature_specs(dm.manifest) if f.name == "genres")
+    graphed, graphed_losses, lm = fit(for_capture=True, steps=GraphedSteps(1, multi_valued=genres))
 
-    report = lm.graph_report()
+    report = lm.steps.report()
     captured = device.type == "cuda"
     assert report["captured"] is captured
     assert report["replays"] == (full - WARMUP_STEPS if captured else 0)
@@ -189,7 +193,7 @@ def test_full_ranking_on_the_gpu_equals_the_cpu_computation(gpu_data, device_gro
     from twotower_lit.evaluation import evaluate_retrieval, tower_matrix
     from twotower_lit.export.writer import unsharded_model
     from twotower_lit.metrics import rank_users
-    from twotower_lit.module import TwoTowerModule
+    from twotower_lit.training.module import TwoTowerModule
 
     matmul_precision("highest")
     dm = gpu_data

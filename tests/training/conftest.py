@@ -75,19 +75,19 @@ def data(prepared_synthetic):
     return dm
 
 
-def sharded_module(dm, optim_cfg, pg, total_steps=10, sharding="table_wise", cls=None, **options):
-    """A small TwoTowerModule (or `cls`) of `dm`'s features with its model under DMP on CPU."""
+def sharded_module(dm, optim_cfg, pg, total_steps=10, sharding="table_wise", kinds=None, **options):
+    """A small TwoTowerModule of `dm`'s features with its model under DMP on CPU (every table
+    `sharding`, or as `kinds` names it), its parts handed over as the strategy hands them."""
     import torch
 
     from twotower_lit.config import ModelConfig
+    from twotower_lit.distributed.sharding import shard_module
     from twotower_lit.model import feature_specs
-    from twotower_lit.module import TwoTowerModule
-    from twotower_lit.strategy import build_sharding_plan, shard_model
+    from twotower_lit.training.module import TwoTowerModule
 
     cfg = ModelConfig(embedding_dim=8, user_layers=[16, 8], item_layers=[16, 8], exposure_dims=0)
-    lm = (cls or TwoTowerModule)(feature_specs(dm.manifest), cfg, optim_cfg, total_steps, **options)
-    plan = build_sharding_plan(lm.model, pg, "cpu", sharding)
-    lm.model = shard_model(lm.model, plan, pg, torch.device("cpu"))
+    lm = TwoTowerModule(feature_specs(dm.manifest), cfg, optim_cfg, total_steps, **options)
+    shard_module(lm, pg, torch.device("cpu"), kinds, default=sharding)
     return lm
 
 

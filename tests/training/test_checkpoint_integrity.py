@@ -111,7 +111,7 @@ def test_a_trainer_state_that_would_run_a_command_is_refused_and_the_command_nev
     torch.save({"global_step": 10, "epoch": 1, "loops": RunsACommand(marker)}, planted / "trainer_state.pt")
     reseal(planted)  # the manifest matches: only the loader stands between the file and the command
 
-    from twotower_lit.training import latest_checkpoint
+    from twotower_lit.training.job import latest_checkpoint
 
     chosen = latest_checkpoint(str(ckpts))
     assert not marker.exists()
@@ -124,8 +124,8 @@ def test_a_trainer_state_that_would_run_a_command_is_refused_and_the_command_nev
         in proc.stderr, proc.stderr[-3000:]
     assert "older versions of twotower_lit" in proc.stderr
     # the strategy's own load refuses it too
-    from twotower_lit.checkpoint import CheckpointError
-    from twotower_lit.strategy import TorchRecStrategy
+    from twotower_lit.distributed.checkpoint import CheckpointError
+    from twotower_lit.distributed import TorchRecStrategy
 
     with pytest.raises(CheckpointError, match="was refused"):
         TorchRecStrategy().load_checkpoint(str(planted))
@@ -135,8 +135,9 @@ def test_a_trainer_state_that_would_run_a_command_is_refused_and_the_command_nev
 
 
 def test_a_checkpoint_of_the_older_format_without_a_manifest_is_refused_naming_why(reference, tmp_path):
-    from twotower_lit.checkpoint import CheckpointError
-    from twotower_lit.strategy import TorchRecStrategy, replicated_tables_of
+    from twotower_lit.distributed.checkpoint import CheckpointError
+    from twotower_lit.distributed import TorchRecStrategy
+    from twotower_lit.distributed.checkpointing import replicated_tables_of
 
     ckpt = tmp_path / "epoch0-step9.ckpt"
     shutil.copytree(reference / "checkpoints" / ckpt.name, ckpt)
@@ -148,8 +149,8 @@ def test_a_checkpoint_of_the_older_format_without_a_manifest_is_refused_naming_w
 
 
 def test_dcp_metadata_that_would_run_a_command_is_refused(reference, tmp_path):
-    from twotower_lit.checkpoint import CheckpointError
-    from twotower_lit.strategy import TorchRecStrategy
+    from twotower_lit.distributed.checkpoint import CheckpointError
+    from twotower_lit.distributed import TorchRecStrategy
 
     ckpt = tmp_path / "epoch0-step9.ckpt"
     shutil.copytree(reference / "checkpoints" / ckpt.name, ckpt)
@@ -172,7 +173,7 @@ def test_dcp_byte_items_are_read_weights_only(tmp_path):
     loader, not with DCP's default full unpickler."""
     import torch.distributed.checkpoint as dcp
 
-    from twotower_lit.checkpoint import AllowListFileSystemReader, WeightsOnlyLoadPlanner
+    from twotower_lit.distributed.checkpoint import AllowListFileSystemReader, WeightsOnlyLoadPlanner
 
     marker = tmp_path / "pwned"
     good = tmp_path / "good"
@@ -210,8 +211,8 @@ def test_flipped_bytes_in_a_shard_are_refused_on_resume_naming_the_file(referenc
 @pytest.mark.parametrize("change", ["missing", "extra", "resized", "manifest"])
 def test_a_checkpoint_with_a_missing_extra_or_resized_file_or_a_garbled_manifest_is_refused(reference, tmp_path,
                                                                                             change):
-    from twotower_lit.checkpoint import CheckpointError
-    from twotower_lit.strategy import TorchRecStrategy
+    from twotower_lit.distributed.checkpoint import CheckpointError
+    from twotower_lit.distributed import TorchRecStrategy
 
     ckpt = tmp_path / "epoch0-step9.ckpt"
     shutil.copytree(reference / "checkpoints" / ckpt.name, ckpt)
@@ -234,8 +235,8 @@ def test_a_checkpoint_with_a_missing_extra_or_resized_file_or_a_garbled_manifest
 
 def test_resume_auto_with_no_intact_checkpoint_is_a_clear_error_and_an_unreadable_state_is_named(
         reference, tmp_path):
-    from twotower_lit.checkpoint import CheckpointError
-    from twotower_lit.training import latest_checkpoint
+    from twotower_lit.distributed.checkpoint import CheckpointError
+    from twotower_lit.training.job import latest_checkpoint
 
     ckpts = first_epoch_checkpoints(reference, tmp_path)
     assert latest_checkpoint(str(ckpts)) == str(ckpts / "epoch0-end-step10.ckpt")  # intact: the newest
@@ -243,7 +244,7 @@ def test_resume_auto_with_no_intact_checkpoint_is_a_clear_error_and_an_unreadabl
     (garbled / "trainer_state.pt").write_bytes(b"not a torch file")
     reseal(garbled)  # checksums match: the file itself cannot be read
     lines = []
-    from twotower_lit.checkpoint import newest_intact_checkpoint
+    from twotower_lit.distributed.checkpoint import newest_intact_checkpoint
 
     assert newest_intact_checkpoint(str(ckpts), report=lines.append) == ckpts / "epoch0-step9.ckpt"
     assert lines[0].startswith(f"--resume auto: passing over epoch0-end-step10.ckpt: {garbled / 'trainer_state.pt'} "
@@ -265,7 +266,7 @@ def test_resume_auto_with_no_intact_checkpoint_is_a_clear_error_and_an_unreadabl
 
 
 def test_a_trainer_state_that_a_resume_could_not_read_safely_is_refused_when_saved():
-    from twotower_lit.checkpoint import decode_trainer_state, encode_trainer_state
+    from twotower_lit.distributed.checkpoint import decode_trainer_state, encode_trainer_state
 
     state = {"global_step": 3, "callbacks": {"x": {"best": torch.tensor(float("inf")), "path": "a"}},
              "loops": {"fit_loop": {"epoch_progress": {"total": {"completed": 1}}}}, "dm": {"rows": [1, 2]}}

@@ -20,16 +20,16 @@ STEPS = 6
 def _build(dm, gradient_sync: str, seed: int):
     from twotower_lit.config import ModelConfig, OptimConfig
     from twotower_lit.model import feature_specs
-    from twotower_lit.module import TwoTowerModule
-    from twotower_lit.strategy import build_sharding_plan, shard_model
+    from twotower_lit.distributed.sharding import shard_module
+    from twotower_lit.training.module import TwoTowerModule
 
     torch.manual_seed(seed)
     cfg = ModelConfig(embedding_dim=8, user_layers=[16, 8], item_layers=[16, 8], exposure_dims=0)
     lm = TwoTowerModule(feature_specs(dm.manifest), cfg, OptimConfig(embedding_optimizer="rowwise_adagrad"), STEPS)
     pg = dist.group.WORLD
     # two tables replicated (dense kernel, averaged gradients), the others sharded (fused optimizer)
-    plan = build_sharding_plan(lm.model, pg, "cpu", "table_wise", {"user": "data_parallel", "genres": "data_parallel"})
-    lm.model = shard_model(lm.model, plan, pg, torch.device("cpu"), gradient_sync)
+    shard_module(lm, pg, torch.device("cpu"), {"user": "data_parallel", "genres": "data_parallel"},
+                 default="table_wise", gradient_sync=gradient_sync)
     return lm, lm.configure_optimizers()["optimizer"]
 
 
@@ -71,7 +71,7 @@ def _train(lm, opt, dm, rank):
 
 def _worker(rank: int, store_file: str, data_dir: str) -> None:
     from twotower_lit.data.datamodule import MovieLensDataModule
-    from twotower_lit.strategy import GradientAverager
+    from twotower_lit.distributed.sharding import GradientAverager
 
     # a file store: no server thread in rank 0 that could still be serving rank 1 at exit
     dist.init_process_group("gloo", store=dist.FileStore(store_file, WORLD), rank=rank, world_size=WORLD)
@@ -125,7 +125,7 @@ def test_one_allreduce_per_step_trains_two_ranks_as_ddp_does(prepared_synthetic,
 def test_a_parameter_without_gradient_counts_as_zeros():
     """One process (gloo over one rank): the averager's callback runs once after backward and
     gives a gradient to a parameter the loss did not use, as DDP with find_unused_parameters does."""
-    from twotower_lit.strategy import GradientAverager
+    from twotower_lit.distributed.sharding import GradientAverager
 
     store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
@@ -170,7 +170,7 @@ def test_a_parameter_without_gradient_counts_as_zeros():
 
 
 def _precision_worker(rank: int, store_file: str) -> None:
-    from twotower_lit.strategy import GradientAverager
+    from twotower_lit.distributed.sharding import GradientAverager
 
     dist.init_process_group("gloo", store=dist.FileStore(store_file, WORLD), rank=rank, world_size=WORLD)
     try:

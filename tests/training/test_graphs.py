@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.training.conftest import local_state, sharded_module
+from twotower_lit.model import feature_specs
 
 
 def _batch(dm, rows, seed):
@@ -22,10 +23,10 @@ def _batch(dm, rows, seed):
                             train["label"][idx])
 
 
-def _sharded_module(dm, pg, sharding="table_wise", cls=None, **options):
+def _sharded_module(dm, pg, sharding="table_wise", **options):
     from twotower_lit.config import OptimConfig
 
-    return sharded_module(dm, OptimConfig(embedding_lr=0.1, dense_lr=0.01), pg, 100, sharding, cls, **options)
+    return sharded_module(dm, OptimConfig(embedding_lr=0.1, dense_lr=0.01), pg, 100, sharding, **options)
 
 
 def test_padded_input_gives_every_row_its_sums_and_bag_lengths(data):
@@ -100,11 +101,11 @@ def test_ids_only_batches_are_copied_as_they_are(data):
 
 @pytest.mark.parametrize("sharding", ["table_wise", "data_parallel"])
 def test_padding_rows_are_the_tables_own_row_zero(process_group, data, sharding):
-    """`padding_rows` returns views into the sharded collection's weights: zeroing them makes the
+    """`first_rows` returns views into the sharded collection's weights: zeroing them makes the
     lookup of genre 0 a zero vector (fused table_wise tables and replicated ones)."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from twotower_lit.graphs import padding_rows
+    from twotower_lit.distributed.sharding import first_rows
 
     lm = _sharded_module(data, process_group, sharding)
     keys = data.builder.keys
@@ -117,13 +118,13 @@ def test_padding_rows_are_the_tables_own_row_zero(process_group, data, sharding)
             return ebc(features).to_dict()["genres"]
 
     assert genre_zero().abs().sum() > 0  # initialised at random
-    rows = padding_rows(lm.model, ["t_genres"])
+    rows = first_rows(lm.model, ["t_genres"])
     assert len(rows) == 1 and rows[0].shape == (8,)
     with torch.no_grad():
         rows[0].zero_()
     assert torch.equal(genre_zero(), torch.zeros(1, 8))
     with pytest.raises(KeyError, match="no table 't_nope'"):
-        padding_rows(lm.model, ["t_nope"])
+        first_rows(lm.model, ["t_nope"])
 
 
 def test_fixed_shape_steps_train_exactly_as_eager_steps(process_group, data):
@@ -132,9 +133,12 @@ def test_fixed_shape_steps_train_exactly_as_eager_steps(process_group, data):
     zero and no real genre reads; a shorter last batch runs eagerly and is counted."""
     import lightning as L
 
-    from twotower_lit.module import MultiStepTwoTowerModule
+    from twotower_lit.training.steps import GraphedSteps
 
-    batches = [_batch(data, 256, seed) for seed in range(7)] + [_batch(data, 100, 7)]
+    # the full batch with the most genre values first: the graph's input is shaped on the first
+    # batch (with some slack), and only the shorter last batch should step eagerly
+    full = sorted((_batch(data, 256, seed) for seed in range(7)), key=lambda b: -len(b.features["genres"].values()))
+    batches = full + [_batch(data, 100, 7)]
 
     def fit(**options):
         torch.manual_seed(0)
@@ -153,9 +157,10 @@ def test_fixed_shape_steps_train_exactly_as_eager_steps(process_group, data):
             assert torch.equal(a, b), key
 
     eager, eager_steps, _ = fit()
-    graphed, graphed_steps, lm = fit(cls=MultiStepTwoTowerModule, steps_per_execution=4, graphed_steps=True)
+    genres = next(f for f in feature_specs(data.manifest) if f.name == "genres")
+    graphed, graphed_steps, lm = fit(steps=GraphedSteps(4, multi_valued=genres))
     assert graphed_steps == eager_steps == len(batches)
-    report = lm.graph_report()
+    report = lm.steps.report()
     assert report["eager_steps"] == len(batches) - 1 and report["replays"] == 0 and not report["captured"]
     assert report["other_shapes"] == 1 and report["first_other_shape"] == "100 rows, not 256"
     same_training(eager, graphed)
@@ -164,67 +169,71 @@ def test_fixed_shape_steps_train_exactly_as_eager_steps(process_group, data):
     # again on the next, full batch, before any capture, and every step is counted
     batches[:] = batches[-1:] + batches[:-1]
     eager, _, _ = fit()
-    graphed, _, lm = fit(cls=MultiStepTwoTowerModule, steps_per_execution=4, graphed_steps=True)
-    report = lm.graph_report()
+    graphed, _, lm = fit(steps=GraphedSteps(4, multi_valued=genres))
+    report = lm.steps.report()
     assert report["eager_steps"] == len(batches) and report["other_shapes"] == 0
-    assert lm._graphed.input.rows == 256
+    assert lm.steps.graphed.input.rows == 256
     same_training(eager, graphed)
 
 
 def test_cuda_graphs_option_takes_graphs_only_where_they_run():
     from twotower_lit.config import OptimConfig, TrainConfig, replace_options
-    from twotower_lit.data.batches import FeatureTables
-    from twotower_lit.training import resolve_cuda_graphs
+    from twotower_lit.training.plan import resolve_cuda_graphs
+
+    one = {"user": "table_wise", "item": "table_wise"}
+    replicated = {"user": "data_parallel", "item": "data_parallel"}
+
+    def graphs(cfg, device, world, kinds=one, genres_from_one=True):
+        return resolve_cuda_graphs(cfg, device, world, kinds, genres_from_one)[0]
 
     auto = TrainConfig()
-    assert resolve_cuda_graphs(auto, "cuda", 1, None)
-    assert not resolve_cuda_graphs(auto, "cpu", 1, None)
-    assert resolve_cuda_graphs(auto, "cuda", 2, None)  # several processes: see below
+    assert graphs(auto, "cuda", 1)
+    assert not graphs(auto, "cpu", 1)
+    assert graphs(auto, "cuda", 2, replicated)
     cosine = dataclasses.replace(auto, optim=OptimConfig(lr_schedule="cosine"))
-    assert not resolve_cuda_graphs(cosine, "cuda", 1, None)
-    assert not resolve_cuda_graphs(replace_options(auto, cuda_graphs="off"), "cuda", 1, None)
+    assert not graphs(cosine, "cuda", 1)
+    assert not graphs(replace_options(auto, cuda_graphs="off"), "cuda", 1)
     with pytest.raises(ValueError, match="--lr-schedule constant"):
-        resolve_cuda_graphs(replace_options(cosine, cuda_graphs="on"), "cuda", 1, None)
+        graphs(replace_options(cosine, cuda_graphs="on"), "cuda", 1)
     with pytest.raises(ValueError, match="a GPU"):
-        resolve_cuda_graphs(replace_options(auto, cuda_graphs="on"), "cpu", 1, None)
-    # several processes: graphs where every table is replicated (the sharding plan is checked once
-    # the model is sharded: test_several_processes_need_every_table_replicated)
-    assert resolve_cuda_graphs(replace_options(auto, cuda_graphs="on"), "cuda", 2, None)
+        graphs(replace_options(auto, cuda_graphs="on"), "cpu", 1)
+    assert graphs(replace_options(auto, cuda_graphs="on"), "cuda", 2, replicated)
     ddp = replace_options(auto, gradient_sync="ddp")
-    assert resolve_cuda_graphs(ddp, "cuda", 1, None) and not resolve_cuda_graphs(ddp, "cuda", 2, None)
+    assert graphs(ddp, "cuda", 1) and not graphs(ddp, "cuda", 2, replicated)
     with pytest.raises(ValueError, match="--gradient-sync allreduce"):
-        resolve_cuda_graphs(replace_options(ddp, cuda_graphs="on"), "cuda", 2, None)
+        graphs(replace_options(ddp, cuda_graphs="on"), "cuda", 2, replicated)
     adam = dataclasses.replace(auto, optim=OptimConfig(embedding_optimizer="adam"))
-    assert not resolve_cuda_graphs(adam, "cuda", 1, None)
+    assert not graphs(adam, "cuda", 1)
     with pytest.raises(ValueError, match="--embedding-optimizer rowwise_adagrad or sgd"):
-        resolve_cuda_graphs(replace_options(adam, cuda_graphs="on"), "cuda", 1, None)
-    tables = FeatureTables({"user": np.arange(3)}, {"item": np.arange(3)}, np.array([0, 0, 1, 2]), np.array([0, 2]))
-    assert not resolve_cuda_graphs(auto, "cuda", 1, tables)
+        graphs(replace_options(adam, cuda_graphs="on"), "cuda", 1)
+    assert not graphs(auto, "cuda", 1, genres_from_one=False)
     with pytest.raises(ValueError, match="genre indices from 1"):
-        resolve_cuda_graphs(replace_options(auto, cuda_graphs="on"), "cuda", 1, tables)
-
+        graphs(replace_options(auto, cuda_graphs="on"), "cuda", 1, genres_from_one=False)
+    # several processes: a sharded table refuses (its all-to-all reads sizes on the host); auto
+    # says why on a GPU
+    on, why = resolve_cuda_graphs(auto, "cuda", 2, one, True)
+    assert not on and "t_item, t_user are sharded" in why
+    with pytest.raises(ValueError, match="every table must be replicated"):
+        graphs(replace_options(auto, cuda_graphs="on"), "cuda", 2, one)
 
 
 def test_several_processes_need_every_table_replicated():
-    """Known once the strategy has sharded the model: a table sharded across ranks is named."""
-    from twotower_lit.graphs import plan_refusal
+    from twotower_lit.distributed.planning import graph_refusal
 
-    def plan(**kinds):
-        return {table: {"sharding_type": kind, "compute_kernel": "dense", "ranks": [0]}
-                for table, kind in kinds.items()}
-
-    assert plan_refusal(1, plan(t_user="table_wise")) is None
-    assert plan_refusal(2, plan(t_user="data_parallel", t_item="data_parallel")) is None
-    why = plan_refusal(2, plan(t_user="row_wise", t_item="data_parallel", t_genres="table_wise"))
+    assert graph_refusal(1, {"user": "table_wise"}) is None
+    assert graph_refusal(2, {"user": "data_parallel", "item": "data_parallel"}) is None
+    why = graph_refusal(2, {"user": "row_wise", "item": "data_parallel", "genres": "table_wise"})
     assert "t_genres, t_user are sharded" in why and "--sharding data_parallel" in why
-    assert "t_user is sharded" in plan_refusal(4, plan(t_user="column_wise"))
+    assert "t_user is sharded" in graph_refusal(4, {"user": "column_wise"})
+    assert "t_user is sharded" in graph_refusal(2, {"user": "auto"})  # the planner never picks data_parallel
 
 
 def _two_rank_graphed_worker(rank: int, store_file: str, data_dir: str) -> None:
     import torch.distributed as dist
 
     from twotower_lit.data.datamodule import MovieLensDataModule
-    from twotower_lit.graphs import GraphedTrainingStep, padding_rows
+    from twotower_lit.distributed.sharding import first_rows
+    from twotower_lit.graphs import GraphedTrainingStep
 
     dist.init_process_group("gloo", store=dist.FileStore(store_file, 2), rank=rank, world_size=2)
     try:
@@ -244,12 +253,14 @@ def _two_rank_graphed_worker(rank: int, store_file: str, data_dir: str) -> None:
         def loss_fn(user, item, items, labels):
             return graphed.loss_fn(user, item, items, labels)[0]
 
-        step = GraphedTrainingStep(graphed.model, loss_fn, opt, batches[0], "genres",
-                                   padding_rows(graphed.model, ["t_genres"]), capture=False)
+        # shaped on the batch with the most genre values, so that every batch fits
+        widest = max(batches, key=lambda b: len(b.features["genres"].values()))
+        step = GraphedTrainingStep(graphed.model, loss_fn, opt, widest, "genres",
+                                   first_rows(graphed.model, ["t_genres"]), capture=False)
         assert step.input.capacity > 0
         for b in batches:
             eager_opt.zero_grad()
-            eager.loss_and_output(b)[0].backward()
+            eager.batch_loss(b).backward()
             eager_opt.step()
             step(b)
         want, got = local_state(eager.model), local_state(graphed.model)
@@ -277,7 +288,7 @@ def test_replicated_tables_keep_their_weights_gradient_accumulator_from_construc
     lookup's fused weight) keep that node from construction on. A hook put on the node before
     training fires in the first backward pass only if the same node is used there; a tower
     weight's node, which nothing keeps, is made anew by the forward pass."""
-    from twotower_lit.strategy import unwrap_replicated_lookups
+    from twotower_lit.patches import unwrap_replicated_lookups
 
     lm = _sharded_module(data, process_group, "data_parallel")
     lookups = unwrap_replicated_lookups(lm.model) or [m.module for m in lm.model.modules()
@@ -290,7 +301,7 @@ def test_replicated_tables_keep_their_weights_gradient_accumulator_from_construc
         node = p.view_as(p).grad_fn.next_functions[0][0]  # the parameter's accumulator (made if none is kept)
         node.register_prehook(lambda grads, name=name: fired.append(name))
         del node
-    lm.loss_and_output(_batch(data, 64, 0))[0].backward()
+    lm.batch_loss(_batch(data, 64, 0)).backward()
     assert set(fired) == {"fused"}
 
 
@@ -322,18 +333,18 @@ def test_host_work_of_a_captured_step_is_registered_for_every_replay():
 
 
 def test_the_summary_names_how_the_steps_ran(capsys):
-    from twotower_lit.training import _print_summary
+    from twotower_lit.training.report import print_summary
 
     test = {"auc": 0.8, "logloss": 0.5, "accuracy": 0.7, "recall@10": 0.2, "ndcg@10": 0.1}
     graphs = {"replays": 1167, "eager_steps": 3, "other_shapes": 3, "first_other_shape": "19410 rows, not 65536",
               "captured": True, "multi_valued_capacity": 152148}
-    _print_summary({"test": test, "baselines": {"popularity": test}, "train": {"cuda_graphs": graphs}}, "/out", 10)
+    print_summary({"test": test, "baselines": {"popularity": test}, "train": {"cuda_graphs": graphs}}, "/out", 10)
     out = capsys.readouterr().out
     assert ("CUDA graphs: 1167 training steps replayed, 3 eager (warm-up), 3 eager for other shapes "
             "(first: 19410 rows, not 65536)") in out
-    _print_summary({"test": test, "baselines": {"popularity": test}, "train": {"cuda_graphs": None}}, "/out", 10)
+    print_summary({"test": test, "baselines": {"popularity": test}, "train": {"cuda_graphs": None}}, "/out", 10)
     assert "CUDA graphs" not in capsys.readouterr().out
     why = "with several processes every table must be replicated, but t_user is sharded"
     refused = {"captured": False, "refused": why}
-    _print_summary({"test": test, "baselines": {"popularity": test}, "train": {"cuda_graphs": refused}}, "/out", 10)
+    print_summary({"test": test, "baselines": {"popularity": test}, "train": {"cuda_graphs": refused}}, "/out", 10)
     assert f"CUDA graphs: off, {why}" in capsys.readouterr().out

@@ -92,20 +92,6 @@ def test_one_pooling_type_gives_mean_pooled_genres(prepared_synthetic):
                                    atol=1e-6, err_msg=s.name)
 
 
-def test_train_pipeline_can_trace_the_model():
-    """TorchRec's train pipeline finds the embedding collection by tracing the model with
-    torch.fx: the forward must stay traceable (the tower inputs are one opaque call)."""
-    from torchrec.distributed.train_pipeline.utils import Tracer
-
-    from twotower_lit.model import FeatureSpec, TwoTower
-
-    specs = [FeatureSpec("user", 10, "user"), FeatureSpec("age", 4, "user"), FeatureSpec("item", 12, "item")]
-    model = TwoTower(specs, 4, [8, 4], [8, 4], device=torch.device("meta"))
-    graph = Tracer(leaf_modules=["ebc"]).trace(model)  # as the pipeline marks its sharded modules
-    targets = [str(n.target) for n in graph.nodes]
-    assert "ebc" in targets and "tower_inputs" in " ".join(targets)
-
-
 def test_exposure_dims_must_leave_the_liking_logit_a_dimension():
     from twotower_lit.model import FeatureSpec, TwoTower
 

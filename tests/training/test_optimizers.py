@@ -194,7 +194,7 @@ def test_lightning_steps_every_optimizer_and_the_schedule_once_per_batch(process
     import lightning as L
 
     from twotower_lit.config import OptimConfig
-    from twotower_lit.module import lr_lambda
+    from twotower_lit.optim import lr_lambda
 
     lm = sharded_module(data, OptimConfig(lr_schedule="linear", embedding_lr=0.1, dense_lr=0.01), process_group,
                          total_steps=10)
@@ -225,13 +225,13 @@ def test_lightning_steps_every_optimizer_and_the_schedule_once_per_batch(process
 
 def test_steps_after_a_calls_first_skip_lightnings_wrappers_only_where_nothing_observes_them(process_group, data):
     """With several steps per call, the steps after each call's first call backward and the
-    optimizer directly (`optimizer_step_on`'s ``lean``) and train exactly as Lightning's wrappers do: the same
+    optimizer directly (`EagerSteps.step`'s ``lean``) and train exactly as Lightning's wrappers do: the same
     weights, step count and learning-rate schedule as one step per call. A callback that
     listens to the per-step hooks turns that off, and then hears every step."""
     import lightning as L
 
     from twotower_lit.config import OptimConfig
-    from twotower_lit.module import MultiStepTwoTowerModule
+    from twotower_lit.training.steps import EagerSteps
 
     batches = list(_batches(data, 8))
 
@@ -244,12 +244,12 @@ def test_steps_after_a_calls_first_skip_lightnings_wrappers_only_where_nothing_o
 
     def fit(k, callbacks=()):
         torch.manual_seed(0)
-        options = {"cls": MultiStepTwoTowerModule, "steps_per_execution": k} if k > 1 else {}
         lm = sharded_module(data, OptimConfig(lr_schedule="linear", embedding_lr=0.1, dense_lr=0.01), process_group,
-                             total_steps=10, **options)
-        flags = []  # the `lean` flag of each optimizer step
-        step = lm.optimizer_step_on
-        lm.optimizer_step_on = lambda *args, lean=False: flags.append(lean) or step(*args, lean=lean)
+                             total_steps=10, steps=EagerSteps(k))
+        flags = []  # whether each optimizer step was lean
+        step = lm.steps.step
+        lm.steps.step = lambda module, batch, opt, schedule, lean, first: (
+            flags.append(lean and not first) or step(module, batch, opt, schedule, lean, first))
         trained = {}
 
         class Snapshot(L.Callback):
@@ -270,7 +270,6 @@ def test_steps_after_a_calls_first_skip_lightnings_wrappers_only_where_nothing_o
     heard = Heard()
     observed = fit(4, [heard])
     assert four[4] == 6  # two calls of four steps: every step but each call's first is lean
-    assert four[5].lean_steps_allowed() and not observed[5].lean_steps_allowed()
     assert observed[4] == 0 and heard.steps == 8
     for run in (four, observed):
         assert run[1:4] == one[1:4] == (8, 8, one[3])
@@ -284,7 +283,7 @@ def test_checkpoint_of_automatic_optimisation_keeps_its_step_count():
     optimizer steps in the automatic loop's state; resumed now, global_step carries over."""
     from twotower_lit.config import ModelConfig, OptimConfig
     from twotower_lit.model import FeatureSpec
-    from twotower_lit.module import TwoTowerModule
+    from twotower_lit.training.module import TwoTowerModule
 
     lm = TwoTowerModule([FeatureSpec("user", 5, "user"), FeatureSpec("item", 5, "item")],
                         ModelConfig(embedding_dim=4, user_layers=[4], item_layers=[4], exposure_dims=0), OptimConfig())
@@ -300,7 +299,7 @@ def test_checkpoint_of_automatic_optimisation_keeps_its_step_count():
 def test_checkpoint_of_another_model_is_refused_naming_the_options():
     from twotower_lit.config import ModelConfig, OptimConfig
     from twotower_lit.model import FeatureSpec
-    from twotower_lit.module import MODEL_KEY, TwoTowerModule
+    from twotower_lit.training.module import MODEL_KEY, TwoTowerModule
 
     features = [FeatureSpec("user", 5, "user"), FeatureSpec("item", 5, "item")]
 

@@ -1,7 +1,8 @@
 """TorchRecStrategy pieces that need no process group."""
 import lightning as L
+import pytest
 
-from twotower_lit.strategy import throttle_sigterm_broadcast
+from twotower_lit.patches import throttle_sigterm_broadcast
 
 
 def test_sigterm_broadcast_runs_every_n_steps_on_every_rank_alike():
@@ -30,42 +31,31 @@ def test_sigterm_broadcast_with_several_steps_per_call_runs_after_each_multiple_
 
 
 
-def _tables_of(sizes):
-    """A TwoTower (tables on meta) with tables of `sizes` rows {feature: rows}, dimension 64."""
-    from twotower_lit.model import FeatureSpec, TwoTower
-
-    import torch
-
-    specs = [FeatureSpec(name, rows, "user" if name in ("user", "zip") else "item") for name, rows in sizes.items()]
-    return TwoTower(specs, 64, [8], [8], device=torch.device("meta"))
-
-
 def test_small_tables_are_replicated_on_gpus_unless_named_or_resumed():
-    from twotower_lit.strategy import TorchRecStrategy
+    from twotower_lit.distributed.planning import table_kinds
 
     # 64 dims x 4 bytes = 256 bytes a row: 262,144 rows is 64 MB, one row more is over
-    model = _tables_of({"user": 262_145, "zip": 1_000, "item": 262_144, "year": 100})
-    strategy = TorchRecStrategy(sharding="table_wise", data_parallel_below_mb=64)
-    assert strategy.table_kinds(model, replicate_small=True) == {
-        "zip": "data_parallel", "item": "data_parallel", "year": "data_parallel"}
-    assert strategy.table_kinds(model, replicate_small=False) == {}  # one GPU, or CPU processes
-    assert TorchRecStrategy(data_parallel_below_mb=0).table_kinds(model, replicate_small=True) == {}
+    tables = {"user": 262_145, "zip": 1_000, "item": 262_144, "year": 100}
+    assert table_kinds(tables, 64, "table_wise", {}, replicate_below_mb=64) == {
+        "user": "table_wise", "zip": "data_parallel", "item": "data_parallel", "year": "data_parallel"}
+    # one GPU, or CPU processes: the plan passes 0
+    assert set(table_kinds(tables, 64, "table_wise", {}, replicate_below_mb=0).values()) == {"table_wise"}
     # --table-sharding wins over the size rule
-    named = TorchRecStrategy(table_sharding={"item": "row_wise"}, data_parallel_below_mb=64)
-    assert named.table_kinds(model, replicate_small=True) == {
-        "item": "row_wise", "zip": "data_parallel", "year": "data_parallel"}
+    assert table_kinds(tables, 64, "auto", {"item": "row_wise"}, replicate_below_mb=64) == {
+        "user": "auto", "item": "row_wise", "zip": "data_parallel", "year": "data_parallel"}
     # resuming keeps the checkpoint's replicated tables, and replicates nothing else by size
-    resumed = TorchRecStrategy(table_sharding={"year": "table_wise"}, data_parallel_below_mb=64,
-                               resumed_data_parallel_tables=["t_user", "t_year"])
-    assert resumed.table_kinds(model, replicate_small=True) == {"user": "data_parallel", "year": "table_wise"}
-    assert resumed.table_kinds(model, replicate_small=False) == {"user": "data_parallel", "year": "table_wise"}
+    assert table_kinds(tables, 64, "table_wise", {"year": "table_wise"}, replicate_below_mb=64,
+                       resumed_replicated=["t_user", "t_year"]) == {
+        "user": "data_parallel", "zip": "table_wise", "item": "table_wise", "year": "table_wise"}
+    with pytest.raises(ValueError, match=r"--table-sharding names unknown feature\(s\) \['genre'\]"):
+        table_kinds(tables, 64, "table_wise", {"genre": "row_wise"})
 
 
 def test_input_dist_permutation_is_built_once_per_argument_set_with_torchrecs_values():
     import torch
     from torchrec.distributed import dist_data
 
-    from twotower_lit.strategy import cache_input_dist_permutations
+    from twotower_lit.patches import cache_input_dist_permutations
 
     cache_input_dist_permutations()
     cache_input_dist_permutations()  # idempotent: one wrapper, not a wrapper of a wrapper

@@ -244,13 +244,21 @@ def test_exported_scores_equal_model_scores(prepared_synthetic, tmp_path):
     assert (expected < 0).any()  # no activation on the last tower layer: scores can be negative
 
 
+def _plan(cfg, tmp_path):
+    """The run plan of `cfg` for a small two-table model writing under `tmp_path`."""
+    from twotower_lit.training.plan import resolve_plan
+
+    return resolve_plan(cfg, "run", str(tmp_path), str(tmp_path / "checkpoints"), {"user": 10, "item": 10}, 100,
+                        True, None, None)
+
+
 @pytest.mark.parametrize("progress", [True, False])
 def test_progress_bar_redraws_once_per_logging_interval(tmp_path, progress):
     from twotower_lit.config import TrainConfig, replace_options
-    from twotower_lit.training import LOG_EVERY_N_STEPS, build_trainer
+    from twotower_lit.training.job import LOG_EVERY_N_STEPS, build_trainer
 
     cfg = replace_options(TrainConfig(), accelerator="cpu", devices=1, progress=progress)
-    trainer = build_trainer(cfg, str(tmp_path), str(tmp_path / "checkpoints"), logger=False)
+    trainer = build_trainer(cfg, _plan(cfg, tmp_path), logger=False)
     assert trainer.log_every_n_steps == LOG_EVERY_N_STEPS > 1
     bar = trainer.progress_bar_callback
     if progress:
@@ -281,22 +289,24 @@ def test_several_steps_per_call_train_the_same_run(trained, prepared_synthetic, 
 
 def test_steps_per_execution_by_device_log_and_redraw_intervals_and_what_is_refused(tmp_path):
     from twotower_lit.config import TrainConfig, replace_options
-    from twotower_lit.training import GPU_STEPS_PER_EXECUTION, build_trainer, resolve_steps_per_execution
+    from twotower_lit.patches import lean_steps_allowed
+    from twotower_lit.training.job import build_trainer
+    from twotower_lit.training.plan import GPU_STEPS_PER_EXECUTION, resolve_steps_per_execution
 
     cfg = replace_options(TrainConfig(), accelerator="cpu", devices=1, steps_per_execution=4)
-    trainer = build_trainer(cfg, str(tmp_path), str(tmp_path / "checkpoints"), logger=False)
+    trainer = build_trainer(cfg, _plan(cfg, tmp_path), logger=False)
     assert trainer.log_every_n_steps == 12  # a multiple of 4: logged steps fall on call boundaries
     assert trainer.progress_bar_callback.refresh_rate == 1  # one redraw per call of 4 steps
     # none of the job's callbacks listens to the per-step hooks: the steps after each call's first are lean
     from twotower_lit.config import ModelConfig, OptimConfig
     from twotower_lit.model import FeatureSpec
-    from twotower_lit.module import MultiStepTwoTowerModule
+    from twotower_lit.training.module import TwoTowerModule
 
-    module = MultiStepTwoTowerModule([FeatureSpec("user", 10, "user"), FeatureSpec("item", 10, "item")],
-                                     ModelConfig(embedding_dim=4, user_layers=[4], item_layers=[4], exposure_dims=0),
-                                     OptimConfig(), steps_per_execution=4)
+    module = TwoTowerModule([FeatureSpec("user", 10, "user"), FeatureSpec("item", 10, "item")],
+                            ModelConfig(embedding_dim=4, user_layers=[4], item_layers=[4], exposure_dims=0),
+                            OptimConfig())
     module.trainer = trainer
-    assert cfg.output.progress and module.lean_steps_allowed()
+    assert cfg.output.progress and lean_steps_allowed(trainer, module)
     # 0 (the default): several steps per call where the host's per-step work bounds a step
     assert TrainConfig().performance.steps_per_execution == 0
     assert resolve_steps_per_execution(TrainConfig(), "cuda") == GPU_STEPS_PER_EXECUTION > 1
@@ -308,7 +318,7 @@ def test_steps_per_execution_by_device_log_and_redraw_intervals_and_what_is_refu
 
 def test_data_on_device_auto_takes_gpus_that_hold_the_split_and_runs_without_negatives():
     from twotower_lit.config import TrainConfig, replace_options
-    from twotower_lit.training import DEVICE_BYTES_PER_ROW, resolve_data_on_device
+    from twotower_lit.training.plan import DEVICE_BYTES_PER_ROW, resolve_data_on_device
 
     cfg = TrainConfig()
     gib = 2**30
@@ -328,14 +338,9 @@ def test_data_on_device_auto_takes_gpus_that_hold_the_split_and_runs_without_neg
 
 
 def test_a_call_of_several_steps_ends_at_the_next_multiple_of_k_or_of_the_checkpoint_interval():
-    from twotower_lit.config import ModelConfig, OptimConfig
-    from twotower_lit.model import FeatureSpec
-    from twotower_lit.module import MultiStepTwoTowerModule
+    from twotower_lit.training.steps import EagerSteps
 
-    specs = [FeatureSpec("user", 10, "user"), FeatureSpec("item", 10, "item")]
-    module = MultiStepTwoTowerModule(specs, ModelConfig(embedding_dim=4, user_layers=[4], item_layers=[4],
-                                                        exposure_dims=0), OptimConfig(),
-                                     steps_per_execution=16, checkpoint_every_n_steps=100)
+    module = EagerSteps(steps_per_execution=16, checkpoint_every_n_steps=100)
     ends, step = [], 0
     while step < 140:
         step += module.steps_this_call(step)

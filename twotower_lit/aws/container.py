@@ -42,7 +42,7 @@ TRAIN_ENTRY = "entrypoints/train.py"
 # environment); without it CPU jobs install the default builds, which also run on CPU, only larger
 CPU_INDEX_ENV = "TWOTOWER_TORCH_CPU_INDEX_URL"
 
-# torch release -> (fbgemm-gpu, torchrec) built and tested together (FINDINGS.md: both verified)
+# torch release -> (fbgemm-gpu, torchrec) built and tested together (the lanes of requirements/)
 TORCHREC_STACK: Dict[str, Tuple[str, str]] = {
     "2.13": ("1.8.0", "1.8.0"),
     "2.11": ("1.6.0", "1.6.1"),

@@ -159,6 +159,3 @@ class AwsContext:
         """The project tag, the configured extra tags and `extra`, as AWS's ``[{"Key", "Value"}]``."""
         tags = {PROJECT_TAG: self.cfg.project, **parse_key_values(self.cfg.tags), **extra}
         return [{"Key": k, "Value": str(v)} for k, v in tags.items()]
-
-    def tag_dict(self, **extra: str) -> Dict[str, str]:
-        return {t["Key"]: t["Value"] for t in self.tags(**extra)}

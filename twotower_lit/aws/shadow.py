@@ -207,12 +207,3 @@ def wait_for_experiment(ctx: AwsContext, name: str, states, timeout: float = 180
                                f"command again")
         time.sleep(poll)
         poll = min(poll * 1.5, max_poll)
-
-
-def variant_roles(ctx: AwsContext, endpoint: str) -> Dict[str, str]:
-    """``{variant name: "production" | "shadow"}`` of an endpoint (describe_endpoint lists both kinds)."""
-    desc = ctx.sagemaker.describe_endpoint(EndpointName=endpoint)
-    roles = {v["VariantName"]: "production" for v in desc.get("ProductionVariants", [])}
-    roles.update({v["VariantName"]: "shadow" for v in desc.get("ShadowProductionVariants", [])})
-    return roles
-

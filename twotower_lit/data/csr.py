@@ -54,3 +54,9 @@ class Csr:
         """Concatenated item lists of `users`, in order."""
         starts = self.indptr[users]
         return self.indices[concat_ranges(starts, self.indptr[users + 1] - starts)]
+
+
+def positives_csr(users: np.ndarray, items: np.ndarray, labels: np.ndarray, num_users: int) -> Csr:
+    """The liked items (label 1) of each user of a split's rows."""
+    pos = labels > 0.5
+    return Csr.from_pairs(users[pos], items[pos], num_users)

@@ -8,16 +8,16 @@ from typing import Dict, List, Optional, Tuple
 import lightning as L
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from twotower_lit.data.batches import FeatureTables, KJTBuilder
-from twotower_lit.data.csr import Csr
+from twotower_lit.data.csr import Csr, positives_csr
 from twotower_lit.data.device_batches import DeviceResidentBatches
 from twotower_lit.data.loader import (EpochAwareDataLoader, Layout, NegativeSampler, RatingsShardReader,
                                       ResumableEpoch, ShardSource, num_batches, read_columns, resume_epoch)
 from twotower_lit.data.storage import Storage
-from twotower_lit.data.schema import ITEMS_FILE, MANIFEST, SCHEMA_VERSION, SPLITS, USERS_FILE
-from twotower_lit.metrics import positives_csr
+from twotower_lit.data.schema import ITEMS_FILE, MANIFEST, MULTI_VALUED, SCHEMA_VERSION, SPLITS, USERS_FILE
 
 
 def join(base: str, *parts: str) -> str:
@@ -47,6 +47,20 @@ def split_source(data_dir: str, manifest: Dict, split: str) -> ShardSource:
     if not files:
         raise ValueError(f"{data_dir}: the manifest lists no shards of split {split!r}")
     return ShardSource([join(data_dir, name) for name, _ in files], [int(m["rows"]) for _, m in files])
+
+
+def genre_ids_from_one(data_dir: str, manifest: Dict) -> bool:
+    """Whether the multi-valued item features' ids start at 1, leaving row 0 of their tables free
+    (a CUDA-graphed step pads with it). True for data this project prepares; checked for other data."""
+    names = [f for f in manifest["item_features"] if f in MULTI_VALUED]
+    if not names:
+        return True
+    table = read_columns(join(data_dir, ITEMS_FILE), names)
+    for name in names:
+        values = table.column(name).combine_chunks().flatten()
+        if len(values) and pc.min(values).as_py() < 1:
+            return False
+    return True
 
 
 def read_split(data_dir: str, manifest: Dict, split: str) -> Dict[str, np.ndarray]:

@@ -1,11 +1,10 @@
 """Training batches assembled on the accelerator from a copy of the training split kept there
 (``--data-on-device``).
 
-Why: at GPU step rates (a 64k-row step takes ~5 ms) the streaming loader has to deliver over
-10 M rows/s through worker processes, shared memory, pinning and a host-to-device copy per
-batch, and it does not (about 4.4 M rows/s end to end on an H200 machine with 12 workers,
-against 11 M rows/s for the same steps fed from memory; see benchmarks/GPU_RESULTS.md). When the
-training split fits in device memory (20 bytes per rating: ~0.5 GB for 25 M training rows, plus
+Why: at GPU step rates the streaming loader has to deliver tens of millions of rows per second
+through worker processes, shared memory, pinning and a host-to-device copy per batch, and it does
+not keep up (`benchmarks/GPU_RESULTS.md` has the figures). When the training split fits in device
+memory (20 bytes per rating: ~0.5 GB for 25 M training rows, plus
 the small feature tables), this reader keeps it there and builds the batches with a few gathers
 on the device, many batches at a time: no workers, no copies, no host sync (each key's length is
 computed on the host for the whole epoch at once, on the device).

@@ -6,10 +6,10 @@ from typing import Dict
 import numpy as np
 import torch
 
-from twotower_lit.data.csr import Csr
+from twotower_lit.data.csr import Csr, positives_csr
 from twotower_lit.export.format import ExportedModel, load_export
 from twotower_lit.layers import logits
-from twotower_lit.metrics import binary_metrics, positives_csr, rank_users
+from twotower_lit.metrics import binary_metrics, rank_users
 
 
 def read_split(data_dir: str, split: str) -> Dict[str, np.ndarray]:

@@ -81,7 +81,7 @@ class ServingModel:
 
 def pin_threads(num_threads: int) -> None:
     """One compute thread per worker by default: on a few cores, more BLAS threads per worker
-    multiply tail latency (FINDINGS: p99 8-32 ms with two threads on two cores)."""
+    multiply tail latency (docs/serving.md)."""
     torch.set_num_threads(max(1, int(num_threads)))
     try:
         torch.set_num_interop_threads(1)
