@@ -9,6 +9,7 @@ together (one user-tower pass and one search), which is how the server's micro-b
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -50,6 +51,9 @@ class Recommender:
         self.side_features = [n for n in self.feature_names if n != "user"]
         self.encoder = UserFeatureEncoder(model.vocab, zip_chars) if self.side_features else None
         self.search = open_search(search, model, model_dir)  # an index of the export needs its directory
+        # float64, then float32: a user's vector comes out the same in any batch (float32 matrix
+        # products round differently with the number of rows), so its answer does too
+        self.user_tower = copy.deepcopy(model.user_tower).double()
         self.popular = torch.argsort(model.popularity, descending=True, stable=True)
 
     @property
@@ -92,7 +96,7 @@ class Recommender:
                     scored.append((n, pos, source, row))
         for lo in range(0, len(scored), _SCORED_CHUNK):
             chunk = scored[lo:lo + _SCORED_CHUNK]
-            vectors = self.model.user_vectors(torch.stack([row for _, _, _, row in chunk]))
+            vectors = self.user_tower(torch.stack([row for _, _, _, row in chunk])).float()
             exclude = [self._seen_columns(requests[n].users[pos], requests[n].exclude_seen) for n, pos, _, _ in chunk]
             scores, cols = self.search.topk(vectors, max(requests[n].k for n, _, _, _ in chunk), exclude)
             for (n, pos, source, _), s, c in zip(chunk, scores.tolist(), cols.tolist()):

@@ -3,8 +3,9 @@
 
 Every search answers ``topk(user_vectors [B, d], k, exclude) -> (scores [B, k], columns [B, k])``,
 best first, with the excluded columns (a user's seen items) never among them; a row with fewer than
-k answers is padded with score -inf. The scores are always the model's exact fp32 inner products:
-an approximate index only chooses the candidates, which are then scored with the item vectors.
+k answers is padded with score -inf. The scores are always the model's exact inner products (in
+float64, the same whatever the batch: `rescore`): an approximate index only chooses the
+candidates, which are then scored with the item vectors.
 
 Only torch and numpy are imported here; faiss only when an index is opened.
 """
@@ -55,6 +56,18 @@ class Counters:
             self.fallbacks += fallbacks
 
 
+def rescore(user_vectors: torch.Tensor, item_vectors: torch.Tensor, scores: torch.Tensor,
+            cols: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The chosen items' scores again, in float64, one user at a time in effect (an elementwise
+    product summed per row): a matrix product's rounding depends on how many users it holds, these
+    scores do not, so a request gets the same scores and order in any batch. Rows stay best first;
+    -inf (padding, excluded) stays -inf."""
+    exact = (item_vectors[cols].double() * user_vectors.double().unsqueeze(1)).sum(-1)
+    exact[scores == -math.inf] = -math.inf
+    order = torch.sort(exact, dim=1, descending=True, stable=True).indices
+    return torch.gather(exact, 1, order), torch.gather(cols, 1, order)
+
+
 def mask_columns(scores: torch.Tensor, exclude: Sequence[torch.Tensor]) -> None:
     """Set each row's excluded columns to -inf, in place."""
     lengths = torch.tensor([len(e) for e in exclude], dtype=torch.long)
@@ -85,7 +98,8 @@ class ExactSearch:
             mask_columns(scores, exclude[lo:lo + self.rows_per_chunk])
             parts.append(torch.topk(scores, k=k, dim=1))
         self.counters.add(user_vectors.shape[0])
-        return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
+        return rescore(user_vectors, self.item_vectors, torch.cat([p.values for p in parts]),
+                       torch.cat([p.indices for p in parts]))
 
     def describe(self) -> Dict:
         return {**self.meta, "queries": self.counters.queries}
@@ -126,7 +140,7 @@ class FaissSearch:
         cols = torch.from_numpy(found).long()
         missing = cols < 0  # faiss pads with -1 when it finds fewer than asked
         cols = cols.clamp(min=0)
-        scores = torch.bmm(self.item_vectors[cols], user_vectors.float().unsqueeze(2)).squeeze(2)
+        scores = (self.item_vectors[cols] * user_vectors.float().unsqueeze(1)).sum(-1)
         scores[missing] = -math.inf
         filtered = 0
         for row, ex in enumerate(exclude):
@@ -135,7 +149,7 @@ class FaissSearch:
                 filtered += int(hit.sum())
                 scores[row, hit] = -math.inf
         best = torch.topk(scores, k=min(k, fetch), dim=1)
-        scores, cols = best.values, torch.gather(cols, 1, best.indices)
+        scores, cols = rescore(user_vectors, self.item_vectors, best.values, torch.gather(cols, 1, best.indices))
         # a row must hold min(k, unseen items) answers, as exact search would give
         wanted = torch.tensor([min(k, self.num_items - len(e)) for e in exclude])
         short = torch.nonzero(torch.isfinite(scores).sum(1) < wanted).flatten().tolist()
