@@ -31,10 +31,17 @@ if [ "${1:-}" = "--list" ]; then
   printf '%s\n' "${MODULES[@]}" | column -t -s '|'
   exit 0
 fi
-if ! "$PY" -c "import mutmut" 2>/dev/null; then
-  echo "installing mutmut (requirements/mutation.txt) into $("$PY" -c 'import sys; print(sys.prefix)')"
-  "$PY" -m pip --disable-pip-version-check -q install -r requirements/mutation.txt
+# mutmut goes into a folder of its own, on PYTHONPATH for these runs only: installed into .venv, its
+# dependencies (rich) would be imported by the serving stack there and change what the tests see
+TOOL=$REPO/build/mutation/tool
+want="$(sha256sum requirements/mutation.txt | cut -d' ' -f1)"
+if [ "$(cat "$TOOL/.installed" 2>/dev/null)" != "$want" ]; then
+  echo "installing requirements/mutation.txt into $TOOL"
+  rm -rf "$TOOL"
+  "$PY" -m pip --disable-pip-version-check -q install --no-deps --target "$TOOL" -r requirements/mutation.txt
+  echo "$want" > "$TOOL/.installed"
 fi
+export PYTHONPATH="$TOOL${PYTHONPATH:+:$PYTHONPATH}"
 
 wanted=("$@")
 if [ ${#wanted[@]} -eq 0 ]; then
