@@ -14,9 +14,11 @@ import sys
 
 
 def main(argv=None) -> int:
+    from twotower_lit.config import OneLineHelpFormatter
     from twotower_lit.serving.search import KINDS, VECTOR_DTYPES
 
-    parser = argparse.ArgumentParser(prog="python -m entrypoints.index", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m entrypoints.index", description=__doc__.split("\n\n")[0],
+                                     formatter_class=OneLineHelpFormatter)
     parser.add_argument("--model-dir", required=True, help="exported model directory (OUTPUT/model)")
     parser.add_argument("--index", default="hnsw", choices=KINDS,
                         help="exact: every item scored; hnsw: faiss graph; ivf: faiss inverted lists (default: hnsw)")
