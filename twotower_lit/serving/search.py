@@ -125,7 +125,7 @@ class FaissSearch:
         self.space = faiss.ParameterSpace()
         for p, v in self.params.items():
             self.space.set_index_parameter(index, p, v)
-        self.exact = ExactSearch(item_vectors)
+        self.exact: Optional[ExactSearch] = None  # for users the index answers short; built when first needed
         self.counters = Counters()
         self.faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
 
@@ -154,6 +154,7 @@ class FaissSearch:
         wanted = torch.tensor([min(k, self.num_items - len(e)) for e in exclude])
         short = torch.nonzero(torch.isfinite(scores).sum(1) < wanted).flatten().tolist()
         if short:
+            self.exact = self.exact or ExactSearch(self.item_vectors)
             s, c = self.exact.topk(user_vectors[short], k, [exclude[i] for i in short])
             scores[short, :s.shape[1]], cols[short, :c.shape[1]] = s, c
         self.counters.add(rows, filtered, len(short))
