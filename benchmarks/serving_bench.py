@@ -287,7 +287,8 @@ def main(argv=None) -> None:
                 configs.append((True, ["--shadow-model-dir", shadow_dir, "--shadow-sampling-percent", "100"]))
             for shadow, extra in configs:
                 log(f"{items} items, search {search}, shadow {shadow}, client {client.name}")
-                rates = [args.shadow_rate] if shadow else sorted(set(args.rates) | {args.latency_rate})
+                rates = [args.shadow_rate] if shadow else \
+                    sorted(set(args.rates) | {args.latency_rate, args.shadow_rate})
                 result = measure(client, model_dir, search, args, extra, rates, not shadow, log)
                 head = result["rates"].get(str(int(args.shadow_rate if shadow else args.latency_rate)), {})
                 phases = list(result["rates"].values()) + ([result["saturation"]] if "saturation" in result else [])
@@ -305,6 +306,10 @@ def main(argv=None) -> None:
                        "batching": result["ping"].get("batching"), "duration_s": args.duration,
                        "machine": _machine(), "load_avg": [round(x, 2) for x in os.getloadavg()],
                        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                if shadow:  # production's p99 with the shadow over its p99 alone, at the same rate
+                    alone = next(r for r in rows if r["items"] == items and not r["shadow"])
+                    base = alone["rates"].get(str(int(args.shadow_rate)), {}).get("p99_ms")
+                    row["p99_ratio_vs_no_shadow"] = round(row["p99_ms"] / base, 3) if base else None
                 rows.append(row)
                 if args.json:
                     with open(args.json, "a") as f:
