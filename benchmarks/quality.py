@@ -129,7 +129,8 @@ def train_two_tower(data: Path, key: str, out: Path, seed: int, threads: int, ex
 
 def train_defaults() -> Dict[str, object]:
     """The entrypoints.train defaults that shape the model and its objective (for the report)."""
-    from twotower_lit.config import TrainConfig, to_flat_dict
+    from twotower_lit.config import TrainConfig
+    from twotower_lit.options import to_flat_dict
 
     flat = to_flat_dict(TrainConfig())
     keys = ("max_epochs", "batch_size", "embedding_dim", "user_layers", "item_layers", "exposure_dims", "loss",

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from twotower_lit.config import OneLineHelpFormatter
+from twotower_lit.options import OneLineHelpFormatter
 
 
 def main(argv=None) -> int:

@@ -124,7 +124,8 @@ def main(argv=None) -> int:
     variables it reads (it is imported by a serving container, not run)."""
     import argparse
 
-    from twotower_lit.config import OneLineHelpFormatter, ServeConfig, iter_fields, option_name
+    from twotower_lit.config import ServeConfig
+    from twotower_lit.options import OneLineHelpFormatter, iter_fields, option_name
 
     settings = []
     for _, f, _ in iter_fields(ServeConfig):

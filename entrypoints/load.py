@@ -5,7 +5,8 @@
 import argparse
 import json
 
-from twotower_lit.config import LoadConfig, OneLineHelpFormatter, add_arguments, from_namespace
+from twotower_lit.config import LoadConfig
+from twotower_lit.options import OneLineHelpFormatter, add_arguments, from_namespace
 from twotower_lit.serving.load import format_summary, run
 
 

@@ -9,7 +9,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from twotower_lit.config import OneLineHelpFormatter, PrepareConfig, add_arguments, from_namespace
+from twotower_lit.config import PrepareConfig
+from twotower_lit.options import OneLineHelpFormatter, add_arguments, from_namespace
 
 
 def main(argv: Optional[List[str]] = None) -> int:

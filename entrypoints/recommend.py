@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from twotower_lit.config import OneLineHelpFormatter, add_arguments, from_namespace
+from twotower_lit.options import OneLineHelpFormatter, add_arguments, from_namespace
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ import sys
 
 from twotower_lit.aws.cleanup import DEFAULT_KINDS, KINDS
 from twotower_lit.aws.config import AwsConfig, split_namespace
-from twotower_lit.config import OneLineHelpFormatter, add_arguments
+from twotower_lit.options import OneLineHelpFormatter, add_arguments
 
 
 def main(argv=None) -> int:

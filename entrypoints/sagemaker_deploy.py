@@ -17,7 +17,7 @@ import logging
 import sys
 
 from twotower_lit.aws.config import AwsConfig, DeployConfig, split_namespace
-from twotower_lit.config import OneLineHelpFormatter, add_arguments
+from twotower_lit.options import OneLineHelpFormatter, add_arguments
 
 
 def main(argv=None) -> int:

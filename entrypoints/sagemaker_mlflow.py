@@ -13,7 +13,7 @@ import sys
 
 from twotower_lit.aws.config import AwsConfig, split_namespace
 from twotower_lit.aws.mlflow import MLFLOW_SERVER_VERSION
-from twotower_lit.config import OneLineHelpFormatter, add_arguments
+from twotower_lit.options import OneLineHelpFormatter, add_arguments
 
 
 def main(argv=None) -> int:

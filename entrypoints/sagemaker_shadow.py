@@ -21,7 +21,8 @@ import logging
 import sys
 
 from twotower_lit.aws.config import AwsConfig, ShadowTestConfig, split_namespace
-from twotower_lit.config import LoadConfig, OneLineHelpFormatter, ShadowReportConfig, add_arguments, option_names
+from twotower_lit.config import LoadConfig, ShadowReportConfig
+from twotower_lit.options import OneLineHelpFormatter, add_arguments, option_names
 
 TRAFFIC_OPTIONS = {"data_dir", "split", "user_ids", "rate", "concurrency", "requests", "duration", "batch", "k",
                    "timeout", "seed", "output"}

@@ -4,7 +4,8 @@
 """
 import argparse
 
-from twotower_lit.config import OneLineHelpFormatter, ShadowReportConfig, add_arguments, from_namespace
+from twotower_lit.config import ShadowReportConfig
+from twotower_lit.options import OneLineHelpFormatter, add_arguments, from_namespace
 from twotower_lit.serving.report import write_report
 
 

@@ -16,7 +16,8 @@ import argparse
 import json
 import sys
 
-from twotower_lit.config import OneLineHelpFormatter, TrainConfig, add_arguments, iter_fields
+from twotower_lit.config import TrainConfig
+from twotower_lit.options import OneLineHelpFormatter, add_arguments, iter_fields
 
 
 def parse_args(argv=None):
@@ -28,7 +29,7 @@ def parse_args(argv=None):
     add_arguments(parser, TrainConfig)
     values = vars(parser.parse_args(argv))  # only the options given (defaults are suppressed)
     tune_names = {path[-1] for path, _, _ in iter_fields(TuneConfig)}
-    from twotower_lit.config import from_dict
+    from twotower_lit.options import from_dict
 
     tune_cfg = from_dict(TuneConfig, {k: v for k, v in values.items() if k in tune_names})
     return {k: v for k, v in values.items() if k not in tune_names}, tune_cfg

@@ -44,7 +44,8 @@ def test_help(name):
 
 
 def test_train_help_has_a_group_per_section_and_one_line_per_option():
-    from twotower_lit.config import TrainConfig, iter_fields, option_name
+    from twotower_lit.config import TrainConfig
+    from twotower_lit.options import iter_fields, option_name
 
     out = _help("entrypoints.train")
     _option_lines_do_not_wrap(out)

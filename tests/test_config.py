@@ -5,9 +5,9 @@ import dataclasses
 
 import pytest
 
-from twotower_lit.config import (RETIRED_OPTIONS, OneLineHelpFormatter, Retired, TrainConfig, add_arguments,
-                                 from_dict, from_namespace, iter_fields, option_name, option_names, replace_options,
-                                 to_flat_dict)
+from twotower_lit.config import TrainConfig
+from twotower_lit.options import (OneLineHelpFormatter, Retired, add_arguments, from_dict, from_namespace, iter_fields,
+                                  option_name, option_names, replace_options, to_flat_dict)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,8 +62,8 @@ def test_a_removed_option_is_accepted_at_its_old_default_with_a_notice_and_refus
 
 
 def test_a_renamed_option_passes_its_value_on(monkeypatch, capsys):
-    monkeypatch.setitem(RETIRED_OPTIONS, TrainConfig,
-                        (*RETIRED_OPTIONS[TrainConfig], Retired("epochs", "the old name", renamed_to="max_epochs")))
+    monkeypatch.setattr(TrainConfig, "RETIRED",
+                        (*TrainConfig.RETIRED, Retired("epochs", "the old name", renamed_to="max_epochs")))
     assert from_namespace(TrainConfig, _parser().parse_args(["--epochs", "5"])).optim.max_epochs == 5
     assert from_dict(TrainConfig, {"epochs": "4"}).optim.max_epochs == 4
     assert capsys.readouterr().err.count("--epochs is now --max-epochs") == 2

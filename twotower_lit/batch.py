@@ -24,7 +24,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from twotower_lit.config import ServeConfig, _opt
+from twotower_lit.config import ServeConfig
+from twotower_lit.options import opt as _opt
 from twotower_lit.export.format import load_export
 from twotower_lit.serving.errors import RequestError
 from twotower_lit.serving.recommender import Recommender

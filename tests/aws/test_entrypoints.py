@@ -63,7 +63,8 @@ def test_train_without_an_sdk_says_which_environment_before_uploading_anything(c
 def test_train_limits_are_checked_before_anything_is_sent(ctx, request_log, tmp_path):
     from twotower_lit.aws.config import SageMakerTrainConfig
     from twotower_lit.aws.training import plan_training_job
-    from twotower_lit.config import TrainConfig, replace_options
+    from twotower_lit.config import TrainConfig
+    from twotower_lit.options import replace_options
 
     data = tmp_path / "prepared"
     data.mkdir()

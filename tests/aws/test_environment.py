@@ -13,7 +13,8 @@ import pytest
 from twotower_lit.aws.container import stage_source_dir, training_requirements
 from twotower_lit.aws.environment import (apply_sagemaker_environment, read_environment, training_arguments)
 from twotower_lit.aws.hyperparameters import container_argv, to_hyperparameters
-from twotower_lit.config import TrainConfig, replace_options
+from twotower_lit.config import TrainConfig
+from twotower_lit.options import replace_options
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,7 +105,7 @@ def test_train_py_under_sagemaker_environment_with_torchrun(synthetic_movielens,
     assert (out / "mlflow.db").is_file()  # MLflow's embedded store goes to output.tar.gz
     assert list((ml / "checkpoints").glob("*/trainer_state.pt")), "checkpoints go where SageMaker syncs them"
     # /opt/ml/model is exactly what model.tar.gz must hold to be deployed as it is
-    from twotower_lit.export.package import package_model
+    from twotower_lit.serving.package import package_model
 
     packaged = tmp_path / "expected.tar.gz"
     package_model(str(out / "model"), str(packaged))

@@ -6,7 +6,8 @@ import pytest
 from entrypoints.train import parse_args
 from twotower_lit.aws.hyperparameters import (CONTAINER_FIELDS, container_argv, from_hyperparameters,
                                               metric_definitions, to_hyperparameters)
-from twotower_lit.config import TrainConfig, replace_options, to_flat_dict
+from twotower_lit.config import TrainConfig
+from twotower_lit.options import replace_options, to_flat_dict
 
 
 def custom_config() -> TrainConfig:

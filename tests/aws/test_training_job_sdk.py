@@ -13,7 +13,8 @@ from twotower_lit.aws.environment import CHECKPOINT_LOCAL_PATH
 from twotower_lit.aws.hyperparameters import from_hyperparameters
 from twotower_lit.aws.session import parse_s3_uri
 from twotower_lit.aws.training import describe_training_job, installed_sdk, plan_training_job, start_training_job
-from twotower_lit.config import TrainConfig, replace_options
+from twotower_lit.config import TrainConfig
+from twotower_lit.options import replace_options
 
 SDK = installed_sdk()
 pytestmark = pytest.mark.skipif(SDK is None, reason="no SageMaker Python SDK in this environment "

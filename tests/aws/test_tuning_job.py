@@ -11,7 +11,8 @@ from twotower_lit.aws.hyperparameters import metric_definitions
 from twotower_lit.aws.session import check_request
 from twotower_lit.aws.training import plan_training_job
 from twotower_lit.aws.tuning import SageMakerTuneConfig, check_objective, describe_tuning_job, tuning_job_config
-from twotower_lit.config import TrainConfig, from_dict
+from twotower_lit.config import TrainConfig
+from twotower_lit.options import from_dict
 from twotower_lit.tuning.space import load_space
 
 

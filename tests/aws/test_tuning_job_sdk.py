@@ -8,7 +8,8 @@ import pytest
 from twotower_lit.aws.config import SageMakerTrainConfig
 from twotower_lit.aws.training import installed_sdk, plan_training_job
 from twotower_lit.aws.tuning import SageMakerTuneConfig, describe_tuning_job, start_tuning_job, tuning_job_config
-from twotower_lit.config import TrainConfig, from_dict
+from twotower_lit.config import TrainConfig
+from twotower_lit.options import from_dict
 from twotower_lit.tuning.space import load_space
 
 SDK = installed_sdk()

@@ -149,7 +149,7 @@ def test_a_packaged_export_with_an_index_requires_the_locked_faiss(indexed, tmp_
     import re
     import tarfile
 
-    from twotower_lit.export.package import package_model
+    from twotower_lit.serving.package import package_model
 
     model_dir, entries = indexed
     with tarfile.open(package_model(model_dir, str(tmp_path / "model.tar.gz"))) as tar:

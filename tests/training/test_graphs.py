@@ -177,7 +177,8 @@ def test_fixed_shape_steps_train_exactly_as_eager_steps(process_group, data):
 
 
 def test_cuda_graphs_option_takes_graphs_only_where_they_run():
-    from twotower_lit.config import OptimConfig, TrainConfig, replace_options
+    from twotower_lit.config import OptimConfig, TrainConfig
+    from twotower_lit.options import replace_options
     from twotower_lit.training.plan import resolve_cuda_graphs
 
     one = {"user": "table_wise", "item": "table_wise"}

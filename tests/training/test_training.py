@@ -254,7 +254,8 @@ def _plan(cfg, tmp_path):
 
 @pytest.mark.parametrize("progress", [True, False])
 def test_progress_bar_redraws_once_per_logging_interval(tmp_path, progress):
-    from twotower_lit.config import TrainConfig, replace_options
+    from twotower_lit.config import TrainConfig
+    from twotower_lit.options import replace_options
     from twotower_lit.training.job import LOG_EVERY_N_STEPS, build_trainer
 
     cfg = replace_options(TrainConfig(), accelerator="cpu", devices=1, progress=progress)
@@ -288,7 +289,8 @@ def test_several_steps_per_call_train_the_same_run(trained, prepared_synthetic, 
 
 
 def test_steps_per_execution_by_device_log_and_redraw_intervals_and_what_is_refused(tmp_path):
-    from twotower_lit.config import TrainConfig, replace_options
+    from twotower_lit.config import TrainConfig
+    from twotower_lit.options import replace_options
     from twotower_lit.patches import lean_steps_allowed
     from twotower_lit.training.job import build_trainer
     from twotower_lit.training.plan import GPU_STEPS_PER_EXECUTION, resolve_steps_per_execution
@@ -317,7 +319,8 @@ def test_steps_per_execution_by_device_log_and_redraw_intervals_and_what_is_refu
 
 
 def test_data_on_device_auto_takes_gpus_that_hold_the_split_and_runs_without_negatives():
-    from twotower_lit.config import TrainConfig, replace_options
+    from twotower_lit.config import TrainConfig
+    from twotower_lit.options import replace_options
     from twotower_lit.training.plan import DEVICE_BYTES_PER_ROW, resolve_data_on_device
 
     cfg = TrainConfig()

@@ -24,7 +24,7 @@ from twotower_lit.aws.config import DEFAULT_INFERENCE_FRAMEWORK
 from twotower_lit.aws.deploy import model_data_uri, model_request, serving_image
 from twotower_lit.aws.s3 import download_prefix, list_objects, upload_file
 from twotower_lit.aws.session import AwsContext, parse_key_values, resource_name
-from twotower_lit.config import _opt
+from twotower_lit.options import opt as _opt
 
 log = logging.getLogger(__name__)
 

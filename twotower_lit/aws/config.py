@@ -14,7 +14,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Type
 
-from twotower_lit.config import _opt, from_dict, option_names
+from twotower_lit.options import opt as _opt, from_dict, option_names
 
 # The newest AWS PyTorch inference image the SDKs know (November 2026). The training image is
 # chosen in twotower_lit/aws/container.py (it must carry the torch that TorchRec needs).

@@ -199,7 +199,7 @@ def source_files(path: str) -> List[str]:
 
 def serving_environment(program: str = "inference.py", extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """Container environment of a model on AWS's PyTorch inference image: the handler module comes
-    from ``code/`` inside model.tar.gz (the layout `twotower_lit.export.package` writes)."""
+    from ``code/`` inside model.tar.gz (the layout `twotower_lit.serving.package` writes)."""
     env = {"SAGEMAKER_PROGRAM": program, "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
            "SAGEMAKER_CONTAINER_LOG_LEVEL": "20", "TWOTOWER_NUM_THREADS": "1"}
     env.update(extra or {})

@@ -41,7 +41,7 @@ def model_data_uri(ctx: AwsContext, model: str, name: str) -> str:
         return model_artifacts(ctx, model[len("job:"):])
     target = ctx.s3_uri("models", name, "model.tar.gz")
     if os.path.isdir(model):
-        from twotower_lit.export.package import package_model
+        from twotower_lit.serving.package import package_model
 
         with tempfile.TemporaryDirectory() as tmp:
             return upload_file(ctx.s3, package_model(model, os.path.join(tmp, "model.tar.gz")), target)

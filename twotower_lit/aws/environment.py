@@ -28,7 +28,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from twotower_lit.config import TrainConfig, replace_options
+from twotower_lit.config import TrainConfig
+from twotower_lit.options import replace_options
 
 DATA_CHANNEL = "data"
 SDK_CHANNELS = frozenset({"code", "sm_drivers"})  # SDK v3 ships the source and its drivers as channels
@@ -137,14 +138,14 @@ def apply_sagemaker_environment(cfg: TrainConfig, environ: Optional[Mapping[str,
 
 def publish_model(cfg: TrainConfig, environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """Copy the run's exported model (``OUTPUT/model``, written by `twotower_lit.training.run`) into
-    SM_MODEL_DIR in the deployable layout: exactly what `twotower_lit.export.package.package_model`
+    SM_MODEL_DIR in the deployable layout: exactly what `twotower_lit.serving.package.package_model`
     puts into model.tar.gz (model files at the top, ``code/inference.py``, the vendored serving
     modules, ``code/requirements.txt``), so the job's model.tar.gz can be deployed as it is.
     Returns SM_MODEL_DIR; None (and nothing done) outside SageMaker."""
     sm = read_environment(environ)
     if sm is None:
         return None
-    from twotower_lit.export.package import package_model
+    from twotower_lit.serving.package import package_model
 
     os.makedirs(sm.model_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List
 
-from twotower_lit.config import TrainConfig, from_dict, to_flat_dict
+from twotower_lit.config import TrainConfig
+from twotower_lit.options import from_dict, to_flat_dict
 
 # decided by the container, never sent: data comes from a channel, outputs go to /opt/ml/...,
 # processes and nodes come from torchrun / SM_HOSTS

@@ -37,7 +37,8 @@ from twotower_lit.aws.hyperparameters import CONTAINER_FIELDS, metric_definition
 from twotower_lit.aws.mlflow import is_managed_mlflow_arn
 from twotower_lit.aws.s3 import upload_directory
 from twotower_lit.aws.session import AwsContext, resource_name
-from twotower_lit.config import TrainConfig, replace_options, to_flat_dict
+from twotower_lit.config import TrainConfig
+from twotower_lit.options import replace_options, to_flat_dict
 
 log = logging.getLogger(__name__)
 

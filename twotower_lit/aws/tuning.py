@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from twotower_lit.aws.session import AwsContext, resource_name
-from twotower_lit.config import _opt
+from twotower_lit.options import opt as _opt
 from twotower_lit.tuning.space import Param, parameter_ranges
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from twotower_lit.config import ServeConfig, from_dict
+from twotower_lit.config import ServeConfig
+from twotower_lit.options import from_dict
 from twotower_lit.export.format import load_export
 from twotower_lit.serving import faults
 from twotower_lit.serving.errors import RequestError, bad_request

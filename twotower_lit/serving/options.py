@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from twotower_lit.config import ServeConfig, _opt
+from twotower_lit.config import ServeConfig
+from twotower_lit.options import opt as _opt
 from twotower_lit.serving.search import SEARCHES
 
 

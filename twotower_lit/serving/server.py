@@ -24,7 +24,8 @@ from typing import List, Optional
 
 import uvicorn
 
-from twotower_lit.config import OneLineHelpFormatter, ServeConfig, add_arguments, from_namespace
+from twotower_lit.config import ServeConfig
+from twotower_lit.options import OneLineHelpFormatter, add_arguments, from_namespace
 from twotower_lit.export.format import ArtifactError, verify as verify_export
 from twotower_lit.serving.app import CONFIG_ENV, create_app
 from twotower_lit.serving.handler import DEFAULT_MODEL_DIR, config_from_env

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from twotower_lit import patches, tracking
-from twotower_lit.config import TrainConfig, to_flat_dict
+from twotower_lit.config import TrainConfig
+from twotower_lit.options import to_flat_dict
 from twotower_lit.data.datamodule import MovieLensDataModule, genre_ids_from_one, load_manifest, split_source
 from twotower_lit.distributed import TorchRecStrategy
 from twotower_lit.distributed.checkpoint import newest_intact_checkpoint
@@ -104,7 +105,7 @@ def _run(cfg: TrainConfig, callbacks: Sequence[L.Callback], run_tags: Optional[D
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1, sort_keys=True)
     if cfg.output.package:
-        from twotower_lit.export.package import package_model
+        from twotower_lit.serving.package import package_model
 
         package_model(model_dir, os.path.join(output_dir, "model.tar.gz"))
     if logger:

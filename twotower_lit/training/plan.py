@@ -10,7 +10,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-from twotower_lit.config import TrainConfig, parse_bool
+from twotower_lit.config import TrainConfig
+from twotower_lit.options import parse_bool
 from twotower_lit.distributed.planning import graph_refusal, parse_table_sharding, table_kinds
 from twotower_lit.optim import check_embedding_optimizer
 

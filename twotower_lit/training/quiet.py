@@ -19,7 +19,12 @@ def quiet_known_warnings() -> None:
     # TorchRec's sharded tables and their fused optimizers' state are ShardedTensors in every
     # TorchRec release this runs on; Lightning's teardown moves that state with `.to()`
     warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we are deprecating ShardedTensor",
-                            category=FutureWarning, module=r"torch\.distributed\._shard\.sharded_tensor\..*")
+                            category=FutureWarning,
+                            module=r"torch\.distributed\.(_shard\.sharded_tensor|checkpoint)\..*")
+    # a mid-epoch checkpoint resumes its epoch exactly: the data module keeps the epoch's position
+    # in the checkpoint and its readers skip what was trained (tests/training/test_resume_rows.py)
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended",
+                            module=r"lightning\.pytorch\..*")
     # TorchRec's planner announces a future change of its default storage reservation; the plans
     # here are built with that default on purpose: another reservation could change them
     warnings.filterwarnings("ignore", message=r"HeuristicalStorageReservation is known to cause issues",

@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import lightning as L
 
-from twotower_lit.config import TrainConfig, _opt, from_dict, to_flat_dict
+from twotower_lit.config import TrainConfig
+from twotower_lit.options import opt as _opt, from_dict, to_flat_dict
 from twotower_lit.evaluation import metric_key
 from twotower_lit.tuning.space import Param, command_line, load_space, option_types, suggest
 

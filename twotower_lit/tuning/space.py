@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from twotower_lit.config import TrainConfig, iter_fields
+from twotower_lit.config import TrainConfig
+from twotower_lit.options import iter_fields
 
 DEFAULT_SPACE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "search_space.yaml")
 KINDS = ("float", "int", "categorical")
