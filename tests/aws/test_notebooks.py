@@ -1,4 +1,4 @@
-"""notebooks/00-03 executed headless, in order, against the local stack (moto, local training with 2
+"""notebooks/00-04 executed headless, in order, against the local stack (moto, local training with 2
 processes, local endpoint with a shadow variant). A few minutes on 2 cores; part of the normal run
 (scripts/setup.sh installs requirements/notebooks.txt); TWOTOWER_SKIP_NOTEBOOKS=1 leaves it out."""
 import json
@@ -11,7 +11,7 @@ from tests.conftest import missing_environment
 from tests.serving.conftest import documented_verdict
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
-ORDER = ("00-setup", "01-train", "02-deploy", "03-shadow-test")
+ORDER = ("00-setup", "01-train", "02-deploy", "03-shadow-test", "04-batch-and-tuning")
 
 
 def test_notebooks_are_committed_without_outputs():
@@ -47,5 +47,8 @@ def test_notebooks_run_in_order_on_the_local_stack(tmp_path, monkeypatch):
     state = json.loads((tmp_path / "work" / "state.json").read_text())
     assert {"data_dir", "production_model_dir", "endpoint_name", "production_model"} <= set(state)
     assert images["01-train"] >= 1 and images["03-shadow-test"] >= 2  # training curves; latency and agreement
+    assert {"recommendations", "tuning"} <= set(state)  # notebook 04: batch recommendations, a local search
+    tuning = json.loads(Path(state["tuning"]).read_text())
+    assert [t["state"] for t in tuning["trials"]] == ["COMPLETE", "COMPLETE"] and tuning["best"]["command"]
     report = json.loads((tmp_path / "work" / "shadow-report" / "report.json").read_text())
     assert report["joined_requests"] >= 100 and report["verdict"] == documented_verdict(report), report["reasons"]
