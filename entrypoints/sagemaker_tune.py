@@ -20,14 +20,14 @@ import sys
 import tempfile
 
 from twotower_lit.aws.config import AwsConfig, SageMakerTrainConfig, split_namespace
-from twotower_lit.config import TrainConfig, add_arguments
+from twotower_lit.config import OneLineHelpFormatter, TrainConfig, add_arguments
 
 
 def parse_args(argv=None):
     from twotower_lit.aws.tuning import SageMakerTuneConfig
 
     parser = argparse.ArgumentParser(prog="python -m entrypoints.sagemaker_tune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=OneLineHelpFormatter)
     add_arguments(parser, SageMakerTuneConfig)
     add_arguments(parser, TrainConfig)
     add_arguments(parser, SageMakerTrainConfig)
