@@ -5,8 +5,8 @@ The scoring is the endpoint's own: `twotower_lit.serving.recommender.Recommender
 (torch and safetensors only), the same known-user, cold-start and popularity paths and the same
 exclusion of the items a user rated in training. Users go through it in chunks of
 ``batch_users``, each chunk written as one Parquet row group before the next is scored, so memory
-is bounded by the chunk (the recommender scores 256 users against the catalogue at a time), not
-by users x items.
+is bounded by the chunk (the recommender scores a bounded block of users against the catalogue at a
+time), not by users x items.
 
 Output columns: ``user_id, rank (1 = best), item_id, score, title, source`` (``source``: model,
 cold_start or popularity; a popularity row's score is the item's training positives, not a
@@ -30,10 +30,10 @@ from twotower_lit.export.format import load_export
 from twotower_lit.serving.errors import RequestError
 from twotower_lit.serving.recommender import Recommender
 from twotower_lit.serving.request import JSON, RecommendRequest, UserQuery, parse_request
+from twotower_lit.serving.search import SEARCHES
 
 SCHEMA = pa.schema([("user_id", pa.int64()), ("rank", pa.int32()), ("item_id", pa.int64()),
                     ("score", pa.float32()), ("title", pa.string()), ("source", pa.dictionary(pa.int8(), pa.string()))])
-SEARCHES = ("exact", "faiss")
 SOURCES = ["model", "cold_start", "popularity"]  # Recommendation.source values
 
 
@@ -48,7 +48,9 @@ class RecommendConfig:
                              "\"user_features\": {\"gender\": \"F\", \"age\": 25, ...}} for a cold start)")
     k: int = _opt(100, "items per user")
     exclude_seen: bool = _opt(True, "leave out the items each user rated in training")
-    search: str = _opt("exact", "top-k search, as the endpoint's --search", SEARCHES)
+    search: str = _opt("exact", "top-k search, as the endpoint's --search: exact; auto (the export's default index, "
+                                "else exact); faiss; or an index of the export by name (python -m entrypoints.index "
+                                "builds one)", SEARCHES)
     batch_users: int = _opt(4096, "users scored and written per chunk (one Parquet row group each)")
     device: str = _opt("cpu", "where the scoring runs", ("cpu", "cuda"))
     threads: int = _opt(0, "torch compute threads (0: torch's default, every core)")
@@ -143,7 +145,7 @@ def recommend(cfg: RecommendConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     model = _to_device(load_export(cfg.model_dir, check=True), cfg.device)
-    recommender = Recommender(model, search=cfg.search)
+    recommender = Recommender(model, search=cfg.search, model_dir=cfg.model_dir)  # an index is read from its folder
     users = ([UserQuery(user_id=uid) for uid in model.user_ids[1:]] if cfg.users == "all"
              else read_users(cfg.users))
     titles = [item.get("title") for item in model.items]

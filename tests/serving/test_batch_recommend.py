@@ -98,3 +98,26 @@ def test_a_bad_users_file_is_refused_naming_the_line(model_dir, tmp_path, capsys
     assert main(["--model-dir", model_dir, "--output", str(out), "--users", str(users), "--progress", "false"]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob("recs.parquet.tmp-*"))
+
+
+def test_an_index_of_the_export_gives_the_endpoints_approximate_answers(model_dir, start_server, tmp_path, capsys):
+    import shutil
+
+    from entrypoints.index import main as build_index
+    from entrypoints.recommend import main
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    assert build_index(["--model-dir", str(model), "--index", "hnsw"]) == 0
+    server = start_server(["--model-dir", str(model), "--search", "faiss"])
+    out = tmp_path / "recs.parquet"
+    summary = recommend(RecommendConfig(model_dir=str(model), output=str(out), k=10, search="faiss", progress=False))
+    assert summary["search"] == "faiss"
+    rows = _by_user(read_recommendations(str(out))[0])
+    for user in (1, 9, 27, NUM_USERS):
+        (pred,) = _endpoint(server.url, {"user_id": user, "k": 10})
+        assert [r["item_id"] for r in rows[user]] == [i["id"] for i in pred["items"]], user
+    capsys.readouterr()
+    assert main(["--model-dir", str(model), "--output", str(tmp_path / "x.parquet"), "--search", "ivf",
+                 "--progress", "false"]) == 2
+    assert "no 'ivf' index" in capsys.readouterr().err
