@@ -321,16 +321,15 @@ def tune(train_options: Mapping[str, Any], tune_cfg: TuneConfig) -> Dict[str, An
                          f"stays for the final comparison")
     output_dir = os.path.abspath(base["output_dir"] or os.path.join("outputs", f"tune-{tune_cfg.study_name}"))
     os.makedirs(output_dir, exist_ok=True)
-    data_dir = prepare_data(base, output_dir)
-    for name in ("data_dir", "output_dir"):
-        given.pop(name, None)
-    fixed = {"data_dir": base["data_dir"] or data_dir, **given}  # what the best command line repeats
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = _study(tune_cfg, output_dir, base["seed"])
     if study.direction.name.lower() != direction_of(tune_cfg.metric, tune_cfg.direction):
         raise ValueError(f"{os.path.join(output_dir, STUDY_DB)}: study {tune_cfg.study_name!r} was created to "
                          f"{study.direction.name.lower()}; give another --study-name or --output-dir")
+    data_dir = prepare_data(base, output_dir)
+    for name in ("data_dir", "output_dir"):
+        given.pop(name, None)
+    fixed = {"data_dir": base["data_dir"] or data_dir, **given}  # what the best command line repeats
     requeued = _requeue_interrupted(study)
     if tune_cfg.defaults_first and not study.get_trials(deepcopy=False):
         _enqueue_defaults(study, params, base)
