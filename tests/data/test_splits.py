@@ -90,3 +90,47 @@ def test_shards_cover_every_row_once_and_mix_users():
     # rows arrive sorted by user: a random sample per shard spans the whole range
     assert all(p.min() < 200 and p.max() > 800 for p in parts)
     assert all(np.array_equal(a, b) for a, b in zip(parts, shard_rows_order(1000, 8, seed=0, split_index=0)))
+
+
+@pytest.mark.parametrize("n_rows", [3, 5, 9, 17, 33, 65, 129])  # 2**k + 1 rows: the row index needs a bit more
+def test_both_splits_match_a_per_user_reference_at_row_count_boundaries(n_rows):
+    """Each user's codes, worked out from its own rows: the last two by (timestamp, row) are test
+    and validation; the random split's per-user counts follow split_sizes. Codes are int8."""
+    rng = np.random.default_rng(n_rows)
+    user = rng.integers(1, 4, n_rows).astype(np.int32)
+    ts = rng.integers(0, 3, n_rows)  # many ties
+    for codes in (temporal_split(user, ts, 3), random_split(user, 3, 0.2, 0.2, seed=1)):
+        assert codes.dtype == np.int8 and codes.shape == (n_rows,)
+    codes = temporal_split(user, ts, 3)
+    rand = random_split(user, 3, 0.2, 0.2, seed=1)
+    counts = np.bincount(user, minlength=4)
+    n_val, n_test = split_sizes(counts, 0.2, 0.2)
+    for u in range(1, 4):
+        rows = np.flatnonzero(user == u)
+        expected = [TRAIN] * len(rows)
+        if len(rows) >= 3:
+            by_time = sorted(rows, key=lambda r: (ts[r], r))
+            expected = [TEST if r == by_time[-1] else VAL if r == by_time[-2] else TRAIN for r in rows]
+        assert codes[rows].tolist() == expected, u
+        assert ((rand[rows] == TEST).sum(), (rand[rows] == VAL).sum()) == (n_test[u], n_val[u]), u
+
+
+def test_temporal_split_takes_timestamps_from_0_up_to_what_packs_with_the_row_index():
+    user = np.array([1, 1, 1, 2, 2, 2], np.int32)  # 6 rows: the row index takes 3 bits
+    limit = 1 << (62 - 3)
+    for ts in ([0, 0, 0, 1, 2, 3], [limit - 1, 0, 5, 0, limit - 1, 2]):
+        codes = temporal_split(user, np.array(ts, np.int64), 2)
+        assert sorted(codes[:3].tolist()) == sorted(codes[3:].tolist()) == [TRAIN, VAL, TEST]
+    for ts in ([limit, 0, 0, 0, 0, 0], [-1, 0, 0, 0, 0, 0]):
+        with pytest.raises(ValueError) as err:
+            temporal_split(user, np.array(ts, np.int64), 2)
+        assert str(err.value) == "timestamps must be validated (0 <= t < 2**32) before the temporal split"
+    assert temporal_split(np.zeros(0, np.int32), np.zeros(0, np.int64), 3).dtype == np.int8
+
+
+def test_shard_count_takes_one_and_refuses_zero():
+    assert shard_count(5, 1, 1) == 5 and shard_count(0, 1, 1) == 1
+    for shard_rows, min_shards in ((0, 1), (1, 0), (-3, 4)):
+        with pytest.raises(ValueError) as err:
+            shard_count(10, shard_rows, min_shards)
+        assert str(err.value) == f"shard_rows ({shard_rows}) and min_shards ({min_shards}) must be >= 1"
