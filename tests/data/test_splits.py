@@ -134,3 +134,14 @@ def test_shard_count_takes_one_and_refuses_zero():
         with pytest.raises(ValueError) as err:
             shard_count(10, shard_rows, min_shards)
         assert str(err.value) == f"shard_rows ({shard_rows}) and min_shards ({min_shards}) must be >= 1"
+
+
+def test_split_fractions_are_checked_at_their_bounds():
+    split_sizes(np.array([10]), 0.0, 0.0)
+    split_sizes(np.array([10]), 0.49, 0.5)
+    for val, test in ((1.0, 0.0), (0.0, 1.0), (-0.1, 0.2), (0.2, -0.1), (0.5, 0.5), (1.5, 0.0), (0.0, 1.5)):
+        with pytest.raises(ValueError) as err:
+            split_sizes(np.array([10]), val, test)
+        assert str(err.value) == (f"val_fraction ({val}) and test_fraction ({test}) must be in [0, 1) and sum to "
+                                  "less than 1")
+
