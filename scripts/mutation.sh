@@ -24,7 +24,7 @@ MODULES=(
   "format|twotower_lit/export/format.py|tests/export/test_export_manifest.py;tests/serving/test_recommender.py;-k;not evaluate and not serve_refuses"
   "request|twotower_lit/serving/request.py|tests/serving/test_request_parsing.py"
   "capture|twotower_lit/serving/capture.py|tests/serving/test_capture_writer.py;tests/serving/test_capture_and_report.py;-k;capture_writer or capture_record or rotate or verdicts"
-  "checkpoint|twotower_lit/checkpoint.py|tests/training/test_checkpoint_integrity.py"
+  "checkpoint|twotower_lit/distributed/checkpoint.py|tests/training/test_checkpoint_integrity.py"
 )
 
 if [ "${1:-}" = "--list" ]; then

@@ -134,7 +134,7 @@ def test_staged_source_dir_runs_train_py_as_a_script(tmp_path):
     src = container.stage_source_dir(str(tmp_path / "src"), "torch==2.13.0\n")
     files = container.source_files(src.path)
     assert {"entrypoints/train.py", "entrypoints/inference.py", "requirements.txt",
-            "twotower_lit/aws/environment.py", "twotower_lit/training.py"} <= set(files)
+            "twotower_lit/aws/environment.py", "twotower_lit/training/job.py"} <= set(files)
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
     proc = subprocess.run([sys.executable, "entrypoints/train.py", "--max_epochs", "1", "--help"], cwd=src.path,
                           capture_output=True, text=True, timeout=120)

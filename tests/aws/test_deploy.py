@@ -59,7 +59,8 @@ def test_deploy_packages_uploads_creates_and_smoke_tests(ctx, exported, moto_ser
     assert {"manifest.json", "model.safetensors", "config.json", "code/inference.py", "code/requirements.txt",
             "code/twotower_lit/serving/handler.py", "code/twotower_lit/export/format.py"} <= names
     # only the torch-only part of the library is vendored (the training modules need torchrec)
-    assert not {"code/twotower_lit/model.py", "code/twotower_lit/strategy.py", "code/twotower_lit/aws"} & names
+    assert not {"code/twotower_lit/model.py", "code/twotower_lit/distributed/strategy.py",
+                "code/twotower_lit/aws"} & names
     assert real_answer(tmp_path / "unpacked", 3) == real_answer(exported, 3)  # loads from its own layout
 
     model = request_log.calls("CreateModel")[-1]

@@ -84,7 +84,7 @@ def test_training_job_through_the_installed_sdk(ctx, request_log, tmp_path):
         sourcecode = json.loads(ctx.s3.get_object(Bucket=bucket, Key=drivers["sourcecode.json"])["Body"].read())
         assert sourcecode["entry_script"] == "entrypoints/train.py"
     assert {"entrypoints/train.py", "entrypoints/inference.py", "requirements.txt",
-            "twotower_lit/aws/environment.py", "twotower_lit/training.py"} <= shipped
+            "twotower_lit/aws/environment.py", "twotower_lit/training/job.py"} <= shipped
 
     assert describe_training_job(ctx, name)["TrainingJobStatus"] == "Completed"
 

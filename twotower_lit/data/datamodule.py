@@ -79,7 +79,8 @@ class MovieLensDataModule(L.LightningDataModule):
 
     def __init__(self, data_dir: str, batch_size: int = 1024, eval_batch_size: int = 8192, negatives: int = 0,
                  negative_sampling: str = "uniform", seed: int = 0, num_workers: int = 0,
-                 side_features: bool = True, buffer_rows: int = 1 << 18, data_on_device: bool = False) -> None:
+                 side_features: bool = True, buffer_rows: int = 1 << 18, data_on_device: bool = False,
+                 manifest: Optional[Dict] = None) -> None:
         super().__init__()
         if data_on_device and negatives:
             raise ValueError(f"--data-on-device builds batches of rated rows only; --negatives {negatives} needs the "
@@ -97,7 +98,7 @@ class MovieLensDataModule(L.LightningDataModule):
         # (epoch, layouts before this run's, Lightning's batch count where this run's began) when
         # this run resumed within an epoch
         self._resumed: Optional[Tuple[int, List[Layout], int]] = None
-        self.manifest = load_manifest(data_dir)
+        self.manifest = manifest if manifest is not None else load_manifest(data_dir)  # (the job has read it)
         sizes = self.manifest["vocab_sizes"]
         self.num_users, self.num_items = int(sizes["user"]), int(sizes["item"])
         self.user_features = [f for f in self.manifest["user_features"] if side_features or f == "user"]

@@ -76,7 +76,7 @@ def _run(cfg: TrainConfig, callbacks: Sequence[L.Callback], run_tags: Optional[D
     dm = MovieLensDataModule(data_dir, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
                              negatives=cfg.data.negatives, negative_sampling=cfg.data.negative_sampling,
                              seed=cfg.seed, num_workers=cfg.data.num_workers, side_features=cfg.model.side_features,
-                             data_on_device=plan.data_on_device)
+                             data_on_device=plan.data_on_device, manifest=manifest)
     dm.load()  # training-row counts per item: the softmax's log-Q correction
     module = build_module(cfg, plan, dm, features)
     uri = tracking.tracking_uri(cfg.tracking.mlflow_uri, output_dir)
