@@ -145,3 +145,21 @@ def test_split_fractions_are_checked_at_their_bounds():
         assert str(err.value) == (f"val_fraction ({val}) and test_fraction ({test}) must be in [0, 1) and sum to "
                                   "less than 1")
 
+
+
+@pytest.mark.parametrize("count, val, test, expected", [
+    (4, 0.45, 0.45, (1, 2)),  # 2 + 2 leave no train rating: validation gives way by one
+    (3, 0.6, 0.3, (1, 1)),
+    (3, 0.9, 0.05, (1, 1)),  # validation gives way by two, keeping its one
+    (4, 0.8, 0.15, (2, 1)),
+    (3, 0.4, 0.55, (1, 1)),  # validation is at its one already: test gives way
+    (5, 0.0, 0.9, (0, 4)),  # no validation asked: test gives way alone
+    (3, 0.0, 0.0, (0, 0)),
+    (2, 0.4, 0.4, (0, 0)),  # too few ratings to split
+])
+def test_split_sizes_give_way_as_documented(count, val, test, expected):
+    """Worked by hand from the rule: round half up, at least one each when asked, then validation
+    and after it test give way until one rating stays in train."""
+    n_val, n_test = split_sizes(np.array([count]), val, test)
+    assert (int(n_val[0]), int(n_test[0])) == expected
+    assert n_val.dtype == n_test.dtype == np.int64
