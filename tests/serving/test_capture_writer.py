@@ -70,7 +70,12 @@ def test_two_writers_share_an_hour_folder(tmp_path):
 
 
 def test_an_unclosed_writer_does_not_keep_the_process_alive(tmp_path):
-    """The writer thread must not hold the interpreter open when the server exits without close()."""
+    """The writer thread must not hold the interpreter open when the server exits without close()
+    (here in a process of its own; first the same writer in this one, closed as the server does)."""
+    writer = cap.CaptureWriter(str(tmp_path / "here"), "ep")
+    writer.write("v", WHEN, record("here"))
+    writer.close()
+    assert events_on_disk(tmp_path / "here") == ["here"]
     code = ("import datetime as dt, sys; from twotower_lit.serving import capture as cap; "
             f"w = cap.CaptureWriter({str(tmp_path)!r}, 'ep'); w.write('v', cap.utc_now(), "
             "cap.capture_record('e', 'e', cap.utc_now(), b'{}', 'application/json', b'{}', 'application/json', {}))")
@@ -82,3 +87,46 @@ def test_utc_now_is_an_aware_utc_time():
     now = cap.utc_now()
     assert now.tzinfo is dt.timezone.utc
     assert abs((now - dt.datetime.now(dt.timezone.utc)).total_seconds()) < 5
+
+
+def test_a_record_in_sagemakers_layout_field_by_field():
+    rec = cap.capture_record("ev", "inf", WHEN, b'{"user_id": 1}', "application/json", b"", None, {"statusCode": 204})
+    assert rec == {
+        "captureData": {
+            "endpointInput": {"observedContentType": "application/json", "mode": "INPUT",
+                              "data": '{"user_id": 1}', "encoding": "JSON"},
+            "endpointOutput": {"observedContentType": "", "mode": "OUTPUT", "data": "", "encoding": "BASE64"}},
+        "eventMetadata": {"eventId": "ev", "inferenceId": "inf", "inferenceTime": "2026-05-04T03:02:01.500Z",
+                          "customAttributes": {"statusCode": 204}},
+        "eventVersion": "0"}
+
+
+def test_cutting_keeps_whole_characters_and_at_most_three_bytes_back():
+    """A payload over the limit is cut at a character boundary, moving back at most three bytes (a
+    UTF-8 character is at most four); bytes that are not text are cut at the limit less those three
+    at most; the answer is cut like the request."""
+    emoji = "a😀b".encode()  # 1 + 4 + 1 bytes
+    for limit, kept in ((1, b"a"), (2, b"a"), (3, b"a"), (4, b"a"), (5, "a😀".encode())):
+        rec = cap.capture_record("e", "e", WHEN, emoji, "application/octet-stream", b"", "text/csv", {},
+                                 max_payload_bytes=limit)
+        assert cap.decode_data(rec["captureData"]["endpointInput"]) == kept, limit
+    continuation = b"\x80" * 10  # no character boundary anywhere
+    for limit, kept in ((5, 2), (2, 0), (1, 0)):
+        rec = cap.capture_record("e", "e", WHEN, continuation, "application/octet-stream", b"", "text/csv", {},
+                                 max_payload_bytes=limit)
+        assert cap.decode_data(rec["captureData"]["endpointInput"]) == continuation[:kept], limit
+    rec = cap.capture_record("e", "e", WHEN, b"{}", "application/json", b"9" * 2000, "text/csv", {"a": 1},
+                             max_payload_bytes=1000)
+    assert rec["captureData"]["endpointOutput"]["data"] == "9" * 1000
+    assert rec["eventMetadata"]["customAttributes"] == {"a": 1, "truncated": {"endpointOutput": 2000}}
+
+
+def test_a_record_that_cannot_be_written_is_logged_and_the_writer_goes_on(tmp_path, caplog):
+    (tmp_path / "ep").write_text("a file where the endpoint's folder should be")
+    writer = cap.CaptureWriter(str(tmp_path), "ep")
+    with caplog.at_level(logging.ERROR, logger="twotower_lit.serving.capture"):
+        writer.write("shadow", WHEN, record("lost"))
+        writer.close()
+    assert writer.written == 0
+    assert [r.getMessage() for r in caplog.records] == ["data capture: could not write a record of shadow"]
+    assert caplog.records[0].exc_info is not None  # with the reason
