@@ -157,7 +157,7 @@ async def trickle(port: int, head: bytes, drip: bytes, interval: float = 0.2, gi
 
 def documented_verdict(report: dict) -> str:
     """The verdict a shadow report must carry, worked out from its own figures by the rules in the
-    order `twotower_lit.serving.report` documents them (and the README states), so a test can check
+    order `twotower_lit.serving.report` documents them, so a test can check
     the verdict of a run whose figures it cannot fix in advance."""
     t = report["thresholds"]
     if report["joined_requests"] < t["min_requests"]:
