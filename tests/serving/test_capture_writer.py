@@ -33,6 +33,12 @@ def test_decode_gives_back_the_captured_bytes_for_every_encoding():
         text, enc = cap.encode_data(data, content_type)
         assert enc == encoding
         assert cap.decode_data({"data": text, "encoding": enc}) == data
+    # media types as clients send them: parameters after the type, structured +json types
+    for content_type, encoding in (("text/csv; charset=utf-8; header=present", "CSV"),
+                                   ("application/vnd.api+json", "JSON"), ("Application/JSON", "JSON"),
+                                   ("text/plain", "BASE64"), (None, "BASE64")):
+        assert cap.encode_data(b"1,2", content_type) == (("1,2", encoding) if encoding != "BASE64" else
+                                                         ("MSwy", "BASE64")), content_type
     # an entry without data (SageMaker leaves it out for an empty body) is empty in every encoding
     assert cap.decode_data({"encoding": "BASE64"}) == b"" and cap.decode_data({"encoding": "JSON"}) == b""
 
@@ -83,7 +89,11 @@ def test_an_unclosed_writer_does_not_keep_the_process_alive(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_utc_now_is_an_aware_utc_time():
+def test_utc_now_is_an_aware_utc_time_and_event_ids_are_uuids():
+    import uuid
+
+    ids = {cap.new_event_id() for _ in range(3)}
+    assert len(ids) == 3 and all(str(uuid.UUID(i)) == i for i in ids)
     now = cap.utc_now()
     assert now.tzinfo is dt.timezone.utc
     assert abs((now - dt.datetime.now(dt.timezone.utc)).total_seconds()) < 5
@@ -99,6 +109,9 @@ def test_a_record_in_sagemakers_layout_field_by_field():
         "eventMetadata": {"eventId": "ev", "inferenceId": "inf", "inferenceTime": "2026-05-04T03:02:01.500Z",
                           "customAttributes": {"statusCode": 204}},
         "eventVersion": "0"}
+    unknown = cap.capture_record("ev", "inf", WHEN, b"x", None, b"{}", "application/json", {})["captureData"]
+    assert unknown["endpointInput"]["observedContentType"] == "" and unknown["endpointInput"]["encoding"] == "BASE64"
+    assert unknown["endpointOutput"]["observedContentType"] == "application/json"
 
 
 def test_cutting_keeps_whole_characters_and_at_most_three_bytes_back():
