@@ -80,7 +80,7 @@ def prepare_export(root: str, items: int, search: str, index_params: Dict, log) 
     """A random export of `items` items under `root` (reused when already there), with the index
     `search` names built into it; returns the search's index.json entry (exact: recall 1.0)."""
     from twotower_lit.export.index import build_index
-    from twotower_lit.serving.search import read_index_meta
+    from twotower_lit.export.search import read_index_meta
     from twotower_lit.serving.synthetic import random_export
 
     model_dir = os.path.join(root, f"items-{items}")

@@ -30,7 +30,7 @@ from twotower_lit.export.format import load_export
 from twotower_lit.serving.errors import RequestError
 from twotower_lit.serving.recommender import Recommender
 from twotower_lit.serving.request import JSON, RecommendRequest, UserQuery, parse_request
-from twotower_lit.serving.search import SEARCHES
+from twotower_lit.export.search import SEARCHES
 
 SCHEMA = pa.schema([("user_id", pa.int64()), ("rank", pa.int32()), ("item_id", pa.int64()),
                     ("score", pa.float32()), ("title", pa.string()), ("source", pa.dictionary(pa.int8(), pa.string()))])

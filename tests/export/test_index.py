@@ -20,7 +20,7 @@ from twotower_lit.export.format import ArtifactError, load_export  # noqa: E402
 from twotower_lit.export.index import build_index  # noqa: E402
 from twotower_lit.serving.recommender import Recommender  # noqa: E402
 from twotower_lit.serving.request import RecommendRequest, UserQuery  # noqa: E402
-from twotower_lit.serving.search import INDEX_META, open_search  # noqa: E402
+from twotower_lit.export.search import INDEX_META, open_search  # noqa: E402
 from twotower_lit.serving.synthetic import random_export  # noqa: E402
 from tests.serving.conftest import ServerProcess  # noqa: E402
 
@@ -155,6 +155,6 @@ def test_a_packaged_export_with_an_index_requires_the_locked_faiss(indexed, tmp_
     with tarfile.open(package_model(model_dir, str(tmp_path / "model.tar.gz"))) as tar:
         names = set(tar.getnames())
         requirements = tar.extractfile("code/requirements.txt").read().decode()
-    assert {INDEX_META, entries["hnsw"]["file"], "code/twotower_lit/serving/search.py"} <= names
+    assert {INDEX_META, entries["hnsw"]["file"], "code/twotower_lit/export/search.py"} <= names
     locked = re.search(r"^faiss-cpu==\S+$", (REPO / "requirements" / "base.txt").read_text(), re.M).group(0)
     assert locked in requirements.splitlines()

@@ -1,5 +1,5 @@
 """Approximate-search indexes built into an exported model directory, so that the server only reads
-them (`twotower_lit.serving.search`): a faiss index over the item vectors, written with
+them (`twotower_lit.export.search`): a faiss index over the item vectors, written with
 ``faiss.write_index`` (faiss's own binary format, never a pickle) and listed with its sha256 in the
 export's manifest like every other model file; ``index.json`` holds each index's kind, faiss factory
 string, parameters, size, build time and its recall@10 against exact search, measured on the
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from twotower_lit.export.format import ExportedModel, add_to_manifest, load_export, read_manifest
-from twotower_lit.serving.search import (INDEX_META, KINDS, VECTOR_DTYPES, ExactSearch, FaissSearch, index_name,
+from twotower_lit.export.search import (INDEX_META, KINDS, VECTOR_DTYPES, ExactSearch, FaissSearch, index_name,
                                          read_index_meta)
 
 RECALL_K = 10

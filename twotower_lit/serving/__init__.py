@@ -3,7 +3,7 @@ load generator and the shadow-test report.
 
 Modules and what they import (the inference handler needs only the torch-only ones):
     errors, request, recommender, handler, faults,  torch, numpy, safetensors (via export.format);
-    options, search                                 faiss too, to read an index built at export
+    options                                         faiss too (export.search), to read an index built at export
     synthetic                                       + numpy (random exports for tests/benchmarks)
     capture                                         standard library only
     app, shadow, server                             + starlette, uvicorn, httpx

@@ -1,5 +1,5 @@
 """The server's settings: `twotower_lit.config.ServeConfig` plus how requests are micro-batched and
-which search answers (an index built at export, see `twotower_lit.serving.search`). The command
+which search answers (an index built at export, see `twotower_lit.export.search`). The command
 line, ``TWOTOWER_<FIELD>`` variables and the shadow child all go through this class."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from twotower_lit.config import ServeConfig
 from twotower_lit.options import opt as _opt
-from twotower_lit.serving.search import SEARCHES
+from twotower_lit.export.search import SEARCHES
 
 
 @dataclass

@@ -3,7 +3,7 @@ fallback, with the items a user rated in training excluded.
 
 score(user, item) = <user tower(user features), item vector>, the retrieval score the model was
 trained on (all dimensions, the exposure ones too: see `twotower_lit.model.TwoTower`).
-The search (`twotower_lit.serving.search`) is exact (torch.topk over every real item) or an
+The search (`twotower_lit.export.search`) is exact (torch.topk over every real item) or an
 approximate faiss index built at export. `recommend_many` scores the users of several requests
 together (one user-tower pass and one search), which is how the server's micro-batches are scored.
 """
@@ -20,7 +20,7 @@ from twotower_lit.config import PrepareConfig
 from twotower_lit.data.features import UserFeatureEncoder
 from twotower_lit.export.format import ExportedModel
 from twotower_lit.serving.request import RecommendRequest, UserQuery
-from twotower_lit.serving.search import open_search
+from twotower_lit.export.search import open_search
 
 MODEL = "model"            # a user known to the model: its training features
 COLD_START = "cold_start"  # an unknown user scored from the side features in the request

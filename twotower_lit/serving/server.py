@@ -30,7 +30,7 @@ from twotower_lit.export.format import ArtifactError, verify as verify_export
 from twotower_lit.serving.app import CONFIG_ENV, create_app
 from twotower_lit.serving.handler import DEFAULT_MODEL_DIR, config_from_env
 from twotower_lit.serving.options import ServingConfig
-from twotower_lit.serving.search import read_index_meta
+from twotower_lit.export.search import read_index_meta
 from twotower_lit.serving.protocol import HeaderTimeoutProtocol
 from twotower_lit.serving.shadow import ShadowProcess
 

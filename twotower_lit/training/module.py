@@ -40,10 +40,10 @@ class TwoTowerModule(L.LightningModule):
     """Two-tower model scored by dot product, trained with a `twotower_lit.losses.TwoTowerLoss`
     (default: plain BCE; the training job passes the configured one) under `TorchRecStrategy`.
 
-    Training steps are taken by `steps` (default: one eager step per call): the module hands it
-    Lightning's batch iterator. Metrics on validation/test: AUC, log-loss and accuracy over rated
-    rows (torchmetrics syncs them across ranks); retrieval metrics come from
-    `twotower_lit.evaluation.RetrievalEvaluation`.
+    Training steps are taken by `steps` (default: one eager step per call), given the call's batch,
+    or Lightning's batch iterator when it takes several per call. Metrics on validation/test: AUC,
+    log-loss and accuracy over rated rows (torchmetrics syncs them across ranks); retrieval metrics
+    come from `twotower_lit.evaluation.RetrievalEvaluation`.
     """
 
     def __init__(self, features: Sequence[FeatureSpec], model_cfg: ModelConfig, optim_cfg: OptimConfig,
@@ -55,6 +55,9 @@ class TwoTowerModule(L.LightningModule):
         self.optim_cfg = optim_cfg
         self.total_steps = total_steps
         self.steps = steps or EagerSteps()
+        if self.steps.steps_per_execution > 1:
+            # Lightning hands training_step its batch iterator when the step's signature asks for it
+            self.training_step = self._training_steps
         # tables on meta: the strategy's DMP materialises only the shards this rank owns
         self.model = TwoTower(features, model_cfg.embedding_dim, model_cfg.user_layers, model_cfg.item_layers,
                               device=torch.device("meta"), exposure_dims=model_cfg.exposure_dims)
@@ -131,7 +134,14 @@ class TwoTowerModule(L.LightningModule):
         user, item = self.model(batch.features)
         return self.loss_of(user, item, batch.features["item"].values(), batch.labels)
 
-    def training_step(self, dataloader_iter) -> torch.Tensor:  # Lightning passes the iterator (name matters)
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """One step per call: Lightning moved the batch, and callbacks see it."""
+        losses = self.steps.run_batch(self, batch)
+        self._log_train_loss(losses)
+        return losses[-1]
+
+    def _training_steps(self, dataloader_iter) -> torch.Tensor:  # (the parameter's name tells Lightning)
+        """Several steps per call: the runner takes them from Lightning's batch iterator."""
         losses = self.steps.run(self, dataloader_iter)
         self._log_train_loss(losses)
         return losses[-1]

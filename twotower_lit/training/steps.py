@@ -1,7 +1,7 @@
 """Step runners: how the module's training steps run, chosen by the run plan.
 
-A runner takes the batches of one Lightning ``training_step`` call from Lightning's iterator and
-trains on each: `EagerSteps(1)` one eager step per call; `EagerSteps(K)` several per call (Keras'
+A runner trains on the batches of one Lightning ``training_step`` call (with several per call,
+taken from Lightning's iterator): `EagerSteps(1)` one eager step per call; `EagerSteps(K)` several per call (Keras'
 ``steps_per_execution``: Lightning's per-batch loop, a fixed share of a host-bound GPU step, runs
 once per K steps); `GraphedSteps(K)` the same with each step captured once as a CUDA graph and
 replayed (`twotower_lit.graphs`). All three train on the same batches in the same order with the
@@ -21,8 +21,13 @@ from twotower_lit.model import FeatureSpec
 
 
 class StepRunner(Protocol):
+    steps_per_execution: int
+
     def run(self, module: Any, batches: Iterator) -> List[torch.Tensor]:
-        """Train on the batches of one call; returns each step's loss."""
+        """Train on the batches of one call taken from Lightning's iterator; returns each step's loss."""
+
+    def run_batch(self, module: Any, batch: Batch) -> List[torch.Tensor]:
+        """Train on the one batch of a call (on the device already)."""
 
     def report(self) -> Optional[Dict[str, Any]]:
         """How the steps ran (for metrics.json), or None."""
@@ -67,6 +72,9 @@ class EagerSteps:
         # logging decision, which reads the logging step)
         patches.count_extra_batches(trainer, len(losses) - 1, is_last_batch=batches.done)
         return losses
+
+    def run_batch(self, module: Any, batch: Batch) -> List[torch.Tensor]:
+        return [self.step(module, batch, module.optimizers(), module.lr_schedulers(), lean=False, first=True)]
 
     def step(self, module: Any, batch: Batch, optimizer, schedule, lean: bool, first: bool) -> torch.Tensor:
         """One eager step: loss, backward, optimizer and schedule step. `optimizer` is Lightning's
