@@ -20,7 +20,8 @@ import sys
 import tempfile
 
 from twotower_lit.aws.config import AwsConfig, SageMakerTrainConfig, split_namespace
-from twotower_lit.config import OneLineHelpFormatter, TrainConfig, add_arguments
+from twotower_lit.config import TrainConfig
+from twotower_lit.options import OneLineHelpFormatter, add_arguments
 
 
 def parse_args(argv=None):

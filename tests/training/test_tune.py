@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from tests.conftest import REAL_MOVIELENS, REPO
-from twotower_lit.config import TrainConfig, from_dict
+from twotower_lit.config import TrainConfig
+from twotower_lit.options import from_dict
 from twotower_lit.tuning.local import ValidationPruning
 from twotower_lit.tuning.space import command_line, load_space, parameter_ranges, suggest
 
