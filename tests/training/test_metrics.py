@@ -87,3 +87,25 @@ def test_popularity_ranks_by_rating_count_and_shrinks_rates():
     assert base.item_vectors().squeeze(1).tolist() == [0.0, 3.0, 1.0, 2.0]
     prior = train_labels.mean()
     assert abs(base.probability(np.array([2]))[0] - (1 + 2 * prior) / (1 + 2)) < 1e-12
+
+
+def test_popularity_rates_use_each_items_positives_and_the_default_prior_strength():
+    train_items = np.array([1, 1, 1, 2, 3, 3])
+    train_labels = np.array([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    prior = 3 / 6
+    base = PopularityBaseline(train_items, train_labels, num_items=5)  # prior strength 10 ratings
+    expected = [(0 + 10 * prior) / 10, (2 + 10 * prior) / 13, (1 + 10 * prior) / 11, (0 + 10 * prior) / 12,
+                (0 + 10 * prior) / 10]
+    np.testing.assert_allclose(base.probability(np.arange(5)), expected, rtol=1e-12)
+    assert base.item_vectors().shape == (5, 1)  # every item, rated or not
+    empty = PopularityBaseline(np.zeros(0, np.int64), np.zeros(0), num_items=3)
+    np.testing.assert_allclose(empty.probability(np.arange(3)), [0.5, 0.5, 0.5])  # no labels: an even prior
+
+
+def test_retrieval_totals_add_up_and_average():
+    from twotower_lit.metrics import RetrievalTotals
+
+    total = RetrievalTotals(1.5, 0.75, 3) + RetrievalTotals(0.5, 0.25, 1)
+    assert (total.recall, total.ndcg, total.users) == (2.0, 1.0, 4)
+    assert total.as_dict(5) == {"recall@5": 0.5, "ndcg@5": 0.25, "ranked_users": 4.0}
+    assert RetrievalTotals().as_dict(10) == {"recall@10": 0.0, "ndcg@10": 0.0, "ranked_users": 0.0}
