@@ -14,7 +14,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    from twotower_lit.config import OneLineHelpFormatter
+    from twotower_lit.options import OneLineHelpFormatter
     from twotower_lit.export.search import KINDS, VECTOR_DTYPES
 
     parser = argparse.ArgumentParser(prog="python -m entrypoints.index", description=__doc__.split("\n\n")[0],

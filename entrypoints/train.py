@@ -15,8 +15,8 @@ if importlib.util.find_spec("twotower_lit") is None:  # run as a script (SageMak
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twotower_lit.aws.environment import apply_sagemaker_environment, publish_model, training_arguments  # noqa: E402
-from twotower_lit.config import TrainConfig, from_namespace  # noqa: E402
-from twotower_lit.options import OneLineHelpFormatter, add_arguments
+from twotower_lit.config import TrainConfig  # noqa: E402
+from twotower_lit.options import OneLineHelpFormatter, add_arguments, from_namespace  # noqa: E402
 
 
 def parse_args(argv=None) -> TrainConfig:

@@ -309,8 +309,3 @@ class ShadowReportConfig:
     bootstrap: int = _opt(1000, "bootstrap resamples for the NDCG@k difference's interval")
     seed: int = _opt(0, "bootstrap seed")
 
-
-# transitional: the option machinery moved to twotower_lit.options
-from twotower_lit.options import (OneLineHelpFormatter, add_arguments, from_dict, from_namespace,  # noqa: E402,F401
-                                  iter_fields, option_name, option_names, parse_bool, replace_options,
-                                  to_flat_dict)

@@ -38,7 +38,7 @@ class Param:
 
 def option_types(cls: type = TrainConfig) -> Dict[str, type]:
     """``{option name: type}`` of a config class's leaves (a field's ``option`` metadata names it
-    where it has one, as `twotower_lit.config.from_dict` reads it)."""
+    where it has one, as `twotower_lit.options.from_dict` reads it)."""
     return {f.metadata.get("option", f.name): tp for _, f, tp in iter_fields(cls)}
 
 
