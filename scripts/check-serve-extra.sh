@@ -37,7 +37,10 @@ assert not loaded, f"the serving stack imports {sorted(loaded)}"
 print("serve extra: the server imports none of", ", ".join(sorted(heavy)))
 EOF
 )
+# (batch recommendations write Parquet and S3: twotower_lit.batch needs the [train] and [aws] extras)
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/serving --ignore=tests/serving/test_adversarial.py \
+  --ignore=tests/serving/test_batch_recommend.py \
   --ignore=tests/serving/test_capture_and_report.py \
   --deselect tests/serving/test_inference_contract.py::test_toolkit_transformer_serves_the_packaged_handler \
+  --deselect tests/serving/test_json_lines.py::test_the_inference_toolkit_serves_json_lines \
   --deselect tests/serving/test_inference_contract.py::test_toolkit_server_errors_are_json_with_the_traceback_in_the_log_only
