@@ -27,6 +27,32 @@ def objects(ctx, uri):
             for o in ctx.s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])}
 
 
+# (first: run after the job launched below, its reads of moto's S3 hang under SDK v3; unexplained)
+def test_processes_per_host_and_the_checkpoint_prefix_reach_the_request(ctx, request_log, tmp_path):
+    """--processes-per-host reaches what starts torchrun in the container, and the job's
+    checkpoints live under the job's own name, with either SDK."""
+    job = SageMakerTrainConfig(sdk=SDK, instance_type="ml.g5.12xlarge", processes_per_host=2,
+                               checkpoint_s3_uri="auto", image_uri="123456789012.dkr.ecr.us-east-1.amazonaws.com/t:1",
+                               image_torch="2.13.0")
+    plan = plan_training_job(ctx, replace_options(TrainConfig(), max_epochs=1), job, str(tmp_path / "work"))
+    name = start_training_job(ctx, plan, wait=False)
+    req = request_log.calls("CreateTrainingJob")[-1]
+    assert req["TrainingJobName"] == name
+    checkpoint_uri = req["CheckpointConfig"]["S3Uri"].rstrip("/")
+    assert name in checkpoint_uri.split("/"), (name, checkpoint_uri)
+    assert checkpoint_uri.startswith(f"s3://{ctx.cfg.bucket}/{ctx.cfg.prefix}/")
+    if SDK == "v2":
+        assert checkpoint_uri == plan.checkpoint_s3_uri == ctx.s3_uri("checkpoints", name)
+        # the training toolkit starts torchrun with --nproc_per_node from this hyperparameter
+        assert json.loads(req["HyperParameters"]["sagemaker_mpi_num_of_processes_per_host"]) == 2
+    else:
+        channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in req["InputDataConfig"]}
+        drivers = objects(ctx, channels["sm_drivers"])
+        bucket, _ = parse_s3_uri(channels["sm_drivers"])
+        distributed = json.loads(ctx.s3.get_object(Bucket=bucket, Key=drivers["distributed.json"])["Body"].read())
+        assert distributed["process_count_per_node"] == 2
+
+
 def test_training_job_through_the_installed_sdk(ctx, request_log, tmp_path):
     data = tmp_path / "prepared"
     (data / "train").mkdir(parents=True)
@@ -87,31 +113,6 @@ def test_training_job_through_the_installed_sdk(ctx, request_log, tmp_path):
             "twotower_lit/aws/environment.py", "twotower_lit/training/job.py"} <= shipped
 
     assert describe_training_job(ctx, name)["TrainingJobStatus"] == "Completed"
-
-
-def test_processes_per_host_and_the_checkpoint_prefix_reach_the_request(ctx, request_log, tmp_path):
-    """--processes-per-host reaches what starts torchrun in the container, and the job's
-    checkpoints live under the job's own name, with either SDK."""
-    job = SageMakerTrainConfig(sdk=SDK, instance_type="ml.g5.12xlarge", processes_per_host=2,
-                               checkpoint_s3_uri="auto", image_uri="123456789012.dkr.ecr.us-east-1.amazonaws.com/t:1",
-                               image_torch="2.13.0")
-    plan = plan_training_job(ctx, replace_options(TrainConfig(), max_epochs=1), job, str(tmp_path / "work"))
-    name = start_training_job(ctx, plan, wait=False)
-    req = request_log.calls("CreateTrainingJob")[-1]
-    assert req["TrainingJobName"] == name
-    checkpoint_uri = req["CheckpointConfig"]["S3Uri"].rstrip("/")
-    assert name in checkpoint_uri.split("/"), (name, checkpoint_uri)
-    assert checkpoint_uri.startswith(f"s3://{ctx.cfg.bucket}/{ctx.cfg.prefix}/")
-    if SDK == "v2":
-        assert checkpoint_uri == plan.checkpoint_s3_uri == ctx.s3_uri("checkpoints", name)
-        # the training toolkit starts torchrun with --nproc_per_node from this hyperparameter
-        assert json.loads(req["HyperParameters"]["sagemaker_mpi_num_of_processes_per_host"]) == 2
-    else:
-        channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in req["InputDataConfig"]}
-        drivers = objects(ctx, channels["sm_drivers"])
-        bucket, _ = parse_s3_uri(channels["sm_drivers"])
-        distributed = json.loads(ctx.s3.get_object(Bucket=bucket, Key=drivers["distributed.json"])["Body"].read())
-        assert distributed["process_count_per_node"] == 2
 
 
 def test_our_image_uris_match_the_sdks_lookup():
