@@ -103,9 +103,9 @@ class EagerSteps:
 class GraphedSteps(EagerSteps):
     """`EagerSteps` whose steps are one `GraphedTrainingStep` (captured as a CUDA graph on a GPU,
     eager on a CPU, where the padding is tested). A batch whose shape the graph cannot take (an
-    epoch's shorter last batch) steps eagerly, unless `required` (--cuda-graphs on), which refuses it.
-    Only where lean steps are allowed: the graph replays the whole step, so nothing could run
-    between its backward pass and its optimizer step."""
+    epoch's shorter last batch) steps eagerly, the same training, and is counted. Only where lean
+    steps are allowed: the graph replays the whole step, so nothing could run between its backward
+    pass and its optimizer step; otherwise every step is eager and the report says why."""
 
     def __init__(self, steps_per_execution: int = 1, checkpoint_every_n_steps: int = 0,
                  multi_valued: Optional[FeatureSpec] = None) -> None:
