@@ -33,7 +33,7 @@ from twotower_lit.serving import faults
 from twotower_lit.serving.errors import RequestError, bad_request
 from twotower_lit.serving.options import ServingConfig
 from twotower_lit.serving.recommender import Recommender
-from twotower_lit.serving.request import JSON, RecommendRequest, media_type, negotiate, parse_request
+from twotower_lit.serving.request import JSON, RecommendRequest, body_text, media_type, negotiate, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +118,7 @@ def decode_lines(body: Union[bytes, str, bytearray], cfg: ServeConfig) -> LineBa
     most ``max_batch`` users in all."""
     if len(body) > cfg.max_body_bytes:
         raise RequestError(413, "body", f"{len(body)} bytes is over the limit of {cfg.max_body_bytes}")
-    if isinstance(body, (bytes, bytearray)):
-        try:
-            text = bytes(body).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise bad_request("body", f"not valid UTF-8 (byte {e.start})") from None
-    else:
-        text = body
+    text = body_text(body)
     lines: List[RecommendRequest] = []
     users = 0
     for n, line in enumerate(text.split("\n"), start=1):

@@ -84,16 +84,20 @@ def parse_request(body: Union[bytes, str, bytearray], content_type: Optional[str
     if mt not in CONTENT_TYPES:
         shown = (content_type or "")[:100] or "none"
         raise RequestError(415, "Content-Type", f"{shown!r} is not supported; send {JSON} or {CSV}")
-    if isinstance(body, (bytes, bytearray)):
-        try:
-            text = bytes(body).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise bad_request("body", f"not valid UTF-8 (byte {e.start})") from None
-    else:
-        text = body
+    text = body_text(body)
     if not text.strip():
         raise bad_request("body", "empty request")
     return _parse_csv(text, cfg) if mt == CSV else _parse_json(text, cfg)
+
+
+def body_text(body: Union[bytes, str, bytearray]) -> str:
+    """A request body as text: bytes must be UTF-8 (the error names the first bad byte)."""
+    if not isinstance(body, (bytes, bytearray)):
+        return body
+    try:
+        return bytes(body).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_request("body", f"not valid UTF-8 (byte {e.start})") from None
 
 
 def _reject_constant(name: str) -> Any:
