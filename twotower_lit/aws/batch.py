@@ -16,12 +16,11 @@ import json
 import logging
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from twotower_lit.aws.config import DEFAULT_INFERENCE_FRAMEWORK
-from twotower_lit.aws.deploy import model_data_uri, model_request, serving_image
+from twotower_lit.aws.deploy import model_data_uri, model_request, serving_image, wait_for_status
 from twotower_lit.aws.s3 import download_prefix, list_objects, upload_file
 from twotower_lit.aws.session import AwsContext, parse_key_values, resource_name
 from twotower_lit.options import opt as _opt
@@ -147,17 +146,8 @@ def start_transform(ctx: AwsContext, cfg: BatchTransformConfig) -> Dict[str, Any
 
 def wait_for_transform(ctx: AwsContext, name: str, timeout: float = 24 * 3600, poll: float = 30.0) -> Dict:
     """Poll until the job ends; raise with SageMaker's FailureReason unless it completed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        desc = ctx.sagemaker.describe_transform_job(TransformJobName=name)
-        status = desc["TransformJobStatus"]
-        if status == "Completed":
-            return desc
-        if status in _DONE:
-            raise RuntimeError(f"transform job {name} is {status}: {desc.get('FailureReason', 'no reason given')}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"transform job {name} still {status} after {timeout:.0f} s")
-        time.sleep(poll)
+    return wait_for_status(lambda: ctx.sagemaker.describe_transform_job(TransformJobName=name),
+                           "TransformJobStatus", "Completed", _DONE, f"transform job {name}", timeout, poll)
 
 
 def parse_answers(lines: List[str], where: str):

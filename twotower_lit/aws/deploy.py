@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 import uuid
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from botocore.exceptions import ClientError
 
@@ -123,19 +123,27 @@ def create_or_update_endpoint(ctx: AwsContext, endpoint: str, config_name: str) 
     return "updated"
 
 
-def wait_for_endpoint(ctx: AwsContext, endpoint: str, timeout: float = 1800.0, poll: float = 15.0) -> Dict:
-    """Poll until the endpoint is InService; raise with SageMaker's FailureReason if it fails."""
+def wait_for_status(describe: Callable[[], Dict], key: str, done: str, failed: Sequence[str], what: str,
+                    timeout: float, poll: float) -> Dict:
+    """Poll `describe` until its `key` is `done` (returns the description); raise with SageMaker's
+    FailureReason when it reaches one of `failed`, or a TimeoutError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        desc = ctx.sagemaker.describe_endpoint(EndpointName=endpoint)
-        status = desc["EndpointStatus"]
-        if status == "InService":
+        desc = describe()
+        status = desc[key]
+        if status == done:
             return desc
-        if status in _ENDPOINT_FAILED:
-            raise RuntimeError(f"endpoint {endpoint} is {status}: {desc.get('FailureReason', 'no reason given')}")
+        if status in failed:
+            raise RuntimeError(f"{what} is {status}: {desc.get('FailureReason', 'no reason given')}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"endpoint {endpoint} still {status} after {timeout:.0f} s")
+            raise TimeoutError(f"{what} still {status} after {timeout:.0f} s")
         time.sleep(poll)
+
+
+def wait_for_endpoint(ctx: AwsContext, endpoint: str, timeout: float = 1800.0, poll: float = 15.0) -> Dict:
+    """Poll until the endpoint is InService; raise with SageMaker's FailureReason if it fails."""
+    return wait_for_status(lambda: ctx.sagemaker.describe_endpoint(EndpointName=endpoint), "EndpointStatus",
+                           "InService", _ENDPOINT_FAILED, f"endpoint {endpoint}", timeout, poll)
 
 
 def invoke(ctx: AwsContext, endpoint: str, body: Dict[str, Any], inference_id: Optional[str] = None,
