@@ -1,15 +1,14 @@
 """The recommender against a brute-force reference on a random export. The reference reads the
 export's files itself (safetensors' numpy loader, the JSON files) and runs the user tower in numpy,
 so no part of the loader or the tower under test computes the expected answer."""
-import json
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 
 from tests.conftest import missing_environment
+from tests.numpy_export import NumpyModel
 from twotower_lit.config import ServeConfig
 from twotower_lit.data.features import encode_user_features
 from twotower_lit.export.format import load_export
@@ -21,47 +20,6 @@ from twotower_lit.serving.request import RecommendRequest, UserQuery
 @pytest.fixture(scope="module")
 def exported(model_dir):
     return load_export(model_dir)
-
-
-class NumpyModel:
-    """The exported model read straight from its files: embedding rows concatenated in the config's
-    feature order, then Linear layers with ReLU between them (none after the last), in float64."""
-
-    def __init__(self, model_dir):
-        from safetensors.numpy import load_file
-
-        t = load_file(os.path.join(model_dir, "model.safetensors"))
-        with open(os.path.join(model_dir, "config.json")) as f:
-            self.config = json.load(f)
-        with open(os.path.join(model_dir, "users.json")) as f:
-            self.index = {raw: i for i, raw in enumerate(json.load(f)) if i > 0}
-        with open(os.path.join(model_dir, "vocab.json")) as f:
-            self.vocab = json.load(f)
-        self.emb = [t[f"user.emb.{n}.weight"].astype(np.float64) for n in self.config["user_features"]]
-        linear = sorted({int(k.split(".")[2]) for k in t if k.startswith("user.mlp.")})
-        self.layers = [(t[f"user.mlp.{i}.weight"].astype(np.float64), t[f"user.mlp.{i}.bias"].astype(np.float64))
-                       for i in linear]
-        self.items = t["item.vectors"].astype(np.float64)
-        self.features = t["user.features"]
-        self.indptr, self.seen_items = t["seen.indptr"], t["seen.items"]
-
-    def vector(self, row):
-        x = np.concatenate([table[int(i)] for table, i in zip(self.emb, row)])
-        for n, (w, b) in enumerate(self.layers):
-            x = w @ x + b
-            if n < len(self.layers) - 1:
-                x = np.maximum(x, 0.0)
-        return x
-
-    def seen_columns(self, user_id):
-        i = self.index[user_id]
-        return [int(j) - 1 for j in self.seen_items[self.indptr[i]:self.indptr[i + 1]]]  # item index j is column j-1
-
-    def topk(self, row, k, exclude_cols=()):
-        scores = self.items @ self.vector(row)
-        scores[list(exclude_cols)] = -np.inf
-        order = np.argsort(-scores, kind="stable")[:k]
-        return [int(c) for c in order if np.isfinite(scores[c])], scores
 
 
 @pytest.fixture(scope="module")

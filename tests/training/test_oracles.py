@@ -7,7 +7,6 @@ Mann-Whitney AUC written out in numpy. Another run of the code is never the refe
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from safetensors.numpy import load_file
 
+from tests.numpy_export import NumpyModel
 from tests.training.conftest import prepare_synthetic, read_json, run_cli
 
 K = 10
@@ -36,29 +35,6 @@ def split_rows(prepared: Path, split: str) -> dict:
     files = sorted((prepared / split).glob("*.parquet"))
     table = pa.concat_tables([pq.read_table(f) for f in files])
     return {c: table.column(c).to_numpy() for c in ("user", "item", "label")}
-
-
-class Export:
-    """The exported model from its files: embeddings in the config's feature order, Linear layers
-    with ReLU between them, item vectors (row j is item index j + 1), in float64."""
-
-    def __init__(self, model_dir: Path) -> None:
-        t = load_file(str(model_dir / "model.safetensors"))
-        self.config = json.loads((model_dir / "config.json").read_text())
-        self.emb = [t[f"user.emb.{n}.weight"].astype(np.float64) for n in self.config["user_features"]]
-        linear = sorted({int(k.split(".")[2]) for k in t if k.startswith("user.mlp.")})
-        self.layers = [(t[f"user.mlp.{i}.weight"].astype(np.float64), t[f"user.mlp.{i}.bias"].astype(np.float64))
-                       for i in linear]
-        self.items = t["item.vectors"].astype(np.float64)
-        self.features = t["user.features"]
-
-    def users(self, indices: np.ndarray) -> np.ndarray:
-        x = np.concatenate([table[self.features[indices, j]] for j, table in enumerate(self.emb)], axis=1)
-        for n, (w, b) in enumerate(self.layers):
-            x = x @ w.T + b
-            if n < len(self.layers) - 1:
-                x = np.maximum(x, 0.0)
-        return x
 
 
 def mann_whitney_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -94,7 +70,7 @@ def test_two_rank_test_metrics_equal_a_numpy_ranking_of_the_export(two_rank_run)
     full ranking of the exported vectors in numpy: every real item but the user's training items,
     hits against the test split's label-1 pairs, users without one not counted."""
     prepared, out = two_rank_run
-    model = Export(out / "model")
+    model = NumpyModel(str(out / "model"))
     train, test = split_rows(prepared, "train"), split_rows(prepared, "test")
     seen: dict = {}
     for u, i in zip(train["user"].tolist(), train["item"].tolist()):
@@ -124,7 +100,7 @@ def test_two_rank_test_auc_and_logloss_equal_numpy_figures_of_the_export(two_ran
     """AUC (Mann-Whitney) and log-loss of every test row's liking probability, sigmoid of the dot
     product of the vectors without their last exposure_dims dimensions."""
     prepared, out = two_rank_run
-    model = Export(out / "model")
+    model = NumpyModel(str(out / "model"))
     test = split_rows(prepared, "test")
     width = model.items.shape[1] - int(model.config.get("exposure_dims", 0))
     user_vecs = model.users(test["user"].astype(np.int64))[:, :width]
