@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tests.conftest import free_port
+from tests.ranks import run_ranks
 
 WORLD = 2
 STEPS = 6
@@ -69,57 +69,51 @@ def _train(lm, opt, dm, rank):
         opt.step()
 
 
-def _worker(rank: int, store_file: str, data_dir: str) -> None:
+def _worker(rank: int, data_dir: str) -> None:
     from twotower_lit.data.datamodule import MovieLensDataModule
     from twotower_lit.distributed.sharding import GradientAverager
 
-    # a file store: no server thread in rank 0 that could still be serving rank 1 at exit
-    dist.init_process_group("gloo", store=dist.FileStore(store_file, WORLD), rank=rank, world_size=WORLD)
-    try:
-        dm = MovieLensDataModule(data_dir, batch_size=128)
-        dm.load()
-        # every rank seeds differently: the replicas start equal only because rank 0's values are copied
-        averaged, averaged_opt = _build(dm, "allreduce", seed=10 + rank)
-        reference, reference_opt = _build(dm, "ddp", seed=10 + rank)
-        averager = averaged.model.gradient_averager
-        assert isinstance(averager, GradientAverager)
-        # the averager covers the towers and the replicated tables' lookups, taken out of their DDP
-        towers = {name: p for name, p in averaged.model.named_parameters() if "tower" in name}
-        replicated_lookups = _replicated_lookups(averaged.model)
-        assert len(replicated_lookups) == 1  # both data_parallel tables in one lookup
-        expected = list(towers.values()) + [p for lookup in replicated_lookups for p in lookup.parameters()]
-        assert {id(p) for group in averager.groups for p in group} == {id(p) for p in expected}
-        replicated = [*towers, "ebc.embedding_bags.t_user.weight", "ebc.embedding_bags.t_genres.weight"]
-        assert not any(isinstance(m, DDP) for m in [*averaged.model.modules(), *replicated_lookups])
-        assert all(isinstance(m, DDP) for m in _replicated_lookups(reference.model))
-        assert any(isinstance(m, DDP) for m in reference.model.modules())
+    dm = MovieLensDataModule(data_dir, batch_size=128)
+    dm.load()
+    # every rank seeds differently: the replicas start equal only because rank 0's values are copied
+    averaged, averaged_opt = _build(dm, "allreduce", seed=10 + rank)
+    reference, reference_opt = _build(dm, "ddp", seed=10 + rank)
+    averager = averaged.model.gradient_averager
+    assert isinstance(averager, GradientAverager)
+    # the averager covers the towers and the replicated tables' lookups, taken out of their DDP
+    towers = {name: p for name, p in averaged.model.named_parameters() if "tower" in name}
+    replicated_lookups = _replicated_lookups(averaged.model)
+    assert len(replicated_lookups) == 1  # both data_parallel tables in one lookup
+    expected = list(towers.values()) + [p for lookup in replicated_lookups for p in lookup.parameters()]
+    assert {id(p) for group in averager.groups for p in group} == {id(p) for p in expected}
+    replicated = [*towers, "ebc.embedding_bags.t_user.weight", "ebc.embedding_bags.t_genres.weight"]
+    assert not any(isinstance(m, DDP) for m in [*averaged.model.modules(), *replicated_lookups])
+    assert all(isinstance(m, DDP) for m in _replicated_lookups(reference.model))
+    assert any(isinstance(m, DDP) for m in reference.model.modules())
 
-        start = _weights(averaged)
-        assert start.keys() == _weights(reference).keys()
-        for name, value in _weights(reference).items():
-            torch.testing.assert_close(start[name], value, rtol=0, atol=0, msg=name)
+    start = _weights(averaged)
+    assert start.keys() == _weights(reference).keys()
+    for name, value in _weights(reference).items():
+        torch.testing.assert_close(start[name], value, rtol=0, atol=0, msg=name)
 
-        _train(averaged, averaged_opt, dm, rank)
-        _train(reference, reference_opt, dm, rank)
-        got, want = _weights(averaged), _weights(reference)
-        moved = 0
-        for name, value in want.items():
-            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
-            moved += not torch.equal(value, start[name])
-        assert moved == len(want), "every tensor trained"
-        # the replicated parameters are equal on both ranks, bit for bit
-        for name in replicated:
-            value = dict(averaged.model.named_parameters())[name].detach()
-            gathered = [torch.empty_like(value) for _ in range(WORLD)]
-            dist.all_gather(gathered, value)
-            assert torch.equal(gathered[0], gathered[1]), name
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    _train(averaged, averaged_opt, dm, rank)
+    _train(reference, reference_opt, dm, rank)
+    got, want = _weights(averaged), _weights(reference)
+    moved = 0
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        moved += not torch.equal(value, start[name])
+    assert moved == len(want), "every tensor trained"
+    # the replicated parameters are equal on both ranks, bit for bit
+    for name in replicated:
+        value = dict(averaged.model.named_parameters())[name].detach()
+        gathered = [torch.empty_like(value) for _ in range(WORLD)]
+        dist.all_gather(gathered, value)
+        assert torch.equal(gathered[0], gathered[1]), name
 
 
 def test_one_allreduce_per_step_trains_two_ranks_as_ddp_does(prepared_synthetic, tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(prepared_synthetic)), nprocs=WORLD, join=True)
+    run_ranks(_worker, WORLD, tmp_path, str(prepared_synthetic))
 
 
 def test_a_parameter_without_gradient_counts_as_zeros():
@@ -169,41 +163,36 @@ def test_a_parameter_without_gradient_counts_as_zeros():
         dist.destroy_process_group()
 
 
-def _precision_worker(rank: int, store_file: str) -> None:
+def _precision_worker(rank: int) -> None:
     from twotower_lit.distributed.sharding import GradientAverager
 
-    dist.init_process_group("gloo", store=dist.FileStore(store_file, WORLD), rank=rank, world_size=WORLD)
-    try:
-        base = torch.randn(GradientAverager.IN_PLACE_NUMEL + 5, generator=torch.Generator().manual_seed(0))
-        large, small = torch.nn.Parameter(torch.zeros_like(base)), torch.nn.Parameter(torch.zeros(3))
-        for dtype in (None, torch.bfloat16):
-            averager = GradientAverager([large, small], dist.group.WORLD, dtype)
-            produced = []  # the tensor autograd accumulated, seen before the averager's callback
-            hook = large.register_post_accumulate_grad_hook(lambda p: produced.append(p.grad.data_ptr()))
-            # rank r's gradients are (r + 1) x base: their mean is 1.5 x base
-            ((large * base).sum() * (rank + 1) + (small * base[:3]).sum() * (rank + 1)).backward()
-            want = 1.5 * base if dtype is None else \
-                (base.to(dtype) + (2 * base).to(dtype)).to(torch.float32) / 2  # sent and summed as bf16
-            tol = {} if dtype is None else {"rtol": 1e-2, "atol": 1e-2}
-            torch.testing.assert_close(large.grad, want, **tol)
-            torch.testing.assert_close(small.grad, want[:3], **tol)
-            assert large.grad.data_ptr() == produced[0], "the large gradient is averaged where it is"
-            as_bf16 = large.grad.to(torch.bfloat16).to(torch.float32)
-            assert torch.equal(as_bf16, large.grad) == (dtype is not None), "averaged in bf16 only when asked"
-            for grad in (large.grad, small.grad):
-                gathered = [torch.empty_like(grad) for _ in range(WORLD)]
-                dist.all_gather(gathered, grad)
-                assert torch.equal(gathered[0], gathered[1])
-            hook.remove()
-            averager.remove()
-            large.grad = small.grad = None
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    base = torch.randn(GradientAverager.IN_PLACE_NUMEL + 5, generator=torch.Generator().manual_seed(0))
+    large, small = torch.nn.Parameter(torch.zeros_like(base)), torch.nn.Parameter(torch.zeros(3))
+    for dtype in (None, torch.bfloat16):
+        averager = GradientAverager([large, small], dist.group.WORLD, dtype)
+        produced = []  # the tensor autograd accumulated, seen before the averager's callback
+        hook = large.register_post_accumulate_grad_hook(lambda p: produced.append(p.grad.data_ptr()))
+        # rank r's gradients are (r + 1) x base: their mean is 1.5 x base
+        ((large * base).sum() * (rank + 1) + (small * base[:3]).sum() * (rank + 1)).backward()
+        want = 1.5 * base if dtype is None else \
+            (base.to(dtype) + (2 * base).to(dtype)).to(torch.float32) / 2  # sent and summed as bf16
+        tol = {} if dtype is None else {"rtol": 1e-2, "atol": 1e-2}
+        torch.testing.assert_close(large.grad, want, **tol)
+        torch.testing.assert_close(small.grad, want[:3], **tol)
+        assert large.grad.data_ptr() == produced[0], "the large gradient is averaged where it is"
+        as_bf16 = large.grad.to(torch.bfloat16).to(torch.float32)
+        assert torch.equal(as_bf16, large.grad) == (dtype is not None), "averaged in bf16 only when asked"
+        for grad in (large.grad, small.grad):
+            gathered = [torch.empty_like(grad) for _ in range(WORLD)]
+            dist.all_gather(gathered, grad)
+            assert torch.equal(gathered[0], gathered[1])
+        hook.remove()
+        averager.remove()
+        large.grad = small.grad = None
 
 
 def test_large_gradients_are_averaged_in_place_and_bf16_sends_half_the_bytes(tmp_path):
     """A gradient of at least IN_PLACE_NUMEL elements (the replicated tables' fused weight) is
     all-reduced where autograd left it; the others through one flat buffer. With bf16 both are
     sent and summed as bfloat16: the result is that sum's, equal on both ranks."""
-    mp.spawn(_precision_worker, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True)
+    run_ranks(_precision_worker, WORLD, tmp_path)

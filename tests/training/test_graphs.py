@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.ranks import run_ranks
 from tests.training.conftest import local_state, sharded_module
 from twotower_lit.model import feature_specs
 
@@ -229,57 +230,52 @@ def test_several_processes_need_every_table_replicated():
     assert "t_user is sharded" in graph_refusal(2, {"user": "auto"})  # the planner never picks data_parallel
 
 
-def _two_rank_graphed_worker(rank: int, store_file: str, data_dir: str) -> None:
+def _two_rank_graphed_worker(rank: int, data_dir: str) -> None:
     import torch.distributed as dist
 
     from twotower_lit.data.datamodule import MovieLensDataModule
     from twotower_lit.distributed.sharding import first_rows
     from twotower_lit.graphs import GraphedTrainingStep
 
-    dist.init_process_group("gloo", store=dist.FileStore(store_file, 2), rank=rank, world_size=2)
-    try:
-        dm = MovieLensDataModule(data_dir, batch_size=256)
-        dm.load()
-        pg = dist.group.WORLD
-        # every table replicated, as a job of several GPUs has them; each rank its own batches, so
-        # each pads a different genre count
-        batches = [_batch(dm, 256, 100 * rank + s) for s in range(5)]
-        torch.manual_seed(10 + rank)  # (replicas start equal: rank 0's values are copied to rank 1)
-        eager = _sharded_module(dm, pg, "data_parallel")
-        eager_opt = eager.configure_optimizers()["optimizer"]
-        torch.manual_seed(10 + rank)
-        graphed = _sharded_module(dm, pg, "data_parallel")
-        opt = graphed.configure_optimizers()["optimizer"]
+    dm = MovieLensDataModule(data_dir, batch_size=256)
+    dm.load()
+    pg = dist.group.WORLD
+    # every table replicated, as a job of several GPUs has them; each rank its own batches, so
+    # each pads a different genre count
+    batches = [_batch(dm, 256, 100 * rank + s) for s in range(5)]
+    torch.manual_seed(10 + rank)  # (replicas start equal: rank 0's values are copied to rank 1)
+    eager = _sharded_module(dm, pg, "data_parallel")
+    eager_opt = eager.configure_optimizers()["optimizer"]
+    torch.manual_seed(10 + rank)
+    graphed = _sharded_module(dm, pg, "data_parallel")
+    opt = graphed.configure_optimizers()["optimizer"]
 
-        def loss_fn(user, item, items, labels):
-            return graphed.loss_fn(user, item, items, labels)[0]
+    def loss_fn(user, item, items, labels):
+        return graphed.loss_fn(user, item, items, labels)[0]
 
-        # shaped on the batch with the most genre values, so that every batch fits
-        widest = max(batches, key=lambda b: len(b.features["genres"].values()))
-        step = GraphedTrainingStep(graphed.model, loss_fn, opt, widest, "genres",
-                                   first_rows(graphed.model, ["t_genres"]), capture=False)
-        assert step.input.capacity > 0
-        for b in batches:
-            eager_opt.zero_grad()
-            eager.batch_loss(b).backward()
-            eager_opt.step()
-            step(b)
-        want, got = local_state(eager.model), local_state(graphed.model)
-        genres = next(k for k in want if "t_genres" in k)
-        assert torch.equal(got[genres][0], torch.zeros(8))
-        for key in want:
-            a, b = (want[key][1:], got[key][1:]) if key == genres else (want[key], got[key])
-            assert torch.equal(a, b), key
-        # the replicas stayed equal, and the replicated tables' optimizer counted every step
-        for key, value in got.items():
-            gathered = [torch.empty_like(value) for _ in range(2)]
-            dist.all_gather(gathered, value)
-            assert torch.equal(gathered[0], gathered[1]), key
-        tables = dict(opt.optimizers)["replicated_tables"]
-        assert {int(s["step"]) for s in tables.state.values()} == {len(batches)}
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    # shaped on the batch with the most genre values, so that every batch fits
+    widest = max(batches, key=lambda b: len(b.features["genres"].values()))
+    step = GraphedTrainingStep(graphed.model, loss_fn, opt, widest, "genres",
+                               first_rows(graphed.model, ["t_genres"]), capture=False)
+    assert step.input.capacity > 0
+    for b in batches:
+        eager_opt.zero_grad()
+        eager.batch_loss(b).backward()
+        eager_opt.step()
+        step(b)
+    want, got = local_state(eager.model), local_state(graphed.model)
+    genres = next(k for k in want if "t_genres" in k)
+    assert torch.equal(got[genres][0], torch.zeros(8))
+    for key in want:
+        a, b = (want[key][1:], got[key][1:]) if key == genres else (want[key], got[key])
+        assert torch.equal(a, b), key
+    # the replicas stayed equal, and the replicated tables' optimizer counted every step
+    for key, value in got.items():
+        gathered = [torch.empty_like(value) for _ in range(2)]
+        dist.all_gather(gathered, value)
+        assert torch.equal(gathered[0], gathered[1]), key
+    tables = dict(opt.optimizers)["replicated_tables"]
+    assert {int(s["step"]) for s in tables.state.values()} == {len(batches)}
 
 
 def test_replicated_tables_keep_their_weights_gradient_accumulator_from_construction(process_group, data):
@@ -309,9 +305,7 @@ def test_replicated_tables_keep_their_weights_gradient_accumulator_from_construc
 def test_two_ranks_with_replicated_tables_train_on_fixed_shapes_as_eagerly(prepared_synthetic, tmp_path):
     """What several GPUs capture (here without capture, on two gloo processes): every table
     replicated, gradients averaged by one all-reduce; both ranks end as eager training does."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_two_rank_graphed_worker, args=(str(tmp_path / "store"), str(prepared_synthetic)), nprocs=2, join=True)
+    run_ranks(_two_rank_graphed_worker, 2, tmp_path, str(prepared_synthetic))
 
 
 def test_host_work_of_a_captured_step_is_registered_for_every_replay():
