@@ -10,7 +10,7 @@ holds this model (`ShardableModule.check_resumable`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Dict, List, Mapping, Protocol, Sequence
 
 import torch
 
@@ -34,7 +34,6 @@ class ShardedParts:
     zero_rows: Callable[[Sequence[str]], List[torch.Tensor]]
 
 
-@runtime_checkable
 class ShardableModule(Protocol):
     """What the strategy needs of a LightningModule: its ``model`` to shard, and two hooks."""
 
@@ -46,3 +45,20 @@ class ShardableModule(Protocol):
     def check_resumable(self, checkpoint: Mapping[str, Any], path: str) -> None:
         """Raise a ValueError naming what differs when `checkpoint` (its trainer state, before the
         weights are loaded) holds another model than this one."""
+
+
+_MEMBERS = ("model", "on_sharded", "check_resumable")
+
+
+def require_shardable(module: Any) -> ShardableModule:
+    """`module`, when it has every member of `ShardableModule`; else a TypeError naming those it lacks.
+
+    Checked by name, not by a runtime-checkable protocol: from Python 3.12 `isinstance` looks a
+    protocol's members up statically, which misses an nn.Module's submodules (`model` lives in
+    `_modules`), so every LightningModule would be refused."""
+    missing = [name for name in _MEMBERS if not hasattr(module, name)]
+    if missing:
+        raise TypeError(f"{type(module).__name__} does not implement twotower_lit.sharded.ShardableModule: "
+                        f"it has no {', '.join(missing)}")
+    return module
+

@@ -69,3 +69,65 @@ def test_input_dist_permutation_is_built_once_per_argument_set_with_torchrecs_va
                       batch_size_per_rank=args[4]) is first  # reused, keywords as TorchRec passes them
         assert torch.equal(first, original(*args)), args
     assert cached(0, 4) is None  # an empty local split has no permutation
+
+
+class _Shardable(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        import torch
+
+        self.model = torch.nn.Linear(2, 2, device="meta")  # a submodule, as the job's tables are
+
+    def on_sharded(self, parts):
+        pass
+
+    def check_resumable(self, checkpoint, path):
+        pass
+
+
+def test_a_lightning_module_with_the_members_is_shardable_and_one_without_is_named():
+    from twotower_lit.sharded import require_shardable
+
+    module = _Shardable()
+    assert require_shardable(module) is module
+    with pytest.raises(TypeError, match=r"LightningModule does not implement twotower_lit.sharded.ShardableModule: "
+                                        r"it has no model, on_sharded, check_resumable"):
+        require_shardable(L.LightningModule())
+
+
+_STOPS_BEFORE_SHARDING = """
+import lightning as L, torch
+from twotower_lit.distributed import TorchRecStrategy
+
+class NoHooks(L.LightningModule):  # its tables on meta, as the job's are until DMP shards them
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Linear(2, 2, device="meta")
+
+    def training_step(self, batch):
+        return self.model(batch).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+trainer = L.Trainer(strategy=TorchRecStrategy(), accelerator="cpu", devices=1, logger=False,
+                    enable_progress_bar=False, enable_checkpointing=False, max_epochs=1)
+try:
+    trainer.fit(NoHooks(), train_dataloaders=[torch.zeros(1)])
+except Exception as e:
+    print("raised", type(e).__name__, e)
+"""
+
+
+def test_a_setup_that_stops_before_sharding_raises_its_own_error_not_one_of_teardown():
+    """Lightning's teardown moves the module to the CPU, which tables still on meta cannot do: the
+    strategy's teardown skips that move, so the error that stopped setup is the one raised.
+    (A subprocess: the strategy starts a process group and sets MASTER_PORT.)"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _STOPS_BEFORE_SHARDING], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "raised TypeError NoHooks does not implement twotower_lit.sharded.ShardableModule: it has no " \
+           "on_sharded, check_resumable" in proc.stdout, (proc.stdout, proc.stderr[-3000:])
+    assert "meta" not in proc.stdout

@@ -18,7 +18,7 @@ from twotower_lit.distributed.checkpoint import (MANIFEST_FILE, TRAINER_STATE_FI
                                                  CheckpointError, WeightsOnlyLoadPlanner, checkpoint_entries,
                                                  encode_trainer_state, hash_files, is_checkpoint_dir,
                                                  read_checkpoint, read_trainer_state, write_manifest)
-from twotower_lit.sharded import ShardableModule
+from twotower_lit.sharded import require_shardable
 
 REPLICATED_TABLES_KEY = "torchrec_data_parallel_tables"
 
@@ -116,8 +116,8 @@ def load(strategy, checkpoint_path) -> Dict[str, Any]:
                                 f"checkpoint dir")
     checkpoint = _read_verified(strategy, path)  # verified, and read without running code from it
     lm = strategy.lightning_module
-    if isinstance(lm, ShardableModule):
-        lm.check_resumable(checkpoint, str(path))
+    if lm is not None:
+        require_shardable(lm).check_resumable(checkpoint, str(path))
     saved = checkpoint.pop(REPLICATED_TABLES_KEY, [])
     if saved != strategy.replicated_tables:
         # their embedding optimizer state is kept by a plain optimizer, not by the fused kernels

@@ -18,7 +18,7 @@ from twotower_lit import patches
 from twotower_lit.distributed import checkpointing
 from twotower_lit.distributed.planning import REPLICATED
 from twotower_lit.distributed.sharding import check_gradient_sync, shard_module
-from twotower_lit.sharded import ShardableModule
+from twotower_lit.sharded import require_shardable
 
 
 class TorchRecStrategy(DDPStrategy):
@@ -52,9 +52,7 @@ class TorchRecStrategy(DDPStrategy):
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
         patches.throttle_sigterm_broadcast(trainer.fit_loop.epoch_loop, self.sigterm_check_every_n_steps)
-        lm = self.lightning_module
-        if not isinstance(lm, ShardableModule):
-            raise TypeError(f"{type(lm).__name__} does not implement twotower_lit.sharded.ShardableModule")
+        lm = require_shardable(self.lightning_module)
         if not isinstance(lm.model, DistributedModelParallel):
             self.plan_description = shard_module(lm, dist.GroupMember.WORLD, self.root_device, self.table_kinds,
                                                  gradient_sync=self.gradient_sync,
@@ -74,6 +72,19 @@ class TorchRecStrategy(DDPStrategy):
         if any(p.is_meta for p in lm.parameters()):
             return  # not wrapped yet; DMP places every parameter itself
         lm.to(self.root_device)
+
+    def teardown(self) -> None:
+        lm = self.lightning_module
+        if lm is None or not any(p.is_meta for p in lm.parameters()):
+            super().teardown()
+            return
+        # a setup that stopped before sharding leaves the tables on meta, which Lightning's
+        # teardown cannot move to the CPU: its error would replace the one that stopped the run
+        self._lightning_module = None
+        try:
+            super().teardown()
+        finally:
+            self._lightning_module = lm
 
     def configure_ddp(self) -> None:
         """DMP already averages the dense part's gradients; an outer DDP would do it twice."""
