@@ -97,6 +97,11 @@ class LossConfig:
                              doc="each block's items are its candidates; 0: the whole batch, whose cost grows with "
                                  "its square")
     vector_l2: float = _opt(3e-3, "L2 penalty on the user and item tower outputs of each row (every loss)")
+    softmax_candidates: str = _opt("auto", "the softmax's candidates: every rank's, or each rank's own",
+                                   ("auto", "global", "local"),
+                                   doc="global: block b of each rank is scored against block b of every rank, so "
+                                       "N processes train what one process trains over N times the rows; local: "
+                                       "each rank's own blocks; auto: global with several processes")
 
 
 @dataclass

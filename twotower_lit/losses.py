@@ -16,12 +16,16 @@
   ``exposure_dims``, the BCE logit leaves out the tower outputs' last dimensions and the softmax
   scores the whole dot product (see `twotower_lit.model.TwoTower`).
 
-The softmax is computed per rank over the local batch; no collectives are needed.
+With several processes the softmax's candidates are every rank's (``candidates``, a
+`CandidateExchange`: the training job passes `twotower_lit.distributed.candidates.AllRanks`): block
+b of each rank is scored against block b of every rank, so N processes train the softmax that one
+process trains over N times the rows, and each item vector gets the gradients of every rank's
+queries. Without it, each rank's blocks are its own.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
@@ -167,18 +171,45 @@ def mean_squared_norm(user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
     return _MeanSquaredNorm.apply(user, item)
 
 
+class CandidateExchange(Protocol):
+    """How the softmax's candidates are shared between ranks (`TwoTowerLoss`'s ``candidates``)."""
+
+    world: int  # ranks taking part; 1: none to share with
+    rank: int  # this one's place among them
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(world x rows, ...): every rank's rows in rank order; gradients return to their owner."""
+
+    def gather_ids(self, tensor: torch.Tensor) -> torch.Tensor:
+        """As `gather`, for a tensor without gradients."""
+
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of a tensor without gradients over every rank."""
+
+
+def _blocks(x: torch.Tensor, lo: int, hi: int, k: int, world: int) -> torch.Tensor:
+    """Rows ``lo:hi`` of every rank's part of `x` (``world`` x rows x ..., gathered in rank order),
+    as `k` blocks holding block j of every rank: (k, world x (hi - lo) / k, ...)."""
+    if world == 1:
+        return x[lo:hi].view(k, (hi - lo) // k, *x.shape[1:])
+    per_rank = x.view(world, -1, *x.shape[1:])[:, lo:hi]
+    return per_rank.reshape(world, k, (hi - lo) // k, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
+
+
 class TwoTowerLoss(nn.Module):
     """The training loss of a batch laid out as the loader builds it: ``n`` rated rows first, then
     ``negatives`` sampled unrated items per rated row (label 0).
 
     ``log_q`` holds, per item, the log of its share of training rows (the in-batch candidates'
     sampling probability); it is a non-persistent buffer, so checkpoints do not carry it and the
-    training job sets it from the training data with `set_item_counts`.
+    training job sets it from the training data with `set_item_counts`. ``candidates``: the
+    softmax's candidates are every rank's (see the module's doc); every rank's batch must then have
+    as many rows as the others'.
     """
 
     def __init__(self, kind: str = "bce", num_items: int = 1, negatives: int = 0, softmax_weight: float = 1.0,
                  temperature: float = 1.0, vector_l2: float = 0.0, softmax_rows: int = 0,
-                 exposure_dims: int = 0) -> None:
+                 exposure_dims: int = 0, candidates: Optional[CandidateExchange] = None) -> None:
         super().__init__()
         if kind not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {kind!r}")
@@ -194,6 +225,7 @@ class TwoTowerLoss(nn.Module):
         self.vector_l2 = vector_l2
         self.softmax_rows = softmax_rows
         self.exposure_dims = exposure_dims  # the BCE term's logit leaves them out; the softmax uses them
+        self.candidates = candidates
         # until set: every real item equally likely (row 0 is the out-of-vocabulary item)
         self.register_buffer("log_q", torch.full((num_items,), -math.log(max(num_items - 1, 1))),
                              persistent=False)
@@ -236,29 +268,38 @@ class TwoTowerLoss(nn.Module):
                 n_rated: int) -> torch.Tensor:
         """In-batch sampled softmax, over blocks of ``softmax_rows`` rated rows: each block's
         liked rows are the queries, and the items of its rated rows and of its share of the
-        sampled negatives are the candidates. One batched product per block size (at most two:
-        the full blocks, and what is left), so the cost grows with the batch, not its square."""
+        sampled negatives (of every rank's same block, with ``candidates``) are the candidates.
+        One batched product per block size (at most two: the full blocks, and what is left), so
+        the cost grows with the batch, not its square."""
         negatives = self.negatives
         block = min(self.softmax_rows or n_rated, n_rated)
         full = n_rated - n_rated % block if block else 0
+        world = self.candidates.world if self.candidates is not None else 1
+        if world > 1:
+            item, items = self.candidates.gather(item), self.candidates.gather_ids(items)
+        rank = self.candidates.rank if world > 1 else 0
         q = self.log_q.exp()
         total = weight = user.new_zeros(())
         for lo, hi, size in ((0, full, block), (full, n_rated, n_rated - full)):
             if hi == lo:
                 continue
             k, dim = (hi - lo) // size, user.shape[1]
-            negs = slice(n_rated + lo * negatives, n_rated + hi * negatives)  # this part's share of the negatives
-            candidates = torch.cat([item[lo:hi].view(k, size, dim), item[negs].view(k, size * negatives, dim)], 1)
-            candidate_items = torch.cat([items[lo:hi].view(k, size), items[negs].view(k, size * negatives)], 1)
-            # Expected count of an item among a query's negatives: the block's other size - 1
-            # rated rows, draws from the training-row distribution q, plus its size x negatives
-            # uniform draws over the real items.
-            expected = (size - 1) * q[candidate_items] + size * negatives / max(self.num_items - 1, 1)
+            negs = (n_rated + lo * negatives, n_rated + hi * negatives)  # this part's share of the negatives
+            candidates = torch.cat([_blocks(item, lo, hi, k, world), _blocks(item, *negs, k, world)], 1)
+            candidate_items = torch.cat([_blocks(items, lo, hi, k, world), _blocks(items, *negs, k, world)], 1)
+            # Expected count of an item among a query's negatives: the other world x size - 1
+            # rated rows of its block, draws from the training-row distribution q, plus the
+            # block's world x size x negatives uniform draws over the real items.
+            expected = (world * size - 1) * q[candidate_items] + world * size * negatives / max(self.num_items - 1, 1)
             # Every rated row is scored as a query and the liked ones are kept by weight, not by
             # selection: no data-dependent shapes, so no host sync on a GPU.
             liked = (labels[lo:hi] > 0.5).to(user.dtype).view(k, size)
-            positive = torch.arange(size, device=user.device).expand(k, size)
+            positive = torch.arange(rank * size, (rank + 1) * size, device=user.device).expand(k, size)
             t, w = sampled_softmax_terms(user[lo:hi].view(k, size, dim), candidates, positive, candidate_items,
                                          expected.log(), self.temperature, liked)
             total, weight = total + t, weight + w
+        if world > 1:
+            # the mean over every rank's liked rows, times the ranks: the gradient averaging of
+            # the towers divides by them again
+            return total * world / self.candidates.total(weight).clamp(min=1.0)
         return total / weight.clamp(min=1.0)

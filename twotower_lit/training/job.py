@@ -24,6 +24,7 @@ from twotower_lit.config import TrainConfig
 from twotower_lit.options import to_flat_dict
 from twotower_lit.data.datamodule import MovieLensDataModule, genre_ids_from_one, load_manifest, split_source
 from twotower_lit.distributed import TorchRecStrategy
+from twotower_lit.distributed.candidates import AllRanks
 from twotower_lit.distributed.checkpoint import newest_intact_checkpoint
 from twotower_lit.distributed.checkpointing import replicated_tables_of
 from twotower_lit.evaluation import RetrievalEvaluation
@@ -127,7 +128,8 @@ def build_module(cfg: TrainConfig, plan: RunPlan, dm: MovieLensDataModule, featu
     loss = TwoTowerLoss(cfg.loss.kind, num_items=dm.num_items, negatives=cfg.data.negatives,
                         softmax_weight=cfg.loss.softmax_weight, temperature=cfg.loss.softmax_temperature,
                         vector_l2=cfg.loss.vector_l2, softmax_rows=cfg.loss.softmax_rows,
-                        exposure_dims=plan.exposure_dims)
+                        exposure_dims=plan.exposure_dims,
+                        candidates=AllRanks() if plan.global_candidates else None)
     loss.set_item_counts(dm.item_counts)
     k, every = plan.steps_per_execution, cfg.output.checkpoint_every_n_steps
     if plan.cuda_graphs:

@@ -38,6 +38,7 @@ class RunPlan:
     graphs_required: bool  # --cuda-graphs on: a batch shape the graph cannot take is an error, not a fallback
     table_kinds: Dict[str, str] = field(default_factory=dict)  # feature -> sharding kind ('auto': the planner's)
     exposure_dims: int = 0  # the model's retrieval-only output dimensions (0 unless --loss both)
+    global_candidates: bool = False  # the softmax's candidates are every rank's (several processes)
     why: Dict[str, str] = field(default_factory=dict)  # why an 'auto' went the way it did, where it is not obvious
 
     def describe(self) -> Dict[str, Any]:
@@ -92,7 +93,8 @@ def resolve_plan(cfg: TrainConfig, run_name: str, output_dir: str, checkpoint_di
         steps_per_execution=resolve_steps_per_execution(cfg, device_type), cuda_graphs=graphs,
         graphs_required=cfg.performance.cuda_graphs == "on", table_kinds=kinds,
         # one objective, one score: the exposure dimensions would only be shrunk by the vector L2
-        exposure_dims=cfg.model.exposure_dims if cfg.loss.kind == "both" else 0, why=why)
+        exposure_dims=cfg.model.exposure_dims if cfg.loss.kind == "both" else 0,
+        global_candidates=world > 1 and cfg.loss.kind != "bce" and cfg.loss.softmax_candidates != "local", why=why)
 
 
 def resolve_steps_per_execution(cfg: TrainConfig, device_type: str) -> int:
