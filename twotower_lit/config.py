@@ -59,7 +59,12 @@ class DataConfig:
     batch_size: int = _opt(1024, "rated rows per batch per rank (negatives come on top)")
     eval_batch_size: int = _opt(8192, "rows per validation/test batch")
     negatives: int = _opt(0, "per rated row, this many unrated items labelled 0, drawn afresh each epoch")
-    negative_sampling: str = _opt("uniform", "how negatives are drawn", ("uniform", "popularity"))
+    negative_sampling: str = _opt("uniform", "how negatives are drawn", ("uniform", "popularity"),
+                                  doc="uniform over the items, or by training popularity raised to "
+                                      "--negative-power; the softmax corrects each candidate by its source's "
+                                      "probability (mixed negative sampling)")
+    negative_power: float = _opt(1.0, "popularity sampling: counts raised to this power",
+                                 doc="below 1 the distribution is smoothed toward uniform (0.5, 0.75)")
     num_workers: int = _opt(0, "data-loader worker processes per rank")
 
 

@@ -226,19 +226,28 @@ class TwoTowerLoss(nn.Module):
         self.softmax_rows = softmax_rows
         self.exposure_dims = exposure_dims  # the BCE term's logit leaves them out; the softmax uses them
         self.candidates = candidates
-        # until set: every real item equally likely (row 0 is the out-of-vocabulary item)
+        # until set: every real item equally likely (row 0 is the out-of-vocabulary item), in the
+        # batch and among the sampled negatives
         self.register_buffer("log_q", torch.full((num_items,), -math.log(max(num_items - 1, 1))),
                              persistent=False)
+        self.register_buffer("negative_q", torch.full((num_items,), 1.0 / max(num_items - 1, 1)), persistent=False)
 
     @torch.no_grad()
-    def set_item_counts(self, counts: np.ndarray) -> None:
-        """Training rows per item -> log q. Items never rated get half a count, so an unseen item
-        (which can still come as a uniform negative) gets a finite, large correction."""
+    def set_item_counts(self, counts: np.ndarray, negative_probabilities: Optional[np.ndarray] = None) -> None:
+        """Training rows per item -> log q, and each item's probability of being drawn as a sampled
+        negative (`twotower_lit.data.loader.negative_probabilities`; default uniform). Items never
+        rated get half a count, so an unseen item (which can still come as a negative) gets a
+        finite, large correction."""
         c = torch.as_tensor(np.asarray(counts, dtype=np.float64))
         if c.numel() != self.num_items:
             raise ValueError(f"item counts cover {c.numel()} items, the model has {self.num_items}")
         c = c.clamp(min=0.5)
         self.log_q.copy_((c / c.sum()).log().to(self.log_q.dtype))
+        if negative_probabilities is not None:
+            p = torch.as_tensor(np.asarray(negative_probabilities, dtype=np.float64))
+            if p.numel() != self.num_items:
+                raise ValueError(f"negative probabilities cover {p.numel()} items, the model has {self.num_items}")
+            self.negative_q.copy_(p.to(self.negative_q.dtype))
 
     def forward(self, user: torch.Tensor, item: torch.Tensor, items: torch.Tensor,
                 labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -287,10 +296,12 @@ class TwoTowerLoss(nn.Module):
             negs = (n_rated + lo * negatives, n_rated + hi * negatives)  # this part's share of the negatives
             candidates = torch.cat([_blocks(item, lo, hi, k, world), _blocks(item, *negs, k, world)], 1)
             candidate_items = torch.cat([_blocks(items, lo, hi, k, world), _blocks(items, *negs, k, world)], 1)
-            # Expected count of an item among a query's negatives: the other world x size - 1
-            # rated rows of its block, draws from the training-row distribution q, plus the
-            # block's world x size x negatives uniform draws over the real items.
-            expected = (world * size - 1) * q[candidate_items] + world * size * negatives / max(self.num_items - 1, 1)
+            # Expected count of an item among a query's negatives, from each source by its own
+            # probability (mixed negative sampling): the other world x size - 1 rated rows of its
+            # block, draws from the training-row distribution q, plus the block's world x size x
+            # negatives draws of the loader's sampler.
+            expected = ((world * size - 1) * q[candidate_items]
+                        + world * size * negatives * self.negative_q[candidate_items])
             # Every rated row is scored as a query and the liked ones are kept by weight, not by
             # selection: no data-dependent shapes, so no host sync on a GPU.
             liked = (labels[lo:hi] > 0.5).to(user.dtype).view(k, size)

@@ -142,6 +142,36 @@ def test_uniform_negatives_join_as_candidates_with_the_mixture_correction():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_popularity_negatives_are_corrected_by_the_samplers_own_probabilities():
+    """Mixed negative sampling: the in-batch candidates come from the training rows (q) and the
+    sampled ones from the sampler's distribution (here counts to the power 0.5); each item's
+    expected count is the sum of both sources', with the probabilities the sampler draws by."""
+    from twotower_lit.data.loader import NegativeSampler, negative_probabilities
+
+    user, item, items, labels = _batch(6, negatives=2, num_items=10)
+    counts = np.array([0, 9, 8, 7, 6, 5, 4, 3, 2, 0], dtype=np.float64)
+    p = negative_probabilities(10, "popularity", counts, power=0.5)
+    smoothed = np.maximum(counts, 0.5) ** 0.5
+    smoothed[0] = 0
+    np.testing.assert_allclose(p, smoothed / smoothed.sum())
+    fn = TwoTowerLoss("softmax", num_items=10, negatives=2)
+    fn.set_item_counts(counts, p)
+    loss, _ = fn(user, item, items, labels)
+    q = np.maximum(counts, 0.5) / np.maximum(counts, 0.5).sum()
+    log_q = torch.from_numpy(np.log(5 * q + 12 * p)).float()[items]  # 5 other rated rows, 12 sampled
+    positive = torch.nonzero(labels[:6] > 0.5).squeeze(1)
+    expected = sampled_softmax_loss(user[positive], item, positive, items, log_q)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # the uniform default is not that
+    uniform = TwoTowerLoss("softmax", num_items=10, negatives=2)
+    uniform.set_item_counts(counts)
+    assert uniform(user, item, items, labels)[0].item() != pytest.approx(expected.item(), rel=1e-3)
+    # and the sampler draws by those probabilities (no rated items to reject)
+    sampler = NegativeSampler(np.zeros(0, dtype=np.int64), 10, "popularity", counts, power=0.5)
+    _, drawn = sampler.sample(np.ones(200_000, dtype=np.int64), 1, np.random.default_rng(0))
+    np.testing.assert_allclose(np.bincount(drawn, minlength=10) / len(drawn), p, atol=3e-3)
+
+
 @pytest.mark.parametrize("kind", ["bce", "softmax", "both"])
 def test_gradients_reach_both_towers(kind):
     user, item, items, labels = _batch(16, negatives=1)

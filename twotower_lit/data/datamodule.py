@@ -15,6 +15,7 @@ from twotower_lit.data.batches import FeatureTables, KJTBuilder
 from twotower_lit.data.csr import Csr, positives_csr
 from twotower_lit.data.device_batches import DeviceResidentBatches
 from twotower_lit.data.loader import (EpochAwareDataLoader, Layout, NegativeSampler, RatingsShardReader,
+                                      negative_probabilities,
                                       ResumableEpoch, ShardSource, num_batches, read_columns, resume_epoch)
 from twotower_lit.data.storage import Storage
 from twotower_lit.data.schema import ITEMS_FILE, MANIFEST, MULTI_VALUED, SCHEMA_VERSION, SPLITS, USERS_FILE
@@ -78,9 +79,9 @@ class MovieLensDataModule(L.LightningDataModule):
     """
 
     def __init__(self, data_dir: str, batch_size: int = 1024, eval_batch_size: int = 8192, negatives: int = 0,
-                 negative_sampling: str = "uniform", seed: int = 0, num_workers: int = 0,
-                 side_features: bool = True, buffer_rows: int = 1 << 18, data_on_device: bool = False,
-                 manifest: Optional[Dict] = None) -> None:
+                 negative_sampling: str = "uniform", negative_power: float = 1.0, seed: int = 0,
+                 num_workers: int = 0, side_features: bool = True, buffer_rows: int = 1 << 18,
+                 data_on_device: bool = False, manifest: Optional[Dict] = None) -> None:
         super().__init__()
         if data_on_device and negatives:
             raise ValueError(f"--data-on-device builds batches of rated rows only; --negatives {negatives} needs the "
@@ -91,6 +92,7 @@ class MovieLensDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.negatives = negatives
         self.negative_sampling = negative_sampling
+        self.negative_power = negative_power
         self.seed = seed
         self.num_workers = num_workers
         self.buffer_rows = buffer_rows
@@ -128,6 +130,9 @@ class MovieLensDataModule(L.LightningDataModule):
                                            self.splits[s]["item"].astype(np.int64), self.splits[s]["label"],
                                            self.num_users) for s in ("val", "test")}
         self.item_counts = np.bincount(train["item"], minlength=self.num_items)
+        # what the loader draws negatives by, and what the softmax corrects them by
+        self.negative_probabilities = negative_probabilities(self.num_items, self.negative_sampling,
+                                                             self.item_counts, self.negative_power)
         self._loaded = True
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -148,7 +153,7 @@ class MovieLensDataModule(L.LightningDataModule):
         sampler = None
         if train and self.negatives:
             sampler = NegativeSampler(self.seen.keys(self.num_items), self.num_items, self.negative_sampling,
-                                      self.item_counts)
+                                      self.item_counts, power=self.negative_power)
         reader = RatingsShardReader(self.source(split), self.builder,
                                     self.batch_size if train else self.eval_batch_size, world=world, rank=rank,
                                     seed=self.seed, shuffle=train, buffer_rows=self.buffer_rows,

@@ -196,6 +196,27 @@ def num_batches(total_rows: int, world: int, batch_size: int) -> int:
     return math.ceil(math.ceil(total_rows / world) / batch_size) if total_rows else 0
 
 
+def negative_probabilities(num_items: int, mode: str = "uniform", item_counts: Optional[np.ndarray] = None,
+                           power: float = 1.0) -> np.ndarray:
+    """Each item's probability of being drawn as a sampled negative (before the user's own rated
+    items are rejected): uniform over the real items, or by training popularity raised to `power`
+    (below 1 it flattens toward uniform, as word2vec's 0.75 does). Never item 0, the
+    out-of-vocabulary row. The loss corrects the softmax's logits by the same probabilities."""
+    if mode == "uniform":
+        p = np.full(num_items, 1.0 / max(num_items - 1, 1))
+    elif mode == "popularity":
+        if item_counts is None or len(item_counts) != num_items:
+            raise ValueError(f"popularity sampling needs the training count of each of the {num_items} items")
+        if not power > 0:
+            raise ValueError(f"the popularity power must be > 0 (1: by popularity; 0.5: smoothed), got {power}")
+        # an item never rated in training keeps a small chance, as the softmax's half count does
+        p = np.maximum(np.asarray(item_counts, dtype=np.float64), 0.5) ** power
+    else:
+        raise ValueError(f"negative_sampling must be 'uniform' or 'popularity', got {mode!r}")
+    p[0] = 0.0
+    return p / p.sum()
+
+
 class NegativeSampler:
     """Draws items a user has not rated in training, uniformly or by training popularity.
 
@@ -205,7 +226,8 @@ class NegativeSampler:
     """
 
     def __init__(self, seen_keys: np.ndarray, num_items: int, mode: str = "uniform",
-                 item_counts: Optional[np.ndarray] = None, max_bitset_bytes: int = 256 << 20) -> None:
+                 item_counts: Optional[np.ndarray] = None, max_bitset_bytes: int = 256 << 20,
+                 power: float = 1.0) -> None:
         self.seen_keys = seen_keys  # sorted user * num_items + item of every training pair
         self.num_items = num_items
         grid = int(seen_keys[-1]) + 1 if len(seen_keys) else 0
@@ -213,14 +235,8 @@ class NegativeSampler:
         if 0 < grid <= max_bitset_bytes * 8:
             self.bits = np.zeros((grid + 7) // 8, dtype=np.uint8)
             np.bitwise_or.at(self.bits, seen_keys >> 3, (1 << (seen_keys & 7)).astype(np.uint8))
-        if mode == "popularity":
-            p = np.asarray(item_counts, dtype=np.float64).copy()
-            p[0] = 0.0  # never the out-of-vocabulary row
-            self.cdf = np.cumsum(p / p.sum())
-        elif mode == "uniform":
-            self.cdf = None
-        else:
-            raise ValueError(f"negative_sampling must be 'uniform' or 'popularity', got {mode!r}")
+        p = negative_probabilities(num_items, mode, item_counts, power)
+        self.cdf = np.cumsum(p) if mode == "popularity" else None  # (uniform: integers drawn directly)
 
     def _draw(self, n: int, rng: np.random.Generator) -> np.ndarray:
         if self.cdf is None:

@@ -76,6 +76,7 @@ def _run(cfg: TrainConfig, callbacks: Sequence[L.Callback], run_tags: Optional[D
 
     dm = MovieLensDataModule(data_dir, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
                              negatives=cfg.data.negatives, negative_sampling=cfg.data.negative_sampling,
+                             negative_power=cfg.data.negative_power,
                              seed=cfg.seed, num_workers=cfg.data.num_workers, side_features=cfg.model.side_features,
                              data_on_device=plan.data_on_device, manifest=manifest)
     dm.load()  # training-row counts per item: the softmax's log-Q correction
@@ -130,7 +131,7 @@ def build_module(cfg: TrainConfig, plan: RunPlan, dm: MovieLensDataModule, featu
                         vector_l2=cfg.loss.vector_l2, softmax_rows=cfg.loss.softmax_rows,
                         exposure_dims=plan.exposure_dims,
                         candidates=AllRanks() if plan.global_candidates else None)
-    loss.set_item_counts(dm.item_counts)
+    loss.set_item_counts(dm.item_counts, dm.negative_probabilities)
     k, every = plan.steps_per_execution, cfg.output.checkpoint_every_n_steps
     if plan.cuda_graphs:
         multi = [f for f in features if f.pooling == "mean"]
