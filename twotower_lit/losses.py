@@ -300,8 +300,9 @@ class TwoTowerLoss(nn.Module):
             # probability (mixed negative sampling): the other world x size - 1 rated rows of its
             # block, draws from the training-row distribution q, plus the block's world x size x
             # negatives draws of the loader's sampler.
-            expected = ((world * size - 1) * q[candidate_items]
-                        + world * size * negatives * self.negative_q[candidate_items])
+            expected = (world * size - 1) * q[candidate_items]
+            if negatives:
+                expected = expected + world * size * negatives * self.negative_q[candidate_items]
             # Every rated row is scored as a query and the liked ones are kept by weight, not by
             # selection: no data-dependent shapes, so no host sync on a GPU.
             liked = (labels[lo:hi] > 0.5).to(user.dtype).view(k, size)
