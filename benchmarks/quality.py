@@ -53,7 +53,9 @@ TWO_TOWER = {
     "tt-default": ("two-tower, entrypoints.train defaults", []),
 }
 MODELS = tuple(BASELINES) + tuple(TWO_TOWER)
-METRICS = ("auc", "logloss", "recall@10", "ndcg@10")
+METRICS = ("auc", "logloss", "recall@10", "ndcg@10", "mrr@10", "hit_rate@10", "coverage@10", "popularity_rank@10")
+HEADERS = {"auc": "AUC", "logloss": "log-loss", "recall@10": "Recall@10", "ndcg@10": "NDCG@10", "mrr@10": "MRR@10",
+           "hit_rate@10": "HitRate@10", "coverage@10": "coverage@10", "popularity_rank@10": "pop. rank@10"}
 
 # Reference points quoted in the benchmarks issue (one seed, workshop protocol unless noted).
 REFERENCES = [
@@ -160,9 +162,11 @@ def summarize(results: List[Dict]) -> List[Dict]:
 
 
 def figure(row: Dict, metric: str) -> str:
-    """`0.7812`, or `0.7812 ± 0.0031` for a summary row over several seeds."""
+    """`0.7812`, or `0.7812 ± 0.0031` for a summary row over several seeds (a popularity rank, a
+    number of items, with one decimal)."""
     sd = row.get(f"{metric}_sd")
-    return f"{row[metric]:.4f}" if sd is None else f"{row[metric]:.4f} ± {sd:.4f}"
+    places = 1 if metric.startswith("popularity_rank") else 4
+    return f"{row[metric]:.{places}f}" if sd is None else f"{row[metric]:.{places}f} ± {sd:.{places}f}"
 
 
 def check_targets(results: List[Dict], summary: List[Dict]) -> List[str]:
@@ -219,15 +223,18 @@ def markdown(report: Dict) -> str:
            f"Benchmark wall time {report['seconds'] / 60:.1f} min.", "",
            "Protocols: **workshop** = label rating >= 4, 3-star rows kept, random per-user 80/10/10; "
            "**neutral-dropped** = 3-star rows dropped, random per-user 8:1:1 (published ML-1M protocol). "
-           "AUC / log-loss over rated test rows; Recall@10 / NDCG@10 by full ranking of the items each user "
-           "did not rate in training, over users with a liked test item.", "",
+           "AUC / log-loss over rated test rows; Recall@10 / NDCG@10 / MRR@10 / HitRate@10 by full ranking of the "
+           "items each user did not rate in training, over users with a liked test item; coverage@10: share of the "
+           "catalogue in some user's top 10; pop. rank@10: mean popularity rank of the recommended items (1 = the "
+           "most rated training item).", "",
            "Two-tower rows are `python -m entrypoints.train` runs with its defaults plus the flags shown; "
            "defaults: " + ", ".join(f"{k}={v}" for k, v in report["train_defaults"].items()) + ".", ""]
     if len(seeds) == 1:
         out += per_seed_table(report["results"], with_seed=False)
     else:
-        out += ["| dataset | protocol | model | seeds | AUC | log-loss | Recall@10 | NDCG@10 | seconds | how |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+        out += ["| dataset | protocol | model | seeds | " + " | ".join(map(HEADERS.get, METRICS))
+                + " | seconds | how |",
+                "|---|---|---|---|" + "---|" * len(METRICS) + "---|---|"]
         for r in report["summary"]:
             out.append(f"| {r['dataset']} | {r['protocol']} | {r['model']} | {r['n']} | "
                        + " | ".join(figure(r, m) for m in METRICS) + f" | {r['seconds']:.0f} | {r['flags']} |")
@@ -243,12 +250,12 @@ def markdown(report: Dict) -> str:
 def per_seed_table(rows: List[Dict], with_seed: bool) -> List[str]:
     """Markdown table lines, one run per row (with a `seed` column when asked)."""
     seed = " seed |" if with_seed else ""
-    out = [f"| dataset | protocol | model |{seed} AUC | log-loss | Recall@10 | NDCG@10 | seconds | how |",
-           "|---|---|---|" + ("---|" if with_seed else "") + "---|---|---|---|---|---|"]
+    out = [f"| dataset | protocol | model |{seed} " + " | ".join(HEADERS[m] for m in METRICS) + " | seconds | how |",
+           "|---|---|---|" + ("---|" if with_seed else "") + "---|" * len(METRICS) + "---|---|"]
     for r in rows:
         out.append(f"| {r['dataset']} | {r['protocol']} | {r['model']} |" + (f" {r['seed']} |" if with_seed else "")
-                   + f" {r['auc']:.4f} | {r['logloss']:.4f} | {r['recall@10']:.4f} | {r['ndcg@10']:.4f} | "
-                   f"{r['seconds']:.0f} | {r['flags']} |")
+                   + " " + " | ".join(figure({m: r[m]}, m) for m in METRICS)
+                   + f" | {r['seconds']:.0f} | {r['flags']} |")
     return out
 
 

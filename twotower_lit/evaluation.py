@@ -65,7 +65,7 @@ def tower_matrix(module, builder: KJTBuilder, ids: np.ndarray, tower: str, batch
 
 def evaluate_retrieval(module, builder: KJTBuilder, num_items: int, users: np.ndarray, seen: Csr,
                        positives: Csr, k: int, batch_size: int, device: torch.device) -> RetrievalTotals:
-    """Recall@k/NDCG@k over `users` (all ranks call this with the same arguments)."""
+    """The retrieval metrics (`rank_users`) over `users` (all ranks call this with the same arguments)."""
     items = tower_matrix(module, builder, np.arange(num_items, dtype=np.int64), "item", batch_size, device)
     world, rank = _world()
     per = math.ceil(len(users) / world)
@@ -73,16 +73,18 @@ def evaluate_retrieval(module, builder: KJTBuilder, num_items: int, users: np.nd
     user_vecs = tower_matrix(module, builder, users, "user", batch_size, device, gather=False)
     totals = rank_users(user_vecs, mine, items, seen, positives, k)
     if world > 1:
-        t = torch.tensor([totals.recall, totals.ndcg, float(totals.users)], dtype=torch.float64)
+        # the per-item counts are summed too: coverage counts an item any rank recommended once
+        t = totals.to_tensor(num_items)
         if device.type == "cuda":
             t = t.to(device)
         dist.all_reduce(t)
-        totals = RetrievalTotals(float(t[0]), float(t[1]), int(t[2]))
+        totals = RetrievalTotals.from_tensor(t)
     return totals
 
 
 class RetrievalEvaluation(L.Callback):
-    """Logs ``{stage}_recall_at_k`` and ``{stage}_ndcg_at_k`` after each validation and at test."""
+    """Logs ``{stage}_recall_at_k``, ``{stage}_ndcg_at_k`` and the other retrieval metrics
+    (`twotower_lit.metrics.retrieval_names`) after each validation and at test."""
 
     def __init__(self, k: int = 10, batch_size: int = 8192) -> None:
         self.k = k

@@ -62,7 +62,8 @@ def test_unsetting_a_default_cannot_be_expressed_and_says_so():
 def test_metric_regexes_match_the_summary_the_training_job_prints(capsys):
     from twotower_lit.training.report import print_summary
 
-    test = {"auc": 0.7831, "logloss": 0.5012, "accuracy": 0.7, "recall@20": 0.1234, "ndcg@20": 0.0567}
+    test = {"auc": 0.7831, "logloss": 0.5012, "accuracy": 0.7, "recall@20": 0.1234, "ndcg@20": 0.0567,
+            "mrr@20": 0.0789, "hit_rate@20": 0.3456, "coverage@20": 0.2345, "popularity_rank@20": 123.4567}
     pop = {k: v / 2 for k, v in test.items()}
     print_summary({"test": test, "baselines": {"popularity": pop}}, "/out", 20)
     lines = capsys.readouterr().out.splitlines()

@@ -12,7 +12,8 @@ import torch
 
 from tests.training.conftest import TRAIN_ARGS, read_json, run_cli
 
-KEYS = ("auc", "logloss", "accuracy", "recall@10", "ndcg@10")
+KEYS = ("auc", "logloss", "accuracy", "recall@10", "ndcg@10", "mrr@10", "hit_rate@10", "coverage@10",
+        "popularity_rank@10")
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +51,17 @@ def test_metrics_json_has_model_and_popularity_figures(trained):
     for block in (metrics["test"], metrics["baselines"]["popularity"]):
         for key in KEYS:
             assert key in block and np.isfinite(block[key]), key
-        assert 0.0 <= block["recall@10"] <= 1.0 and 0.0 <= block["ndcg@10"] <= 1.0
+        for key in ("recall@10", "ndcg@10", "mrr@10", "hit_rate@10", "coverage@10"):
+            assert 0.0 <= block[key] <= 1.0, key
+        assert block["mrr@10"] <= block["hit_rate@10"] and block["recall@10"] <= block["hit_rate@10"]
+        assert block["popularity_rank@10"] >= 1.0
     # the synthetic ratings depend on latent user/item factors: a personalised model must win
     assert metrics["test"]["auc"] > metrics["baselines"]["popularity"]["auc"]
     assert metrics["test"]["recall@10"] > 0.0
+    # popularity recommends the same few most rated items to everyone; a personalised model does not
+    pop = metrics["baselines"]["popularity"]
+    assert metrics["test"]["coverage@10"] > pop["coverage@10"]
+    assert metrics["test"]["popularity_rank@10"] > pop["popularity_rank@10"]
     train = metrics["train"]  # rows per second of the training loop, overall and per epoch
     assert len(train["epoch_samples_per_s"]) == train["epochs"] == 2
     assert min(train["epoch_samples_per_s"]) <= train["samples_per_s"] <= max(train["epoch_samples_per_s"])
@@ -145,9 +153,13 @@ def test_embedded_sqlite_mlflow_run_has_everything(trained):
     assert len(losses) == steps // 10 and steps >= 20
     assert all(np.isfinite(m.value) and m.value > 0 for m in losses)
     # each test metric once, as the test loop logged it
-    for key, name in (("auc", "test_auc"), ("recall@10", "test_recall_at_10"), ("ndcg@10", "test_ndcg_at_10")):
+    for key, name in (("auc", "test_auc"), ("recall@10", "test_recall_at_10"), ("ndcg@10", "test_ndcg_at_10"),
+                      ("mrr@10", "test_mrr_at_10"), ("coverage@10", "test_coverage_at_10"),
+                      ("popularity_rank@10", "test_popularity_rank_at_10")):
         assert len(client.get_metric_history(run.info.run_id, name)) == 1
         assert run.data.metrics[name] == pytest.approx(metrics["test"][key], abs=1e-6), name
+    assert run.data.metrics["baseline_popularity_hit_rate_at_10"] == pytest.approx(
+        metrics["baselines"]["popularity"]["hit_rate@10"], abs=1e-6)
     assert not [name for name in run.data.metrics if name.startswith("final_")]
     # the code and the data it trained on
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -89,5 +89,7 @@ def container_argv(hps: Dict[str, str], sdk: str) -> List[str]:
 def metric_definitions(eval_k: int = 10) -> List[Dict[str, str]]:
     """Regexes over the job's log that SageMaker turns into job metrics (the final summary table
     `twotower_lit.training` prints: ``<metric> <two-tower> <popularity>``)."""
-    names = ("auc", "logloss", "accuracy", f"recall@{eval_k}", f"ndcg@{eval_k}")
+    # (the retrieval names of twotower_lit.metrics.retrieval_names, which imports torch: this module does not)
+    names = ("auc", "logloss", "accuracy", *(f"{n}@{eval_k}" for n in ("recall", "ndcg", "mrr", "hit_rate", "coverage",
+                                                                      "popularity_rank")))
     return [{"Name": f"test:{n}", "Regex": rf"^{n.replace('.', '[.]')}\s+(-?[0-9.]+)\s+-?[0-9.]+\s*$"} for n in names]

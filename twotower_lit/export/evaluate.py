@@ -21,7 +21,8 @@ def read_split(data_dir: str, split: str) -> Dict[str, np.ndarray]:
 
 @torch.no_grad()
 def evaluate_export(model: ExportedModel, rows: Dict[str, np.ndarray], k: int = 10) -> Dict[str, float]:
-    """AUC / log-loss / accuracy over the split's rated rows, Recall@k / NDCG@k by full ranking."""
+    """AUC / log-loss / accuracy over the split's rated rows, the retrieval metrics (`rank_users`) by full
+    ranking, popularity from the export's training pairs as in training."""
     num_users = model.user_features.shape[0]
     if rows["user"].max(initial=0) >= num_users or rows["item"].max(initial=0) > model.num_items:
         raise ValueError("the split has user/item indices outside the model's vocabularies: was the model "

@@ -13,7 +13,7 @@ from twotower_lit import tracking
 from twotower_lit.config import TrainConfig
 from twotower_lit.data.datamodule import MovieLensDataModule
 from twotower_lit.evaluation import RetrievalEvaluation
-from twotower_lit.metrics import PopularityBaseline
+from twotower_lit.metrics import PopularityBaseline, retrieval_names
 from twotower_lit.training.callbacks import TrainingClock
 from twotower_lit.training.plan import RunPlan
 
@@ -31,7 +31,7 @@ def collect_metrics(cfg: TrainConfig, plan: RunPlan, trainer: L.Trainer, module:
     rows = round(row_rate * clock.steps)
     return {
         "test": {"auc": test["test_auc"], "logloss": test["test_logloss"], "accuracy": test["test_accuracy"],
-                 f"recall@{k}": retrieval[f"recall@{k}"], f"ndcg@{k}": retrieval[f"ndcg@{k}"]},
+                 **{name: retrieval[name] for name in retrieval_names(k)}},
         "baselines": {"popularity": popularity_metrics(dm, "test", k, trainer.strategy.root_device)},
         "train": {"epochs": trainer.current_epoch, "steps": trainer.global_step, "seconds": round(fit_seconds, 2),
                   "world_size": trainer.world_size, "loop_seconds": round(clock.seconds, 2),
@@ -85,10 +85,11 @@ def print_summary(metrics: Dict, output_dir: str, k: int) -> None:
                  if graphs["other_shapes"] else "")
         print(f"\nCUDA graphs: {graphs['replays']} training steps replayed, {graphs['eager_steps']} eager "
               f"(warm-up){other}")
-    names = ("auc", "logloss", "accuracy", f"recall@{k}", f"ndcg@{k}")
-    print("\n" + "metric".ljust(12) + "two-tower".rjust(12) + "popularity".rjust(12))
+    names = ("auc", "logloss", "accuracy", *retrieval_names(k))
+    width = max(map(len, names)) + 2
+    print("\n" + "metric".ljust(width) + "two-tower".rjust(12) + "popularity".rjust(12))
     for n in names:
-        print(n.ljust(12) + f"{metrics['test'][n]:12.4f}" + f"{metrics['baselines']['popularity'][n]:12.4f}")
+        print(n.ljust(width) + f"{metrics['test'][n]:12.4f}" + f"{metrics['baselines']['popularity'][n]:12.4f}")
     lines = [f"\nexported model: {os.path.join(output_dir, 'model')}",
              f"metrics: {os.path.join(output_dir, 'metrics.json')}"]
     tracked = metrics.get("mlflow")
