@@ -1,7 +1,7 @@
 """Search the training hyperparameters with SageMaker Automatic Model Tuning.
 
     python -m entrypoints.sagemaker_tune --data-dir PREPARED --max-epochs 8 --instance-type ml.g5.2xlarge \
-        [--max-jobs 16] [--max-parallel-jobs 2] [--strategy Bayesian] [--objective-metric test:recall@10] \
+        [--max-jobs 16] [--max-parallel-jobs 2] [--strategy Bayesian] [--objective-metric val:recall@10] \
         [--early-stopping Auto] [--role ARN] [--endpoint-url http://127.0.0.1:5000 for a moto server] [--dry-run]
 
 The SDK's HyperparameterTuner over the training job of python -m entrypoints.sagemaker_train (the

@@ -114,6 +114,20 @@ class OptimConfig:
     """Fused embedding optimizer + dense optimizer, each with a schedule."""
 
     max_epochs: int = _opt(8, "training epochs")
+    # the last epoch is not the best one where a model overfits (ml-latest-small after epoch 3);
+    # Recall@k alone could pick an epoch that bought retrieval with AUC, hence the guard
+    best_metric: str = _opt("recall", "validation metric of the epoch that is tested and exported ('last': the last)",
+                            ("recall", "ndcg", "mrr", "hit_rate", "auc", "logloss", "accuracy", "last"),
+                            doc="recall, ndcg, mrr and hit_rate at --eval-k; logloss is minimised, the others "
+                                "maximised. Among the epochs whose validation AUC is within --best-auc-tolerance of "
+                                "the best validation AUC of the run, the one with the best value of this metric is "
+                                "tested and exported (the earliest of equals); last: the last epoch, as trained")
+    best_auc_tolerance: float = _opt(0.005, "--best-metric passes over epochs this far below the best val AUC",
+                                     doc="the AUC guard of --best-metric (validation AUC, all epochs of the run; "
+                                         "negative: no guard)")
+    early_stopping_patience: int = _opt(0, "stop after this many epochs without a new best epoch (0: off)",
+                                        doc="the best epoch as --best-metric chooses it, judged after each "
+                                            "validation; the best epoch is still the one exported")
     embedding_optimizer: str = _opt("rowwise_adagrad", "optimizer fused into the embedding backward",
                                     ("rowwise_adagrad", "adam", "sgd"))
     embedding_lr: float = _opt(0.05, "embedding learning rate")

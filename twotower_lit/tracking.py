@@ -15,6 +15,7 @@ from twotower_lit.evaluation import metric_key
 
 DEFAULT_DB = "mlflow.db"
 MANIFEST_SHA256_TAG = "data.manifest_sha256"
+BEST_EPOCH_TAG, BEST_METRIC_TAG = "best_epoch", "best_metric"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own key: the UI shows it as the run's source version
 
 
@@ -183,6 +184,11 @@ def log_run_outputs(client, run_id: str, output_dir: str, model_dir: str, data_d
     if commit:
         client.set_tag(run_id, GIT_COMMIT_TAG, commit)
     log_dataset(client, run_id, data_dir, manifest, sha)
+    train = metrics.get("train", {})
+    if train.get("best_epoch") is not None:
+        # the epoch the test metrics and the export are of (metrics.json's train.best_epoch)
+        client.set_tag(run_id, BEST_EPOCH_TAG, str(train["best_epoch"]))
+        client.set_tag(run_id, BEST_METRIC_TAG, str(train["best_metric"]))
     for name, value in metrics.get("baselines", {}).get("popularity", {}).items():
         client.log_metric(run_id, metric_key(f"baseline_popularity_{name}"), float(value))
     with tempfile.TemporaryDirectory() as tmp:

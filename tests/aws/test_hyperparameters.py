@@ -70,7 +70,10 @@ def test_metric_regexes_match_the_summary_the_training_job_prints(capsys):
     import re
 
     found = {}
-    for m in metric_definitions(20):
+    definitions = metric_definitions(20)
+    # (the per-epoch validation lines: tests/training/test_best_epoch.py)
+    assert [m["Name"] for m in definitions if not m["Name"].startswith("test:")] == ["val:recall@20", "val:auc"]
+    for m in definitions[:-2]:
         values = [float(x.group(1)) for line in lines if (x := re.search(m["Regex"], line))]
         assert len(values) == 1, (m, lines)
         found[m["Name"]] = values[0]

@@ -37,10 +37,12 @@ def test_the_tuning_job_is_valid_and_moto_keeps_it(ctx, request_log, tmp_path):
                              SageMakerTrainConfig(instance_type="ml.g5.2xlarge"), str(tmp_path), upload=False, sdk="v2")
     tune = SageMakerTuneConfig(max_jobs=6, max_parallel_jobs=3)
     config = tuning_job_config(tune, load_space())
-    assert config["HyperParameterTuningJobObjective"] == {"Type": "Maximize", "MetricName": "test:recall@10"}
+    # the validation metric each epoch reports: AMT's early stopping sees it during the job, the test split stays out
+    assert config["HyperParameterTuningJobObjective"] == {"Type": "Maximize", "MetricName": "val:recall@10"}
     assert config["Strategy"] == "Bayesian" and config["TrainingJobEarlyStoppingType"] == "Auto"
     assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 6, "MaxParallelTrainingJobs": 3}
-    assert {m["Name"] for m in plan.metric_definitions} >= {"test:recall@10", "test:logloss"}
+    names = {m["Name"] for m in plan.metric_definitions}
+    assert names >= {"val:recall@10", "val:auc", "test:recall@10", "test:logloss"}
     request = _request(ctx, plan, "tt-tune-1", config)
     check_request("sagemaker", "CreateHyperParameterTuningJob", request)  # botocore's model, before sending
     ctx.sagemaker.create_hyper_parameter_tuning_job(**request)
@@ -53,7 +55,7 @@ def test_the_tuning_job_is_valid_and_moto_keeps_it(ctx, request_log, tmp_path):
 
 
 @pytest.mark.parametrize("tune, message", [
-    (SageMakerTuneConfig(objective_metric="val:recall@10"), "the training job reports test:auc"),
+    (SageMakerTuneConfig(objective_metric="val:ndcg@10"), "the training job reports test:auc"),
     (SageMakerTuneConfig(max_jobs=2, max_parallel_jobs=3), "need 1 <= parallel jobs <= jobs"),
     (SageMakerTuneConfig(strategy="Grid"), "Grid takes categorical parameters only"),
 ])

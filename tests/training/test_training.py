@@ -35,10 +35,22 @@ def trained(trained_run):
 WARNING_LINE = re.compile(r"warn|deprecat|tip:|^\[rank\d+\]:W\d|not found\. creating it", re.IGNORECASE)
 
 
+def metrics_of(out):
+    return read_json(out / "metrics.json")
+
+
 def test_training_prints_no_warnings_and_points_to_its_outputs(trained_run):
     out, proc = trained_run
     lines = (proc.stdout + proc.stderr).splitlines()
     assert [line for line in lines if WARNING_LINE.search(line)] == []
+    # one validation line per epoch, then the exported epoch's again, and which epoch that is
+    train = metrics_of(out)["train"]
+    val = [line for line in proc.stdout.splitlines() if line.startswith("val:")]
+    best = train["val_history"][train["best_epoch"] - 1]
+    assert val == [f"val:recall@10={h['val_recall_at_10']:.4f} val:auc={h['val_auc']:.4f} epoch={h['epoch']}"
+                   for h in (*train["val_history"], best)]
+    assert any(line.startswith(f"tested and exported: epoch {train['best_epoch']} of 2, the best by val_recall_at_10")
+               for line in lines)
     assert f"training curves: {out / 'training_curves.png'}" in lines
     assert any(line.startswith("run plan: 1 process(es) on cpu; 1 step(s) per call; CUDA graphs off") for line in lines)
     ui = [line for line in lines if "mlflow ui" in line]
@@ -62,7 +74,13 @@ def test_metrics_json_has_model_and_popularity_figures(trained):
     pop = metrics["baselines"]["popularity"]
     assert metrics["test"]["coverage@10"] > pop["coverage@10"]
     assert metrics["test"]["popularity_rank@10"] > pop["popularity_rank@10"]
-    train = metrics["train"]  # rows per second of the training loop, overall and per epoch
+    train = metrics["train"]
+    # the epoch tested and exported: the best validation Recall@10 within the AUC guard (of 2 here)
+    history = train["val_history"]
+    assert [h["epoch"] for h in history] == [1, 2] and not train["stopped_early"]
+    assert train["best_metric"] == "val_recall_at_10" and train["best_epoch"] in (1, 2)
+    assert train["best_value"] == history[train["best_epoch"] - 1]["val_recall_at_10"]
+    # rows per second of the training loop, overall and per epoch
     assert len(train["epoch_samples_per_s"]) == train["epochs"] == 2
     assert min(train["epoch_samples_per_s"]) <= train["samples_per_s"] <= max(train["epoch_samples_per_s"])
     # the run plan: every 'auto' resolved once, recorded as it was followed
@@ -146,6 +164,11 @@ def test_embedded_sqlite_mlflow_run_has_everything(trained):
     assert run.data.params["negatives"] == "2" and run.data.params["max_epochs"] == "2"
     assert run.data.params["plan.steps_per_execution"] == "1" and run.data.params["plan.cuda_graphs"] == "False"
     assert len(client.get_metric_history(run.info.run_id, "val_auc")) == 2  # one per epoch
+    recall = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_recall_at_10"),
+                                      key=lambda m: m.step)]
+    assert recall == pytest.approx([h["val_recall_at_10"] for h in metrics_of(trained)["train"]["val_history"]])
+    assert run.data.tags["best_epoch"] == str(metrics_of(trained)["train"]["best_epoch"])
+    assert run.data.tags["best_metric"] == "val_recall_at_10"
     # the training loss: one point (the interval mean) per logging interval of 10 steps
     metrics = read_json(trained / "metrics.json")
     steps = metrics["train"]["steps"]

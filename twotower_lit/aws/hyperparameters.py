@@ -87,9 +87,13 @@ def container_argv(hps: Dict[str, str], sdk: str) -> List[str]:
 
 
 def metric_definitions(eval_k: int = 10) -> List[Dict[str, str]]:
-    """Regexes over the job's log that SageMaker turns into job metrics (the final summary table
-    `twotower_lit.training` prints: ``<metric> <two-tower> <popularity>``)."""
+    """Regexes over the job's log that SageMaker turns into job metrics: the final summary table
+    `twotower_lit.training` prints (``<metric> <two-tower> <popularity>``: ``test:*``), and the line
+    rank 0 prints after each validation (``val:recall@10=0.1234 val:auc=0.7890 epoch=3``: ``val:*``,
+    one value per epoch, then the exported epoch's again, last)."""
     # (the retrieval names of twotower_lit.metrics.retrieval_names, which imports torch: this module does not)
     names = ("auc", "logloss", "accuracy", *(f"{n}@{eval_k}" for n in ("recall", "ndcg", "mrr", "hit_rate", "coverage",
                                                                       "popularity_rank")))
-    return [{"Name": f"test:{n}", "Regex": rf"^{n.replace('.', '[.]')}\s+(-?[0-9.]+)\s+-?[0-9.]+\s*$"} for n in names]
+    test = [{"Name": f"test:{n}", "Regex": rf"^{n.replace('.', '[.]')}\s+(-?[0-9.]+)\s+-?[0-9.]+\s*$"} for n in names]
+    val = [{"Name": f"val:{n}", "Regex": rf"val:{n}=([0-9.]+)"} for n in (f"recall@{eval_k}", "auc")]
+    return test + val

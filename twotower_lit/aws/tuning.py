@@ -3,8 +3,10 @@
 The SDK's ``HyperparameterTuner`` over the very estimator `twotower_lit.aws.training` launches
 (`v2_estimator`), with the search space of the local search (`twotower_lit.tuning.space`) as its
 parameter ranges and the objective read from the job's log by the training job's own metric
-definitions (`twotower_lit.aws.hyperparameters.metric_definitions`): the summary table the job
-prints at its end, which holds the test split's figures. A Bayesian strategy by default.
+definitions (`twotower_lit.aws.hyperparameters.metric_definitions`): by default the validation
+Recall@k the job prints after each epoch, whose last value is the exported epoch's (so the test
+split stays out of the search, and AMT's early stopping sees the metric during training). A
+Bayesian strategy by default.
 
 `tuning_job_config` is the ``HyperParameterTuningJobConfig`` the SDK sends, built here as a pure
 function so that it is checked against botocore's model without an SDK (and compared with what
@@ -31,9 +33,10 @@ _MINIMIZE = ("logloss",)
 class SageMakerTuneConfig:
     """Automatic Model Tuning around a SageMaker training job (`entrypoints.sagemaker_tune`)."""
 
-    objective_metric: str = _opt("test:recall@10", "metric to optimise: one of the training job's metric definitions "
-                                                   "(test:auc, test:logloss, test:accuracy, test:recall@K, "
-                                                   "test:ndcg@K), parsed from its log")
+    objective_metric: str = _opt("val:recall@10", "metric to optimise: one of the training job's metric definitions "
+                                                  "(val:recall@K, val:auc: per epoch, the exported epoch's last; "
+                                                  "test:auc, test:recall@K, ...: the final summary), parsed from "
+                                                  "its log")
     objective_type: str = _opt("auto", "Maximize or Minimize (auto: Minimize for logloss, else Maximize)",
                                ("auto", "Maximize", "Minimize"))
     strategy: str = _opt("Bayesian", "how AMT picks the next values", STRATEGIES)

@@ -109,6 +109,17 @@ def _read_verified(strategy, path: Path) -> Dict[str, Any]:
 def load(strategy, checkpoint_path) -> Dict[str, Any]:
     """Verify a checkpoint, refuse one of another model or table placement, then load its shards
     into the sharded model and its optimizers (collective). Returns the trainer state."""
+    return _load(strategy, checkpoint_path, with_optimizers=True)
+
+
+def load_weights(strategy, checkpoint_path) -> Dict[str, Any]:
+    """Verify a checkpoint, refuse one of another model, then load only its model weights into
+    the sharded model (collective; the optimizers keep their state): the best epoch of a finished
+    fit, before it is tested and exported. Returns the trainer state."""
+    return _load(strategy, checkpoint_path, with_optimizers=False)
+
+
+def _load(strategy, checkpoint_path, with_optimizers: bool) -> Dict[str, Any]:
     path = Path(strategy.broadcast(str(checkpoint_path)))
     if not is_checkpoint_dir(path):
         raise FileNotFoundError(f"{path} is not a checkpoint written by TorchRecStrategy (it has neither "
@@ -119,13 +130,13 @@ def load(strategy, checkpoint_path) -> Dict[str, Any]:
     if lm is not None:
         require_shardable(lm).check_resumable(checkpoint, str(path))
     saved = checkpoint.pop(REPLICATED_TABLES_KEY, [])
-    if saved != strategy.replicated_tables:
+    if with_optimizers and saved != strategy.replicated_tables:
         # their embedding optimizer state is kept by a plain optimizer, not by the fused kernels
         raise ValueError(f"{path} was trained with data_parallel tables {saved or 'none'}, this run has "
                          f"{strategy.replicated_tables or 'none'}: resume it with the same data_parallel tables "
                          f"(--sharding / --table-sharding), the other tables may use any sharding")
     target: Dict[str, Any] = {"state_dict": module_state_dict(strategy)}
-    optimizers = [patches.unwrapped_optimizer(o) for o in strategy.optimizers]
+    optimizers = [patches.unwrapped_optimizer(o) for o in strategy.optimizers] if with_optimizers else []
     for i, opt in enumerate(optimizers):
         if hasattr(opt, "init_state"):
             # optimizer state is created lazily; without it the load target has no slots and DCP

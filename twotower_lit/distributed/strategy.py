@@ -119,6 +119,10 @@ class TorchRecStrategy(DDPStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> Dict[str, Any]:
         return checkpointing.load(self, checkpoint_path)
 
+    def load_model_weights(self, checkpoint_path) -> Dict[str, Any]:
+        """Only the model weights of a checkpoint (collective; the best epoch after a fit)."""
+        return checkpointing.load_weights(self, checkpoint_path)
+
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         """Done in `load_checkpoint`."""
 

@@ -1,10 +1,12 @@
-"""Callbacks of the training job: the training-loop clock, and the report of a lost peer."""
+"""Callbacks of the training job: the training-loop clock, the best epoch (and early stopping), and
+the report of a lost peer."""
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import lightning as L
 import torch
@@ -43,6 +45,91 @@ class TrainingClock(L.Callback):
     def steps(self) -> int:
         """Optimizer steps trained in this process (a resumed run's earlier ones are not here)."""
         return sum(steps for _, steps in self.epochs)
+
+
+AT_K = ("recall", "ndcg", "mrr", "hit_rate")  # retrieval metrics, logged as val_<name>_at_<k>
+
+
+class BestEpoch(L.Callback):
+    """The epoch that is tested and exported, chosen from every validated epoch of the run, and
+    early stopping.
+
+    After each validation the epoch's ``val_*`` metrics and the path of the checkpoint that ends
+    it (`epoch_checkpoint`, which keeps every epoch's) join `history`, which the trainer state
+    keeps, so a resumed run chooses among the epochs trained before it too. The best epoch is the
+    best by `metric` among the epochs whose validation AUC is within `auc_tolerance` of the best
+    validation AUC so far (the earliest of equals): judged on the whole history each time, because
+    an epoch picked early may fall out of the guard when AUC rises later, which a monitor of one
+    number per epoch (Lightning's ModelCheckpoint / EarlyStopping) cannot express. With
+    `patience`, training stops once the best epoch is that many epochs behind.
+
+    Rank 0 also prints ``val:recall@10=0.1234 val:auc=0.7890 epoch=3`` per epoch, the line that a
+    SageMaker job's metric definitions read (`twotower_lit.aws.hyperparameters`)."""
+
+    def __init__(self, metric: str, k: int, auc_tolerance: float, patience: int, epoch_checkpoint) -> None:
+        if patience < 0:
+            raise ValueError(f"--early-stopping-patience {patience}: give a number of epochs >= 1, or 0 for off")
+        if patience and metric == "last":
+            raise ValueError("--early-stopping-patience needs a --best-metric to judge epochs by, not 'last'")
+        self.metric = metric
+        self.name = "last" if metric == "last" else f"val_{metric}_at_{k}" if metric in AT_K else f"val_{metric}"
+        self.k = k
+        self.auc_tolerance = auc_tolerance
+        self.patience = patience
+        self.epoch_checkpoint = epoch_checkpoint
+        self.history: List[Dict[str, Any]] = []
+        self.stopped_early = False
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        epoch, step = trainer.current_epoch, trainer.global_step
+        entry: Dict[str, Any] = {"epoch": epoch + 1, "step": step,
+                                 # the name the epoch-end checkpoint gets (no version counter: see job)
+                                 "path": self.epoch_checkpoint.format_checkpoint_name({"epoch": epoch, "step": step})}
+        entry.update({name: float(value) for name, value in trainer.callback_metrics.items()
+                      if name.startswith("val_")})
+        self.history = [h for h in self.history if h["epoch"] != entry["epoch"]] + [entry]
+        if trainer.is_global_zero:
+            print(self.line(entry), flush=True)
+        best = self.best()
+        if self.patience and best is not None and entry["epoch"] - best["epoch"] >= self.patience:
+            # the same decision on every rank (the metrics are synchronised); reduced as Lightning's EarlyStopping does
+            stop = trainer.strategy.reduce_boolean_decision(True, all=False)
+            trainer.should_stop = trainer.should_stop or stop
+            self.stopped_early = self.stopped_early or stop
+
+    def line(self, entry: Dict[str, Any]) -> str:
+        """The per-epoch line of the job's log (values as Python prints floats: nan stays nan)."""
+        return (f"val:recall@{self.k}={entry.get(f'val_recall_at_{self.k}', math.nan):.4f} "
+                f"val:auc={entry.get('val_auc', math.nan):.4f} epoch={entry['epoch']}")
+
+    def best(self) -> Optional[Dict[str, Any]]:
+        """The history entry of the best epoch so far, or None (no epoch validated, or none with a
+        finite value of the metric)."""
+        if self.metric == "last":
+            return self.history[-1] if self.history else None
+        rows = [h for h in self.history if math.isfinite(h.get(self.name, math.nan))]
+        aucs = [h["val_auc"] for h in rows if math.isfinite(h.get("val_auc", math.nan))]
+        if self.auc_tolerance >= 0 and aucs:
+            rows = [h for h in rows if h.get("val_auc", -math.inf) >= max(aucs) - self.auc_tolerance]
+        if not rows:
+            return None
+        sign = -1.0 if self.metric == "logloss" else 1.0
+        return max(rows, key=lambda h: (sign * h[self.name], -h["epoch"]))
+
+    def report(self) -> Dict[str, Any]:
+        """What metrics.json's ``train`` says of the choice."""
+        best = self.best()
+        return {"best_epoch": best["epoch"] if best else None, "best_metric": self.name,
+                "best_value": best.get(self.name) if best else None, "stopped_early": self.stopped_early,
+                "val_history": [{k: v for k, v in h.items() if k != "path"} for h in self.history]}
 
 
 class PeerLostError(RuntimeError):

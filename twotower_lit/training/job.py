@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import lightning as L
@@ -25,12 +26,12 @@ from twotower_lit.options import to_flat_dict
 from twotower_lit.data.datamodule import MovieLensDataModule, genre_ids_from_one, load_manifest, split_source
 from twotower_lit.distributed import TorchRecStrategy
 from twotower_lit.distributed.candidates import AllRanks
-from twotower_lit.distributed.checkpoint import newest_intact_checkpoint
+from twotower_lit.distributed.checkpoint import is_checkpoint_dir, newest_intact_checkpoint
 from twotower_lit.distributed.checkpointing import replicated_tables_of
 from twotower_lit.evaluation import RetrievalEvaluation
 from twotower_lit.losses import TwoTowerLoss
 from twotower_lit.model import feature_specs
-from twotower_lit.training.callbacks import PeerLossReport, TrainingClock, peer_failures_explained
+from twotower_lit.training.callbacks import BestEpoch, PeerLossReport, TrainingClock, peer_failures_explained
 from twotower_lit.training.module import TwoTowerModule
 from twotower_lit.training.plan import RunPlan, resolve_plan
 from twotower_lit.training.quiet import quiet_known_warnings
@@ -92,6 +93,7 @@ def _run(cfg: TrainConfig, callbacks: Sequence[L.Callback], run_tags: Optional[D
     with peer_failures_explained(trainer, checkpoint_dir):
         trainer.fit(module, datamodule=dm, ckpt_path=plan.resume_from)
         fit_seconds = time.perf_counter() - start
+        restore_best_epoch(trainer)
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
         state = trainer.strategy.full_model_state_dict()  # collective: gathers the shards to rank 0
     if not trainer.is_global_zero:
@@ -160,10 +162,14 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, logger, extra_callbacks: Sequ
                                 allreduce_precision=cfg.distributed.allreduce_precision,
                                 for_capture=plan.cuda_graphs,
                                 timeout=datetime.timedelta(seconds=cfg.distributed.collective_timeout_s))
-    # one callback per trigger: Lightning's ModelCheckpoint takes either a step or an epoch interval
+    # one callback per trigger: Lightning's ModelCheckpoint takes either a step or an epoch interval.
+    # Every epoch's is kept, under a name known before it is written (no version suffix: a
+    # checkpoint of the same epoch and step is replaced), which the best-epoch record points to.
     checkpoints = [L.pytorch.callbacks.ModelCheckpoint(
         dirpath=plan.checkpoint_dir, filename="epoch{epoch}-end-step{step}", auto_insert_metric_name=False,
-        save_on_train_epoch_end=True, save_top_k=-1, every_n_epochs=1)]
+        save_on_train_epoch_end=True, save_top_k=-1, every_n_epochs=1, enable_version_counter=False)]
+    best = BestEpoch(cfg.optim.best_metric, cfg.tracking.eval_k, cfg.optim.best_auc_tolerance,
+                     cfg.optim.early_stopping_patience, checkpoints[0])
     if cfg.output.checkpoint_every_n_steps:
         checkpoints.append(L.pytorch.callbacks.ModelCheckpoint(
             dirpath=plan.checkpoint_dir, filename="epoch{epoch}-step{step}", auto_insert_metric_name=False,
@@ -179,9 +185,28 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, logger, extra_callbacks: Sequ
         accelerator=cfg.distributed.accelerator, devices=cfg.distributed.devices,
         num_nodes=cfg.distributed.num_nodes, strategy=strategy, max_epochs=cfg.optim.max_epochs, logger=logger,
         callbacks=[PeerLossReport(plan.checkpoint_dir), *checkpoints, RetrievalEvaluation(cfg.tracking.eval_k),
-                   TrainingClock(), *progress, *extra_callbacks],
+                   best, TrainingClock(), *progress, *extra_callbacks],
         enable_progress_bar=cfg.output.progress, enable_model_summary=False, log_every_n_steps=log_every,
         num_sanity_val_steps=1, deterministic=False, default_root_dir=plan.output_dir, use_distributed_sampler=False)
+
+
+def restore_best_epoch(trainer: L.Trainer) -> None:
+    """After fit, put the best epoch's weights (`BestEpoch`) into the sharded model on every rank
+    (collective), so that the test metrics and the export are that epoch's; nothing to load when
+    it is the last one. Rank 0 repeats its log line last: a SageMaker tuning job takes the last
+    value of its objective."""
+    record = next(c for c in trainer.callbacks if isinstance(c, BestEpoch))
+    best = record.best()
+    if best is None:
+        return
+    if best["epoch"] != record.history[-1]["epoch"]:
+        if not is_checkpoint_dir(Path(best["path"])):
+            raise FileNotFoundError(f"the best epoch ({best['epoch']}, by {record.name}) was checkpointed to "
+                                    f"{best['path']}, which is no longer there: restore it, or pass "
+                                    f"--best-metric last to export the last epoch")
+        trainer.strategy.load_model_weights(best["path"])
+    if trainer.is_global_zero:
+        print(record.line(best), flush=True)
 
 
 def resolve_data(cfg: TrainConfig, output_dir: str) -> str:

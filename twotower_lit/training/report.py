@@ -14,7 +14,7 @@ from twotower_lit.config import TrainConfig
 from twotower_lit.data.datamodule import MovieLensDataModule
 from twotower_lit.evaluation import RetrievalEvaluation
 from twotower_lit.metrics import PopularityBaseline, retrieval_names
-from twotower_lit.training.callbacks import TrainingClock
+from twotower_lit.training.callbacks import BestEpoch, TrainingClock
 from twotower_lit.training.plan import RunPlan
 
 
@@ -43,7 +43,9 @@ def collect_metrics(cfg: TrainConfig, plan: RunPlan, trainer: L.Trainer, module:
                   # the same per epoch of this run: the first also pays the one-off warm-up
                   "epoch_samples_per_s": [round(row_rate * steps / max(sec, 1e-9)) for sec, steps in clock.epochs],
                   "fit_samples_per_s": round(rows / max(fit_seconds, 1e-9)),
-                  "cuda_graphs": module.steps.report()},
+                  "cuda_graphs": module.steps.report(),
+                  # the epoch tested and exported (1-based), and every validated epoch's figures
+                  **_callback(trainer, BestEpoch).report()},
         "plan": plan.describe(),
         "sharding_plan": trainer.strategy.plan_description,
         "data": {"dir": dm.data_dir, "dataset": dm.manifest.get("dataset"), "counts": dm.manifest.get("counts")},
@@ -85,6 +87,9 @@ def print_summary(metrics: Dict, output_dir: str, k: int) -> None:
                  if graphs["other_shapes"] else "")
         print(f"\nCUDA graphs: {graphs['replays']} training steps replayed, {graphs['eager_steps']} eager "
               f"(warm-up){other}")
+    best = best_epoch_line(metrics.get("train", {}))
+    if best:
+        print("\n" + best)
     names = ("auc", "logloss", "accuracy", *retrieval_names(k))
     width = max(map(len, names)) + 2
     print("\n" + "metric".ljust(width) + "two-tower".rjust(12) + "popularity".rjust(12))
@@ -103,3 +108,20 @@ def print_summary(metrics: Dict, output_dir: str, k: int) -> None:
         else:
             lines.append(f"MLflow run {tracked['run_id']} on {uri}")
     print("\n".join(lines), flush=True)
+
+
+def best_epoch_line(train: Dict) -> str:
+    """Which epoch was tested and exported, and why, in a line ('' for a run without the record)."""
+    if "best_epoch" not in train:
+        return ""
+    epochs, best = train.get("epochs"), train["best_epoch"]
+    stopped = ", stopped early: no better epoch in the last ones (--early-stopping-patience)" \
+        if train.get("stopped_early") else ""
+    if best is None:
+        return f"tested and exported: the last epoch ({epochs}); no epoch had a finite {train['best_metric']}{stopped}"
+    if train["best_metric"] == "last":
+        return f"tested and exported: the last epoch ({best} of {epochs})"
+    auc = next((h.get("val_auc") for h in train.get("val_history", []) if h["epoch"] == best), None)
+    guard = f", val AUC {auc:.4f}" if auc is not None else ""
+    return (f"tested and exported: epoch {best} of {epochs}, the best by {train['best_metric']} "
+            f"({train['best_value']:.4f}{guard}){stopped}")
