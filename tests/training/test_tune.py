@@ -77,6 +77,19 @@ def test_a_trial_below_the_median_is_stopped_at_that_epoch():
         ValidationPruning(study.ask(), "val_recall@10").on_validation_end(missing, None)
 
 
+def test_a_trials_value_is_the_exported_epochs_not_the_last_ones():
+    from twotower_lit.tuning.local import exported_value
+
+    history = [{"epoch": 1, "val_recall_at_10": 0.20}, {"epoch": 2, "val_recall_at_10": 0.25},
+               {"epoch": 3, "val_recall_at_10": 0.22}]
+    values = [h["val_recall_at_10"] for h in history]
+    metrics = {"train": {"best_epoch": 2, "val_history": history}}
+    assert exported_value(metrics, "val_recall_at_10", values) == 0.25
+    # no record of the exported epoch (or of that metric): the last validation's
+    assert exported_value({"train": {"best_epoch": None, "val_history": history}}, "val_recall_at_10", values) == 0.22
+    assert exported_value(metrics, "val_ndcg_at_10", values) == 0.22
+
+
 @pytest.mark.timeout(900)
 def test_three_trials_on_ml100k_then_every_users_recommendations_match_the_endpoint(tmp_path):
     from tests.serving.conftest import ServerProcess

@@ -86,6 +86,15 @@ class ValidationPruning(L.Callback):
             trainer.should_stop = True
 
 
+def exported_value(metrics: Mapping[str, Any], key: str, values: List[float]) -> float:
+    """A trial's value: `key` (``val_recall_at_10``) of the epoch its run tested and exported
+    (``train.best_epoch`` of its metrics: the best one, not necessarily the last), else the last
+    validation's."""
+    train = metrics.get("train", {})
+    row = next((h for h in train.get("val_history", []) if h["epoch"] == train.get("best_epoch")), None)
+    return float(row[key]) if row is not None and key in row else values[-1]
+
+
 def _storage_url(output_dir: str) -> str:
     return "sqlite:///" + os.path.abspath(os.path.join(output_dir, STUDY_DB))
 
@@ -171,11 +180,12 @@ def _objective(tune: TuneConfig, given: Mapping[str, Any], params: List[Param], 
             from mlflow.tracking import MlflowClient
 
             MlflowClient(tracking_uri).set_tag(run_id, "tune.state", state)
-        print(f"trial {trial.number}: {tune.metric} {pruning.values[-1]:.4f} after {len(pruning.values)} "
+        value = exported_value(metrics, pruning.key, pruning.values)
+        print(f"trial {trial.number}: {tune.metric} {value:.4f} (the exported epoch's) after {len(pruning.values)} "
               f"epoch(s){' (pruned)' if state == 'PRUNED' else ''}", flush=True)
         if state == "PRUNED":
             raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_at}")
-        return pruning.values[-1]
+        return value
 
     return objective
 
