@@ -126,7 +126,8 @@ def train_two_tower(data: Path, key: str, out: Path, seed: int, threads: int, ex
     test = metrics["test"]
     return {"model": name, "key": key, "flags": " ".join(flags + list(extra)) or "(defaults)",
             "seconds": time.perf_counter() - t0, "train_seconds": metrics["train"]["seconds"],
-            "epochs": metrics["train"]["epochs"], **{m: test[m] for m in METRICS}}
+            "epochs": metrics["train"]["epochs"], "best_epoch": metrics["train"].get("best_epoch"),
+            **{m: test[m] for m in METRICS}}
 
 
 def train_defaults() -> Dict[str, object]:

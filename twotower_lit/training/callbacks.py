@@ -98,10 +98,12 @@ class BestEpoch(L.Callback):
         self.history = [h for h in self.history if h["epoch"] != entry["epoch"]] + [entry]
         if trainer.is_global_zero:
             print(self.line(entry), flush=True)
-        best = self.best()
-        if self.patience and best is not None and entry["epoch"] - best["epoch"] >= self.patience:
-            # the same decision on every rank (the metrics are synchronised); reduced as Lightning's EarlyStopping does
-            stop = trainer.strategy.reduce_boolean_decision(True, all=False)
+        if self.patience:
+            best = self.best()
+            behind = best is not None and entry["epoch"] - best["epoch"] >= self.patience
+            # every rank decides alike (the metrics are synchronised); reduced, as Lightning's
+            # EarlyStopping does, by a collective every rank enters whatever it decided
+            stop = trainer.strategy.reduce_boolean_decision(behind, all=False)
             trainer.should_stop = trainer.should_stop or stop
             self.stopped_early = self.stopped_early or stop
 
