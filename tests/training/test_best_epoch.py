@@ -69,22 +69,26 @@ def test_sagemaker_reads_each_epochs_validation_line_and_last_the_best_epochs(st
 
 
 def test_a_resumed_run_keeps_the_best_epoch_trained_before_it(stopped_run, small_prepared, tmp_path):
-    """Resumed after the best epoch: the record of the epochs before the checkpoint comes back
-    with it, so the run still stops one epoch later and exports (and tests) the best epoch from the
-    first run's checkpoint. Without it the resumed epoch would be the best, and the run would go on."""
+    """Resumed after the best epoch, on two processes: the record of the epochs before the
+    checkpoint comes back with it, so the run still stops one epoch later and both ranks load the
+    best epoch from the first run's checkpoint (resharded) to test and export it. Without the record
+    the resumed epoch would be the best, and the run would go on."""
     first, _ = stopped_run
     reference = read_json(first / "metrics.json")
     best = reference["train"]["best_epoch"]
     (checkpoint,) = (first / "checkpoints").glob(f"epoch{best - 1}-end-*")
     out = tmp_path / "resumed"
     run_cli("entrypoints.train", ["--data-dir", str(small_prepared), "--output-dir", str(out), *OVERFITS,
-                                  "--resume", str(checkpoint)])
+                                  "--resume", str(checkpoint), "--accelerator", "cpu", "--devices", "2",
+                                  "--registered-model-name", ""])
     got = read_json(out / "metrics.json")
+    assert got["train"]["world_size"] == 2
     assert got["train"]["best_epoch"] == best and got["train"]["stopped_early"]
     assert got["train"]["epochs"] == reference["train"]["epochs"]
     assert [h["epoch"] for h in got["train"]["val_history"]] == [h["epoch"] for h in reference["train"]["val_history"]]
+    # (the same weights; two ranks sum their figures in another order)
     for key, value in reference["test"].items():
-        assert got["test"][key] == pytest.approx(value, abs=1e-6), key
+        assert got["test"][key] == pytest.approx(value, abs=2e-4), key
 
 
 def _record(metric="recall", tolerance=0.005, history=()):
