@@ -30,7 +30,8 @@ def main(argv=None) -> None:
 
     from twotower_lit.config import PrepareConfig
     from twotower_lit.data.datamodule import MovieLensDataModule
-    from twotower_lit.data.loader import NegativeSampler, RatingsShardReader
+    from twotower_lit.data.loader import RatingsShardReader
+    from twotower_lit.data.negatives import NegativeSampler
     from twotower_lit.data.prepare import prepare_dataset
 
     data = os.path.join(args.work_dir, f"synthetic-{args.ratings}")

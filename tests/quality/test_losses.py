@@ -146,7 +146,7 @@ def test_popularity_negatives_are_corrected_by_the_samplers_own_probabilities():
     """Mixed negative sampling: the in-batch candidates come from the training rows (q) and the
     sampled ones from the sampler's distribution (here counts to the power 0.5); each item's
     expected count is the sum of both sources', with the probabilities the sampler draws by."""
-    from twotower_lit.data.loader import NegativeSampler, negative_probabilities
+    from twotower_lit.data.negatives import NegativeSampler, negative_probabilities
 
     user, item, items, labels = _batch(6, negatives=2, num_items=10)
     counts = np.array([0, 9, 8, 7, 6, 5, 4, 3, 2, 0], dtype=np.float64)

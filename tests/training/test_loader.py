@@ -9,7 +9,8 @@ import torch
 
 from twotower_lit.data.batches import FeatureTables, KJTBuilder
 from twotower_lit.data.csr import Csr
-from twotower_lit.data.loader import (NegativeSampler, RatingsShardReader, ShardSource, assign_rows, num_batches)
+from twotower_lit.data.loader import RatingsShardReader, ShardSource, assign_rows, num_batches
+from twotower_lit.data.negatives import NegativeSampler
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

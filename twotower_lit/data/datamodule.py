@@ -14,9 +14,9 @@ import torch
 from twotower_lit.data.batches import FeatureTables, KJTBuilder
 from twotower_lit.data.csr import Csr, positives_csr
 from twotower_lit.data.device_batches import DeviceResidentBatches
-from twotower_lit.data.loader import (EpochAwareDataLoader, Layout, NegativeSampler, RatingsShardReader,
-                                      negative_probabilities,
-                                      ResumableEpoch, ShardSource, num_batches, read_columns, resume_epoch)
+from twotower_lit.data.loader import (EpochAwareDataLoader, Layout, RatingsShardReader, ResumableEpoch,
+                                      ShardSource, num_batches, read_columns, resume_epoch)
+from twotower_lit.data.negatives import NegativeSampler, negative_probabilities
 from twotower_lit.data.storage import Storage
 from twotower_lit.data.schema import ITEMS_FILE, MANIFEST, MULTI_VALUED, SCHEMA_VERSION, SPLITS, USERS_FILE
 
