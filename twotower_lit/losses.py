@@ -235,7 +235,7 @@ class TwoTowerLoss(nn.Module):
     @torch.no_grad()
     def set_item_counts(self, counts: np.ndarray, negative_probabilities: Optional[np.ndarray] = None) -> None:
         """Training rows per item -> log q, and each item's probability of being drawn as a sampled
-        negative (`twotower_lit.data.loader.negative_probabilities`; default uniform). Items never
+        negative (`twotower_lit.data.negatives.negative_probabilities`; default uniform). Items never
         rated get half a count, so an unseen item (which can still come as a negative) gets a
         finite, large correction."""
         c = torch.as_tensor(np.asarray(counts, dtype=np.float64))
