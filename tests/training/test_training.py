@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import tarfile
+import time
 
 import lightning as L
 import numpy as np
@@ -20,8 +21,10 @@ KEYS = ("auc", "logloss", "accuracy", "recall@10", "ndcg@10", "mrr@10", "hit_rat
 def trained_run(prepared_synthetic, tmp_path_factory):
     """The real training command's output directory and its completed process (what it printed)."""
     out = tmp_path_factory.mktemp("run") / "out"
+    start = time.time()
     proc = run_cli("entrypoints.train", ["--data-dir", str(prepared_synthetic), "--output-dir", str(out),
                                          "--package", "true", *TRAIN_ARGS])
+    proc.wall_seconds = time.time() - start  # (the process's whole life, as seen from outside)
     return out, proc
 
 
@@ -56,6 +59,27 @@ def test_training_prints_no_warnings_and_points_to_its_outputs(trained_run):
     ui = [line for line in lines if "mlflow ui" in line]
     assert len(ui) == 1 and ui[0].endswith(f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} "
                                            f"--default-artifact-root file://{out / 'mlartifacts'}")
+
+
+def test_the_job_says_where_its_time_went(trained_run):
+    """metrics.json's train.phases: every phase of the job, in order, adding up to its wall time
+    but for the interpreter's exit; the training loop is the loop clock's; the summary shows them."""
+    out, proc = trained_run
+    train = metrics_of(out)["train"]
+    phases = train["phases"]
+    order = [
+        "start-up and imports", "data preparation and plan", "data loading", "model, logger and trainer",
+        "fit start-up (process group, sharding, sanity check)", "training loop", "validation",
+        "checkpoints and epoch ends", "best epoch restored", "test metrics and full-ranking evaluation",
+        "weights gathered", "popularity baseline and metrics", "export", "tracking"]
+    assert sorted(phases) == sorted(order)  # (metrics.json sorts its keys; the summary keeps the order)
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert phases["training loop"] == pytest.approx(train["loop_seconds"], abs=0.01)
+    assert phases["start-up and imports"] > 0.5 and phases["validation"] > 0 and phases["tracking"] > 0
+    total = sum(phases.values())
+    assert 0.75 * proc.wall_seconds <= total <= proc.wall_seconds, (total, proc.wall_seconds)
+    summary = next(line for line in proc.stdout.splitlines() if line.startswith("time: "))
+    assert summary == f"time: {total:.1f} s: " + ", ".join(f"{name} {phases[name]:.1f}" for name in order)
 
 
 def test_metrics_json_has_model_and_popularity_figures(trained):

@@ -47,6 +47,58 @@ class TrainingClock(L.Callback):
         return sum(steps for _, steps in self.epochs)
 
 
+class JobPhases(L.Callback):
+    """Seconds of each phase of the job on this process, summing to its wall time: the job marks
+    the phases it runs one after the other (`lap`); inside the fit, this callback tells the
+    start-up (process group, sharding, the sanity check), the training loop (`TrainingClock`'s),
+    validation and the rest (epoch-end checkpoints, loop bookkeeping) apart. `process_start`: the
+    process's creation (seconds since the epoch), so that the interpreter's start-up counts."""
+
+    def __init__(self, process_start: Optional[float] = None) -> None:
+        now = time.time()
+        # the interpreter's start-up and imports, from the process's creation when it is known
+        imports = max(now - process_start, 0.0) if process_start else 0.0
+        self.phases: Dict[str, float] = {"start-up and imports": imports}
+        self._last = now
+        self._train_start: Optional[float] = None
+        self._validation = 0.0
+        self._validation_start: Optional[float] = None
+
+    def lap(self, name: str) -> float:
+        """Count the time since the last lap as phase `name`; returns it."""
+        now = time.time()
+        seconds = now - self._last
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
+        self._last = now
+        return seconds
+
+    def on_train_start(self, trainer, module) -> None:
+        self._train_start = time.time()
+
+    def on_validation_start(self, trainer, module) -> None:
+        self._validation_start = time.time()
+
+    def on_validation_end(self, trainer, module) -> None:
+        if self._validation_start is not None and not trainer.sanity_checking:
+            self._validation += time.time() - self._validation_start
+        self._validation_start = None
+
+    def end_fit(self, loop_seconds: float) -> None:
+        """After `trainer.fit`: the fit's time split into its parts (`loop_seconds`: `TrainingClock`'s)."""
+        fit_start = self._last  # (the job calls fit right after its last lap)
+        fit = self.lap("fit")
+        del self.phases["fit"]
+        start_up = self._train_start - fit_start if self._train_start else 0.0
+        parts = {"fit start-up (process group, sharding, sanity check)": start_up,
+                 "training loop": loop_seconds, "validation": self._validation}
+        parts["checkpoints and epoch ends"] = max(fit - sum(parts.values()), 0.0)
+        for name, seconds in parts.items():
+            self.phases[name] = self.phases.get(name, 0.0) + seconds
+
+    def rounded(self) -> Dict[str, float]:
+        return {name: round(seconds, 2) for name, seconds in self.phases.items()}
+
+
 AT_K = ("recall", "ndcg", "mrr", "hit_rate")  # retrieval metrics, logged as val_<name>_at_<k>
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import lightning as L
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -31,7 +32,8 @@ from twotower_lit.distributed.checkpointing import replicated_tables_of
 from twotower_lit.evaluation import RetrievalEvaluation
 from twotower_lit.losses import TwoTowerLoss
 from twotower_lit.model import feature_specs
-from twotower_lit.training.callbacks import BestEpoch, PeerLossReport, TrainingClock, peer_failures_explained
+from twotower_lit.training.callbacks import (BestEpoch, JobPhases, PeerLossReport, TrainingClock,
+                                             peer_failures_explained)
 from twotower_lit.training.module import TwoTowerModule
 from twotower_lit.training.plan import RunPlan, resolve_plan
 from twotower_lit.training.quiet import quiet_known_warnings
@@ -39,6 +41,7 @@ from twotower_lit.training.report import collect_metrics, print_summary
 from twotower_lit.training.steps import EagerSteps, GraphedSteps
 
 DEFAULT_SYNTHETIC_RATINGS = 100_000
+_first_run = True
 LOG_EVERY_N_STEPS = 10  # train_loss (the interval's mean) goes to the logger and the progress bar this often
 
 
@@ -54,6 +57,10 @@ def run(cfg: TrainConfig, callbacks: Sequence[L.Callback] = (),
 
 
 def _run(cfg: TrainConfig, callbacks: Sequence[L.Callback], run_tags: Optional[Dict[str, str]]) -> Optional[Dict]:
+    global _first_run
+    # (the interpreter's start-up counts for the first job of a process, not for a tuner's later trials)
+    phases = JobPhases(psutil.Process().create_time() if _first_run else None)
+    _first_run = False
     patches.require_upstream()
     quiet_known_warnings()
     run_name = cfg.tracking.run_name or time.strftime("run-%Y%m%d-%H%M%S")
@@ -80,38 +87,48 @@ def _run(cfg: TrainConfig, callbacks: Sequence[L.Callback], run_tags: Optional[D
                              negative_power=cfg.data.negative_power,
                              seed=cfg.seed, num_workers=cfg.data.num_workers, side_features=cfg.model.side_features,
                              data_on_device=plan.data_on_device, manifest=manifest)
+    phases.lap("data preparation and plan")
     dm.load()  # training-row counts per item: the softmax's log-Q correction
+    phases.lap("data loading")
     module = build_module(cfg, plan, dm, features)
     uri = tracking.tracking_uri(cfg.tracking.mlflow_uri, output_dir)
     logger = build_logger(cfg, plan, uri, run_tags) if uri and rank == 0 else False
-    trainer = build_trainer(cfg, plan, logger, callbacks)
+    trainer = build_trainer(cfg, plan, logger, [phases, *callbacks])
     if logger:
         logger.log_hyperparams({**{k: str(v) for k, v in to_flat_dict(cfg).items()},
                                 **{f"plan.{k}": str(v) for k, v in plan.describe().items()}})
+    phases.lap("model, logger and trainer")
 
     start = time.perf_counter()
     with peer_failures_explained(trainer, checkpoint_dir):
         trainer.fit(module, datamodule=dm, ckpt_path=plan.resume_from)
         fit_seconds = time.perf_counter() - start
+        phases.end_fit(next(c for c in trainer.callbacks if isinstance(c, TrainingClock)).seconds)
         restore_best_epoch(trainer)
+        phases.lap("best epoch restored")
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
+        phases.lap("test metrics and full-ranking evaluation")
         state = trainer.strategy.full_model_state_dict()  # collective: gathers the shards to rank 0
+        phases.lap("weights gathered")
     if not trainer.is_global_zero:
         return None
 
     metrics = collect_metrics(cfg, plan, trainer, module, dm, test, fit_seconds)
+    phases.lap("popularity baseline and metrics")
     model_dir = os.path.join(output_dir, "model")
     from twotower_lit.export.writer import export_model
 
     export = export_model(model_dir, state, features, module.model_cfg, dm, metrics,
                           extra_config={"run_name": run_name})
     metrics["model_version"] = export["model_version"]
-    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1, sort_keys=True)
     if cfg.output.package:
         from twotower_lit.serving.package import package_model
 
         package_model(model_dir, os.path.join(output_dir, "model.tar.gz"))
+    phases.lap("export")
+    # (what tracking takes is known after it: it is written into metrics.json again at the end)
+    metrics["train"]["phases"] = phases.rounded()
+    write_metrics(output_dir, metrics)
     if logger:
         # the exported model is stored once: in the registered pyfunc when there is one
         tracking.log_run_outputs(logger.experiment, logger.run_id, output_dir, model_dir, data_dir, dm.manifest,
@@ -122,6 +139,9 @@ def _run(cfg: TrainConfig, callbacks: Sequence[L.Callback], run_tags: Optional[D
                                                                     cfg.tracking.registered_model_name)
         logger.finalize("success")
         metrics["mlflow"] = {"tracking_uri": uri, "run_id": logger.run_id}
+        phases.lap("tracking")
+        metrics["train"]["phases"] = phases.rounded()
+        write_metrics(output_dir, metrics)
     print_summary(metrics, output_dir, cfg.tracking.eval_k)
     return metrics
 
@@ -188,6 +208,11 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, logger, extra_callbacks: Sequ
                    best, TrainingClock(), *progress, *extra_callbacks],
         enable_progress_bar=cfg.output.progress, enable_model_summary=False, log_every_n_steps=log_every,
         num_sanity_val_steps=1, deterministic=False, default_root_dir=plan.output_dir, use_distributed_sampler=False)
+
+
+def write_metrics(output_dir: str, metrics: Dict) -> None:
+    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1, sort_keys=True)
 
 
 def restore_best_epoch(trainer: L.Trainer) -> None:

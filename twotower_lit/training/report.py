@@ -87,6 +87,10 @@ def print_summary(metrics: Dict, output_dir: str, k: int) -> None:
                  if graphs["other_shapes"] else "")
         print(f"\nCUDA graphs: {graphs['replays']} training steps replayed, {graphs['eager_steps']} eager "
               f"(warm-up){other}")
+    phases = metrics.get("train", {}).get("phases")
+    if phases:
+        print(f"\ntime: {sum(phases.values()):.1f} s: " + ", ".join(f"{name} {seconds:.1f}"
+                                                              for name, seconds in phases.items()))
     best = best_epoch_line(metrics.get("train", {}))
     if best:
         print("\n" + best)
