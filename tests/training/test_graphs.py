@@ -330,7 +330,9 @@ def test_host_work_of_a_captured_step_is_registered_for_every_replay():
 def test_the_summary_names_how_the_steps_ran(capsys):
     from twotower_lit.training.report import print_summary
 
-    test = {"auc": 0.8, "logloss": 0.5, "accuracy": 0.7, "recall@10": 0.2, "ndcg@10": 0.1}
+    from twotower_lit.metrics import retrieval_names
+
+    test = {"auc": 0.8, "logloss": 0.5, "accuracy": 0.7, **{name: 0.1 for name in retrieval_names(10)}}
     graphs = {"replays": 1167, "eager_steps": 3, "other_shapes": 3, "first_other_shape": "19410 rows, not 65536",
               "captured": True, "multi_valued_capacity": 152148}
     print_summary({"test": test, "baselines": {"popularity": test}, "train": {"cuda_graphs": graphs}}, "/out", 10)
