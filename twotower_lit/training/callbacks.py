@@ -12,6 +12,11 @@ import lightning as L
 import torch
 
 
+def callback_of(trainer: L.Trainer, kind: type) -> Any:
+    """The trainer's callback of class `kind` (the job's trainer has one of each)."""
+    return next(c for c in trainer.callbacks if isinstance(c, kind))
+
+
 class TrainingClock(L.Callback):
     """Seconds spent in the training loop itself: from each epoch's start (loader start-up and the
     first batch included) to its last training batch; validation, the sanity check, epoch-end

@@ -32,7 +32,7 @@ from twotower_lit.distributed.checkpointing import replicated_tables_of
 from twotower_lit.evaluation import RetrievalEvaluation
 from twotower_lit.losses import TwoTowerLoss
 from twotower_lit.model import feature_specs
-from twotower_lit.training.callbacks import (BestEpoch, JobPhases, PeerLossReport, TrainingClock,
+from twotower_lit.training.callbacks import (BestEpoch, JobPhases, PeerLossReport, TrainingClock, callback_of,
                                              peer_failures_explained)
 from twotower_lit.training.module import TwoTowerModule
 from twotower_lit.training.plan import RunPlan, resolve_plan
@@ -103,7 +103,7 @@ def _run(cfg: TrainConfig, callbacks: Sequence[L.Callback], run_tags: Optional[D
     with peer_failures_explained(trainer, checkpoint_dir):
         trainer.fit(module, datamodule=dm, ckpt_path=plan.resume_from)
         fit_seconds = time.perf_counter() - start
-        phases.end_fit(next(c for c in trainer.callbacks if isinstance(c, TrainingClock)).seconds)
+        phases.end_fit(callback_of(trainer, TrainingClock).seconds)
         restore_best_epoch(trainer)
         phases.lap("best epoch restored")
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
@@ -220,7 +220,7 @@ def restore_best_epoch(trainer: L.Trainer) -> None:
     (collective), so that the test metrics and the export are that epoch's; nothing to load when
     it is the last one. Rank 0 repeats its log line last: a SageMaker tuning job takes the last
     value of its objective."""
-    record = next(c for c in trainer.callbacks if isinstance(c, BestEpoch))
+    record = callback_of(trainer, BestEpoch)
     best = record.best()
     if best is None:
         return

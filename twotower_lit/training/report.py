@@ -14,7 +14,7 @@ from twotower_lit.config import TrainConfig
 from twotower_lit.data.datamodule import MovieLensDataModule
 from twotower_lit.evaluation import RetrievalEvaluation
 from twotower_lit.metrics import PopularityBaseline, retrieval_names
-from twotower_lit.training.callbacks import BestEpoch, TrainingClock
+from twotower_lit.training.callbacks import BestEpoch, TrainingClock, callback_of
 from twotower_lit.training.plan import RunPlan
 
 
@@ -23,8 +23,8 @@ def collect_metrics(cfg: TrainConfig, plan: RunPlan, trainer: L.Trainer, module:
     """metrics.json of a finished run (rank 0): test metrics beside the popularity baseline, how
     training ran, the plan, the sharding plan and the data."""
     k = cfg.tracking.eval_k
-    retrieval = _callback(trainer, RetrievalEvaluation).last.get("test", {})
-    clock = _callback(trainer, TrainingClock)
+    retrieval = callback_of(trainer, RetrievalEvaluation).last.get("test", {})
+    clock = callback_of(trainer, TrainingClock)
     row_rate = rows_per_step(dm, trainer.world_size, cfg.data.negatives)
     # the steps this process trained: a resumed run's earlier steps (maybe on another number of
     # processes) took no time here
@@ -45,16 +45,11 @@ def collect_metrics(cfg: TrainConfig, plan: RunPlan, trainer: L.Trainer, module:
                   "fit_samples_per_s": round(rows / max(fit_seconds, 1e-9)),
                   "cuda_graphs": module.steps.report(),
                   # the epoch tested and exported (1-based), and every validated epoch's figures
-                  **_callback(trainer, BestEpoch).report()},
+                  **callback_of(trainer, BestEpoch).report()},
         "plan": plan.describe(),
         "sharding_plan": trainer.strategy.plan_description,
         "data": {"dir": dm.data_dir, "dataset": dm.manifest.get("dataset"), "counts": dm.manifest.get("counts")},
     }
-
-
-def _callback(trainer: L.Trainer, kind: type) -> Any:
-    """The trainer's callback of class `kind` (the job's trainer has one of each)."""
-    return next(c for c in trainer.callbacks if isinstance(c, kind))
 
 
 def rows_per_step(dm: MovieLensDataModule, world_size: int, negatives: int) -> float:
